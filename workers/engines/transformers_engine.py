@@ -1,0 +1,181 @@
+"""The transformers engine: any Hugging Face causal LM (hub id, local folder or GGUF file), CPU or GPU."""
+
+import hashlib
+import os
+import importlib.util
+import logging
+import queue
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+from django.conf import settings
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from workers.engines.base import Engine, GenerationResult, LoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_source(source: str) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None) for a deployment's model source."""
+    source = source.strip()
+    if source.startswith("pkg:"):
+        package, _, relative = source[4:].partition("/")
+        spec = importlib.util.find_spec(package)  # finds the files without running the package
+        if spec is None or not spec.submodule_search_locations:
+            raise LoadError(f"the package '{package}' is not installed (model source {source})")
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
+        if not path.exists():
+            raise LoadError(f"{path} does not exist (model source {source})")
+        source = str(path)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LoadError(f"{path} is a file but not a .gguf model file")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                return str(path), ggufs[0].name
+            raise LoadError(f"the folder {path} has neither config.json nor a .gguf file")
+        return str(path), None
+    if source.startswith(("/", ".", "~")) or source.count("/") != 1:
+        raise LoadError(f"no such model folder or file: {source}")
+    return source, None  # a hub id
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, cancelled):
+        self.cancelled = cancelled
+        self.hit = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.hit = self.hit or self.cancelled()
+        return torch.full((input_ids.shape[0],), self.hit, dtype=torch.bool, device=input_ids.device)
+
+
+class TransformersEngine(Engine):
+    def __init__(self, deployment):
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = DTYPES[deployment.precision]
+        if self.device == "cpu" and dtype == torch.float16:
+            log.warning("fp16 is slow or unsupported on CPUs; using bf16 for %s", deployment.name)
+            dtype = torch.bfloat16
+        folder, gguf_file = resolve_source(deployment.model_source)
+        if gguf_file:
+            folder, gguf_file = self._dequantized(folder, gguf_file)
+        log.info("loading %s (%s) on %s in %s", deployment.model_source, deployment.name, self.device, dtype)
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            raise LoadError(f"cannot load {deployment.model_source}: {exc}") from exc
+        self.model.to(self.device).eval()
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.eos_token_ids = self.model.generation_config.eos_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            eos = self.eos_token_ids
+            self.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _dequantized(folder: str, gguf_file: str) -> tuple[str, str | None]:
+        """GGUF files are de-quantized on every load (slow): keep the result as safetensors once."""
+        path = Path(folder) / gguf_file
+        stat = path.stat()
+        key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        cache = Path(settings.MODEL_CACHE_DIR) / f"{path.stem}-{key}"
+        if (cache / "config.json").exists():
+            return str(cache), None
+        log.info("de-quantizing %s (once; kept in %s)", path, cache)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
+        # The weights are plain tensors now; drop the GGUF marker that forbids saving them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        try:
+            partial.rename(cache)
+        except OSError:  # another worker finished first
+            shutil.rmtree(partial, ignore_errors=True)
+        return str(cache), None
+
+    def tokenizer_files(self) -> dict[str, str]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def stream(self, prompt, params, result: GenerationResult, cancelled):
+        inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.device)
+        prompt_tokens = inputs["input_ids"].shape[1]
+        result.prompt_tokens = prompt_tokens
+        max_new = params.max_new_tokens
+        if self.context_length:
+            max_new = min(max_new, self.context_length - prompt_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=1.0)
+        stop = _Cancelled(cancelled)
+        sampling = (
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            if params.greedy
+            else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}  # 0 turns top-k off
+        )
+        outcome: dict = {}
+
+        def run():
+            try:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                with torch.inference_mode():
+                    outcome["ids"] = self.model.generate(
+                        **inputs,
+                        max_new_tokens=max_new,
+                        use_cache=params.use_cache,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([stop]),
+                        pad_token_id=self.pad_token_id,
+                        **sampling,
+                    )
+            except BaseException as exc:  # re-raised in the caller's thread
+                outcome["error"] = exc
+                streamer.end()
+
+        with self._lock:
+            thread = threading.Thread(target=run, name="generate", daemon=True)
+            thread.start()
+            while True:
+                try:
+                    text = next(streamer)
+                except StopIteration:
+                    break
+                except queue.Empty:
+                    if not thread.is_alive():
+                        break
+                    continue
+                if text:
+                    yield text
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        completion = outcome["ids"].shape[1] - prompt_tokens
+        result.completion_tokens = completion
+        if stop.hit:
+            result.finish_reason = "cancelled"
+        elif completion >= max_new:
+            result.finish_reason = "length"
+        else:
+            result.finish_reason = "stop"

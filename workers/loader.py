@@ -1,0 +1,73 @@
+"""Which deployments this worker serves, loaded once when the worker starts."""
+
+import logging
+import time
+
+from celery.signals import celeryd_after_setup
+from django.db import close_old_connections
+from django.utils import timezone
+
+log = logging.getLogger(__name__)
+
+# deployment name -> loaded engine, or the LoadError message when it could not load
+ENGINES: dict[str, object] = {}
+FAILED: dict[str, str] = {}
+HOSTNAME = ""
+
+
+def _set_status(deployment, status, detail="", **fields):
+    from chat.models import Deployment
+
+    Deployment.objects.filter(pk=deployment.pk).update(
+        status=status, status_detail=detail, status_updated_at=timezone.now(), **fields
+    )
+
+
+def load_deployment(deployment) -> None:
+    from chat.models import Deployment
+    from workers.engines import LoadError, engine_class
+
+    _set_status(deployment, Deployment.Status.LOADING, f"loading on {HOSTNAME}")
+    started = time.monotonic()
+    try:
+        engine = engine_class(deployment.engine)(deployment)
+    except LoadError as exc:
+        log.error("deployment %s failed to load: %s", deployment.name, exc)
+        FAILED[deployment.name] = str(exc)
+        _set_status(deployment, Deployment.Status.FAILED, str(exc))
+        return
+    except Exception as exc:  # an unknown failure must not crash-loop the worker either
+        log.exception("deployment %s failed to load", deployment.name)
+        FAILED[deployment.name] = f"{type(exc).__name__}: {exc}"
+        _set_status(deployment, Deployment.Status.FAILED, FAILED[deployment.name])
+        return
+    ENGINES[deployment.name] = engine
+    FAILED.pop(deployment.name, None)
+    _set_status(
+        deployment,
+        Deployment.Status.READY,
+        f"ready on {HOSTNAME} after {time.monotonic() - started:.1f}s",
+        model_context_length=engine.context_length,
+        tokenizer_files=engine.tokenizer_files(),
+    )
+    log.info("deployment %s ready (%.1fs)", deployment.name, time.monotonic() - started)
+
+
+def load_for_queues(queues) -> None:
+    from chat.models import Deployment
+
+    deployments = [d for d in Deployment.objects.filter(enabled=True) if d.queue in queues]
+    if not deployments:
+        log.warning("no enabled deployment uses the queues %s: this worker has nothing to serve", sorted(queues))
+    for deployment in deployments:
+        load_deployment(deployment)
+    close_old_connections()
+
+
+@celeryd_after_setup.connect
+def _load_models(sender, instance, conf, **kwargs):
+    """Load every deployment on this worker's queues before it takes its first task."""
+    global HOSTNAME
+    HOSTNAME = sender
+    queues = set(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
+    load_for_queues(queues)

@@ -1,0 +1,70 @@
+"""Running one generation on the worker: events out on the request's stream, the record kept."""
+
+import logging
+
+from django.db import close_old_connections
+from django.utils import timezone
+
+from chat import events
+from chat.generation import SamplingParams
+from chat.models import Deployment, RequestLog
+from chat.prompting import render_prompt
+from workers import loader
+from workers.engines import GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+def _update(request_id, **fields):
+    RequestLog.objects.filter(id=request_id).update(**fields)
+
+
+def run_generation(*, request_id: str, deployment: str, messages: list[dict], params: dict) -> None:
+    close_old_connections()
+    record = RequestLog.objects.filter(id=request_id).only("status").first()
+    if events.is_cancelled(request_id) or (record is not None and record.status == RequestLog.Status.CANCELLED):
+        # The client left while the request waited in the queue: drop it before any model work.
+        _update(request_id, status=RequestLog.Status.CANCELLED, finished_at=timezone.now())
+        return
+    engine = loader.ENGINES.get(deployment)
+    if engine is None:
+        reason = loader.FAILED.get(deployment) or f"this worker does not serve the deployment '{deployment}'"
+        _fail(request_id, f"The model is not available: {reason}")
+        return
+
+    _update(request_id, status=RequestLog.Status.RUNNING, started_at=timezone.now(), worker=loader.HOSTNAME)
+    events.publish(request_id, {"type": "start"})
+    sampling = SamplingParams(**params)
+    chat_template = Deployment.objects.filter(name=deployment).values_list("chat_template", flat=True).first() or ""
+    result = GenerationResult()
+    text, first_token_at = [], None
+    try:
+        prompt = render_prompt(engine.tokenizer, messages, chat_template)
+        for delta in engine.stream(prompt, sampling, result, lambda: events.is_cancelled(request_id)):
+            if first_token_at is None:
+                first_token_at = timezone.now()
+            text.append(delta)
+            events.publish(request_id, {"type": "delta", "text": delta})
+    except Exception as exc:
+        log.exception("generation %s failed", request_id)
+        _fail(request_id, f"Generation failed: {exc}", response="".join(text), first_token_at=first_token_at)
+        return
+
+    answer = "".join(text)
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+    status = RequestLog.Status.CANCELLED if result.finish_reason == "cancelled" else RequestLog.Status.OK
+    _update(
+        request_id,
+        status=status,
+        response=answer,
+        finish_reason=result.finish_reason,
+        first_token_at=first_token_at,
+        finished_at=timezone.now(),
+        **usage,
+    )
+    events.publish(request_id, {"type": "final", "text": answer, "finish_reason": result.finish_reason, "usage": usage})
+
+
+def _fail(request_id, message, **fields):
+    _update(request_id, status=RequestLog.Status.ERROR, error=message, finished_at=timezone.now(), **fields)
+    events.publish(request_id, {"type": "error", "message": message})
