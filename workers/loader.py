@@ -1,6 +1,7 @@
 """Which deployments this worker serves, loaded once when the worker starts."""
 
 import logging
+import threading
 import time
 
 from celery.signals import celeryd_after_setup
@@ -12,7 +13,14 @@ log = logging.getLogger(__name__)
 # deployment name -> loaded engine, or the LoadError message when it could not load
 ENGINES: dict[str, object] = {}
 FAILED: dict[str, str] = {}
+# (engine, model source, precision) -> engine: deployments of the same model share one copy
+_BY_MODEL: dict[tuple, object] = {}
+_lock = threading.RLock()
 HOSTNAME = ""
+
+
+def _model_key(deployment) -> tuple:
+    return (deployment.engine, deployment.model_source, deployment.precision)
 
 
 def _set_status(deployment, status, detail="", **fields):
@@ -24,6 +32,24 @@ def _set_status(deployment, status, detail="", **fields):
 
 
 def load_deployment(deployment) -> None:
+    from chat.models import Deployment
+
+    with _lock:
+        engine = _BY_MODEL.get(_model_key(deployment))
+        if engine is None:
+            _load_new(deployment)
+            return
+        ENGINES[deployment.name] = engine
+        _set_status(
+            deployment,
+            Deployment.Status.READY,
+            f"ready on {HOSTNAME} (model shared)",
+            model_context_length=engine.context_length,
+            tokenizer_files=engine.tokenizer_files(),
+        )
+
+
+def _load_new(deployment) -> None:
     from chat.models import Deployment
     from workers.engines import LoadError, engine_class
 
@@ -42,6 +68,7 @@ def load_deployment(deployment) -> None:
         _set_status(deployment, Deployment.Status.FAILED, FAILED[deployment.name])
         return
     ENGINES[deployment.name] = engine
+    _BY_MODEL[_model_key(deployment)] = engine
     FAILED.pop(deployment.name, None)
     _set_status(
         deployment,
@@ -51,6 +78,14 @@ def load_deployment(deployment) -> None:
         tokenizer_files=engine.tokenizer_files(),
     )
     log.info("deployment %s ready (%.1fs)", deployment.name, time.monotonic() - started)
+
+
+def engine_for(deployment):
+    """The engine of a deployment on this worker's queues, loaded on first use if it was added later."""
+    with _lock:
+        if deployment.name not in ENGINES and deployment.name not in FAILED:
+            load_deployment(deployment)
+        return ENGINES.get(deployment.name)
 
 
 def load_for_queues(queues) -> None:

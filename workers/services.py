@@ -6,6 +6,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from chat import events
+from chat.errors import ContextTooLong
 from chat.generation import SamplingParams
 from chat.models import Deployment, RequestLog
 from chat.prompting import render_prompt
@@ -26,7 +27,8 @@ def run_generation(*, request_id: str, deployment: str, messages: list[dict], pa
         # The client left while the request waited in the queue: drop it before any model work.
         _update(request_id, status=RequestLog.Status.CANCELLED, finished_at=timezone.now())
         return
-    engine = loader.ENGINES.get(deployment)
+    target = Deployment.objects.filter(name=deployment).first()
+    engine = loader.engine_for(target) if target is not None else None
     if engine is None:
         reason = loader.FAILED.get(deployment) or f"this worker does not serve the deployment '{deployment}'"
         _fail(request_id, f"The model is not available: {reason}")
@@ -35,16 +37,24 @@ def run_generation(*, request_id: str, deployment: str, messages: list[dict], pa
     _update(request_id, status=RequestLog.Status.RUNNING, started_at=timezone.now(), worker=loader.HOSTNAME)
     events.publish(request_id, {"type": "start"})
     sampling = SamplingParams(**params)
-    chat_template = Deployment.objects.filter(name=deployment).values_list("chat_template", flat=True).first() or ""
     result = GenerationResult()
     text, first_token_at = [], None
     try:
-        prompt = render_prompt(engine.tokenizer, messages, chat_template)
+        prompt = render_prompt(engine.tokenizer, messages, target.chat_template)
+        context = target.context_length or engine.context_length
+        if context:
+            prompt_tokens = engine.count_tokens(prompt)
+            if prompt_tokens >= context:
+                raise ContextTooLong(prompt_tokens=prompt_tokens, context_length=context)
+            sampling.max_new_tokens = min(sampling.max_new_tokens, context - prompt_tokens)
         for delta in engine.stream(prompt, sampling, result, lambda: events.is_cancelled(request_id)):
             if first_token_at is None:
                 first_token_at = timezone.now()
             text.append(delta)
             events.publish(request_id, {"type": "delta", "text": delta})
+    except ContextTooLong as exc:
+        _fail(request_id, exc.message)
+        return
     except Exception as exc:
         log.exception("generation %s failed", request_id)
         _fail(request_id, f"Generation failed: {exc}", response="".join(text), first_token_at=first_token_at)
