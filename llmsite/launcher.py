@@ -123,7 +123,9 @@ def run(args) -> int:
         served = Deployment.objects.filter(enabled=True)
         # Statuses left by an earlier run say nothing about the worker started now.
         served.update(status=Deployment.Status.UNKNOWN, status_detail="waiting for the worker")
-        queues = sorted({d.queue for d in served})
+        from django.conf import settings
+
+        queues = sorted({d.queue for d in served} | {settings.EMBEDDING_QUEUE})
         from django.db import connections
 
         connections.close_all()

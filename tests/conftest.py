@@ -126,7 +126,7 @@ def stack(django_db_setup, django_db_blocker):
 
     with django_db_blocker.unblock():
         Deployment.objects.filter(name="default").update(status=Deployment.Status.UNKNOWN)
-        worker = Process("worker", worker_command(["default"], hostname=f"test-{uuid.uuid4().hex[:6]}@%h")).start()
+        worker = Process("worker", worker_command(["default", settings.EMBEDDING_QUEUE], hostname=f"test-{uuid.uuid4().hex[:6]}@%h")).start()
         web, url = start_web()
         try:
             wait_ready("default", worker)

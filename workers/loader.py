@@ -106,3 +106,9 @@ def _load_models(sender, instance, conf, **kwargs):
     HOSTNAME = sender
     queues = set(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
     load_for_queues(queues)
+    from django.conf import settings
+
+    if settings.EMBEDDING_QUEUE in queues:
+        from workers.embeddings import model
+
+        model()

@@ -78,3 +78,15 @@ def run_generation(*, request_id: str, deployment: str, messages: list[dict], pa
 def _fail(request_id, message, **fields):
     _update(request_id, status=RequestLog.Status.ERROR, error=message, finished_at=timezone.now(), **fields)
     events.publish(request_id, {"type": "error", "message": message})
+
+
+def run_embedding(*, request_id: str, texts: list[str]) -> None:
+    from workers.embeddings import embed_texts
+
+    try:
+        vectors, tokens = embed_texts(texts)
+    except Exception as exc:
+        log.exception("embedding %s failed", request_id)
+        events.publish(request_id, {"type": "error", "message": f"Embedding failed: {exc}"})
+        return
+    events.publish(request_id, {"type": "final", "embeddings": vectors, "usage": {"prompt_tokens": tokens}})
