@@ -1,0 +1,87 @@
+"""A stream never hangs: silence from the workers and a worker dying mid-answer both end in an error."""
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+import requests
+
+from chat.models import Deployment, RequestLog
+from llmsite.launcher import worker_command
+from tests.chat.test_predict_websocket import answers, run_client
+from tests.conftest import Process, start_web, wait_ready
+
+TIMEOUT = 4
+
+
+@pytest.fixture(scope="module")
+def short_timeout_web(stack):
+    web, url = start_web(env={"STREAM_TIMEOUT_SECONDS": str(TIMEOUT)})
+    yield url
+    web.stop()
+
+
+def deployment_on_queue(queue: str) -> Deployment:
+    base = Deployment.objects.get(name="default")
+    return Deployment.objects.create(
+        name=f"dep-{uuid.uuid4().hex[:8]}",
+        model_source=base.model_source,
+        queue=queue,
+        # the web tier may count tokens as for the default model
+        tokenizer_files=base.tokenizer_files,
+        model_context_length=base.model_context_length,
+    )
+
+
+def stream(url, token, deployment, prompt, max_new_tokens=32):
+    response = requests.post(
+        f"{url}/api/predict/{deployment}",
+        headers={"Authorization": token},
+        json={"prompt": prompt, "temperature": 0, "max_new_tokens": max_new_tokens, "use_stream_chat": True},
+        stream=True,
+        timeout=120,
+    )
+    assert response.status_code == 200
+    for chunk in response.iter_lines(chunk_size=8192, decode_unicode=False, delimiter=b"\0"):
+        if chunk:
+            yield json.loads(chunk.decode("utf-8"))
+
+
+def test_no_event_within_the_timeout_ends_the_http_stream_with_an_error(short_timeout_web, token, user):
+    orphan = deployment_on_queue(f"nobody-listens-{uuid.uuid4().hex[:6]}")
+    objects = list(stream(short_timeout_web, token, orphan.name, "Hello?"))
+    assert objects[-1]["error"]["type"] == "server_error"
+    assert str(TIMEOUT) in objects[-1]["error"]["message"]
+    row = RequestLog.objects.get(user=user)
+    assert row.status == RequestLog.Status.ERROR and row.error
+
+
+def test_no_event_within_the_timeout_is_an_error_message_then_eos_on_websocket(short_timeout_web, token):
+    orphan = deployment_on_queue(f"nobody-listens-{uuid.uuid4().hex[:6]}")
+    ws_url = "ws" + short_timeout_web[len("http") :] + f"/api/predict/{orphan.name}"
+    received = run_client(ws_url, token, [{"prompt": "Hello?"}, {"prompt": "Anyone?"}])
+    for answer in answers(received):
+        assert json.loads(answer[0])["error"]["type"] == "server_error"
+
+
+def test_worker_killed_mid_stream_ends_the_stream_with_an_error_object(short_timeout_web, token, user):
+    queue = f"doomed-{uuid.uuid4().hex[:6]}"
+    doomed = deployment_on_queue(queue)
+    worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h")).start()
+    try:
+        wait_ready(doomed.name, worker)
+        objects = []
+        for obj in stream(short_timeout_web, token, doomed.name, "Tell me a very long story about a dragon.", 400):
+            objects.append(obj)
+            if len(objects) == 3:
+                os.kill(worker.popen.pid, signal.SIGKILL)
+        assert len(objects) > 3
+        assert "response" in objects[-2] and objects[-2]["response"].startswith(objects[0]["response"])
+        assert objects[-1] == {"error": objects[-1]["error"]} and objects[-1]["error"]["type"] == "server_error"
+        time.sleep(0.5)
+        assert RequestLog.objects.get(user=user).status == RequestLog.Status.ERROR
+    finally:
+        worker.stop()
