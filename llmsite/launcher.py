@@ -95,6 +95,9 @@ class Child:
 
 def run(args) -> int:
     data_dir = data_dir_from_env()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and "DJANGO_ALLOWED_HOSTS" not in os.environ:
+        say(f"serving on {args.host}: accepting any Host header (set DJANGO_ALLOWED_HOSTS to restrict it)")
+        os.environ["DJANGO_ALLOWED_HOSTS"] = "*"
     services = start_services(data_dir)
     children: list[Child] = []
     stopping = False

