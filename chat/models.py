@@ -46,6 +46,9 @@ class Deployment(models.Model):
     )
     queue = models.CharField(max_length=64, blank=True, help_text="Celery queue; blank means the deployment's name.")
     enabled = models.BooleanField(default=True)
+    max_batch_size = models.PositiveIntegerField(
+        default=32, validators=[MinValueValidator(1)], help_text="Requests one worker generates for at once (continuous batching)."
+    )
 
     default_max_new_tokens = models.PositiveIntegerField(default=2048, validators=[MinValueValidator(1)])
     default_temperature = models.FloatField(default=0.95, validators=[MinValueValidator(0), MaxValueValidator(2)])

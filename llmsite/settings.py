@@ -160,7 +160,8 @@ CELERY_RESULT_BACKEND = None
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_DEFAULT_QUEUE = "celery"
-CELERY_WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=8)
+# Generations wait in threads while one engine loop batches them: room for a full batch (32).
+CELERY_WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=40)
 
 LOGGING = {
     "version": 1,

@@ -6,16 +6,20 @@ import importlib.util
 import logging
 import queue
 import shutil
-import threading
+import time
+import uuid
 from pathlib import Path
 
 import torch
 from django.conf import settings
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.engines.base import Engine, GenerationResult, LoadError
+from workers.engines.batching import BatchingScheduler, BatchRequest
 
 log = logging.getLogger(__name__)
+
+CANCEL_POLL_SECONDS = 0.1  # how often a waiting request looks at its cancel flag
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,16 +53,6 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     return source, None  # a hub id
 
 
-class _Cancelled(StoppingCriteria):
-    def __init__(self, cancelled):
-        self.cancelled = cancelled
-        self.hit = False
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.hit = self.hit or self.cancelled()
-        return torch.full((input_ids.shape[0],), self.hit, dtype=torch.bool, device=input_ids.device)
-
-
 class TransformersEngine(Engine):
     def __init__(self, deployment):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,7 +77,13 @@ class TransformersEngine(Engine):
         if self.pad_token_id is None:
             eos = self.eos_token_ids
             self.pad_token_id = eos[0] if isinstance(eos, list) else eos
-        self._lock = threading.Lock()
+        stop = list(self.eos_token_ids) if isinstance(self.eos_token_ids, list) else [self.eos_token_ids]
+        if self.tokenizer.eos_token_id is not None:
+            stop.append(self.tokenizer.eos_token_id)
+        self.stop_ids = frozenset(t for t in stop if t is not None)
+        self.scheduler = BatchingScheduler(
+            self.model, max_batch_size=deployment.max_batch_size, name=f"engine-{deployment.name}"
+        )
 
     @staticmethod
     def _dequantized(folder: str, gguf_file: str) -> tuple[str, str | None]:
@@ -121,61 +121,71 @@ class TransformersEngine(Engine):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def stream(self, prompt, params, result: GenerationResult, cancelled):
-        inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.device)
-        prompt_tokens = inputs["input_ids"].shape[1]
-        result.prompt_tokens = prompt_tokens
+        """Submit to the batching scheduler; yield text as tokens arrive; abort when cancelled."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        result.prompt_tokens = len(prompt_ids)
         max_new = params.max_new_tokens
         if self.context_length:
-            max_new = min(max_new, self.context_length - prompt_tokens)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=1.0)
-        stop = _Cancelled(cancelled)
-        sampling = (
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            if params.greedy
-            else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}  # 0 turns top-k off
+            max_new = min(max_new, self.context_length - len(prompt_ids))
+        request = BatchRequest(
+            id=uuid.uuid4().hex,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            greedy=params.greedy,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop_ids=self.stop_ids,
         )
-        outcome: dict = {}
-
-        def run():
-            try:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                with torch.inference_mode():
-                    outcome["ids"] = self.model.generate(
-                        **inputs,
-                        max_new_tokens=max_new,
-                        use_cache=params.use_cache,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([stop]),
-                        pad_token_id=self.pad_token_id,
-                        **sampling,
-                    )
-            except BaseException as exc:  # re-raised in the caller's thread
-                outcome["error"] = exc
-                streamer.end()
-
-        with self._lock:
-            thread = threading.Thread(target=run, name="generate", daemon=True)
-            thread.start()
+        self.scheduler.submit(request)
+        detok = IncrementalDecoder(self.tokenizer)
+        last_check = time.monotonic()
+        try:
             while True:
                 try:
-                    text = next(streamer)
-                except StopIteration:
-                    break
+                    kind, value = request.out.get(timeout=CANCEL_POLL_SECONDS)
                 except queue.Empty:
-                    if not thread.is_alive():
-                        break
-                    continue
-                if text:
-                    yield text
-            thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        completion = outcome["ids"].shape[1] - prompt_tokens
-        result.completion_tokens = completion
-        if stop.hit:
-            result.finish_reason = "cancelled"
-        elif completion >= max_new:
-            result.finish_reason = "length"
-        else:
-            result.finish_reason = "stop"
+                    kind = None
+                if time.monotonic() - last_check >= CANCEL_POLL_SECONDS or kind is None:
+                    last_check = time.monotonic()
+                    if cancelled():
+                        self.scheduler.abort(request.id)
+                if kind == "token":
+                    result.completion_tokens += 1
+                    text = detok.add(value)
+                    if text:
+                        yield text
+                elif kind == "done":
+                    result.finish_reason = value
+                    tail = detok.flush()
+                    if tail:
+                        yield tail
+                    return
+                elif kind == "error":
+                    raise RuntimeError(value)
+        finally:
+            if not result.finish_reason:  # the consumer stopped early: free the slot
+                self.scheduler.abort(request.id)
+
+
+class IncrementalDecoder:
+    """Turns token ids into text pieces without splitting a multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for the next token
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.sent = text[len(self.sent) :], text
+        return delta

@@ -1,0 +1,98 @@
+"""Continuous batching in the transformers engine, called in-process (no stack needed)."""
+
+import threading
+import time
+
+import pytest
+
+from chat.generation import SamplingParams
+from chat.models import Deployment
+from chat.prompting import render_prompt
+from workers.engines.base import GenerationResult
+
+QUESTIONS = [
+    f"What is the capital of {c}?"
+    for c in ["France", "Egypt", "Canada", "Russia", "Germany", "Japan", "China", "India",
+              "Brazil", "Kenya", "Peru", "Chile", "Cuba", "Greece", "Norway", "Poland"]
+]
+CAPITALS = {"France": "Paris", "Egypt": "Cairo", "Canada": "Ottawa", "Russia": "Moscow", "Germany": "Berlin"}
+
+
+@pytest.fixture(scope="module")
+def engine(django_db_setup, django_db_blocker):
+    from workers.engines.transformers_engine import TransformersEngine
+
+    with django_db_blocker.unblock():
+        deployment = Deployment.objects.get(name="default")
+    return TransformersEngine(deployment)
+
+
+def greedy(n=16):
+    return SamplingParams(max_new_tokens=n, temperature=0, top_k=0, top_p=1.0, do_sample=False)
+
+
+def ask(engine, question, params, cancelled=lambda: False):
+    prompt = render_prompt(engine.tokenizer, [{"role": "user", "content": question}])
+    result = GenerationResult()
+    text = "".join(engine.stream(prompt, params, result, cancelled))
+    return text, result
+
+
+def ask_all(engine, questions, params):
+    answers = [None] * len(questions)
+
+    def run(i):
+        answers[i] = ask(engine, questions[i], params)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return answers
+
+
+def test_sixteen_batched_greedy_answers_equal_their_single_stream_answers(engine):
+    single = [ask(engine, q, greedy())[0] for q in QUESTIONS]
+    batched = ask_all(engine, QUESTIONS, greedy())
+    assert [text for text, _ in batched] == single
+    assert all(result.completion_tokens == 16 or result.finish_reason == "stop" for _, result in batched)
+
+
+def test_concurrent_streams_each_answer_their_own_question(engine):
+    questions = [f"What is the capital of {c}?" for c in CAPITALS]
+    answers = ask_all(engine, questions, greedy(32))
+    for (country, city), (text, _) in zip(CAPITALS.items(), answers):
+        assert city in text, (country, text)
+        assert not any(other in text for other in CAPITALS.values() if other != city)
+
+
+def test_an_aborted_request_frees_its_slot_and_the_others_finish(engine):
+    stop = threading.Event()
+    outcome = {}
+
+    def long_story():
+        outcome["story"] = ask(engine, "Tell me a very long story about a dragon.", greedy(400), stop.is_set)
+
+    story = threading.Thread(target=long_story)
+    story.start()
+    time.sleep(1.0)
+    others = ask_all(engine, [f"What is the capital of {c}?" for c in list(CAPITALS)[:3]], greedy(32))
+    stop.set()
+    story.join(60)
+    text, result = outcome["story"]
+    assert result.finish_reason == "cancelled"
+    assert 0 < result.completion_tokens < 400
+    for (country, city), (answer, _) in zip(CAPITALS.items(), others):
+        assert city in answer
+    deadline = time.monotonic() + 10
+    while engine.scheduler.running:
+        assert time.monotonic() < deadline, "the aborted request still holds its slot"
+        time.sleep(0.05)
+
+
+def test_sampling_with_a_seed_is_reproducible_inside_a_batch(engine):
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=30, top_p=0.9, do_sample=True, seed=1234)
+    first = ask(engine, "Write a short poem about rain.", params)[0]
+    batched = ask_all(engine, ["Write a short poem about rain."] + QUESTIONS[:3], params)
+    assert batched[0][0] == first

@@ -1,0 +1,250 @@
+"""Continuous batching for Hugging Face causal LMs: one forward pass per decode step for every
+running request; requests join (after their prefill) and leave between steps.
+
+The running requests share one left-padded KV cache (`DynamicCache`): a request that joins is
+prefilled alone (in chunks, so a long prompt never stalls the running streams for long), then its
+cache is padded on the left and stacked onto the batch's; a request that leaves is dropped from
+the batch dimension and columns that only padding still uses are trimmed. Each request keeps its
+own sampling settings, random generator and stop conditions.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchRequest:
+    """A request inside the engine; `out` receives ("token", id) ... then ("done", reason) or ("error", msg)."""
+
+    id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    greedy: bool
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: frozenset = frozenset()
+    out: queue.Queue = field(default_factory=queue.Queue)
+    # engine state
+    generated: int = 0
+    cache: DynamicCache | None = None
+    prefilled: int = 0
+    generator: torch.Generator | None = None
+    processors: LogitsProcessorList | None = None
+
+
+class _Batch:
+    """The running requests and their shared, left-padded KV cache."""
+
+    def __init__(self):
+        self.requests: list[BatchRequest] = []
+        self.cache: DynamicCache | None = None
+        self.pads: list[int] = []  # left padding of each row
+        self.last_tokens: list[int] = []
+
+    @property
+    def width(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def add(self, request: BatchRequest, first_token: int) -> None:
+        new = request.cache
+        request.cache = None
+        length = new.get_seq_length()
+        if self.cache is None:
+            self.cache, self.requests, self.pads, self.last_tokens = new, [request], [0], [first_token]
+            return
+        width = self.width
+        target = max(width, length)
+        for mine, theirs in zip(self.cache.layers, new.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, target - width), _pad_left(theirs.keys, target - length)])
+            mine.values = torch.cat([_pad_left(mine.values, target - width), _pad_left(theirs.values, target - length)])
+        self.pads = [p + target - width for p in self.pads] + [target - length]
+        self.requests.append(request)
+        self.last_tokens.append(first_token)
+
+    def remove(self, indices: list[int]) -> None:
+        keep = [i for i in range(len(self.requests)) if i not in set(indices)]
+        if not keep:
+            self.__init__()
+            return
+        index = torch.tensor(keep, device=self.cache.layers[0].keys.device)
+        trim = min(self.pads[i] for i in keep)  # columns that are padding in every remaining row
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, trim:, :]
+            layer.values = layer.values[index, :, trim:, :]
+        self.requests = [self.requests[i] for i in keep]
+        self.pads = [self.pads[i] - trim for i in keep]
+        self.last_tokens = [self.last_tokens[i] for i in keep]
+
+
+def _pad_left(tensor: torch.Tensor, amount: int) -> torch.Tensor:
+    return F.pad(tensor, (0, 0, amount, 0)) if amount else tensor
+
+
+class BatchingScheduler:
+    """Runs the engine loop in one thread; `submit()` and `abort()` are safe from any thread."""
+
+    def __init__(self, model, *, max_batch_size: int = 32, prefill_chunk: int = 256, name: str = "engine"):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        self._waiting: deque[BatchRequest] = deque()
+        self._aborted: set[str] = set()
+        self._wake = threading.Condition()
+        self._batch = _Batch()
+        self._prefilling: BatchRequest | None = None
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # --- from any thread -----------------------------------------------------------------
+    def submit(self, request: BatchRequest) -> None:
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborted.add(request_id)
+            self._wake.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._batch.requests) + (self._prefilling is not None)
+
+    # --- the engine thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._batch.requests and self._prefilling is None:
+                    self._wake.wait()
+                aborted, self._aborted = self._aborted, set()
+            try:
+                self._drop_aborted(aborted)
+                self.step()
+            except Exception as exc:  # a broken step fails the requests in it, not the worker
+                log.exception("engine step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _drop_aborted(self, aborted: set[str]) -> None:
+        if not aborted:
+            return
+        with self._wake:
+            for request in [r for r in self._waiting if r.id in aborted]:
+                self._waiting.remove(request)
+                request.out.put(("done", "cancelled"))
+        if self._prefilling is not None and self._prefilling.id in aborted:
+            self._prefilling.out.put(("done", "cancelled"))
+            self._prefilling = None
+        gone = [i for i, r in enumerate(self._batch.requests) if r.id in aborted]
+        for i in gone:
+            self._batch.requests[i].out.put(("done", "cancelled"))
+        if gone:
+            self._batch.remove(gone)
+
+    def step(self) -> None:
+        """One iteration: a chunk of prefill for a joining request, then one decode step for all."""
+        if self._prefilling is None and len(self._batch.requests) < self.max_batch_size:
+            with self._wake:
+                self._prefilling = self._waiting.popleft() if self._waiting else None
+        if self._prefilling is not None:
+            self._prefill_chunk(self._prefilling)
+        if self._batch.requests:
+            self._decode()
+        self.steps += 1
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, request: BatchRequest) -> None:
+        if request.cache is None:
+            request.cache = DynamicCache()
+            request.generator = torch.Generator(device=self.device)
+            if request.seed is not None:
+                request.generator.manual_seed(request.seed)
+            else:
+                request.generator.seed()
+            request.processors = _processors(request)
+        start = request.prefilled
+        chunk = request.prompt_ids[start : start + self.prefill_chunk]
+        ids = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)
+        logits = self.model(input_ids=ids, position_ids=positions, past_key_values=request.cache, use_cache=True).logits
+        request.prefilled += len(chunk)
+        if request.prefilled < len(request.prompt_ids):
+            return
+        self._prefilling = None
+        token = self._sample(request, logits[0, -1])
+        if self._emit(request, token):
+            request.cache = None
+            return
+        self._batch.add(request, token)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        batch = self._batch
+        width = batch.width
+        ids = torch.tensor(batch.last_tokens, device=self.device).unsqueeze(1)
+        mask = torch.ones(len(batch.requests), width + 1, dtype=torch.long, device=self.device)
+        for row, pad in enumerate(batch.pads):
+            mask[row, :pad] = 0
+        positions = torch.tensor([width - pad for pad in batch.pads], device=self.device).unsqueeze(1)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
+        ).logits[:, -1, :]
+        finished = []
+        for row, request in enumerate(batch.requests):
+            token = self._sample(request, logits[row])
+            batch.last_tokens[row] = token
+            if self._emit(request, token):
+                finished.append(row)
+        if finished:
+            batch.remove(finished)
+
+    def _sample(self, request: BatchRequest, logits: torch.Tensor) -> int:
+        if request.greedy:
+            return int(torch.argmax(logits))
+        scores = request.processors(None, logits.float().unsqueeze(0))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+    @staticmethod
+    def _emit(request: BatchRequest, token: int) -> bool:
+        """Hand the token to the request; True when the request is finished."""
+        if token in request.stop_ids:
+            request.out.put(("done", "stop"))
+            return True
+        request.generated += 1
+        request.out.put(("token", token))
+        if request.generated >= request.max_new_tokens:
+            request.out.put(("done", "length"))
+            return True
+        return False
+
+    def _fail_all(self, message: str) -> None:
+        for request in self._batch.requests + ([self._prefilling] if self._prefilling else []):
+            request.out.put(("error", message))
+        self._batch = _Batch()
+        self._prefilling = None
+
+
+def _processors(request: BatchRequest) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if request.temperature and request.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(request.temperature))
+    if request.top_k:
+        processors.append(TopKLogitsWarper(request.top_k))
+    if request.top_p < 1.0:
+        processors.append(TopPLogitsWarper(request.top_p))
+    return processors
