@@ -10,6 +10,7 @@ own sampling settings, random generator and stop conditions.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -107,6 +108,10 @@ class BatchingScheduler:
         self._batch = _Batch()
         self._prefilling: BatchRequest | None = None
         self.steps = 0
+        # transformers 5.24 renamed `past_key_values` to `cache`; remote-code models keep the old name
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -180,7 +185,9 @@ class BatchingScheduler:
         chunk = request.prompt_ids[start : start + self.prefill_chunk]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)
-        logits = self.model(input_ids=ids, position_ids=positions, past_key_values=request.cache, use_cache=True).logits
+        logits = self.model(
+            input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_arg: request.cache}, **self._last_only
+        ).logits
         request.prefilled += len(chunk)
         if request.prefilled < len(request.prompt_ids):
             return
@@ -201,7 +208,7 @@ class BatchingScheduler:
             mask[row, :pad] = 0
         positions = torch.tensor([width - pad for pad in batch.pads], device=self.device).unsqueeze(1)
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: batch.cache}
         ).logits[:, -1, :]
         finished = []
         for row, request in enumerate(batch.requests):
