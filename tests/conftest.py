@@ -89,6 +89,14 @@ def wait_ready(deployment_name: str, worker: Process) -> None:
         time.sleep(0.5)
 
 
+def wait_for_log(process: Process, text: str, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in process.log_path.read_text(errors="replace"):
+        if not process.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{process.name} never logged {text!r}:\n{process.log_tail()}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def django_db_setup(django_db_blocker):
     """The suite's own database (a fresh data folder each `make test`), migrated once."""
