@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 REQUIREMENTS := $(wildcard requirements/*.txt)
 
-.PHONY: run test install clean
+.PHONY: run test install clean bench
 
 install: $(STAMP)
 
@@ -41,3 +41,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var
+
+# Throughput and overhead as ratios measured in one run; writes bench/results/latest.json.
+bench: $(STAMP)
+	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/pipeline.py

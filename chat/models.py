@@ -13,6 +13,7 @@ class Deployment(models.Model):
 
     class Engine(models.TextChoices):
         TRANSFORMERS = "transformers", "transformers (CPU or GPU)"
+        VLLM = "vllm", "vLLM (GPU)"
 
     class Precision(models.TextChoices):
         FP32 = "fp32", "fp32"

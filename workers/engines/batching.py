@@ -107,6 +107,7 @@ class BatchingScheduler:
         self._wake = threading.Condition()
         self._batch = _Batch()
         self._prefilling: BatchRequest | None = None
+        self._stopped = False
         self.steps = 0
         # transformers 5.24 renamed `past_key_values` to `cache`; remote-code models keep the old name
         params = inspect.signature(model.forward).parameters
@@ -126,6 +127,13 @@ class BatchingScheduler:
             self._aborted.add(request_id)
             self._wake.notify()
 
+    def stop(self) -> None:
+        """End the engine loop (requests still inside get a "cancelled" finish)."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(30)
+
     @property
     def running(self) -> int:
         return len(self._batch.requests) + (self._prefilling is not None)
@@ -134,8 +142,10 @@ class BatchingScheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._batch.requests and self._prefilling is None:
+                while not self._stopped and not self._waiting and not self._batch.requests and self._prefilling is None:
                     self._wake.wait()
+                if self._stopped:
+                    break
                 aborted, self._aborted = self._aborted, set()
             try:
                 self._drop_aborted(aborted)
@@ -143,6 +153,11 @@ class BatchingScheduler:
             except Exception as exc:  # a broken step fails the requests in it, not the worker
                 log.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
+        with self._wake:
+            everyone = list(self._waiting) + self._batch.requests + ([self._prefilling] if self._prefilling else [])
+            self._waiting.clear()
+        for request in everyone:
+            request.out.put(("done", "cancelled"))
 
     def _drop_aborted(self, aborted: set[str]) -> None:
         if not aborted:

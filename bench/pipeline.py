@@ -1,0 +1,265 @@
+"""Throughput and overhead of the serving pipeline, as ratios measured in one run (`make bench`).
+
+Runs the default model's engine in-process, then the same prompts through the predict API (a real
+Celery worker and Daphne), then 1/4/8/16/32 concurrent streams. Prints one table and writes
+bench/results/latest.json. `make bench` starts PostgreSQL and Redis for it in var/bench.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
+
+import django  # noqa: E402
+import django.utils.timezone  # noqa: E402
+
+django.setup()
+
+import psutil  # noqa: E402
+import requests  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+from chat.generation import SamplingParams  # noqa: E402
+from chat.models import Deployment, RequestLog  # noqa: E402
+from chat.prompting import render_prompt  # noqa: E402
+from llmsite.embedded import _free_port  # noqa: E402
+from llmsite.launcher import port_open, web_command, worker_command  # noqa: E402
+
+NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", "64"))
+SINGLE_REQUESTS = int(os.environ.get("BENCH_SINGLE_REQUESTS", "20"))
+CONCURRENCY = [1, 4, 8, 16, 32]
+TOPICS = ["rivers", "volcanoes", "bread", "chess", "owls", "glaciers", "trains", "tea", "bees", "comets",
+          "deserts", "violins", "coral", "maps", "salt", "kites", "caves", "clocks", "wolves", "paper"]
+
+
+def prompt_for(i: int) -> str:
+    return f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}."
+
+
+def greedy() -> SamplingParams:
+    # Greedy with EOS ignored would be ideal; greedy answers of these prompts run past NEW_TOKENS.
+    return SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, top_k=0, top_p=1.0, do_sample=False)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"gpu: {torch.cuda.get_device_name(0)}"
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"cpu: {model} ({os.cpu_count()} cores)"
+
+
+def bench_engine(deployment):
+    """One stream at a time through the engine, in this process: tok/s and TTFT per prompt."""
+    from workers.engines.base import GenerationResult
+    from workers.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(deployment)
+    ttfts, tokens = [], 0
+    ask = lambda i: render_prompt(engine.tokenizer, [{"role": "user", "content": prompt_for(i)}])  # noqa: E731
+    list(engine.stream(ask(0), greedy(), GenerationResult(), lambda: False))  # warm-up
+    started = time.perf_counter()
+    for i in range(SINGLE_REQUESTS):
+        result, sent = GenerationResult(), time.perf_counter()
+        first = None
+        for _ in engine.stream(ask(i), greedy(), result, lambda: False):
+            first = first or time.perf_counter()
+        ttfts.append(first - sent)
+        tokens += result.completion_tokens
+    wall = time.perf_counter() - started
+    engine.scheduler.stop()
+    return {"tok_s": tokens / wall, "ttft": ttfts, "tokens": tokens}
+
+
+class Stack:
+    def __init__(self):
+        self.port = _free_port()
+        logs = Path(os.environ["LLMSITE_DATA_DIR"]) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.worker = subprocess.Popen(
+            worker_command(["default"], hostname="bench@%h", concurrency=40), cwd=BASE_DIR,
+            stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT,
+        )
+        self.web = subprocess.Popen(
+            web_command("127.0.0.1", self.port), cwd=BASE_DIR, stdout=open(logs / "web.log", "wb"), stderr=subprocess.STDOUT
+        )
+        self.url = f"http://127.0.0.1:{self.port}/api/predict/default"
+        while not port_open("127.0.0.1", self.port):
+            time.sleep(0.2)
+        while Deployment.objects.get(name="default").status != Deployment.Status.READY:
+            if self.worker.poll() is not None:
+                raise SystemExit("the worker died while loading; see var/bench/logs/worker.log")
+            time.sleep(0.5)
+        time.sleep(2)  # let Celery start consuming
+
+    def rss(self) -> int:
+        return psutil.Process(self.worker.pid).memory_info().rss
+
+    def stop(self):
+        for process in (self.web, self.worker):
+            process.terminate()
+            process.wait(30)
+
+
+def stream_once(url, token, prompt):
+    """One streamed predict request: (ttft, final text, request id from the stored row lookup key)."""
+    body = {"prompt": prompt, "temperature": 0, "do_sample": False, "max_new_tokens": NEW_TOKENS, "use_stream_chat": True}
+    sent = time.perf_counter()
+    first, last = None, None
+    with requests.post(url, headers={"Authorization": token}, json=body, stream=True, timeout=600) as response:
+        for chunk in response.iter_lines(chunk_size=8192, decode_unicode=False, delimiter=b"\0"):
+            if chunk:
+                first = first or time.perf_counter()
+                last = json.loads(chunk)
+    if last is None or "error" in last:
+        raise RuntimeError(f"stream failed: {last}")
+    return first - sent, last["response"], time.perf_counter()
+
+
+RECEIVED: list[str] = []  # every final text a client received, for tokens_lost
+
+
+def bench_pipeline_single(stack, token):
+    ttfts = []
+    RECEIVED.append(stream_once(stack.url, token, prompt_for(0))[1])  # warm-up
+    since = django.utils.timezone.now()
+    started = time.perf_counter()
+    for i in range(SINGLE_REQUESTS):
+        ttft, text, _ = stream_once(stack.url, token, prompt_for(i))
+        ttfts.append(ttft)
+        RECEIVED.append(text)
+    wall = time.perf_counter() - started
+    tokens = sum(RequestLog.objects.filter(queued_at__gte=since).values_list("completion_tokens", flat=True))
+    return {"tok_s": tokens / wall, "ttft": ttfts}
+
+
+def bench_concurrent(stack, token, clients: int, rounds: int = 2):
+    peak = [stack.rss()]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], stack.rss())
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    errors = []
+
+    def client(n):
+        for r in range(rounds):
+            try:
+                RECEIVED.append(stream_once(stack.url, token, prompt_for(n * rounds + r))[1])
+            except Exception as exc:  # counted, reported
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    since = time.perf_counter()
+    wall_start = django.utils.timezone.now()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - since
+    done.set()
+    sampler.join()
+    tokens = sum(RequestLog.objects.filter(queued_at__gte=wall_start).values_list("completion_tokens", flat=True))
+    return {"tok_s": tokens / wall, "rss": peak[0], "errors": len(errors)}
+
+
+def tokens_lost(user) -> int:
+    """Tokens of every answer the worker produced (stored rows) that no client received whole."""
+    from collections import Counter
+
+    received = Counter(RECEIVED)
+    lost = 0
+    for row in RequestLog.objects.filter(user=user):
+        if received[row.response] > 0 and row.status == RequestLog.Status.OK:
+            received[row.response] -= 1
+        else:
+            lost += row.completion_tokens or 0
+    return lost
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def main():
+    from django.contrib.auth import get_user_model
+
+    from chat.tokens import token_create
+
+    call_command("migrate", interactive=False, verbosity=0)
+    call_command("setup_site", "--no-admin", verbosity=0)
+    deployment = Deployment.objects.get(name="default")
+    user = get_user_model().objects.create_user(f"bench-{uuid.uuid4().hex[:6]}")
+    token = token_create(user=user)[1]
+
+    print(f"engine in-process: {SINGLE_REQUESTS} greedy streams of {NEW_TOKENS} tokens, one at a time…", flush=True)
+    engine = bench_engine(deployment)
+    deployment.refresh_from_db()
+
+    print("starting a worker and Daphne…", flush=True)
+    stack = Stack()
+    try:
+        print("pipeline: the same prompts through the predict API…", flush=True)
+        single = bench_pipeline_single(stack, token)
+        pipeline_tok_s = single["tok_s"]
+        aggregate, rss = {}, {}
+        for clients in CONCURRENCY:
+            print(f"pipeline: {clients} concurrent streams…", flush=True)
+            result = bench_concurrent(stack, token, clients)
+            aggregate[clients], rss[clients] = result["tok_s"], result["rss"]
+            if result["errors"]:
+                print(f"  {result['errors']} requests failed", flush=True)
+    finally:
+        stack.stop()
+
+    added = [p - e for p, e in zip(single["ttft"], engine["ttft"])]
+    results = {
+        "device": device_name(),
+        "new_tokens": NEW_TOKENS,
+        "engine_single_tok_s": round(engine["tok_s"], 2),
+        "pipeline_single_tok_s": round(pipeline_tok_s, 2),
+        "pipeline_vs_engine": round(pipeline_tok_s / engine["tok_s"], 3),
+        "ttft_engine_ms_p50": round(1000 * statistics.median(engine["ttft"]), 1),
+        "ttft_added_ms_p50": round(1000 * statistics.median(added), 1),
+        "ttft_added_ms_p99": round(1000 * percentile(added, 99), 1),
+        "aggregate_tok_s": {str(c): round(v, 2) for c, v in aggregate.items()},
+        "aggregate_32_vs_1": round(aggregate[32] / aggregate[1], 2),
+        "rss_32_vs_1": round(rss[32] / rss[1], 3),
+        "tokens_lost": tokens_lost(user),
+    }
+    out = BASE_DIR / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    print()
+    print(f"device: {results['device']}; {NEW_TOKENS} new tokens a request, greedy")
+    print("| measure | value |")
+    print("|---|---|")
+    for key in ("engine_single_tok_s", "pipeline_single_tok_s", "pipeline_vs_engine", "ttft_engine_ms_p50",
+                "ttft_added_ms_p50", "ttft_added_ms_p99"):
+        print(f"| {key} | {results[key]} |")
+    for clients, value in results["aggregate_tok_s"].items():
+        print(f"| aggregate_tok_s at {clients} streams | {value} ({value / aggregate[1]:.2f}x of 1) |")
+    for key in ("aggregate_32_vs_1", "rss_32_vs_1", "tokens_lost"):
+        print(f"| {key} | {results[key]} |")
+    print(f"\nwritten to {out / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""A stand-in for exactly the part of vLLM's API that workers/engines/vllm_engine.py calls.
+
+It "generates" the words of a fixed text, one token per step, with vLLM's output shapes
+(cumulative `outputs[0].text`, `token_ids`, `finished`, `finish_reason`), so the adapter's
+streaming, usage, sampling mapping and abort handling are tested where vLLM cannot be installed.
+"""
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+WORDS = "Paris is the capital and largest city of France .".split()
+
+calls: list[tuple] = []
+
+
+@dataclass
+class AsyncEngineArgs:
+    model: str
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+
+
+@dataclass
+class _Completion:
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class AsyncLLMEngine:
+    def __init__(self, args):
+        self.args = args
+        self.aborted: set[str] = set()
+
+    @classmethod
+    def from_engine_args(cls, args):
+        calls.append(("from_engine_args", args))
+        return cls(args)
+
+    async def get_model_config(self):
+        return SimpleNamespace(max_model_len=self.args.max_model_len or 2048)
+
+    async def generate(self, prompt, sampling_params, request_id):
+        calls.append(("generate", prompt, sampling_params, request_id))
+        completion = _Completion()
+        words = WORDS * 100
+        for i in range(sampling_params.max_tokens):
+            await asyncio.sleep(0.02)
+            if request_id in self.aborted:
+                return
+            completion.token_ids.append(i)
+            completion.text += ("" if i == 0 else " ") + words[i]
+            last = i + 1 == sampling_params.max_tokens or ("natural" in prompt and i + 1 == len(WORDS))
+            if last:
+                completion.finish_reason = "length" if i + 1 == sampling_params.max_tokens else "stop"
+            yield SimpleNamespace(
+                request_id=request_id, prompt_token_ids=[1, 2, 3], outputs=[completion], finished=last
+            )
+            if last:
+                return
+
+    async def abort(self, request_id):
+        calls.append(("abort", request_id))
+        self.aborted.add(request_id)

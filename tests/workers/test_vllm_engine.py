@@ -1,0 +1,93 @@
+"""The vLLM adapter against a stand-in of exactly the vLLM calls it makes, and a real test where
+vLLM is importable (a GPU node)."""
+
+import importlib.util
+import sys
+import threading
+import time
+
+import pytest
+
+from chat.generation import SamplingParams
+from chat.models import Deployment
+from workers.engines.base import GenerationResult
+from tests.workers import fake_vllm
+
+
+@pytest.fixture
+def fake_vllm_engine(monkeypatch, django_db_setup, django_db_blocker):
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    fake_vllm.calls.clear()
+    from workers.engines.vllm_engine import VLLMEngine
+
+    with django_db_blocker.unblock():
+        deployment = Deployment.objects.get(name="default")
+    deployment.engine, deployment.precision, deployment.max_batch_size = "vllm", "bf16", 8
+    return VLLMEngine(deployment)
+
+
+def params(**overrides):
+    return SamplingParams(**{"max_new_tokens": 5, "temperature": 0.7, "top_k": 30, "top_p": 0.8, "do_sample": True, **overrides})
+
+
+def test_engine_args_come_from_the_deployment(fake_vllm_engine):
+    (_, args), = [c for c in fake_vllm.calls if c[0] == "from_engine_args"]
+    assert args.dtype == "bfloat16" and args.max_num_seqs == 8 and args.model.endswith(".gguf")
+    assert fake_vllm_engine.context_length == 2048
+
+
+def test_stream_yields_deltas_that_join_to_the_answer_with_usage(fake_vllm_engine):
+    result = GenerationResult()
+    deltas = list(fake_vllm_engine.stream("prompt", params(), result, lambda: False))
+    assert len(deltas) == 5
+    assert "".join(deltas) == "Paris is the capital and"
+    assert (result.prompt_tokens, result.completion_tokens, result.finish_reason) == (3, 5, "length")
+
+
+def test_natural_end_is_stop(fake_vllm_engine):
+    result = GenerationResult()
+    "".join(fake_vllm_engine.stream("a natural end", params(max_new_tokens=64), result, lambda: False))
+    assert result.finish_reason == "stop" and result.completion_tokens == len(fake_vllm.WORDS)
+
+
+def test_sampling_settings_map_to_vllm(fake_vllm_engine):
+    list(fake_vllm_engine.stream("p", params(seed=7), GenerationResult(), lambda: False))
+    list(fake_vllm_engine.stream("p", params(temperature=0, top_k=0), GenerationResult(), lambda: False))
+    sampled, greedy = [c[2] for c in fake_vllm.calls if c[0] == "generate"]
+    assert (sampled.temperature, sampled.top_k, sampled.top_p, sampled.seed, sampled.max_tokens) == (0.7, 30, 0.8, 7, 5)
+    assert (greedy.temperature, greedy.top_k, greedy.top_p) == (0.0, -1, 1.0)
+
+
+def test_cancel_aborts_the_request_in_vllm(fake_vllm_engine):
+    stop = threading.Event()
+    result = GenerationResult()
+    pieces = []
+    for piece in fake_vllm_engine.stream("p", params(max_new_tokens=500), result, stop.is_set):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stop.set()
+    assert result.finish_reason == "cancelled" and len(pieces) < 500
+    request_id = [c[3] for c in fake_vllm.calls if c[0] == "generate"][-1]
+    assert ("abort", request_id) in fake_vllm.calls
+
+
+def test_a_consumer_that_stops_reading_aborts_too(fake_vllm_engine):
+    stream = fake_vllm_engine.stream("p", params(max_new_tokens=500), GenerationResult(), lambda: False)
+    next(stream)
+    stream.close()
+    time.sleep(0.1)
+    assert any(c[0] == "abort" for c in fake_vllm.calls)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here (it needs a CUDA GPU node)")
+def test_real_vllm_answers_the_capital_of_france(django_db_setup, django_db_blocker):
+    from workers.engines.vllm_engine import VLLMEngine
+    from chat.prompting import render_prompt
+
+    with django_db_blocker.unblock():
+        deployment = Deployment.objects.get(name="default")
+    deployment.engine = "vllm"
+    engine = VLLMEngine(deployment)
+    prompt = render_prompt(engine.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    text = "".join(engine.stream(prompt, params(temperature=0, max_new_tokens=24), GenerationResult(), lambda: False))
+    assert "Paris" in text

@@ -1,0 +1,143 @@
+"""The vLLM engine (GPU): vLLM's async engine does its own continuous batching and paging.
+
+Imported only when a deployment names it, so vLLM is needed only on the nodes that run it. The
+adapter uses vLLM's documented engine API and nothing else: `AsyncEngineArgs`,
+`AsyncLLMEngine.from_engine_args`, `engine.generate(prompt, sampling_params, request_id)` (an
+async iterator of RequestOutput with cumulative `outputs[0].text`), `engine.abort(request_id)`
+and `SamplingParams`.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+
+from workers.engines.base import Engine, GenerationResult, LoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CANCEL_POLL_SECONDS = 0.1
+
+
+class VLLMEngine(Engine):
+    def __init__(self, deployment):
+        try:
+            import vllm
+        except ImportError as exc:
+            raise LoadError(f"the vllm engine needs the vllm package on this worker: {exc}") from None
+        from workers.engines.transformers_engine import resolve_source
+
+        self._vllm = vllm
+        folder, gguf_file = resolve_source(deployment.model_source)
+        model = f"{folder}/{gguf_file}" if gguf_file else folder
+        args = vllm.AsyncEngineArgs(
+            model=model,
+            dtype=DTYPES[deployment.precision],
+            tensor_parallel_size=_gpu_count(),
+            max_model_len=deployment.context_length or None,
+            max_num_seqs=deployment.max_batch_size,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-{deployment.name}", daemon=True)
+        self._thread.start()
+        try:
+            self.engine = self._call(self._create, args)
+        except Exception as exc:
+            raise LoadError(f"vLLM could not load {deployment.model_source}: {exc}") from exc
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(folder)
+        self.context_length = deployment.context_length or getattr(self._call(self._model_config), "max_model_len", None)
+
+    async def _create(self, args):
+        return self._vllm.AsyncLLMEngine.from_engine_args(args)
+
+    async def _model_config(self):
+        return await self.engine.get_model_config()
+
+    def _call(self, coroutine_fn, *args):
+        return asyncio.run_coroutine_threadsafe(coroutine_fn(*args), self._loop).result()
+
+    def tokenizer_files(self) -> dict[str, str]:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def sampling_params(self, params):
+        return self._vllm.SamplingParams(
+            n=1,
+            max_tokens=params.max_new_tokens,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p,
+            top_k=-1 if params.greedy or not params.top_k else params.top_k,  # -1 turns top-k off
+            seed=params.seed,
+        )
+
+    def stream(self, prompt, params, result: GenerationResult, cancelled):
+        request_id = uuid.uuid4().hex
+        out: queue.Queue = queue.Queue()
+        sampling = self.sampling_params(params)
+
+        async def run():
+            try:
+                async for output in self.engine.generate(prompt, sampling, request_id):
+                    out.put(("output", output))
+                out.put(("end", None))
+            except asyncio.CancelledError:
+                out.put(("end", None))
+            except Exception as exc:  # reported in the caller's thread
+                out.put(("error", exc))
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        sent, finished = "", False
+        last_check = time.monotonic()
+        try:
+            while True:
+                try:
+                    kind, value = out.get(timeout=CANCEL_POLL_SECONDS)
+                except queue.Empty:
+                    kind = None
+                if kind is None or time.monotonic() - last_check >= CANCEL_POLL_SECONDS:
+                    last_check = time.monotonic()
+                    if cancelled():
+                        self._call(self.engine.abort, request_id)
+                        result.finish_reason = "cancelled"
+                        finished = True
+                        return
+                if kind is None:
+                    continue
+                if kind == "error":
+                    raise RuntimeError(f"vLLM: {value}")
+                if kind == "end":
+                    finished = True
+                    return
+                completion = value.outputs[0]
+                result.prompt_tokens = len(value.prompt_token_ids or [])
+                result.completion_tokens = len(completion.token_ids)
+                if len(completion.text) > len(sent):
+                    delta, sent = completion.text[len(sent) :], completion.text
+                    yield delta
+                if value.finished:
+                    result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
+        finally:
+            if not finished and not result.finish_reason:
+                self._call(self.engine.abort, request_id)
+            future.cancel()
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:
+        return 1
