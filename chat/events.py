@@ -24,6 +24,14 @@ def cancel_key(request_id) -> str:
     return f"llmsite:cancel:{request_id}"
 
 
+def worker_key(queue: str, hostname: str) -> str:
+    return f"llmsite:worker:{queue}:{hostname}"
+
+
+def worker_host_key(hostname: str) -> str:
+    return f"llmsite:workerhost:{hostname}"
+
+
 # --- worker side (sync) ---------------------------------------------------------------------
 
 _sync_client = None
@@ -62,7 +70,21 @@ async def cancel(request_id) -> None:
     await async_client().set(cancel_key(request_id), b"1", ex=CANCEL_TTL_SECONDS)
 
 
+async def queue_has_worker(queue: str) -> bool:
+    async for _ in async_client().scan_iter(match=worker_key(queue, "*"), count=100):
+        return True
+    return False
+
+
+async def worker_alive(hostname: str) -> bool:
+    return bool(await async_client().exists(worker_host_key(hostname)))
+
+
 class StreamTimeout(Exception):
+    pass
+
+
+class WorkerLost(StreamTimeout):
     pass
 
 
@@ -78,18 +100,26 @@ class Subscription:
         return self
 
     async def events(self, timeout: float | None = None):
-        """Yield events until a final or error event; raise StreamTimeout after `timeout` s of silence."""
+        """Yield events until a final or error event; raise StreamTimeout after `timeout` s of
+        silence, or WorkerLost as soon as the worker that took the request stops beating."""
         timeout = settings.STREAM_TIMEOUT_SECONDS if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        worker, next_check = None, time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StreamTimeout(f"No answer from the model worker within {timeout:g} seconds.")
+            if worker and time.monotonic() >= next_check:
+                next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
+                if not await worker_alive(worker):
+                    raise WorkerLost(f"The model worker {worker} stopped while generating this answer.")
             message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 1.0))
             if message is None or message["type"] != "message":
                 continue
             deadline = time.monotonic() + timeout
             event = json.loads(message["data"])
+            if event["type"] == "start":
+                worker = event.get("worker")
             yield event
             if event["type"] in ("final", "error"):
                 return

