@@ -7,7 +7,7 @@ import logging
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from chat import services
-from chat.errors import ApiError, ServerError, Unauthorized
+from chat.errors import ApiError, ServerError
 from chat.generation import Conversation
 from chat.protocols import predict as wire
 

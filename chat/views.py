@@ -1,4 +1,3 @@
-import json
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required

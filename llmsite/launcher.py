@@ -191,7 +191,7 @@ def _print_welcome(args, data_dir: Path) -> None:
     say("")
     say(f"The site is up: {url}   admin: {url}/admin/")
     say(f"Log in as {login}")
-    say(f"API token: .venv/bin/python manage.py create_token admin")
+    say("API token: .venv/bin/python manage.py create_token admin")
     say(f"Predict:   curl {url}/api/predict/default -H 'Authorization: <token>' --data 'Hello!'")
     say("Ctrl-C stops everything.")
 

@@ -83,7 +83,7 @@ def test_an_aborted_request_frees_its_slot_and_the_others_finish(engine):
     text, result = outcome["story"]
     assert result.finish_reason == "cancelled"
     assert 0 < result.completion_tokens < 400
-    for (country, city), (answer, _) in zip(CAPITALS.items(), others):
+    for city, (answer, _) in zip(CAPITALS.values(), others):
         assert city in answer
     deadline = time.monotonic() + 10
     while engine.scheduler.running:
