@@ -1,11 +1,12 @@
 """Continuous batching for Hugging Face causal LMs: one forward pass per decode step for every
 running request; requests join (after their prefill) and leave between steps.
 
-The running requests share one left-padded KV cache (`DynamicCache`): a request that joins is
-prefilled alone (in chunks, so a long prompt never stalls the running streams for long), then its
-cache is padded on the left and stacked onto the batch's; a request that leaves is dropped from
-the batch dimension and columns that only padding still uses are trimmed. Each request keeps its
-own sampling settings, random generator and stop conditions.
+The running requests share one left-padded KV cache (`DynamicCache`). Joining requests with short
+prompts are prefilled together in one padded pass; a long prompt is prefilled alone, a chunk per
+step, so it never stalls the running streams for long. The new cache rows are padded on the left
+and stacked onto the batch's. A request that leaves is marked dead and compacted away later with
+others (a compaction copies the cache). Each request keeps its own sampling settings, random
+generator and stop conditions.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ class BatchRequest:
 
 
 class _Batch:
-    """The running requests and their shared, left-padded KV cache."""
+    """The running requests and their shared, left-padded KV cache.
+
+    A finished row is only marked dead (None) and compacted away later, several at a time:
+    every compaction copies the whole cache, which costs more than decoding a few idle rows.
+    """
 
     def __init__(self):
-        self.requests: list[BatchRequest] = []
+        self.requests: list[BatchRequest | None] = []
         self.cache: DynamicCache | None = None
         self.pads: list[int] = []  # left padding of each row
         self.last_tokens: list[int] = []
@@ -59,29 +64,43 @@ class _Batch:
     def width(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
-    def add(self, request: BatchRequest, first_token: int) -> None:
-        new = request.cache
-        request.cache = None
-        length = new.get_seq_length()
+    @property
+    def alive(self) -> int:
+        return sum(r is not None for r in self.requests)
+
+    @property
+    def dead(self) -> int:
+        return len(self.requests) - self.alive
+
+    def add_group(self, cache: DynamicCache, pads: list[int], requests: list[BatchRequest], first_tokens: list[int]) -> None:
+        """Stack a prefilled group (its own left-padded cache) under the running rows."""
+        self.compact()
         if self.cache is None:
-            self.cache, self.requests, self.pads, self.last_tokens = new, [request], [0], [first_token]
+            self.cache, self.requests, self.pads, self.last_tokens = cache, list(requests), list(pads), list(first_tokens)
             return
-        width = self.width
+        width, length = self.width, cache.get_seq_length()
         target = max(width, length)
-        for mine, theirs in zip(self.cache.layers, new.layers):
+        for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, target - width), _pad_left(theirs.keys, target - length)])
             mine.values = torch.cat([_pad_left(mine.values, target - width), _pad_left(theirs.values, target - length)])
-        self.pads = [p + target - width for p in self.pads] + [target - length]
-        self.requests.append(request)
-        self.last_tokens.append(first_token)
+        self.pads = [p + target - width for p in self.pads] + [p + target - length for p in pads]
+        self.requests += requests
+        self.last_tokens += first_tokens
 
-    def remove(self, indices: list[int]) -> None:
-        keep = [i for i in range(len(self.requests)) if i not in set(indices)]
+    def finish(self, rows: list[int]) -> None:
+        for row in rows:
+            self.requests[row] = None
+
+    def compact(self) -> None:
+        """Drop dead rows, and columns that are padding in every remaining row."""
+        if not self.dead:
+            return
+        keep = [i for i, r in enumerate(self.requests) if r is not None]
         if not keep:
             self.__init__()
             return
         index = torch.tensor(keep, device=self.cache.layers[0].keys.device)
-        trim = min(self.pads[i] for i in keep)  # columns that are padding in every remaining row
+        trim = min(self.pads[i] for i in keep)
         for layer in self.cache.layers:
             layer.keys = layer.keys[index, :, trim:, :]
             layer.values = layer.values[index, :, trim:, :]
@@ -136,13 +155,13 @@ class BatchingScheduler:
 
     @property
     def running(self) -> int:
-        return len(self._batch.requests) + (self._prefilling is not None)
+        return self._batch.alive + (self._prefilling is not None)
 
     # --- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self._waiting and not self._batch.requests and self._prefilling is None:
+                while not self._stopped and not self._waiting and not self._batch.alive and self._prefilling is None:
                     self._wake.wait()
                 if self._stopped:
                     break
@@ -154,7 +173,8 @@ class BatchingScheduler:
                 log.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
         with self._wake:
-            everyone = list(self._waiting) + self._batch.requests + ([self._prefilling] if self._prefilling else [])
+            everyone = list(self._waiting) + [r for r in self._batch.requests if r is not None]
+            everyone += [self._prefilling] if self._prefilling else []
             self._waiting.clear()
         for request in everyone:
             request.out.put(("done", "cancelled"))
@@ -169,33 +189,73 @@ class BatchingScheduler:
         if self._prefilling is not None and self._prefilling.id in aborted:
             self._prefilling.out.put(("done", "cancelled"))
             self._prefilling = None
-        gone = [i for i, r in enumerate(self._batch.requests) if r.id in aborted]
+        gone = [i for i, r in enumerate(self._batch.requests) if r is not None and r.id in aborted]
         for i in gone:
             self._batch.requests[i].out.put(("done", "cancelled"))
-        if gone:
-            self._batch.remove(gone)
+        self._batch.finish(gone)
 
     def step(self) -> None:
-        """One iteration: a chunk of prefill for a joining request, then one decode step for all."""
-        if self._prefilling is None and len(self._batch.requests) < self.max_batch_size:
-            with self._wake:
-                self._prefilling = self._waiting.popleft() if self._waiting else None
+        """One iteration: prefill for joining requests (a group of short prompts in one pass, or a
+        chunk of one long prompt), then one decode step for every running request."""
         if self._prefilling is not None:
-            self._prefill_chunk(self._prefilling)
-        if self._batch.requests:
+            self._prefill_long(self._prefilling)
+        else:
+            group = self._take_group()
+            if group:
+                self._prefill_group(group)
+        batch = self._batch
+        if batch.dead and (not batch.alive or batch.dead * 4 >= len(batch.requests)):
+            batch.compact()
+        if batch.alive:
             self._decode()
         self.steps += 1
 
+    def _take_group(self) -> list[BatchRequest]:
+        """Waiting requests that fit the batch, short prompts together up to the chunk budget."""
+        room = self.max_batch_size - self._batch.alive
+        group, budget = [], self.prefill_chunk * 4
+        with self._wake:
+            while self._waiting and room > len(group):
+                request = self._waiting[0]
+                if len(request.prompt_ids) > self.prefill_chunk:
+                    if not group:  # a long prompt goes alone, a chunk per step
+                        self._prefilling = self._waiting.popleft()
+                    break
+                if len(request.prompt_ids) > budget:
+                    break
+                budget -= len(request.prompt_ids)
+                group.append(self._waiting.popleft())
+        return group
+
+    def _start(self, request: BatchRequest) -> None:
+        request.generator = torch.Generator(device=self.device)
+        if request.seed is not None:
+            request.generator.manual_seed(request.seed)
+        else:
+            request.generator.seed()
+        request.processors = _processors(request)
+
     @torch.inference_mode()
-    def _prefill_chunk(self, request: BatchRequest) -> None:
+    def _prefill_group(self, group: list[BatchRequest]) -> None:
+        for request in group:
+            self._start(request)
+        width = max(len(r.prompt_ids) for r in group)
+        pads = [width - len(r.prompt_ids) for r in group]
+        ids = torch.tensor([[0] * pad + r.prompt_ids for r, pad in zip(group, pads)], device=self.device)
+        mask = torch.tensor([[0] * pad + [1] * len(r.prompt_ids) for r, pad in zip(group, pads)], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            **{self._cache_arg: cache}, **self._last_only,
+        ).logits[:, -1, :]
+        self._join(cache, pads, group, logits)
+
+    @torch.inference_mode()
+    def _prefill_long(self, request: BatchRequest) -> None:
         if request.cache is None:
             request.cache = DynamicCache()
-            request.generator = torch.Generator(device=self.device)
-            if request.seed is not None:
-                request.generator.manual_seed(request.seed)
-            else:
-                request.generator.seed()
-            request.processors = _processors(request)
+            self._start(request)
         start = request.prefilled
         chunk = request.prompt_ids[start : start + self.prefill_chunk]
         ids = torch.tensor([chunk], device=self.device)
@@ -207,11 +267,14 @@ class BatchingScheduler:
         if request.prefilled < len(request.prompt_ids):
             return
         self._prefilling = None
-        token = self._sample(request, logits[0, -1])
-        if self._emit(request, token):
-            request.cache = None
-            return
-        self._batch.add(request, token)
+        cache, request.cache = request.cache, None
+        self._join(cache, [0], [request], logits[:, -1, :])
+
+    def _join(self, cache, pads, group, logits) -> None:
+        first = [self._sample(request, logits[row]) for row, request in enumerate(group)]
+        self._batch.add_group(cache, pads, group, first)
+        offset = len(self._batch.requests) - len(group)
+        self._batch.finish([offset + i for i, (r, t) in enumerate(zip(group, first)) if self._emit(r, t)])
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -227,12 +290,13 @@ class BatchingScheduler:
         ).logits[:, -1, :]
         finished = []
         for row, request in enumerate(batch.requests):
+            if request is None:
+                continue
             token = self._sample(request, logits[row])
             batch.last_tokens[row] = token
             if self._emit(request, token):
                 finished.append(row)
-        if finished:
-            batch.remove(finished)
+        batch.finish(finished)
 
     def _sample(self, request: BatchRequest, logits: torch.Tensor) -> int:
         if request.greedy:
@@ -255,7 +319,7 @@ class BatchingScheduler:
         return False
 
     def _fail_all(self, message: str) -> None:
-        for request in self._batch.requests + ([self._prefilling] if self._prefilling else []):
+        for request in [r for r in self._batch.requests if r is not None] + ([self._prefilling] if self._prefilling else []):
             request.out.put(("error", message))
         self._batch = _Batch()
         self._prefilling = None
