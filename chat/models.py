@@ -46,6 +46,14 @@ class Deployment(models.Model):
     )
     queue = models.CharField(max_length=64, blank=True, help_text="Celery queue; blank means the deployment's name.")
     enabled = models.BooleanField(default=True)
+    default_knowledge_base = models.ForeignKey(
+        "knowledge.KnowledgeBase",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Used by requests with langchain: true that name no knowledge_base.",
+    )
 
     default_max_new_tokens = models.PositiveIntegerField(default=2048, validators=[MinValueValidator(1)])
     default_temperature = models.FloatField(default=0.95, validators=[MinValueValidator(0), MaxValueValidator(2)])
