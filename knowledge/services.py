@@ -195,8 +195,10 @@ def document_ingest(
 
 # --- grounding (on the worker) --------------------------------------------------------------
 
+# The context comes first and the instruction right before the question: small models follow the
+# instruction nearest the question far better than one placed before a long context.
 INSTRUCTION = (
-    "Answer the question using only the context below. Copy names, numbers and codes exactly as the "
+    "Answer the question using only the context above. Copy names, numbers and codes exactly as the "
     "context writes them. If the context does not hold the answer, say that you do not know."
 )
 
@@ -214,4 +216,4 @@ def grounded_prompt(question: str, hits: list) -> str:
     if not hits:
         return question
     blocks = [f"[{n}] From {hit.chunk.document.name}:\n{hit.chunk.text}" for n, hit in enumerate(hits, start=1)]
-    return f"{INSTRUCTION}\n\nContext:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"
+    return "Context:\n" + "\n\n".join(blocks) + f"\n\n{INSTRUCTION}\n\nQuestion: {question}"
