@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from django.db import connection, transaction
 from django.db.models import Q
 
-from knowledge.models import TEXT_SEARCH_CONFIG, Chunk, Document, KnowledgeBase
+from knowledge.models import TEXT_SEARCH_CONFIG, Chunk, KnowledgeBase
 
 # Reciprocal rank fusion's constant (Cormack et al. 2009): a document's fused score is the sum of
 # 1 / (RRF_K + rank) over the rankings it appears in.
@@ -41,11 +41,10 @@ def _vector_literal(vector) -> str:
 
 def vector_ranking(*, knowledge_base_id: int, vector, limit: int, exact: bool = False) -> list[tuple[int, float]]:
     """(chunk id, cosine distance) nearest first: HNSW, or an exact scan when `exact`."""
-    sql = (
-        "SELECT c.id, c.embedding <=> %s::vector AS distance FROM knowledge_chunk c "
-        "JOIN knowledge_document d ON d.id = c.document_id "
-        "WHERE c.knowledge_base_id = %s AND d.status = %s ORDER BY distance LIMIT %s"
-    )
+    # Chunks exist only as a document's complete set (stored in one transaction when it becomes
+    # ready, deleted when it fails), so no join with the document is needed: the planner may use
+    # the HNSW index, or the knowledge-base index and an exact sort for a small knowledge base.
+    sql = "SELECT id, embedding <=> %s::vector AS distance FROM knowledge_chunk WHERE knowledge_base_id = %s ORDER BY distance LIMIT %s"
     with transaction.atomic(), connection.cursor() as cursor:
         if exact:
             cursor.execute("SET LOCAL enable_indexscan = off")
@@ -54,7 +53,7 @@ def vector_ranking(*, knowledge_base_id: int, vector, limit: int, exact: bool = 
             # pgvector keep scanning until the limit is met, in exact distance order.
             cursor.execute("SET LOCAL hnsw.iterative_scan = strict_order")
             cursor.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, limit)}")
-        cursor.execute(sql, [_vector_literal(vector), knowledge_base_id, Document.Status.READY, limit])
+        cursor.execute(sql, [_vector_literal(vector), knowledge_base_id, limit])
         return [(row[0], float(row[1])) for row in cursor.fetchall()]
 
 
@@ -63,12 +62,11 @@ def text_ranking(*, knowledge_base_id: int, question: str, limit: int) -> list[t
     sql = (
         "WITH q AS (SELECT replace(plainto_tsquery(%s::regconfig, %s)::text, ' & ', ' | ') AS text) "
         "SELECT c.id, ts_rank_cd(c.search_vector, to_tsquery(%s::regconfig, q.text)) AS rank "
-        "FROM q, knowledge_chunk c JOIN knowledge_document d ON d.id = c.document_id "
-        "WHERE q.text <> '' AND c.knowledge_base_id = %s AND d.status = %s "
-        "AND c.search_vector @@ to_tsquery(%s::regconfig, q.text) "
+        "FROM q, knowledge_chunk c "
+        "WHERE q.text <> '' AND c.knowledge_base_id = %s AND c.search_vector @@ to_tsquery(%s::regconfig, q.text) "
         "ORDER BY rank DESC, c.id LIMIT %s"
     )
-    params = [TEXT_SEARCH_CONFIG, question, TEXT_SEARCH_CONFIG, knowledge_base_id, Document.Status.READY, TEXT_SEARCH_CONFIG, limit]
+    params = [TEXT_SEARCH_CONFIG, question, TEXT_SEARCH_CONFIG, knowledge_base_id, TEXT_SEARCH_CONFIG, limit]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return [(row[0], float(row[1])) for row in cursor.fetchall()]
