@@ -119,14 +119,21 @@ def add_synthetic(kb: KnowledgeBase, document: Document, start: int, stop: int, 
         )
 
 
-def rebuild_hnsw() -> float:
-    """Drop and build the HNSW index (faster than growing it row by row); returns the seconds."""
-    index = next(i for i in Chunk._meta.indexes if i.name == "knowledge_chunk_embedding_hnsw")
+HNSW = next(i for i in Chunk._meta.indexes if i.name == "knowledge_chunk_embedding_hnsw")
+
+
+def drop_hnsw() -> None:
+    """Bulk loads go faster without the HNSW index, which is then built once (pgvector's advice)."""
+    with connection.schema_editor() as editor:
+        editor.remove_index(Chunk, HNSW)
+
+
+def build_hnsw() -> float:
+    """Build the site's HNSW index (the model's own definition); returns the seconds it took."""
     started = time.monotonic()
     with connection.schema_editor() as editor:
-        editor.remove_index(Chunk, index)
         editor.execute("SET maintenance_work_mem = '1GB'")
-        editor.add_index(Chunk, index)
+        editor.add_index(Chunk, HNSW)
     return time.monotonic() - started
 
 
@@ -166,11 +173,12 @@ def latency() -> None:
     questions = [" ".join(question_words.choices(VOCABULARY, k=8)) for _ in range(QUERIES)]
     rows, have = [], 0
     for size in SIZES:
+        drop_hnsw()
         started = time.monotonic()
         add_synthetic(kb, document, have, size, rng)
         have = size
         loaded = time.monotonic() - started
-        built = rebuild_hnsw()
+        built = build_hnsw()
         with connection.cursor() as cursor:
             cursor.execute("ANALYZE knowledge_chunk")
         say(f"\n{size} synthetic chunks: loaded in {loaded:.0f}s, HNSW index built in {built:.0f}s")

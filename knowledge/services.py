@@ -141,7 +141,7 @@ def document_ingest(
     document_id: int,
     embed: Callable[[list[str]], list[list[float]]] | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> Document:
+) -> Document | None:
     """Parse, split, embed and store one document; ends `ready`, or `failed` with the reason.
 
     Runs on a worker (task workers.ingest_document) or in `manage.py ingest`; `progress(done, total)`
@@ -175,6 +175,8 @@ def document_ingest(
             if progress is not None:
                 progress(len(vectors), total)
         with transaction.atomic():
+            # Two runs of one document (a redelivered task) store one after the other, never mixed.
+            Document.objects.select_for_update().filter(pk=document_id).first()
             Chunk.objects.filter(document_id=document_id).delete()
             Chunk.objects.bulk_create(
                 [
