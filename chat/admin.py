@@ -14,6 +14,7 @@ class DeploymentAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "enabled", "model_source", "model_type", "chat_template"]}),
         ("Serving", {"fields": ["engine", "precision", "context_length", "queue", "max_batch_size"]}),
+        ("Answers from documents (langchain: true)", {"fields": ["default_knowledge_base"]}),
         (
             "Default sampling",
             {

@@ -83,7 +83,10 @@ class PredictConsumer(AsyncWebsocketConsumer):
         generation = await services.dispatch(prepared)
         try:
             async for event in generation.events():
-                if event["type"] == "delta" and streaming and event["text"]:
+                if event["type"] == "sources":
+                    if fields.return_sources:  # opt-in: old clients join every message into the answer
+                        await self.send(text_data=json.dumps({"sources": event["sources"]}, ensure_ascii=False))
+                elif event["type"] == "delta" and streaming and event["text"]:
                     await self.send(text_data=event["text"])
                 elif event["type"] == "final":
                     if not streaming:

@@ -50,6 +50,14 @@ class Deployment(models.Model):
     max_batch_size = models.PositiveIntegerField(
         default=32, validators=[MinValueValidator(1)], help_text="Requests one worker generates for at once (continuous batching)."
     )
+    default_knowledge_base = models.ForeignKey(
+        "knowledge.KnowledgeBase",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Used by requests with langchain: true that name no knowledge_base.",
+    )
 
     default_max_new_tokens = models.PositiveIntegerField(default=2048, validators=[MinValueValidator(1)])
     default_temperature = models.FloatField(default=0.95, validators=[MinValueValidator(0), MaxValueValidator(2)])

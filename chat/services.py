@@ -82,11 +82,21 @@ def sampling_for(*, deployment: Deployment, fields: PredictFields) -> SamplingPa
     )
 
 
-def check_retrieval(*, deployment: Deployment, fields: PredictFields) -> None:
-    if fields.langchain:
-        name = fields.knowledge_base
-        what = f"the knowledge base '{name}'" if name else f"a default knowledge base for '{deployment.name}'"
-        raise InvalidRequest(f"There is no {what}.", param="knowledge_base")
+def check_retrieval(*, token: ApiToken, deployment: Deployment, fields: PredictFields) -> int | None:
+    """The id of the knowledge base a `langchain: true` request draws on (None without langchain)."""
+    if not fields.langchain:
+        return None
+    from knowledge.services import knowledge_base_for_request
+
+    name = fields.knowledge_base
+    if not name:
+        if deployment.default_knowledge_base_id is None:
+            raise InvalidRequest(
+                f"The deployment '{deployment.name}' has no default knowledge base: name one in 'knowledge_base'.",
+                param="knowledge_base",
+            )
+        name = deployment.default_knowledge_base.name
+    return knowledge_base_for_request(user=token.user, name=name).pk
 
 
 def fit_to_context(*, deployment: Deployment, conversation: Conversation, params: SamplingParams) -> int | None:
@@ -110,14 +120,15 @@ class Prepared:
     conversation: Conversation
     params: SamplingParams
     protocol: str
+    knowledge_base: int | None = None  # langchain: the knowledge base's id, searched on the worker
 
 
 def prepare(*, token: ApiToken, deployment: Deployment, conversation: Conversation, fields: PredictFields, protocol: str) -> Prepared:
     """Validate everything that needs no model work; raise the matching domain error."""
     params = sampling_for(deployment=deployment, fields=fields)
-    check_retrieval(deployment=deployment, fields=fields)
+    knowledge_base = check_retrieval(token=token, deployment=deployment, fields=fields)
     fit_to_context(deployment=deployment, conversation=conversation, params=params)
-    return Prepared(deployment, token, conversation, params, protocol)
+    return Prepared(deployment, token, conversation, params, protocol, knowledge_base)
 
 
 def _record(prepared: Prepared) -> RequestLog:
@@ -146,6 +157,7 @@ def _enqueue(prepared: Prepared, request_id: str) -> None:
             "deployment": prepared.deployment.name,
             "messages": prepared.conversation.messages(),
             "params": prepared.params.as_dict(),
+            "knowledge_base": prepared.knowledge_base,
         },
     )
 

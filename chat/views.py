@@ -55,17 +55,16 @@ async def predict(request, deployment: str):
     if fields.use_stream_chat:
         return StreamingHttpResponse(_stream(generation, history, prompt), content_type="text/plain; charset=utf-8")
 
+    sources = []
     try:
         async for event in generation.events():
-            if event["type"] == "final":
-                return JsonResponse(
-                    {
-                        "response": event["text"],
-                        "history": [*history, [prompt, event["text"]]],
-                        "usage": event["usage"],
-                    },
-                    json_dumps_params={"ensure_ascii": False},
-                )
+            if event["type"] == "sources":
+                sources = event["sources"]
+            elif event["type"] == "final":
+                body = {"response": event["text"], "history": [*history, [prompt, event["text"]]], "usage": event["usage"]}
+                if fields.langchain:
+                    body["sources"] = sources
+                return JsonResponse(body, json_dumps_params={"ensure_ascii": False})
             if event["type"] == "error":
                 return _error(ServerError(event["message"]))
     finally:
@@ -75,14 +74,18 @@ async def predict(request, deployment: str):
 
 async def _stream(generation, history, prompt):
     answer = ""
+    sources = None  # langchain: sent with the first object, then dropped
     try:
         async for event in generation.events():
-            if event["type"] == "delta":
+            if event["type"] == "sources":
+                sources = event["sources"]
+            elif event["type"] == "delta":
                 answer += event["text"]
-                yield wire.chunk(answer, history, prompt)
+                yield wire.chunk(answer, history, prompt, sources=sources)
+                sources = None
             elif event["type"] == "final":
-                if event["text"] != answer:  # the final event is the truth; send it if it differs
-                    yield wire.chunk(event["text"], history, prompt)
+                if event["text"] != answer or sources is not None:  # the final event is the truth
+                    yield wire.chunk(event["text"], history, prompt, sources=sources)
             elif event["type"] == "error":
                 yield wire.error_chunk(ServerError(event["message"]).body())
     finally:

@@ -154,6 +154,10 @@ EMBEDDING_DIMENSIONS = 384
 # The Celery queue of embedding and ingestion work (served by every worker `make run` starts).
 EMBEDDING_QUEUE = env.str("EMBEDDING_QUEUE", default="embeddings")
 
+# Knowledge bases: an uploaded file over this size gets 413; chunks given to the model per answer
+# are capped by each knowledge base's retrieval_k.
+KNOWLEDGE_MAX_UPLOAD_BYTES = env.int("KNOWLEDGE_MAX_UPLOAD_BYTES", default=20 * 1024 * 1024)
+
 # Celery: generation is at most once (DESIGN.md, "Delivery semantics"). Tasks are acknowledged
 # when they start (no acks_late: a redelivered generation would stream twice), and a worker
 # fetches one message at a time so queued requests stay available to idle workers.

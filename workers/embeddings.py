@@ -31,6 +31,6 @@ def embed_texts(texts: list[str]) -> tuple[list[list[float]], int]:
     """Unit-length vectors for `texts` (cosine = dot product), and the tokens they took."""
     m = model()
     with _lock:
-        vectors = m.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32)
+        vectors = m.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32, show_progress_bar=False)
         tokens = sum(len(ids) for ids in m.tokenizer(texts, truncation=True)["input_ids"])
     return vectors.tolist(), tokens

@@ -10,7 +10,7 @@ from chat.errors import ContextTooLong
 from chat.generation import SamplingParams
 from chat.models import Deployment, RequestLog
 from chat.prompting import render_prompt
-from workers import loader
+from workers import loader, retrieval
 from workers.engines import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,9 @@ def _update(request_id, **fields):
     RequestLog.objects.filter(id=request_id).update(**fields)
 
 
-def run_generation(*, request_id: str, deployment: str, messages: list[dict], params: dict) -> None:
+def run_generation(
+    *, request_id: str, deployment: str, messages: list[dict], params: dict, knowledge_base: int | None = None
+) -> None:
     close_old_connections()
     record = RequestLog.objects.filter(id=request_id).only("status").first()
     if events.is_cancelled(request_id) or (record is not None and record.status == RequestLog.Status.CANCELLED):
@@ -40,8 +42,17 @@ def run_generation(*, request_id: str, deployment: str, messages: list[dict], pa
     result = GenerationResult()
     text, first_token_at = [], None
     try:
-        prompt = render_prompt(engine.tokenizer, messages, target.chat_template)
         context = target.context_length or engine.context_length
+        if knowledge_base is not None:
+
+            def fits(candidate: list[dict]) -> bool:
+                if not context:
+                    return True
+                used = engine.count_tokens(render_prompt(engine.tokenizer, candidate, target.chat_template))
+                return used + min(sampling.max_new_tokens, retrieval.ANSWER_ROOM_TOKENS) < context
+
+            messages = retrieval.ground(request_id=request_id, knowledge_base_id=knowledge_base, messages=messages, fits=fits)
+        prompt = render_prompt(engine.tokenizer, messages, target.chat_template)
         if context:
             prompt_tokens = engine.count_tokens(prompt)
             if prompt_tokens >= context:

@@ -5,12 +5,27 @@ from workers import services
 
 
 @shared_task(name="workers.generate", ignore_result=True)
-def generate(*, request_id: str, deployment: str, messages: list, params: dict) -> None:
+def generate(*, request_id: str, deployment: str, messages: list, params: dict, knowledge_base: int | None = None) -> None:
     """Generate one answer; at most once (acknowledged on start, never retried)."""
-    services.run_generation(request_id=request_id, deployment=deployment, messages=messages, params=params)
+    services.run_generation(
+        request_id=request_id, deployment=deployment, messages=messages, params=params, knowledge_base=knowledge_base
+    )
 
 
 @shared_task(name="workers.embed", ignore_result=True)
 def embed(*, request_id: str, texts: list) -> None:
     """Embed texts for a waiting web request; the vectors go back on the request's stream."""
     services.run_embedding(request_id=request_id, texts=texts)
+
+
+# Ingestion is at least once (DESIGN.md): acknowledged only when it ends, and put back on the queue
+# if the worker dies mid-way; document_ingest is idempotent, so a second run stores no duplicates.
+@shared_task(name="workers.ingest_document", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def ingest_document(*, document_id: int) -> None:
+    """Parse, split, embed and store one uploaded document (queue EMBEDDING_QUEUE)."""
+    from django.db import close_old_connections
+
+    from knowledge.services import document_ingest
+
+    close_old_connections()
+    document_ingest(document_id=document_id)

@@ -85,9 +85,12 @@ def parse_ws_message(data: str | bytes) -> PredictFields:
     return PredictFields(prompt=text)
 
 
-def chunk(answer: str, history: list, prompt: str) -> bytes:
-    """One object of a streamed answer: the whole answer so far, then a NUL byte."""
-    return json.dumps({"response": answer, "history": [*history, [prompt, answer]]}, ensure_ascii=False).encode() + b"\0"
+def chunk(answer: str, history: list, prompt: str, sources: list | None = None) -> bytes:
+    """One object of a streamed answer: the whole answer so far (and, first, any sources), then NUL."""
+    obj = {"response": answer, "history": [*history, [prompt, answer]]}
+    if sources is not None:
+        obj["sources"] = sources
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\0"
 
 
 def error_chunk(body: dict) -> bytes:
