@@ -12,7 +12,7 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 from django.utils import timezone
 
-from chat import events
+from chat import events, ratelimits
 from chat.errors import ApiError, ContextTooLong, Forbidden, InvalidRequest, ServerError, Unauthorized, UnknownDeployment
 from chat.generation import Conversation, SamplingParams
 from chat.models import ApiToken, Deployment, RequestLog, hash_token
@@ -105,6 +105,7 @@ def prepare(*, token: ApiToken, deployment: Deployment, conversation: Conversati
     params = sampling_for(deployment=deployment, fields=fields)
     check_retrieval(deployment=deployment, fields=fields)
     fit_to_context(deployment=deployment, conversation=conversation, params=params)
+    ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
     return Prepared(deployment, token, conversation, params, protocol)
 
 
@@ -153,9 +154,10 @@ def _mark_cancelled_if_queued(request_id: str) -> None:
 class Generation:
     """One dispatched request: iterate `events()` (always ending in final or error), then `close()`."""
 
-    def __init__(self, request_id: str, subscription: events.Subscription):
+    def __init__(self, request_id: str, subscription: events.Subscription, token: ApiToken | None = None):
         self.request_id = request_id
         self.subscription = subscription
+        self.token = token  # whose tokens-per-minute window the usage goes to
         self.finished = False
 
     async def events(self):
@@ -163,6 +165,8 @@ class Generation:
             async for event in self.subscription.events():
                 if event["type"] in ("final", "error"):
                     self.finished = True
+                if event["type"] == "final" and self.token is not None:
+                    await ratelimits.record_tokens(token=self.token, tokens=sum(v or 0 for v in event["usage"].values()))
                 yield event
         except events.StreamTimeout as exc:
             self.finished = True
@@ -200,7 +204,7 @@ async def dispatch(prepared: Prepared) -> Generation:
         await subscription.close()
         await sync_to_async(_mark_failed)(request_id, f"could not enqueue: {exc}")
         raise ServerError(f"The request could not be queued: {exc}") from None
-    return Generation(request_id, subscription)
+    return Generation(request_id, subscription, prepared.token)
 
 
 async def edge(func, /, **kwargs):
