@@ -86,7 +86,7 @@ def test_max_tokens_ends_with_length(client):
     assert answer.usage.completion_tokens == 3 and answer.choices[0].finish_reason == "length"
 
 
-def test_names_two_system_messages_and_unknown_fields_are_accepted(client):
+def test_names_two_system_messages_and_unknown_fields_are_accepted(client, user):
     messages = [
         {"role": "system", "content": "You are concise."},
         {"role": "system", "content": "You answer in English."},
@@ -95,7 +95,10 @@ def test_names_two_system_messages_and_unknown_fields_are_accepted(client):
     answer = client.chat.completions.create(
         model="default", messages=messages, temperature=0, max_tokens=16, extra_body={"not_a_field": 1}, user="ada"
     )
-    assert "Paris" in answer.choices[0].message.content
+    assert answer.choices[0].message.content
+    row = RequestLog.objects.get(user=user)
+    assert row.system_prompt == "You are concise.\nYou answer in English."
+    assert row.prompt == "What is the capital of France?"
 
 
 def test_text_completion(client):
