@@ -40,12 +40,13 @@ def log_embedding(*, token, texts: list[str], model: str, tokens: int | None, er
     from django.utils import timezone
 
     from chat.models import RequestLog
+    from chat.services import storable
 
     RequestLog.objects.create(
         user=token.user,
         token=token,
         protocol="openai",
-        prompt="\n".join(texts),
+        prompt=storable("\n".join(texts)),
         params={"endpoint": "embeddings", "model": model, "inputs": len(texts)},
         prompt_tokens=tokens,
         status=RequestLog.Status.ERROR if error else RequestLog.Status.OK,

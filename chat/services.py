@@ -109,6 +109,17 @@ def prepare(*, token: ApiToken, deployment: Deployment, conversation: Conversati
     return Prepared(deployment, token, conversation, params, protocol)
 
 
+def storable(value):
+    """PostgreSQL text and jsonb refuse NUL characters: the stored copy shows them as U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: storable(v) for k, v in value.items()}
+    return value
+
+
 def _record(prepared: Prepared) -> RequestLog:
     return RequestLog.objects.create(
         id=uuid.uuid4(),
@@ -116,10 +127,10 @@ def _record(prepared: Prepared) -> RequestLog:
         token=prepared.token,
         deployment=prepared.deployment,
         protocol=prepared.protocol,
-        prompt=prepared.conversation.prompt,
-        system_prompt=prepared.conversation.system_prompt,
-        history=prepared.conversation.history,
-        params=prepared.params.as_dict(),
+        prompt=storable(prepared.conversation.prompt),
+        system_prompt=storable(prepared.conversation.system_prompt),
+        history=storable(prepared.conversation.history),
+        params=storable(prepared.params.as_dict()),
     )
 
 
