@@ -30,7 +30,8 @@ router = Router(auth=TokenAuth(), tags=["OpenAI-compatible"])
 
 def _sse_doc(item: type) -> dict:
     """The streamed form of a 200 answer (`stream: true`), for the schema."""
-    schema = {"type": "string", "description": f"`data: <{item.__name__} JSON>` events, then `data: [DONE]`."}
+    data = {"type": "string", "description": f"A {item.__name__} as JSON; the last event's data is `[DONE]`."}
+    schema = {"type": "object", "properties": {"data": data}, "description": "Server-sent events (`stream: true`)."}
     return {"responses": {200: {"content": {"text/event-stream": {"schema": schema}}}}}
 
 

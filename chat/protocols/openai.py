@@ -55,7 +55,7 @@ class Sampling(Request):
     top_p: TopP | None = None
     max_tokens: MaxTokens | None = None
     stop: Stop | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[int, Field(ge=1, le=1, description="Only 1 is supported.")] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
