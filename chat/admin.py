@@ -33,10 +33,10 @@ class DeploymentAdmin(admin.ModelAdmin):
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    list_display = ["prefix", "user", "name", "created_at", "last_used_at", "revoked_at"]
+    list_display = ["prefix", "user", "name", "requests_per_minute", "tokens_per_minute", "created_at", "last_used_at", "revoked_at"]
     list_filter = ["revoked_at"]
     search_fields = ["user__username", "name", "prefix"]
-    fields = ["user", "name", "deployments", "revoked_at"]
+    fields = ["user", "name", "deployments", "requests_per_minute", "tokens_per_minute", "revoked_at"]
     filter_horizontal = ["deployments"]
     actions = ["revoke"]
 
@@ -44,6 +44,9 @@ class ApiTokenAdmin(admin.ModelAdmin):
         if change:
             return super().save_model(request, obj, form, change)
         token, raw = token_create(user=obj.user, name=obj.name)
+        ApiToken.objects.filter(pk=token.pk).update(
+            requests_per_minute=obj.requests_per_minute, tokens_per_minute=obj.tokens_per_minute
+        )
         obj.pk, obj.prefix, obj.digest, obj.created_at = token.pk, token.prefix, token.digest, token.created_at
         obj._state.adding = False
         messages.warning(request, f"The new token (shown only this once): {raw}")

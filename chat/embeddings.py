@@ -33,3 +33,24 @@ async def embed(texts: list[str], *, timeout: float | None = None) -> tuple[list
     finally:
         await subscription.close()
     raise ServerError("The embedding worker sent no vectors.")
+
+
+def log_embedding(*, token, texts: list[str], model: str, tokens: int | None, error: str) -> None:
+    """Store an embeddings call as a request row, like every generation (no deployment: the embedding model)."""
+    from django.utils import timezone
+
+    from chat.models import RequestLog
+    from chat.services import storable
+
+    RequestLog.objects.create(
+        user=token.user,
+        token=token,
+        protocol="openai",
+        prompt=storable("\n".join(texts)),
+        params={"endpoint": "embeddings", "model": model, "inputs": len(texts)},
+        prompt_tokens=tokens,
+        status=RequestLog.Status.ERROR if error else RequestLog.Status.OK,
+        error=error,
+        started_at=timezone.now(),
+        finished_at=timezone.now(),
+    )

@@ -59,6 +59,17 @@ class UnknownDeployment(ApiError):
         super().__init__(f"There is no deployment named '{name}'.", param="deployment")
 
 
+class RateLimited(ApiError):
+    """Over a token's requests or tokens per minute; `retry_after` seconds until it frees up."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class MethodNotAllowed(ApiError):
     status = 405
 

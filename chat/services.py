@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from chat import events
+from chat import events, ratelimits
 from chat.errors import (
     ApiError,
     ContextTooLong,
@@ -128,7 +128,19 @@ def prepare(*, token: ApiToken, deployment: Deployment, conversation: Conversati
     params = sampling_for(deployment=deployment, fields=fields)
     knowledge_base = check_retrieval(token=token, deployment=deployment, fields=fields)
     fit_to_context(deployment=deployment, conversation=conversation, params=params)
+    ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
     return Prepared(deployment, token, conversation, params, protocol, knowledge_base)
+
+
+def storable(value):
+    """PostgreSQL text and jsonb refuse NUL characters: the stored copy shows them as U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: storable(v) for k, v in value.items()}
+    return value
 
 
 def _record(prepared: Prepared) -> RequestLog:
@@ -138,10 +150,10 @@ def _record(prepared: Prepared) -> RequestLog:
         token=prepared.token,
         deployment=prepared.deployment,
         protocol=prepared.protocol,
-        prompt=prepared.conversation.prompt,
-        system_prompt=prepared.conversation.system_prompt,
-        history=prepared.conversation.history,
-        params=prepared.params.as_dict(),
+        prompt=storable(prepared.conversation.prompt),
+        system_prompt=storable(prepared.conversation.system_prompt),
+        history=storable(prepared.conversation.history),
+        params=storable(prepared.params.as_dict()),
     )
 
 
@@ -177,9 +189,10 @@ def _mark_cancelled_if_queued(request_id: str) -> None:
 class Generation:
     """One dispatched request: iterate `events()` (always ending in final or error), then `close()`."""
 
-    def __init__(self, request_id: str, subscription: events.Subscription):
+    def __init__(self, request_id: str, subscription: events.Subscription, token: ApiToken | None = None):
         self.request_id = request_id
         self.subscription = subscription
+        self.token = token  # whose tokens-per-minute window the usage goes to
         self.finished = False
 
     async def events(self):
@@ -187,6 +200,8 @@ class Generation:
             async for event in self.subscription.events():
                 if event["type"] in ("final", "error"):
                     self.finished = True
+                if event["type"] == "final" and self.token is not None:
+                    await ratelimits.record_tokens(token=self.token, tokens=sum(v or 0 for v in event["usage"].values()))
                 yield event
         except events.StreamTimeout as exc:
             self.finished = True
@@ -242,7 +257,7 @@ async def dispatch(prepared: Prepared) -> Generation:
         await subscription.close()
         await sync_to_async(_mark_failed)(request_id, f"could not enqueue: {exc}")
         raise ServerError(f"The request could not be queued: {exc}") from None
-    return Generation(request_id, subscription)
+    return Generation(request_id, subscription, prepared.token)
 
 
 async def edge(func, /, **kwargs):

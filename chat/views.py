@@ -14,7 +14,10 @@ from chat.protocols import predict as wire
 
 
 def _error(exc: ApiError) -> JsonResponse:
-    return JsonResponse(exc.body(), status=exc.status)
+    response = JsonResponse(exc.body(), status=exc.status)
+    if getattr(exc, "retry_after", None):
+        response["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def _read_body(request) -> bytes:

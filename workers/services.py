@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from chat import events
 from chat.errors import ContextTooLong
-from chat.generation import SamplingParams
+from chat.generation import SamplingParams, StopText
 from chat.models import Deployment, RequestLog
 from chat.prompting import render_prompt
 from workers import loader, retrieval
@@ -40,7 +40,8 @@ def run_generation(
     events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
     sampling = SamplingParams(**params)
     result = GenerationResult()
-    text, first_token_at = [], None
+    stopper = StopText(sampling.stop)
+    first_token_at = None
     try:
         context = target.context_length or engine.context_length
         if knowledge_base is not None:
@@ -58,20 +59,25 @@ def run_generation(
             if prompt_tokens >= context:
                 raise ContextTooLong(prompt_tokens=prompt_tokens, context_length=context)
             sampling.max_new_tokens = min(sampling.max_new_tokens, context - prompt_tokens)
-        for delta in engine.stream(prompt, sampling, result, lambda: events.is_cancelled(request_id)):
+        for delta in engine.stream(prompt, sampling, result, lambda: stopper.hit or events.is_cancelled(request_id)):
             if first_token_at is None:
                 first_token_at = timezone.now()
-            text.append(delta)
-            events.publish(request_id, {"type": "delta", "text": delta})
+            ready = stopper.feed(delta)
+            if ready:
+                events.publish(request_id, {"type": "delta", "text": ready})
+        if not stopper.hit and (tail := stopper.flush()):
+            events.publish(request_id, {"type": "delta", "text": tail})
     except ContextTooLong as exc:
         _fail(request_id, exc.message)
         return
     except Exception as exc:
         log.exception("generation %s failed", request_id)
-        _fail(request_id, f"Generation failed: {exc}", response="".join(text), first_token_at=first_token_at)
+        _fail(request_id, f"Generation failed: {exc}", response=stopper.text, first_token_at=first_token_at)
         return
 
-    answer = "".join(text)
+    answer = stopper.text
+    if stopper.hit:
+        result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
     status = RequestLog.Status.CANCELLED if result.finish_reason == "cancelled" else RequestLog.Status.OK
     _update(

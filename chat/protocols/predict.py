@@ -95,3 +95,24 @@ def chunk(answer: str, history: list, prompt: str, sources: list | None = None) 
 
 def error_chunk(body: dict) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode() + b"\0"
+
+
+class PredictUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class PredictSource(BaseModel):
+    document: str
+    chunk: int
+    score: float
+    text: str
+
+
+class PredictResponse(BaseModel):
+    """A non-streamed answer; a streamed one is a series of {response, history} objects, each + NUL."""
+
+    response: str
+    history: list[list[str]]
+    usage: PredictUsage
+    sources: list[PredictSource] | None = None

@@ -1,0 +1,282 @@
+"""The OpenAI-compatible wire format: typed requests and responses, and their translation.
+
+Requests are validated at the edge (django-ninja validates the body with these classes and
+publishes them in the OpenAPI schema); the rest of the code gets a `Conversation` and the same
+`PredictFields` that the predict API builds, so both protocols share one dispatch and token stream.
+Unknown request fields are ignored, as OpenAI does.
+"""
+
+import base64
+import time
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from chat.errors import ApiError, Forbidden, InvalidRequest, RateLimited, UnknownDeployment
+from chat.generation import Conversation
+from chat.protocols.predict import PredictFields
+
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(ge=0, le=1)]
+MaxTokens = Annotated[int, Field(ge=1)]
+Stop = str | Annotated[list[str], Field(max_length=4)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(Request):
+    include_usage: bool = False
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None  # accepted and not used: the chat template has no place for it
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class Sampling(Request):
+    """The sampling fields chat and text completions share; absent ones take the deployment's defaults."""
+
+    model: str
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    stop: Stop | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1, description="Only 1 is supported.")] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    def predict_fields(self, max_tokens: int | None, **extra) -> PredictFields:
+        greedy = self.top_p == 0
+        return PredictFields(
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=None if greedy else self.top_p,
+            do_sample=False if greedy else None,
+            **extra,
+        )
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    knowledge_base: str | None = Field(
+        default=None, description="Extension: answer from this knowledge base (as predict's `langchain: true`)."
+    )
+
+    def fields(self) -> PredictFields:
+        extra = {"langchain": True, "knowledge_base": self.knowledge_base} if self.knowledge_base else {}
+        return self.predict_fields(self.max_completion_tokens or self.max_tokens, **extra)
+
+    def conversation(self) -> Conversation:
+        """All messages as given (two system messages in a row, or a trailing assistant turn, are fine)."""
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        return Conversation(prompt=last_user, system_prompt=system, history=messages[:-1], raw_messages=messages)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    echo: bool = False
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def fields(self) -> PredictFields:
+        return self.predict_fields(self.max_tokens)
+
+    def conversation(self) -> Conversation:
+        # The worker takes messages: the prompt is one user turn through the model's chat template.
+        return Conversation(prompt=self.text())
+
+
+class EmbeddingRequest(Request):
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+
+    def texts(self) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else self.input
+        for i, text in enumerate(texts):
+            if not text:
+                raise InvalidRequest(f"input[{i}] is empty: every input must have text.", param="input")
+        return texts
+
+
+# --- responses ------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Source(BaseModel):
+    document: str
+    chunk: int
+    score: float
+    text: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    sources: list[Source] | None = Field(default=None, description="Extension: with `knowledge_base`, best first.")
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A text completion, and each streamed chunk of one (same object, `text` a delta)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 of little-endian float32.")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# --- translation ----------------------------------------------------------------------------
+
+
+def usage(event_usage: dict) -> Usage:
+    prompt, completion = event_usage.get("prompt_tokens") or 0, event_usage.get("completion_tokens") or 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def finish_reason(reason: str) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+_CODES = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}
+
+
+def error_body(exc: ApiError) -> dict:
+    """OpenAI's error shape: `model` is the parameter that names a deployment here."""
+    param = "model" if isinstance(exc, (UnknownDeployment, Forbidden)) and exc.param == "deployment" else exc.param
+    code = _CODES.get(exc.status)
+    return ErrorBody(error=ErrorDetail(message=exc.message, type=exc.type, param=param, code=code)).model_dump()
+
+
+def retry_after(exc: ApiError) -> int | None:
+    return exc.retry_after if isinstance(exc, RateLimited) else None
