@@ -94,24 +94,36 @@ def fit_to_context(*, deployment: Deployment, conversation: Conversation, params
 @dataclass
 class Prepared:
     deployment: Deployment
-    token: ApiToken
+    token: ApiToken | None  # None for the chat site's session users
     conversation: Conversation
     params: SamplingParams
     protocol: str
+    user: object = None
 
 
-def prepare(*, token: ApiToken, deployment: Deployment, conversation: Conversation, fields: PredictFields, protocol: str) -> Prepared:
-    """Validate everything that needs no model work; raise the matching domain error."""
+def prepare(
+    *,
+    token: ApiToken | None,
+    deployment: Deployment,
+    conversation: Conversation,
+    fields: PredictFields,
+    protocol: str,
+    user=None,
+) -> Prepared:
+    """Validate everything that needs no model work; raise the matching domain error.
+
+    API calls pass their token; the chat site passes the logged-in `user` and no token.
+    """
     params = sampling_for(deployment=deployment, fields=fields)
     check_retrieval(deployment=deployment, fields=fields)
     fit_to_context(deployment=deployment, conversation=conversation, params=params)
-    return Prepared(deployment, token, conversation, params, protocol)
+    return Prepared(deployment, token, conversation, params, protocol, user or token.user)
 
 
 def _record(prepared: Prepared) -> RequestLog:
     return RequestLog.objects.create(
         id=uuid.uuid4(),
-        user=prepared.token.user,
+        user=prepared.user,
         token=prepared.token,
         deployment=prepared.deployment,
         protocol=prepared.protocol,
