@@ -34,7 +34,11 @@ def conversations_for(*, user, query: str = "") -> QuerySet:
     conversations = Conversation.objects.filter(user=user)
     if query.strip():
         conversations = conversations.filter(title__icontains=query.strip())
-    return conversations.select_related("deployment").annotate(message_count=Count("messages"))
+    return (
+        conversations.select_related("deployment")
+        .annotate(message_count=Count("messages"))
+        .order_by("-updated_at", "-created_at")
+    )
 
 
 def access_conversation(*, user, conversation_id) -> Conversation:

@@ -53,6 +53,7 @@ def _chat_page(request, conversation):
     sampling = conversations.deployment_defaults(current) if current else {}
     if conversation is not None and conversation.deployment == current:
         sampling.update(conversation.params or {})
+    sampling = {name: format(value, "g") if isinstance(value, float) else value for name, value in sampling.items()}
     context = {
         "conversation": conversation,
         "messages_list": list(conversation.messages.all()) if conversation else [],

@@ -26,22 +26,22 @@ async def deployment_check(*, deployment: Deployment, user, timeout: float) -> t
         )
         generation = await services.dispatch(prepared)
     except ApiError as exc:
-        return False, f"{deployment.name}: {exc.message}"
+        return False, f"Deployment '{deployment.name}': {exc.message}"
     try:
         async with asyncio.timeout(timeout):
             async for event in generation.events():
                 if event["type"] == "final":
-                    return True, f"{deployment.name}: the worker answered (request {generation.request_id})."
+                    return True, f"Deployment '{deployment.name}': the worker answered (request {generation.request_id})."
                 if event["type"] == "error":
-                    return False, f"{deployment.name}: the worker answered with an error: {event['message']}"
+                    return False, f"Deployment '{deployment.name}': the worker answered with an error: {event['message']}"
     except TimeoutError:
         return False, (
-            f"{deployment.name}: no worker answered within {timeout:g} s: is a worker serving the "
+            f"Deployment '{deployment.name}': no worker answered within {timeout:g} s: is a worker serving the "
             f"queue '{deployment.queue}'?"
         )
     finally:
         await generation.close()
-    return False, f"{deployment.name}: the stream ended without an answer."
+    return False, f"Deployment '{deployment.name}': the stream ended without an answer."
 
 
 async def deployments_check(*, deployments: list[Deployment], user, timeout: float) -> list[tuple[bool, str]]:
