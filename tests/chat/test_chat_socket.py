@@ -5,6 +5,7 @@ dropped first; bad input is refused with the field named and nothing stored.
 """
 
 import json
+import time
 import uuid
 
 import pytest
@@ -114,3 +115,43 @@ def test_trim_keeps_the_most_recent_turns_that_fit(stack):
     # A context with room for everything keeps everything.
     roomy = Deployment(name="roomy", context_length=8192, tokenizer_files=deployment.tokenizer_files)
     assert trim_history(deployment=roomy, prompt=prompt, max_new_tokens=50).history == prompt.history
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_nothing_is_stored(stack, user):
+    deployment = Deployment.objects.get(name="default")
+    Deployment.objects.filter(pk=deployment.pk).update(context_length=64)
+    socket = chat_socket(stack, user)
+    try:
+        socket.send(json.dumps({"type": "send", "deployment": "default", "prompt": "word " * 200}))
+        reply = json.loads(socket.recv())
+    finally:
+        socket.close()
+        Deployment.objects.filter(pk=deployment.pk).update(context_length=deployment.context_length)
+    assert reply["type"] == "error" and reply["param"] == "prompt"
+    assert "the model's context is 64 tokens" in reply["message"]
+    assert not Conversation.objects.filter(user=user).exists()
+
+
+def test_an_answer_whose_page_closed_is_stopped_and_stored_as_cancelled(stack, user):
+    socket = chat_socket(stack, user)
+    socket.send(json.dumps({
+        "type": "send", "deployment": "default", "max_new_tokens": 300,
+        "prompt": "Write a very long story about a lighthouse keeper.",
+    }))
+    turn = json.loads(socket.recv())
+    while json.loads(socket.recv())["type"] != "delta":
+        pass
+    socket.close()  # the tab went away mid-answer
+
+    answer = Message.objects.get(pk=turn["answer"]["id"])
+    deadline = time.monotonic() + 120  # bounds the wait; no speed is asserted
+    while answer.status == Message.Status.STREAMING and time.monotonic() < deadline:
+        time.sleep(0.5)
+        answer.refresh_from_db()
+    assert answer.status == Message.Status.CANCELLED and answer.content
+    request = RequestLog.objects.get(pk=answer.request_id)
+    deadline = time.monotonic() + 120
+    while request.status == RequestLog.Status.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.5)
+        request.refresh_from_db()
+    assert request.status == RequestLog.Status.CANCELLED and request.completion_tokens < 300
