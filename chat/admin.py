@@ -1,7 +1,10 @@
+from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.contrib import admin, messages
-from django.db.models import Sum
+from django.db.models import Count, Sum
 
-from chat.models import ApiToken, Deployment, RequestLog
+from chat import probes
+from chat.models import ApiToken, Conversation, Deployment, Message, RequestLog
 from chat.tokens import token_create
 
 
@@ -29,6 +32,15 @@ class DeploymentAdmin(admin.ModelAdmin):
         ),
         ("Worker status", {"fields": readonly_fields}),
     ]
+    actions = ["check_worker"]
+
+    @admin.action(description="Check that the worker answers")
+    def check_worker(self, request, queryset):
+        results = async_to_sync(probes.deployments_check)(
+            deployments=list(queryset), user=request.user, timeout=settings.DEPLOYMENT_CHECK_TIMEOUT_SECONDS
+        )
+        for answered, text in results:
+            self.message_user(request, text, messages.SUCCESS if answered else messages.ERROR)
 
 
 @admin.register(ApiToken)
@@ -74,10 +86,31 @@ class RequestLogAdmin(admin.ModelAdmin):
         response = super().changelist_view(request, extra_context)
         try:
             queryset = response.context_data["cl"].queryset
-            totals = queryset.aggregate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+            totals = queryset.aggregate(
+                count=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens")
+            )
             response.context_data["title"] = (
-                f"Stored requests — {totals['prompt'] or 0} prompt and {totals['completion'] or 0} completion tokens"
+                f"Stored requests — {totals['count']} requests, {totals['prompt'] or 0} prompt and "
+                f"{totals['completion'] or 0} completion tokens"
             )
         except (AttributeError, KeyError):
             pass
         return response
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    fields = ["role", "status", "content", "error", "request", "created_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ["title", "user", "deployment", "created_at", "updated_at"]
+    list_filter = ["deployment"]
+    search_fields = ["title", "user__username"]
+    readonly_fields = ["user", "deployment", "params", "created_at", "updated_at"]
+    fields = ["title", "user", "deployment", "system_prompt", "params", "created_at", "updated_at"]
+    inlines = [MessageInline]

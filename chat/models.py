@@ -175,3 +175,52 @@ class RequestLog(models.Model):
 
     def __str__(self):
         return str(self.id)
+
+
+class Conversation(models.Model):
+    """A user's chat in the browser; keeps the settings it was last sent with."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    title = models.CharField(max_length=200)
+    deployment = models.ForeignKey(Deployment, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    system_prompt = models.TextField(blank=True)
+    # Sampling settings as sent from the chat page (temperature, top_p, top_k, max_new_tokens).
+    params = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        indexes = [models.Index(fields=["user", "-updated_at"])]
+
+    def __str__(self):
+        return self.title
+
+
+class Message(models.Model):
+    """One turn of a conversation; an answer is stored as it ends (ok, cancelled or error)."""
+
+    class Role(models.TextChoices):
+        USER = "user", "user"
+        ASSISTANT = "assistant", "assistant"
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming", "streaming"
+        OK = "ok", "ok"
+        CANCELLED = "cancelled", "cancelled"
+        ERROR = "error", "error"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OK)
+    error = models.TextField(blank=True)
+    request = models.ForeignKey(RequestLog, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["conversation", "id"]
+
+    def __str__(self):
+        return f"{self.role}: {self.content[:40]}"

@@ -82,7 +82,7 @@ def sampling_for(*, deployment: Deployment, fields: PredictFields) -> SamplingPa
     )
 
 
-def check_retrieval(*, token: ApiToken, deployment: Deployment, fields: PredictFields) -> int | None:
+def check_retrieval(*, user, deployment: Deployment, fields: PredictFields) -> int | None:
     """The id of the knowledge base a `langchain: true` request draws on (None without langchain)."""
     if not fields.langchain:
         return None
@@ -96,7 +96,7 @@ def check_retrieval(*, token: ApiToken, deployment: Deployment, fields: PredictF
                 param="knowledge_base",
             )
         name = deployment.default_knowledge_base.name
-    return knowledge_base_for_request(user=token.user, name=name).pk
+    return knowledge_base_for_request(user=user, name=name).pk
 
 
 def fit_to_context(*, deployment: Deployment, conversation: Conversation, params: SamplingParams) -> int | None:
@@ -116,20 +116,33 @@ def fit_to_context(*, deployment: Deployment, conversation: Conversation, params
 @dataclass
 class Prepared:
     deployment: Deployment
-    token: ApiToken
+    token: ApiToken | None  # None for the chat site's session users
     conversation: Conversation
     params: SamplingParams
     protocol: str
     knowledge_base: int | None = None  # langchain: the knowledge base's id, searched on the worker
+    user: object = None
 
 
-def prepare(*, token: ApiToken, deployment: Deployment, conversation: Conversation, fields: PredictFields, protocol: str) -> Prepared:
-    """Validate everything that needs no model work; raise the matching domain error."""
+def prepare(
+    *,
+    token: ApiToken | None,
+    deployment: Deployment,
+    conversation: Conversation,
+    fields: PredictFields,
+    protocol: str,
+    user=None,
+) -> Prepared:
+    """Validate everything that needs no model work; raise the matching domain error.
+
+    API calls pass their token; the chat site passes the logged-in `user` and no token.
+    """
     params = sampling_for(deployment=deployment, fields=fields)
-    knowledge_base = check_retrieval(token=token, deployment=deployment, fields=fields)
+    knowledge_base = check_retrieval(user=user or token.user, deployment=deployment, fields=fields)
     fit_to_context(deployment=deployment, conversation=conversation, params=params)
-    ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
-    return Prepared(deployment, token, conversation, params, protocol, knowledge_base)
+    if token is not None:
+        ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
+    return Prepared(deployment, token, conversation, params, protocol, knowledge_base=knowledge_base, user=user or token.user)
 
 
 def storable(value):
@@ -146,7 +159,7 @@ def storable(value):
 def _record(prepared: Prepared) -> RequestLog:
     return RequestLog.objects.create(
         id=uuid.uuid4(),
-        user=prepared.token.user,
+        user=prepared.user,
         token=prepared.token,
         deployment=prepared.deployment,
         protocol=prepared.protocol,

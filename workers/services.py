@@ -26,8 +26,11 @@ def run_generation(
     close_old_connections()
     record = RequestLog.objects.filter(id=request_id).only("status").first()
     if events.is_cancelled(request_id) or (record is not None and record.status == RequestLog.Status.CANCELLED):
-        # The client left while the request waited in the queue: drop it before any model work.
+        # The client left (or pressed Stop) while the request waited in the queue: drop it before
+        # any model work, and still end its stream so a listener waiting for the end hears it.
         _update(request_id, status=RequestLog.Status.CANCELLED, finished_at=timezone.now())
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        events.publish(request_id, {"type": "final", "text": "", "finish_reason": "cancelled", "usage": usage})
         return
     target = Deployment.objects.filter(name=deployment).first()
     engine = loader.engine_for(target) if target is not None else None

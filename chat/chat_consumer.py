@@ -1,0 +1,188 @@
+"""The chat page's WebSocket (session login): one answer at a time, streamed, stoppable.
+
+Client messages: {"type": "send", "conversation": id or null, "deployment", "prompt",
+"system_prompt", "temperature", "top_p", "top_k", "max_new_tokens"}; {"type": "regenerate", ...the
+same without prompt}; {"type": "stop"}. Server messages: "turn" (the stored rows), "delta" (new
+text), "done" (status ok/cancelled/error and the stored text), "error" (nothing was started).
+"""
+
+import asyncio
+import json
+import logging
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.http import Http404
+
+from chat import conversations, events, services
+from chat.errors import ApiError
+from chat.models import Message
+
+log = logging.getLogger(__name__)
+
+# After Stop, how long to wait for the worker's last word before keeping what was shown.
+STOP_GRACE_SECONDS = 10.0
+# Answers whose page went away keep running to their stored end; strong references live here.
+_detached: set[asyncio.Task] = set()
+
+
+class _Answer:
+    def __init__(self, turn):
+        self.turn = turn
+        self.text = ""
+        self.final = None
+        self.error = ""
+        self.stopped = False
+        self.generation = None
+        self.reader: asyncio.Task | None = None
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        self.user = user
+        self.task: asyncio.Task | None = None
+        self.answer: _Answer | None = None
+        self.gone = False
+        await self.accept()
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        try:
+            content = json.loads(text_data if text_data is not None else bytes_data)
+        except (TypeError, ValueError):
+            await self._say({"type": "error", "message": "Messages must be JSON objects.", "param": "body"})
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content, **kwargs):
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "stop":
+            await self._stop()
+        elif kind in ("send", "regenerate"):
+            if self.task is not None and not self.task.done():
+                await self._say({"type": "error", "message": "An answer is still streaming: stop it first."})
+                return
+            self.task = asyncio.create_task(self._turn(content, regenerate=kind == "regenerate"))
+        else:
+            await self._say({"type": "error", "message": f"Unknown message type {kind!r}.", "param": "type"})
+
+    async def disconnect(self, code):
+        # The page went away: stop the answer on the worker, but let it be stored as it ended.
+        self.gone = True
+        task = getattr(self, "task", None)
+        if task is not None and not task.done():
+            _detached.add(task)
+            task.add_done_callback(_detached.discard)
+            await self._stop()
+
+    async def _say(self, message: dict) -> None:
+        if self.gone:
+            return
+        try:
+            await self.send_json(message)
+        except Exception:  # the socket closed under us; the answer is still stored
+            self.gone = True
+
+    async def _stop(self) -> None:
+        answer = self.answer
+        if answer is None or answer.stopped:
+            return
+        answer.stopped = True
+        if answer.reader is not None:
+            await self._cancel(answer)
+
+    async def _cancel(self, answer: _Answer) -> None:
+        """Ask the worker to stop; its final event ends the stream, or the grace period does."""
+        await events.cancel(answer.generation.request_id)
+        asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, answer.reader.cancel)
+
+    async def _turn(self, content: dict, *, regenerate: bool) -> None:
+        try:
+            turn = await services.edge(
+                conversations.turn_start,
+                user=self.user,
+                conversation_id=content.get("conversation"),
+                data=content,
+                regenerate=regenerate,
+            )
+        except ApiError as exc:
+            await self._say({"type": "error", "message": exc.message, "param": exc.param})
+            return
+        except Http404:
+            await self._say({"type": "error", "message": "No such conversation.", "param": "conversation"})
+            return
+        answer = self.answer = _Answer(turn)
+        try:
+            await self._say(_turn_message(turn))
+            await self._generate(answer)
+        finally:
+            await self._finish(answer)
+            self.answer = None
+
+    async def _generate(self, answer: _Answer) -> None:
+        try:
+            answer.generation = await services.dispatch(answer.turn.prepared)
+        except ApiError as exc:
+            answer.error = exc.message
+            return
+        await database_sync_to_async(conversations.answer_link)(
+            answer=answer.turn.answer, request_id=answer.generation.request_id
+        )
+        answer.reader = asyncio.create_task(self._relay(answer))
+        if answer.stopped:  # Stop arrived while the request was being queued
+            await self._cancel(answer)
+        try:
+            await answer.reader
+        except asyncio.CancelledError:
+            if not answer.reader.cancelled() or asyncio.current_task().cancelling():
+                raise
+            # Stopped and the worker never confirmed: keep what was shown, marked cancelled.
+        finally:
+            await answer.generation.close()
+
+    async def _relay(self, answer: _Answer) -> None:
+        async for event in answer.generation.events():
+            if event["type"] == "delta" and not answer.stopped:
+                answer.text += event["text"]
+                await self._say({"type": "delta", "text": event["text"]})
+            elif event["type"] == "final":
+                answer.final = event
+            elif event["type"] == "error":
+                answer.error = event["message"]
+
+    async def _finish(self, answer: _Answer) -> None:
+        cancelled = answer.final is not None and answer.final.get("finish_reason") == "cancelled"
+        if answer.final is not None and not (answer.stopped and cancelled):
+            text = answer.final["text"]
+            status = Message.Status.CANCELLED if cancelled else Message.Status.OK
+        elif answer.stopped:
+            # Stopped: keep exactly what the page showed (words the worker wrote after Stop are dropped).
+            text, status = answer.text, Message.Status.CANCELLED
+        elif answer.error:
+            text, status = answer.text, Message.Status.ERROR
+        else:  # the task was cancelled (the server is stopping) before the worker's final word
+            text, status = answer.text, Message.Status.CANCELLED
+        try:
+            stored = await database_sync_to_async(conversations.answer_finish)(
+                answer=answer.turn.answer, content=text, status=status, error=answer.error
+            )
+        except Exception:
+            log.exception("could not store the answer %s", answer.turn.answer.pk)
+            return
+        await self._say(
+            {"type": "done", "message_id": stored.pk, "status": stored.status, "content": stored.content, "error": stored.error}
+        )
+
+
+def _turn_message(turn) -> dict:
+    conversation = turn.conversation
+    return {
+        "type": "turn",
+        "created": turn.created,
+        "conversation": {"id": str(conversation.pk), "title": conversation.title, "url": f"/c/{conversation.pk}/"},
+        "question": {"id": turn.question.pk, "content": turn.question.content},
+        "answer": {"id": turn.answer.pk},
+    }

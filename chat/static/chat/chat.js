@@ -1,0 +1,298 @@
+// The chat page: sends messages over the browser WebSocket, streams answers in, Stop, Regenerate.
+// Model output goes through renderMarkdown (sanitised); everything else is set as text.
+import { renderMarkdown } from "./markdown.js";
+
+const $ = (id) => document.getElementById(id);
+const messagesEl = $("messages");
+const messageBox = $("message");
+const sendButton = $("send");
+const stopButton = $("stop");
+const regenerateButton = $("regenerate");
+const errorEl = $("chat-error");
+const deploymentSelect = $("deployment");
+const defaults = JSON.parse($("deployment-defaults").textContent);
+
+const state = {
+  conversation: $("conversation-id") ? JSON.parse($("conversation-id").textContent) : null,
+  socket: null,
+  outbox: [],
+  streaming: false, // a request is out: from Send until its "done" (or "error")
+  stopped: false,
+  pendingQuestion: null, // the question shown before the server stored it
+  replacedAnswer: null, // the answer Regenerate took off the page, put back if nothing starts
+  answer: null, // {turn, article, text} of the answer being streamed
+  renderQueued: false,
+};
+
+// --- rendering --------------------------------------------------------------------------------
+
+function turnElement(role, content) {
+  const turn = document.createElement("div");
+  turn.className = `turn turn-${role}`;
+  const article = document.createElement("article");
+  article.className = role === "assistant" ? "message markdown" : "message";
+  article.dataset.role = role;
+  if (role === "assistant") renderMarkdown(article, content);
+  else article.textContent = content;
+  turn.append(article);
+  if (role === "assistant") {
+    const sources = document.createElement("div");
+    sources.className = "sources";
+    sources.hidden = true;
+    turn.append(sources);
+  }
+  $("empty-hint").hidden = true;
+  messagesEl.append(turn);
+  return turn;
+}
+
+function setNote(turn, text, isError) {
+  turn.querySelector(".note")?.remove();
+  if (!text) return;
+  const note = document.createElement("p");
+  note.className = isError ? "note error" : "note";
+  note.textContent = text;
+  turn.append(note);
+}
+
+// Sources under an answer (knowledge bases): document name and excerpt, as text only.
+export function showSources(turn, sources) {
+  const box = turn.querySelector(".sources");
+  box.replaceChildren();
+  const heading = document.createElement("p");
+  heading.className = "sources-title";
+  heading.textContent = "Sources";
+  const list = document.createElement("ol");
+  for (const source of sources) {
+    const item = document.createElement("li");
+    const name = document.createElement("strong");
+    name.textContent = source.document;
+    const excerpt = document.createElement("blockquote");
+    excerpt.textContent = source.text;
+    item.append(name, excerpt);
+    list.append(item);
+  }
+  box.append(heading, list);
+  box.hidden = sources.length === 0;
+}
+
+function nearBottom() {
+  return window.innerHeight + window.scrollY >= document.body.scrollHeight - 120 ||
+    messagesEl.scrollHeight - messagesEl.scrollTop - messagesEl.clientHeight < 120;
+}
+
+function scrollDown() {
+  messagesEl.scrollTop = messagesEl.scrollHeight;
+}
+
+function renderAnswer() {
+  state.renderQueued = false;
+  if (!state.answer) return;
+  const follow = nearBottom();
+  renderMarkdown(state.answer.article, state.answer.text);
+  if (follow) scrollDown();
+}
+
+function queueRender() {
+  if (!state.renderQueued) {
+    state.renderQueued = true;
+    requestAnimationFrame(renderAnswer);
+  }
+}
+
+function updateButtons() {
+  sendButton.disabled = state.streaming;
+  stopButton.disabled = !state.streaming || state.stopped;
+  const last = messagesEl.querySelector(".turn:last-of-type");
+  regenerateButton.disabled = state.streaming || !state.conversation || !last || !last.classList.contains("turn-assistant");
+}
+
+function showError(text) {
+  errorEl.textContent = text || "";
+  errorEl.hidden = !text;
+}
+
+// --- the socket -------------------------------------------------------------------------------
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const socket = new WebSocket(`${scheme}://${location.host}/ws/chat/`);
+  state.socket = socket;
+  socket.addEventListener("open", () => {
+    for (const message of state.outbox.splice(0)) socket.send(JSON.stringify(message));
+  });
+  socket.addEventListener("message", (event) => handle(JSON.parse(event.data)));
+  socket.addEventListener("close", (event) => {
+    if (event.code === 4401) {
+      showError("Your session ended: log in again.");
+      return;
+    }
+    if (state.streaming) {
+      if (state.answer) setNote(state.answer.turn, "The connection dropped; reload to see the stored answer.", true);
+      finishRequest();
+    }
+    setTimeout(connect, 1000);
+  });
+}
+
+function send(message) {
+  if (state.socket && state.socket.readyState === WebSocket.OPEN) state.socket.send(JSON.stringify(message));
+  else state.outbox.push(message);
+}
+
+function handle(message) {
+  if (message.type === "turn") onTurn(message);
+  else if (message.type === "delta") onDelta(message);
+  else if (message.type === "sources" && state.answer) showSources(state.answer.turn, message.sources);
+  else if (message.type === "done") onDone(message);
+  else if (message.type === "error") onError(message);
+}
+
+function onTurn(message) {
+  if (message.created || state.conversation !== message.conversation.id) {
+    state.conversation = message.conversation.id;
+    history.replaceState(null, "", message.conversation.url);
+    $("conversation-title").textContent = message.conversation.title;
+    document.title = `${message.conversation.title} · LLM site`;
+    addRecent(message.conversation);
+  }
+  if (state.pendingQuestion) {
+    state.pendingQuestion.dataset.messageId = message.question.id;
+    state.pendingQuestion = null;
+  }
+  state.replacedAnswer = null;
+  const turn = turnElement("assistant", "");
+  turn.dataset.messageId = message.answer.id;
+  turn.dataset.status = "streaming";
+  turn.classList.add("streaming");
+  state.answer = { turn, article: turn.querySelector("article"), text: "" };
+  if (state.stopped) send({ type: "stop" }); // Stop was pressed before the answer existed
+  scrollDown();
+  updateButtons();
+}
+
+function onDelta(message) {
+  if (!state.answer || state.stopped) return;
+  state.answer.text += message.text;
+  queueRender();
+}
+
+function onDone(message) {
+  const answer = state.answer;
+  if (answer) {
+    answer.text = message.content;
+    renderAnswer();
+    answer.turn.classList.remove("streaming");
+    answer.turn.dataset.status = message.status;
+    if (message.status === "cancelled") setNote(answer.turn, "Stopped before the end.");
+    else if (message.status === "error") setNote(answer.turn, message.error || "The answer failed.", true);
+  }
+  finishRequest();
+}
+
+function onError(message) {
+  if (state.pendingQuestion) {
+    // Nothing was stored: give the text back to the box so nothing is lost.
+    if (!messageBox.value) messageBox.value = state.pendingQuestion.querySelector("article").textContent;
+    state.pendingQuestion.remove();
+    state.pendingQuestion = null;
+    $("empty-hint").hidden = messagesEl.querySelector(".turn") !== null;
+  }
+  if (state.replacedAnswer) {
+    messagesEl.append(state.replacedAnswer);
+    state.replacedAnswer = null;
+  }
+  showError(message.message);
+  if (!state.answer) finishRequest();
+}
+
+function finishRequest() {
+  state.streaming = false;
+  state.stopped = false;
+  state.answer = null;
+  updateButtons();
+}
+
+function addRecent(conversation) {
+  $("no-recent")?.remove();
+  const list = $("recent");
+  for (const link of list.querySelectorAll("a[aria-current]")) link.removeAttribute("aria-current");
+  const item = document.createElement("li");
+  const link = document.createElement("a");
+  link.href = conversation.url;
+  link.textContent = conversation.title;
+  link.setAttribute("aria-current", "page");
+  item.append(link);
+  list.prepend(item);
+}
+
+// --- the controls -----------------------------------------------------------------------------
+
+function chatSettings() {
+  const settings = { conversation: state.conversation, deployment: deploymentSelect.value };
+  for (const field of document.querySelectorAll("#settings [data-chat-field]")) {
+    const value = field.value.trim();
+    if (field.hasAttribute("data-number")) settings[field.name] = value === "" ? null : Number(value);
+    else settings[field.name] = field.value;
+  }
+  return settings;
+}
+
+function fillDefaults() {
+  const values = defaults[deploymentSelect.value];
+  if (!values) return;
+  for (const [name, value] of Object.entries(values)) $(name).value = value;
+  const option = deploymentSelect.selectedOptions[0];
+  $("deployment-status").textContent = option ? option.dataset.status : "";
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const prompt = messageBox.value;
+  if (state.streaming || !prompt.trim()) return;
+  showError("");
+  state.streaming = true;
+  state.stopped = false;
+  state.pendingQuestion = turnElement("user", prompt);
+  messageBox.value = "";
+  scrollDown();
+  send({ type: "send", prompt, ...chatSettings() });
+  updateButtons();
+});
+
+messageBox.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+stopButton.addEventListener("click", () => {
+  if (!state.streaming || state.stopped) return;
+  state.stopped = true;
+  send({ type: "stop" });
+  updateButtons();
+});
+
+regenerateButton.addEventListener("click", () => {
+  const last = messagesEl.querySelector(".turn:last-of-type");
+  if (state.streaming || !last || !last.classList.contains("turn-assistant")) return;
+  showError("");
+  last.remove();
+  state.replacedAnswer = last;
+  state.streaming = true;
+  state.stopped = false;
+  send({ type: "regenerate", ...chatSettings() });
+  updateButtons();
+});
+
+deploymentSelect.addEventListener("change", fillDefaults);
+$("use-defaults").addEventListener("click", fillDefaults);
+
+// Stored answers arrive as plain text in the page; render them the same way as streamed ones.
+for (const article of messagesEl.querySelectorAll('article[data-role="assistant"]')) {
+  renderMarkdown(article, article.textContent);
+}
+scrollDown();
+updateButtons();
+connect();

@@ -1,0 +1,37 @@
+"""Screenshots of the site at 1280x800 for docs/chat-site.md (acceptance 7), from a real answer."""
+
+import struct
+from pathlib import Path
+
+from playwright.sync_api import expect
+
+from tests.site.conftest import VIEWPORT, ask, create_conversation, wait_answered
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+SHOTS = DOCS / "screenshots"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_screenshots_of_the_chat_page_and_the_conversation_list(page, chat_user):
+    create_conversation(chat_user, "Packing list for a weekend hike", [("What should I pack?", "- Water\n- Map")])
+    create_conversation(chat_user, "Explain recursion simply", [("Explain recursion.", "A function that calls itself.")])
+    page.goto("/")  # the sidebar lists them
+    ask(page, "Write a Python function that adds two numbers.", Temperature=0, **{"Max new tokens": 60})
+    wait_answered(page)
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    page.get_by_label("Message").fill("")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SHOTS / "chat.png")
+
+    page.goto("/conversations/")
+    page.screenshot(path=SHOTS / "conversations.png")
+
+    guide = (DOCS / "chat-site.md").read_text()
+    for name in ("chat.png", "conversations.png"):
+        assert png_size(SHOTS / name) == (VIEWPORT["width"], VIEWPORT["height"])
+        assert f"](screenshots/{name})" in guide
