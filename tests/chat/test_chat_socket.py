@@ -73,7 +73,7 @@ def test_bad_sampling_value_is_refused_with_the_field_named_and_nothing_stored(s
 def test_history_from_stored_messages_is_trimmed_oldest_first(stack, user):
     conversation = stored_conversation(user, TURNS)
     deployment = Deployment.objects.get(name="default")
-    Deployment.objects.filter(pk=deployment.pk).update(context_length=512)
+    Deployment.objects.filter(pk=deployment.pk).update(context_length=256)
     socket = chat_socket(stack, user)
     try:
         socket.send(json.dumps({
@@ -91,7 +91,7 @@ def test_history_from_stored_messages_is_trimmed_oldest_first(stack, user):
     kept = request.history
     assert 0 < len(kept) < len(TURNS)
     assert kept == [list(pair) for pair in TURNS[-len(kept):]]  # the newest turns, in order
-    assert request.prompt_tokens + 4 <= 512
+    assert request.prompt_tokens + 4 <= 256
     assert request.status == RequestLog.Status.OK
 
 
