@@ -14,15 +14,22 @@ def greedy(prompt, **extra):
 
 
 def test_plain_text_body_is_the_prompt(stack, token, tmp_path):
+    # A plain-text body takes every setting from the deployment: an operator's short default answer
+    # length keeps the sampled answer (temperature 0.95 by default) brief.
+    from chat.models import Deployment
+
+    brief = Deployment.objects.get(name="default")
+    brief.pk, brief.name, brief.queue, brief.default_max_new_tokens = None, f"brief-{tmp_path.name[-12:]}", "default", 24
+    brief.save()
     question = tmp_path / "question.txt"
     question.write_text("What is the capital of France?")
     with open(question, "rb") as body:  # what `curl --data-binary @question.txt` sends
-        response = requests.post(stack.predict_url(), headers={"Authorization": token}, data=body, timeout=120)
+        response = requests.post(stack.predict_url(brief.name), headers={"Authorization": token}, data=body, timeout=120)
     assert response.status_code == 200, response.text
     data = json.loads(response.content)
     assert data["response"].strip()
     assert data["history"] == [["What is the capital of France?", data["response"]]]
-    assert data["usage"]["prompt_tokens"] > 0 and data["usage"]["completion_tokens"] > 0
+    assert data["usage"]["prompt_tokens"] > 0 and 0 < data["usage"]["completion_tokens"] <= 24
 
 
 def test_capital_of_france_is_paris_at_temperature_zero(stack, token):

@@ -157,6 +157,8 @@ class TransformersEngine(Engine):
                     if text:
                         yield text
                 elif kind == "done":
+                    if value == "stop":
+                        result.completion_tokens += 1  # the end-of-turn token was generated too
                     result.finish_reason = value
                     tail = detok.flush()
                     if tail:
