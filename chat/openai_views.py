@@ -63,11 +63,14 @@ async def _start(request, body: wire.Sampling):
 
 
 async def _final(generation) -> dict:
-    """Wait for the whole answer (non-streaming)."""
+    """Wait for the whole answer (non-streaming), with the knowledge base's sources if any."""
+    sources = None
     try:
         async for event in generation.events():
+            if event["type"] == "sources":
+                sources = event["sources"]
             if event["type"] == "final":
-                return event
+                return {**event, "sources": sources}
             if event["type"] == "error":
                 raise ServerError(event["message"])
     finally:

@@ -113,7 +113,8 @@ ASGI_APPLICATION = "llmsite.asgi.application"
 WSGI_APPLICATION = None
 
 DATABASES = {"default": env.db_url_config(DATABASE_URL)}
-DATABASES["default"].setdefault("CONN_MAX_AGE", 0)
+# Persistent connections: opening a PostgreSQL connection per request costs more than the query.
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=300))
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
 AUTH_PASSWORD_VALIDATORS = [

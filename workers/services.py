@@ -24,8 +24,7 @@ def run_generation(
     *, request_id: str, deployment: str, messages: list[dict], params: dict, knowledge_base: int | None = None
 ) -> None:
     close_old_connections()
-    record = RequestLog.objects.filter(id=request_id).only("status").first()
-    if events.is_cancelled(request_id) or (record is not None and record.status == RequestLog.Status.CANCELLED):
+    if events.is_cancelled(request_id) or RequestLog.objects.filter(id=request_id, status=RequestLog.Status.CANCELLED).exists():
         # The client left (or pressed Stop) while the request waited in the queue: drop it before
         # any model work, and still end its stream so a listener waiting for the end hears it.
         _update(request_id, status=RequestLog.Status.CANCELLED, finished_at=timezone.now())
