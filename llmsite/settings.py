@@ -113,8 +113,10 @@ ASGI_APPLICATION = "llmsite.asgi.application"
 WSGI_APPLICATION = None
 
 DATABASES = {"default": env.db_url_config(DATABASE_URL)}
-# Persistent connections: opening a PostgreSQL connection per request costs more than the query.
-DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=300))
+# No persistent connections: under ASGI each request's sync work runs in its own thread, and a
+# connection kept open there is orphaned when the thread ends (Django's docs say so). A pool
+# (Django 5.1+ OPTIONS["pool"], psycopg-pool) is the way to save the connect time; not done yet.
+DATABASES["default"].setdefault("CONN_MAX_AGE", 0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
 AUTH_PASSWORD_VALIDATORS = [
