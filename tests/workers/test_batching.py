@@ -96,3 +96,14 @@ def test_sampling_with_a_seed_is_reproducible_inside_a_batch(engine):
     first = ask(engine, "Write a short poem about rain.", params)[0]
     batched = ask_all(engine, ["Write a short poem about rain."] + QUESTIONS[:3], params)
     assert batched[0][0] == first
+
+
+WORDS = ["apple", "banana", "cherry", "dolphin", "eagle", "falcon", "guitar", "hammer",
+         "tiger", "jaguar", "kettle", "rocket", "mango", "violin", "orange", "pirate"]
+
+
+def test_sixteen_concurrent_streams_with_different_questions_each_answer_their_own(engine):
+    answers = ask_all(engine, [f"Repeat this word exactly once: {w}" for w in WORDS], greedy(16))
+    for word, (text, _) in zip(WORDS, answers):
+        assert word in text.lower(), (word, text)
+        assert not [other for other in WORDS if other != word and other in text.lower()], (word, text)
