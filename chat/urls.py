@@ -11,5 +11,6 @@ urlpatterns = [
     path("c/<uuid:conversation_id>/delete", pages.conversation_delete, name="conversation-delete"),
     path("conversations/", pages.conversation_list, name="conversations"),
     path("healthz", views.health, name="health"),
+    path("api/health", views.deployments_health, name="deployments-health"),
     path("api/predict/<str:deployment>", views.predict, name="predict"),
 ]

@@ -93,4 +93,32 @@ async def _stream(generation, history, prompt):
 
 
 def health(request):
+    """Liveness of the web process itself (no database, Redis or worker involved)."""
     return JsonResponse({"status": "ok"})
+
+
+def _deployments_of(*, token) -> list:
+    from chat.selectors import deployments_for
+
+    return list(deployments_for(token=token))
+
+
+async def deployments_health(request):
+    """`GET /api/health`: per deployment the token may use, is a worker alive, and does it really
+    generate (a one-token request through the normal path, stored with protocol "check")."""
+    from chat import events, probes
+
+    try:
+        token = await services.edge(services.authenticate, header=request.headers.get("Authorization"))
+        deployments = await services.edge(_deployments_of, token=token)
+    except ApiError as exc:
+        return _error(exc)
+    checks = await probes.deployments_check(
+        deployments=deployments, user=token.user, timeout=settings.HEALTH_PROBE_TIMEOUT_SECONDS
+    )
+    report = [
+        {"deployment": d.name, "worker": await events.queue_has_worker(d.queue), "generates": ok, "detail": text}
+        for d, (ok, text) in zip(deployments, checks)
+    ]
+    healthy = all(r["generates"] for r in report)
+    return JsonResponse({"status": "ok" if healthy else "degraded", "deployments": report}, status=200 if healthy else 503)

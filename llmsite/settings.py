@@ -150,6 +150,8 @@ WORKER_HEARTBEAT_INTERVAL = env.float("WORKER_HEARTBEAT_INTERVAL", default=2.0)
 WORKER_HEARTBEAT_TTL = env.int("WORKER_HEARTBEAT_TTL", default=6)
 # A request for a deployment that no live worker serves waits this long for one, then gets 503.
 WORKER_WAIT_SECONDS = env.float("WORKER_WAIT_SECONDS", default=10.0)
+# /api/health's one-token probe of each deployment gives up after this long.
+HEALTH_PROBE_TIMEOUT_SECONDS = env.float("HEALTH_PROBE_TIMEOUT_SECONDS", default=30.0)
 # The admin's "check that the worker answers" action waits this long for a one-token answer.
 DEPLOYMENT_CHECK_TIMEOUT_SECONDS = env.float("DEPLOYMENT_CHECK_TIMEOUT_SECONDS", default=60.0)
 
