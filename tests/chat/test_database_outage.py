@@ -1,0 +1,105 @@
+"""PostgreSQL going away: requests get 503, no process dies, and service resumes when it returns.
+
+The outage gets a PostgreSQL of its own (the suite's stays up): a site (worker + Daphne) on a
+database in a temporary folder, whose server the test stops and starts again.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from django.conf import settings
+
+from llmsite.launcher import worker_command
+from tests.conftest import BASE_DIR, Process, start_web, wait_for_log
+
+
+def start_database(data_dir: Path) -> subprocess.Popen:
+    """The launcher's embedded PostgreSQL for `data_dir`, held until SIGINT (which stops it)."""
+    env = {**os.environ, "LLMSITE_DATA_DIR": str(data_dir), "REDIS_URL": settings.REDIS_URL}
+    env.pop("DATABASE_URL", None)
+    services = data_dir / "services.json"
+    services.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmsite.launcher", "services", "--", "sleep", "3600"],
+        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not services.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the database did not start"
+        time.sleep(0.2)
+    return process
+
+
+def stop_database(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    process.wait(60)
+
+
+def manage(env, *args) -> str:
+    result = subprocess.run([sys.executable, "manage.py", *args], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def isolated_site(tmp_path, stack):
+    data_dir = tmp_path / "site"
+    database = start_database(data_dir)
+    url = json.loads((data_dir / "services.json").read_text())["DATABASE_URL"]
+    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": settings.REDIS_URL, "LLMSITE_DATA_DIR": str(data_dir)}
+    queue = f"outage-{uuid.uuid4().hex[:6]}"
+    manage(env, "migrate", "--noinput")
+    manage(env, "setup_site", "--no-admin")
+    token = manage(env, "shell", "-c", (
+        "from django.contrib.auth import get_user_model; from chat.models import Deployment; "
+        "from chat.tokens import token_create; "
+        f"Deployment.objects.filter(name='default').update(queue='{queue}'); "
+        "print(token_create(user=get_user_model().objects.create_user('ops'))[1])"
+    )).split()[-1]
+    worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h"), env).start()
+    web, web_url = start_web(env=env)
+    try:
+        wait_for_log(worker, " ready.")
+        yield {"url": web_url, "token": token, "data_dir": data_dir, "database": database, "worker": worker, "web": web}
+    finally:
+        web.stop()
+        worker.stop()
+        if database.poll() is None:
+            stop_database(database)
+
+
+def ask(site) -> requests.Response:
+    return requests.post(
+        f"{site['url']}/api/predict/default", headers={"Authorization": site["token"]},
+        json={"prompt": "What is the capital of France?", "temperature": 0, "max_new_tokens": 16}, timeout=120,
+    )
+
+
+def test_requests_get_503_while_postgresql_is_down_and_succeed_when_it_returns(isolated_site):
+    site = isolated_site
+    assert ask(site).status_code == 200
+    stop_database(site["database"])
+
+    refused = ask(site)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["type"] == "server_error"
+    assert "database" in refused.json()["error"]["message"].lower()
+
+    restarted = start_database(site["data_dir"])
+    try:
+        deadline = time.monotonic() + 30
+        while (answer := ask(site)).status_code != 200:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(1)
+        assert "Paris" in answer.json()["response"]
+        assert site["worker"].alive() and site["web"].alive()
+    finally:
+        stop_database(restarted)
