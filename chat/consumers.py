@@ -5,9 +5,10 @@ import json
 import logging
 
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from chat import services
-from chat.errors import ApiError, ServerError
+from chat.errors import ApiError, RateLimited, ServerError
 from chat.generation import Conversation
 from chat.protocols import predict as wire
 
@@ -39,8 +40,22 @@ class PredictConsumer(AsyncWebsocketConsumer):
         await self.accept()
 
     async def receive(self, text_data=None, bytes_data=None):
-        if hasattr(self, "inbox"):
-            self.inbox.put_nowait(text_data if text_data is not None else bytes_data)
+        if not hasattr(self, "inbox"):
+            return
+        message = text_data if text_data is not None else bytes_data
+        size = len(message.encode() if isinstance(message, str) else message)
+        if size > settings.PREDICT_MAX_BODY_BYTES:
+            # 1009 "message too big" in the application range: Daphne's WebSocket library
+            # (autobahn) lets an application send only 1000 or 3000-4999.
+            await self.close(code=4009)
+            return
+        if self.inbox.qsize() >= settings.WS_MAX_QUEUED_MESSAGES:
+            limit = settings.WS_MAX_QUEUED_MESSAGES
+            error = RateLimited(f"More than {limit} messages are waiting on this connection; send fewer at once.", retry_after=1)
+            await self.send(text_data=json.dumps(error.body()))
+            await self.close(code=4008)  # 1008 "policy violation" in the application range
+            return
+        self.inbox.put_nowait(message)
 
     async def disconnect(self, code):
         runner = getattr(self, "runner", None)

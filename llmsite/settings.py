@@ -143,6 +143,9 @@ LOGOUT_REDIRECT_URL = "login"
 # The predict API: bodies over this size get 413 (PROTOCOL.md).
 PREDICT_MAX_BODY_BYTES = env.int("PREDICT_MAX_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = PREDICT_MAX_BODY_BYTES
+# One predict WebSocket answers in order; more messages than this waiting on it is a flood: the
+# client gets an error and the socket is closed (4008). A message over PREDICT_MAX_BODY_BYTES: 4009.
+WS_MAX_QUEUED_MESSAGES = env.int("WS_MAX_QUEUED_MESSAGES", default=64)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # Workers renew a liveness key this often; a key not renewed for the TTL means the worker is gone.
