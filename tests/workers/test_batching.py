@@ -107,3 +107,22 @@ def test_sixteen_concurrent_streams_with_different_questions_each_answer_their_o
     for word, (text, _) in zip(WORDS, answers):
         assert word in text.lower(), (word, text)
         assert not [other for other in WORDS if other != word and other in text.lower()], (word, text)
+
+
+def test_aborting_one_of_sixteen_streams_leaves_the_other_fifteen_whole(engine):
+    questions = [f"Repeat this word exactly once: {w}" for w in WORDS[:15]]
+    expected = [ask(engine, q, greedy(16))[0] for q in questions]
+    stop = threading.Event()
+    outcome = {}
+
+    def doomed():
+        outcome["doomed"] = ask(engine, "Tell me a very long story about a dragon.", greedy(400), stop.is_set)
+
+    victim = threading.Thread(target=doomed)
+    victim.start()
+    timer = threading.Timer(1.0, stop.set)  # aborted while the fifteen are in the batch with it
+    timer.start()
+    answers = ask_all(engine, questions, greedy(16))
+    victim.join(60)
+    assert outcome["doomed"][1].finish_reason == "cancelled"
+    assert [text for text, _ in answers] == expected
