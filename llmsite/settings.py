@@ -64,6 +64,17 @@ if not SECRET_KEY:
         _key_file.write_text(SECRET_KEY)
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
+
+# Behind HTTPS (production): secure cookies, HTTPS redirect and HSTS. Off by default because the
+# one-machine start serves plain http://127.0.0.1 (PROTOCOL.md: no HTTPS redirect in that mode).
+HTTPS = env.bool("DJANGO_HTTPS", default=False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT = HTTPS
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=HTTPS)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("DJANGO_BEHIND_PROXY", default=HTTPS) else None
+# The health check stays reachable over plain HTTP for load balancers.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
