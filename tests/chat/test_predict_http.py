@@ -121,3 +121,12 @@ def test_max_new_tokens_of_habit_is_capped_to_the_context(stack, token):
     assert response.status_code == 200, response.text
     usage = response.json()["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] <= 64
+
+
+def test_the_only_token_of_a_one_token_answer_arrives(stack, token, user):
+    # The web tier subscribes before it enqueues, so even an answer that is over at once is heard.
+    payload = greedy("What is the capital of France?", max_new_tokens=1, use_stream_chat=True)
+    response = requests.post(stack.predict_url(), headers={"Authorization": token}, json=payload, stream=True, timeout=120)
+    objects = [json.loads(c) for c in response.iter_lines(delimiter=b"\0") if c]
+    assert objects and objects[-1]["response"]
+    assert objects[-1]["response"] == RequestLog.objects.get(user=user).response
