@@ -100,7 +100,9 @@ def chat_fields(data: dict) -> PredictFields:
     """The chat page's message as predict fields: the same validation and error names as the API."""
     if not isinstance(data, dict):
         raise InvalidRequest("The message must be a JSON object.", param="body")
-    picked = {name: data.get(name) for name in ("prompt", "system_prompt", *SAMPLING_FIELDS)}
+    picked = {name: data.get(name) for name in ("prompt", "system_prompt", "knowledge_base", *SAMPLING_FIELDS)}
+    if picked["knowledge_base"]:  # answers from a knowledge base use langchain retrieval, as on the API
+        picked["langchain"] = True
     return fields_from_object({k: v for k, v in picked.items() if v is not None and v != ""})
 
 
