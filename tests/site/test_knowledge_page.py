@@ -57,8 +57,9 @@ def test_an_uploaded_md_reaches_ready_without_reloading_and_grounds_the_chat(pag
     drop_file(
         page,
         "zorblax.md",
-        "# Zorblax\n\nThe secret code of the Zorblax project is 7391.\n\n"
-        "The Zorblax project studies glowing moss that grows in deep caves.\n",
+        "The Zorblax project studies glowing moss that grows in deep caves.\n\n"
+        "The secret code of the Zorblax project is 7391.\n\n"
+        "Its team meets on Mondays in a wooden hut near the river.\n",
     )
     row = document_row(page, "zorblax.md")
     expect(row).to_have_attribute("data-status", "ready", timeout=READY_TIMEOUT_MS)
@@ -95,9 +96,10 @@ def assert_inert(page, where: str):
 
 def test_payloads_in_a_document_and_its_name_are_shown_as_text(page, chat_user):
     kb = create_knowledge_base(page)
-    # A file name cannot hold "/" (the server keeps what follows the last one, as for a path), so
-    # the script tag in the name is the opening one; the document's text holds all three whole.
-    name = '<img src=x onerror="window.pwned=1"> [x](javascript:window.pwned=1) <script>window.pwned=1.md'
+    # A file name cannot hold "/" (the server keeps what follows the last one, as for a path) and
+    # the browser sends '"' in a file name as %22, so the name holds the script tag's opening and
+    # the image without quotes; the document's text holds all three payloads whole.
+    name = "<img src=x onerror=window.pwned=1> [x](javascript:window.pwned=1) <script>window.pwned=1.md"
     text = "# Pwned notes\n\nThe pwned notes hold these lines:\n\n" + "\n\n".join(PAYLOADS) + "\n"
     page.get_by_label("Choose files").set_input_files([{"name": name, "mimeType": "text/markdown", "buffer": text.encode()}])
     row = document_row(page, "window.pwned=1.md")
