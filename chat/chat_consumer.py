@@ -33,6 +33,7 @@ class _Answer:
         self.text = ""
         self.final = None
         self.error = ""
+        self.sources = []
         self.stopped = False
         self.generation = None
         self.reader: asyncio.Task | None = None
@@ -150,6 +151,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 answer.text += event["text"]
                 await self._say({"type": "delta", "text": event["text"]})
             elif event["type"] == "sources":
+                answer.sources = event["sources"]
                 await self._say({"type": "sources", "sources": event["sources"]})
             elif event["type"] == "final":
                 answer.final = event
@@ -170,7 +172,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             text, status = answer.text, Message.Status.CANCELLED
         try:
             stored = await database_sync_to_async(conversations.answer_finish)(
-                answer=answer.turn.answer, content=text, status=status, error=answer.error
+                answer=answer.turn.answer, content=text, status=status, error=answer.error, sources=answer.sources
             )
         except Exception:
             log.exception("could not store the answer %s", answer.turn.answer.pk)

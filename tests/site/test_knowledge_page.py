@@ -76,6 +76,11 @@ def test_an_uploaded_md_reaches_ready_without_reloading_and_grounds_the_chat(pag
     expect(sources).to_contain_text("The secret code of the Zorblax project is 7391.")
     assert "7391" in answer
 
+    page.reload()  # the stored answer keeps its sources, and the conversation its knowledge base
+    sources = page.locator(".turn-assistant").last.locator(".sources")
+    expect(sources.locator("li strong").first).to_have_text("zorblax.md")
+    expect(page.get_by_label("Knowledge base")).to_have_value(kb)
+
     # Delete the document: it and its chunks are gone.
     assert Chunk.objects.filter(document=document).exists()
     page.goto(f"/knowledge/{kb}/")
@@ -112,6 +117,12 @@ def test_payloads_in_a_document_and_its_name_are_shown_as_text(page, chat_user):
 
     ask_with(page, kb, "What lines do the pwned notes hold?")
     wait_answered(page)
+    sources = page.locator(".turn-assistant").last.locator(".sources")
+    expect(sources.locator("li strong").first).to_have_text(name)
+    for payload in PAYLOADS:
+        expect(sources.locator("blockquote").first).to_contain_text(payload)
+    assert_inert(page, "#messages")
+    page.reload()  # the stored sources, rendered by the server: text too
     sources = page.locator(".turn-assistant").last.locator(".sources")
     expect(sources.locator("li strong").first).to_have_text(name)
     for payload in PAYLOADS:
