@@ -1,9 +1,10 @@
 """The chat page's WebSocket (session login): one answer at a time, streamed, stoppable.
 
 Client messages: {"type": "send", "conversation": id or null, "deployment", "prompt",
-"system_prompt", "temperature", "top_p", "top_k", "max_new_tokens"}; {"type": "regenerate", ...the
-same without prompt}; {"type": "stop"}. Server messages: "turn" (the stored rows), "delta" (new
-text), "done" (status ok/cancelled/error and the stored text), "error" (nothing was started).
+"system_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "knowledge_base"};
+{"type": "regenerate", ...the same without prompt}; {"type": "stop"}. Server messages: "turn" (the
+stored rows), "sources" (the knowledge base's chunks, before the answer), "delta" (new text),
+"done" (status ok/cancelled/error and the stored text), "error" (nothing was started).
 """
 
 import asyncio
@@ -32,6 +33,7 @@ class _Answer:
         self.text = ""
         self.final = None
         self.error = ""
+        self.sources = []
         self.stopped = False
         self.generation = None
         self.reader: asyncio.Task | None = None
@@ -148,6 +150,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if event["type"] == "delta" and not answer.stopped:
                 answer.text += event["text"]
                 await self._say({"type": "delta", "text": event["text"]})
+            elif event["type"] == "sources":
+                answer.sources = event["sources"]
+                await self._say({"type": "sources", "sources": event["sources"]})
             elif event["type"] == "final":
                 answer.final = event
             elif event["type"] == "error":
@@ -167,7 +172,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             text, status = answer.text, Message.Status.CANCELLED
         try:
             stored = await database_sync_to_async(conversations.answer_finish)(
-                answer=answer.turn.answer, content=text, status=status, error=answer.error
+                answer=answer.turn.answer, content=text, status=status, error=answer.error, sources=answer.sources
             )
         except Exception:
             log.exception("could not store the answer %s", answer.turn.answer.pk)

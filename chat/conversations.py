@@ -100,7 +100,9 @@ def chat_fields(data: dict) -> PredictFields:
     """The chat page's message as predict fields: the same validation and error names as the API."""
     if not isinstance(data, dict):
         raise InvalidRequest("The message must be a JSON object.", param="body")
-    picked = {name: data.get(name) for name in ("prompt", "system_prompt", *SAMPLING_FIELDS)}
+    picked = {name: data.get(name) for name in ("prompt", "system_prompt", "knowledge_base", *SAMPLING_FIELDS)}
+    if picked["knowledge_base"]:  # answers from a knowledge base use langchain retrieval, as on the API
+        picked["langchain"] = True
     return fields_from_object({k: v for k, v in picked.items() if v is not None and v != ""})
 
 
@@ -203,10 +205,11 @@ def turn_start(*, user, conversation_id=None, data: dict, regenerate: bool = Fal
     )
 
     conversation.deployment = deployment
+    conversation.knowledge_base_id = prepared.knowledge_base
     conversation.system_prompt = fields.system_prompt or ""
     conversation.params = {name: getattr(fields, name) for name in SAMPLING_FIELDS if getattr(fields, name) is not None}
     conversation.updated_at = timezone.now()
-    conversation.save(update_fields=["deployment", "system_prompt", "params", "updated_at"])
+    conversation.save(update_fields=["deployment", "knowledge_base", "system_prompt", "params", "updated_at"])
     answer = Message.objects.create(conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING)
     return Turn(conversation, question, answer, prepared, created)
 
@@ -215,8 +218,8 @@ def answer_link(*, answer: Message, request_id: str) -> None:
     Message.objects.filter(pk=answer.pk).update(request_id=request_id)
 
 
-def answer_finish(*, answer: Message, content: str, status: str, error: str = "") -> Message:
-    """Store how an answer ended: its text (also what a stopped answer had), status and error."""
-    answer.content, answer.status, answer.error = content, status, error
-    answer.save(update_fields=["content", "status", "error"])
+def answer_finish(*, answer: Message, content: str, status: str, error: str = "", sources: list | None = None) -> Message:
+    """Store how an answer ended: its text (also what a stopped answer had), status, error, sources."""
+    answer.content, answer.status, answer.error, answer.sources = content, status, error, sources or []
+    answer.save(update_fields=["content", "status", "error", "sources"])
     return answer

@@ -184,6 +184,10 @@ class Conversation(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     title = models.CharField(max_length=200)
     deployment = models.ForeignKey(Deployment, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    knowledge_base = models.ForeignKey(
+        "knowledge.KnowledgeBase", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The knowledge base the last question was answered from (langchain retrieval).",
+    )
     system_prompt = models.TextField(blank=True)
     # Sampling settings as sent from the chat page (temperature, top_p, top_k, max_new_tokens).
     params = models.JSONField(default=dict, blank=True)
@@ -217,6 +221,8 @@ class Message(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OK)
     error = models.TextField(blank=True)
     request = models.ForeignKey(RequestLog, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # An answer's knowledge-base sources: [{"document", "chunk", "score", "text"}], shown under it.
+    sources = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -11,6 +11,7 @@ from django.views.decorators.http import require_POST
 
 from chat import conversations
 from chat.errors import InvalidRequest
+from knowledge import selectors as knowledge_selectors
 
 # Defence in depth beside the Markdown sanitiser: only the site's own scripts ever run.
 CONTENT_SECURITY_POLICY = (
@@ -63,6 +64,7 @@ def _chat_page(request, conversation):
         "system_prompt": conversation.system_prompt if conversation else "",
         "defaults": {d.name: conversations.deployment_defaults(d) for d in deployments},
         "recent": conversations.conversations_for(user=request.user)[:30],
+        "knowledge_bases": knowledge_selectors.knowledge_bases_for(request.user).order_by("name"),
     }
     return render(request, "chat/chat.html", context)
 

@@ -10,7 +10,9 @@ import logging
 from collections.abc import Callable
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, close_old_connections, transaction
+from django.http import Http404
 
 from chat.errors import Forbidden, InvalidRequest
 from knowledge import parsing, selectors
@@ -219,3 +221,34 @@ def grounded_prompt(question: str, hits: list) -> str:
         return question
     blocks = [f"[{n}] From {hit.chunk.document.name}:\n{hit.chunk.text}" for n, hit in enumerate(hits, start=1)]
     return "Context:\n" + "\n\n".join(blocks) + f"\n\n{INSTRUCTION}\n\nQuestion: {question}"
+
+
+# --- the knowledge-base pages (session users) -------------------------------------------------
+
+
+def knowledge_base_for_page(*, user, name: str) -> KnowledgeBase:
+    """The knowledge base if `user` may use it; a stranger gets 404 so cannot tell that it exists."""
+    kb = KnowledgeBase.objects.filter(name=name).first()
+    if kb is None or not selectors.may_use(user, kb):
+        raise Http404("No such knowledge base.")
+    return kb
+
+
+def knowledge_base_create(*, name: str, owner) -> KnowledgeBase:
+    """A new knowledge base named `name`; an error naming `name` when it is taken or malformed."""
+    name = (name or "").strip()
+    try:
+        kb, created = knowledge_base_get_or_create(name=name, owner=owner)
+    except ValidationError as exc:
+        messages = [m for field in exc.message_dict.values() for m in field]
+        raise InvalidRequest(f"name: {' '.join(messages)}", param="name") from None
+    if not created:
+        raise InvalidRequest(f"name: a knowledge base named '{name}' already exists.", param="name")
+    return kb
+
+
+def document_delete(*, user, document: Document) -> None:
+    """Delete a document and its chunks (cascade); only the knowledge base's owner or a superuser."""
+    if not selectors.may_change(user, document.knowledge_base):
+        raise Forbidden(f"Only the owner of the knowledge base '{document.knowledge_base.name}' may delete its documents.", param="document")
+    document.delete()

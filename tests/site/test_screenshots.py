@@ -1,4 +1,5 @@
-"""Screenshots of the site at 1280x800 for docs/chat-site.md (acceptance 7), from a real answer."""
+"""Screenshots of the site at 1280x800 for docs/chat-site.md (acceptance 7): chat (a real answer),
+conversations, knowledge base."""
 
 import struct
 from pathlib import Path
@@ -35,3 +36,24 @@ def test_screenshots_of_the_chat_page_and_the_conversation_list(page, chat_user)
     for name in ("chat.png", "conversations.png"):
         assert png_size(SHOTS / name) == (VIEWPORT["width"], VIEWPORT["height"])
         assert f"](screenshots/{name})" in guide
+
+
+def test_screenshot_of_the_knowledge_base_page(page, chat_user):
+    from knowledge import services
+
+    kb, _ = services.knowledge_base_get_or_create(name=f"handbook-{chat_user.pk}", owner=chat_user)
+    files = {
+        "holidays.md": "# Holidays\n\nThe office is closed on the first Monday of May.",
+        "expenses.txt": "Travel expenses are paid back within ten days of the receipt.",
+    }
+    for name, text in files.items():
+        services.document_upload(knowledge_base=kb, name=name, data=text.encode(), uploaded_by=chat_user)
+    page.goto(f"/knowledge/{kb.name}/")
+    for name in files:  # the page polls until both are ingested
+        row = page.locator("#documents tbody tr").filter(has=page.locator(".doc-name", has_text=name))
+        expect(row).to_have_attribute("data-status", "ready", timeout=240_000)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SHOTS / "knowledge.png")
+
+    assert png_size(SHOTS / "knowledge.png") == (VIEWPORT["width"], VIEWPORT["height"])
+    assert "](screenshots/knowledge.png)" in (DOCS / "chat-site.md").read_text()

@@ -1,0 +1,95 @@
+"""The knowledge-base pages (session login): list and create, upload by drag and drop, delete.
+
+Thin views over knowledge.services; the page polls `documents.json` for status and progress.
+"""
+
+from django.contrib import messages
+from django.http import JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from chat.errors import ApiError
+from chat.pages import site_page
+from knowledge import selectors, services
+from knowledge.errors import BadUpload
+from knowledge.models import Document
+
+
+def document_row(document: Document) -> dict:
+    """What the page shows of a document (the page writes it as text, never HTML)."""
+    return {
+        "id": document.pk,
+        "name": document.name,
+        "status": document.status,
+        "error": document.error,
+        "chunks_done": document.chunks_done,
+        "chunks_total": document.chunks_total,
+    }
+
+
+def _documents(kb):
+    return kb.documents.defer("content").order_by("-created_at", "-pk")
+
+
+@site_page
+def knowledge_list(request):
+    if request.method == "POST":
+        try:
+            kb = services.knowledge_base_create(name=request.POST.get("name", ""), owner=request.user)
+        except ApiError as exc:
+            messages.error(request, exc.message)
+        else:
+            return redirect("knowledge:page", name=kb.name)
+    bases = selectors.knowledge_bases_for(request.user).select_related("owner").order_by("name")
+    return render(request, "knowledge/list.html", {"bases": bases})
+
+
+@site_page
+def knowledge_page(request, name):
+    kb = services.knowledge_base_for_page(user=request.user, name=name)
+    context = {"kb": kb, "documents": _documents(kb), "may_change": selectors.may_change(request.user, kb)}
+    return render(request, "knowledge/detail.html", context)
+
+
+@require_GET
+@site_page
+def documents_json(request, name):
+    kb = services.knowledge_base_for_page(user=request.user, name=name)
+    return JsonResponse({"documents": [document_row(d) for d in _documents(kb)]})
+
+
+@require_POST
+@site_page
+def upload(request, name):
+    """One or more files from the form or the drop zone; JSON for the page's script, else a redirect."""
+    kb = services.knowledge_base_for_page(user=request.user, name=name)
+    results = []
+    try:
+        services.access_knowledge_base(user=request.user, name=kb.name, change=True)
+        files = request.FILES.getlist("file")
+        if not files:
+            raise BadUpload("Choose a file to upload.")
+        for upload in files:
+            services.check_upload(name=upload.name or "", size=upload.size)
+            document, _ = services.document_upload(knowledge_base=kb, name=upload.name, data=upload.read(), uploaded_by=request.user)
+            results.append(document_row(document))
+    except ApiError as exc:
+        if request.headers.get("Accept") == "application/json":
+            return JsonResponse({"error": exc.message, "documents": results}, status=exc.status)
+        messages.error(request, exc.message)
+    if request.headers.get("Accept") == "application/json":
+        return JsonResponse({"documents": results})
+    return redirect("knowledge:page", name=kb.name)
+
+
+@require_POST
+@site_page
+def document_delete(request, name, document_id):
+    kb = services.knowledge_base_for_page(user=request.user, name=name)
+    try:
+        document = services.access_document(knowledge_base=kb, document_id=document_id)
+        services.document_delete(user=request.user, document=document)
+        messages.success(request, f"Deleted “{document.name}”.")
+    except ApiError as exc:
+        messages.error(request, exc.message)
+    return redirect("knowledge:page", name=kb.name)
