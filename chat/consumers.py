@@ -47,15 +47,23 @@ class PredictConsumer(AsyncWebsocketConsumer):
         if size > settings.PREDICT_MAX_BODY_BYTES:
             # 1009 "message too big" in the application range: Daphne's WebSocket library
             # (autobahn) lets an application send only 1000 or 3000-4999.
-            await self.close(code=4009)
+            await self._shut(4009)
             return
         if self.inbox.qsize() >= settings.WS_MAX_QUEUED_MESSAGES:
             limit = settings.WS_MAX_QUEUED_MESSAGES
             error = RateLimited(f"More than {limit} messages are waiting on this connection; send fewer at once.", retry_after=1)
             await self.send(text_data=json.dumps(error.body()))
-            await self.close(code=4008)  # 1008 "policy violation" in the application range
+            await self._shut(4008)  # 1008 "policy violation" in the application range
             return
         self.inbox.put_nowait(message)
+
+    async def _shut(self, code: int) -> None:
+        """Close from our side: drop what is queued and stop the running request now, without
+        waiting for the client to finish the closing handshake."""
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
+        self.runner.cancel()
+        await self.close(code=code)
 
     async def disconnect(self, code):
         runner = getattr(self, "runner", None)

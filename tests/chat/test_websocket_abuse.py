@@ -1,6 +1,7 @@
 """A predict WebSocket bounds what one client can pile on it."""
 
 import json
+import time
 import struct
 
 import websocket
@@ -41,6 +42,10 @@ def test_a_flood_of_messages_gets_an_error_and_the_socket_closed(stack, token, u
         elif opcode == websocket.ABNF.OPCODE_TEXT:
             frames.append(data.decode())
     assert code == 4008
+    time.sleep(1)  # whatever the server still had to do for this socket is over by now
+    rows = RequestLog.objects.filter(user=user).count()
+    time.sleep(2)
+    assert RequestLog.objects.filter(user=user).count() == rows, "the closed socket's messages still run"
     errors = [json.loads(f)["error"] for f in frames if f.startswith('{"error"')]
     assert any(e["type"] == "rate_limit_error" for e in errors)
     # the flood queued nothing beyond the limit
