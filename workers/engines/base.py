@@ -23,11 +23,21 @@ class Engine:
         raise NotImplementedError
 
     def tokenizer_files(self) -> dict[str, str]:
-        """The tokenizer's files, published so the web tier can count tokens without the model."""
-        return {}
+        """The tokenizer's files, published so the web tier can count tokens without the model
+        (written once per engine; deployments sharing the engine reuse them)."""
+        if getattr(self, "_tokenizer_files", None) is None:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tokenizer.save_pretrained(tmp)
+                self._tokenizer_files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+        return self._tokenizer_files
 
     def count_tokens(self, text: str) -> int:
-        raise NotImplementedError
+        from chat.prompting import count_tokens
+
+        return count_tokens(self.tokenizer, text)
 
     def stream(self, prompt: str, params, result: GenerationResult, cancelled: Callable[[], bool]) -> Iterator[str]:
         """Yield text deltas; fill `result` by the end."""

@@ -110,16 +110,6 @@ class TransformersEngine(Engine):
             shutil.rmtree(partial, ignore_errors=True)
         return str(cache), None
 
-    def tokenizer_files(self) -> dict[str, str]:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.tokenizer.save_pretrained(tmp)
-            return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def stream(self, prompt, params, result: GenerationResult, cancelled):
         """Submit to the batching scheduler; yield text as tokens arrive; abort when cancelled."""
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]

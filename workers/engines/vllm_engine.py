@@ -61,17 +61,6 @@ class VLLMEngine(Engine):
     def _call(self, coroutine_fn, *args):
         return asyncio.run_coroutine_threadsafe(coroutine_fn(*args), self._loop).result()
 
-    def tokenizer_files(self) -> dict[str, str]:
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.tokenizer.save_pretrained(tmp)
-            return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def sampling_params(self, params):
         return self._vllm.SamplingParams(
             n=1,
