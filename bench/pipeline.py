@@ -35,7 +35,7 @@ from chat.prompting import render_prompt  # noqa: E402
 from llmsite.embedded import _free_port  # noqa: E402
 from llmsite.launcher import port_open, web_command, worker_command  # noqa: E402
 
-NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", "64"))
+NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", "128"))
 SINGLE_REQUESTS = int(os.environ.get("BENCH_SINGLE_REQUESTS", "20"))
 CONCURRENCY = [1, 4, 8, 16, 32]
 TOPICS = ["rivers", "volcanoes", "bread", "chess", "owls", "glaciers", "trains", "tea", "bees", "comets",
@@ -61,11 +61,11 @@ def device_name() -> str:
 
 
 def bench_engine(deployment):
-    """One stream at a time through the engine, in this process: tok/s and TTFT per prompt."""
+    """One stream at a time through the deployment's engine, in this process: tok/s and TTFT per prompt."""
+    from workers.engines import engine_class
     from workers.engines.base import GenerationResult
-    from workers.engines.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(deployment)
+    engine = engine_class(deployment.engine)(deployment)
     ttfts, tokens = [], 0
     ask = lambda i: render_prompt(engine.tokenizer, [{"role": "user", "content": prompt_for(i)}])  # noqa: E731
     list(engine.stream(ask(0), greedy(), GenerationResult(), lambda: False))  # warm-up
@@ -79,7 +79,32 @@ def bench_engine(deployment):
         tokens += result.completion_tokens
     wall = time.perf_counter() - started
     engine.scheduler.stop()
-    return {"tok_s": tokens / wall, "ttft": ttfts, "tokens": tokens}
+    prompts = [engine.tokenizer(ask(i), add_special_tokens=False)["input_ids"] for i in range(SINGLE_REQUESTS)]
+    return {"tok_s": tokens / wall, "ttft": ttfts, "tokens": tokens, "prompts": prompts}
+
+
+def bench_llamacpp_peer(deployment, prompts: list[list[int]]) -> float | None:
+    """The peer: llama.cpp itself (llama-cpp-python's Llama) on the same GGUF file, the same prompt
+    tokens, greedy, the same thread count as our engine; output tokens/s one stream at a time."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from workers.engines.llamacpp_engine import default_threads
+    from workers.engines.transformers_engine import resolve_source
+
+    folder, gguf_file = resolve_source(deployment.model_source)
+    if not gguf_file:
+        return None
+    threads = default_threads()
+    llm = Llama(model_path=os.path.join(folder, gguf_file), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.create_completion(prompts[0], max_tokens=8, temperature=0.0)  # warm-up
+    started, tokens = time.perf_counter(), 0
+    for ids in prompts:
+        llm.reset()  # no prompt-prefix reuse across requests, like our engine
+        out = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1)
+        tokens += out["usage"]["completion_tokens"]
+    return tokens / (time.perf_counter() - started)
 
 
 class Stack:
@@ -211,6 +236,8 @@ def main():
     print(f"engine in-process: {SINGLE_REQUESTS} greedy streams of {NEW_TOKENS} tokens, one at a time…", flush=True)
     engine = bench_engine(deployment)
     deployment.refresh_from_db()
+    print("peer: llama.cpp (llama-cpp-python) on the same GGUF file and prompts…", flush=True)
+    peer = bench_llamacpp_peer(deployment, engine["prompts"])
 
     print("starting a worker and Daphne…", flush=True)
     stack = Stack()
@@ -242,13 +269,21 @@ def main():
         "aggregate_32_vs_1": round(aggregate[32] / aggregate[1], 2),
         "rss_32_vs_1": round(rss[32] / rss[1], 3),
         "tokens_lost": tokens_lost(user),
+        "engine": deployment.engine,
     }
+    if peer:
+        results.update(
+            peer_llamacpp_single_tok_s=round(peer, 2),
+            engine_single_vs_llamacpp=round(engine["tok_s"] / peer, 3),
+            pipeline_single_vs_llamacpp=round(pipeline_tok_s / peer, 3),
+            aggregate_32_vs_llamacpp_single=round(aggregate[32] / peer, 2),
+        )
     out = BASE_DIR / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
 
     print()
-    print(f"device: {results['device']}; {NEW_TOKENS} new tokens a request, greedy")
+    print(f"device: {results['device']}; engine {deployment.engine}; {NEW_TOKENS} new tokens a request, greedy")
     print("| measure | value |")
     print("|---|---|")
     for key in ("engine_single_tok_s", "pipeline_single_tok_s", "pipeline_vs_engine", "ttft_engine_ms_p50",
@@ -256,8 +291,10 @@ def main():
         print(f"| {key} | {results[key]} |")
     for clients, value in results["aggregate_tok_s"].items():
         print(f"| aggregate_tok_s at {clients} streams | {value} ({value / aggregate[1]:.2f}x of 1) |")
-    for key in ("aggregate_32_vs_1", "rss_32_vs_1", "tokens_lost"):
-        print(f"| {key} | {results[key]} |")
+    for key in ("aggregate_32_vs_1", "rss_32_vs_1", "tokens_lost", "peer_llamacpp_single_tok_s",
+                "engine_single_vs_llamacpp", "pipeline_single_vs_llamacpp", "aggregate_32_vs_llamacpp_single"):
+        if key in results:
+            print(f"| {key} | {results[key]} |")
     print(f"\nwritten to {out / 'latest.json'}")
 
 

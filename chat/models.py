@@ -14,6 +14,7 @@ class Deployment(models.Model):
     class Engine(models.TextChoices):
         TRANSFORMERS = "transformers", "transformers (CPU or GPU)"
         VLLM = "vllm", "vLLM (GPU)"
+        LLAMACPP = "llamacpp", "llama.cpp (GGUF files, CPU)"
 
     class Precision(models.TextChoices):
         FP32 = "fp32", "fp32"

@@ -43,3 +43,14 @@ def embedding_model_name(name: str) -> str:
     if name in (EMBEDDING_ALIAS, settings.EMBEDDING_MODEL_NAME):
         return settings.EMBEDDING_MODEL_NAME
     raise UnknownModel(name, "embedding model")
+
+
+def default_engine(source: str) -> str:
+    """The engine a new deployment of `source` gets: llama.cpp for a GGUF file where
+    llama-cpp-python is installed (the fastest CPU path, see the README's engine table),
+    transformers otherwise. Looked up without importing anything heavy."""
+    import importlib.util
+
+    if source.strip().endswith(".gguf") and importlib.util.find_spec("llama_cpp") is not None:
+        return Deployment.Engine.LLAMACPP
+    return Deployment.Engine.TRANSFORMERS

@@ -119,6 +119,7 @@ def run(args) -> int:
         options = ["--model", args.model] if args.model else []
         options += ["--model-type", args.model_type] if args.model_type else []
         options += ["--precision", args.precision] if args.precision else []
+        options += ["--engine", args.engine] if args.engine else []
         call_command("setup_site", *options)
 
         from chat.models import Deployment
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
     run_parser.add_argument("--model", default=os.environ.get("MODEL", ""))
     run_parser.add_argument("--model-type", default=os.environ.get("MODEL_TYPE", ""))
     run_parser.add_argument("--precision", default=os.environ.get("PRECISION", ""))
+    run_parser.add_argument("--engine", default=os.environ.get("ENGINE", ""))
     run_parser.add_argument("--concurrency", type=int, default=None)
     svc = sub.add_parser("services", help="start the database and Redis, run a command, stop them")
     svc.add_argument("--fresh", action="store_true", help="start from an empty data folder")

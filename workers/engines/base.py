@@ -39,6 +39,17 @@ class Engine:
 
         return count_tokens(self.tokenizer, text)
 
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= 1 (quality checks; engines that can score text)."""
+        raise NotImplementedError
+
+    def perplexity(self, text: str) -> float:
+        """The model's perplexity on `text`: how the quality guard compares fast engines with fp32."""
+        import math
+
+        logprobs = self.token_logprobs(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return math.exp(-sum(logprobs) / len(logprobs))
+
     def stream(self, prompt: str, params, result: GenerationResult, cancelled: Callable[[], bool]) -> Iterator[str]:
         """Yield text deltas; fill `result` by the end."""
         raise NotImplementedError

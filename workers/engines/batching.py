@@ -117,8 +117,6 @@ class BatchingScheduler:
     """Runs the engine loop in one thread; `submit()` and `abort()` are safe from any thread."""
 
     def __init__(self, model, *, max_batch_size: int = 32, prefill_chunk: int = 256, name: str = "engine"):
-        self.model = model
-        self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
         self._waiting: deque[BatchRequest] = deque()
@@ -128,12 +126,17 @@ class BatchingScheduler:
         self._prefilling: BatchRequest | None = None
         self._stopped = False
         self.steps = 0
+        self._setup_model(model)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _setup_model(self, model) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
         # transformers 5.24 renamed `past_key_values` to `cache`; remote-code models keep the old name
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
 
     # --- from any thread -----------------------------------------------------------------
     def submit(self, request: BatchRequest) -> None:
@@ -161,7 +164,7 @@ class BatchingScheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self._waiting and not self._batch.alive and self._prefilling is None:
+                while not self._stopped and not self._has_work():
                     self._wake.wait()
                 if self._stopped:
                     break
@@ -173,11 +176,17 @@ class BatchingScheduler:
                 log.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
         with self._wake:
-            everyone = list(self._waiting) + [r for r in self._batch.requests if r is not None]
-            everyone += [self._prefilling] if self._prefilling else []
+            everyone = list(self._waiting) + self._remaining()
             self._waiting.clear()
         for request in everyone:
             request.out.put(("done", "cancelled"))
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._batch.alive or self._prefilling is not None)
+
+    def _remaining(self) -> list[BatchRequest]:
+        """The requests inside the engine (not waiting), told "cancelled" when it stops."""
+        return [r for r in self._batch.requests if r is not None] + ([self._prefilling] if self._prefilling else [])
 
     def _drop_aborted(self, aborted: set[str]) -> None:
         if not aborted:

@@ -4,22 +4,17 @@ import hashlib
 import os
 import importlib.util
 import logging
-import queue
 import shutil
-import time
-import uuid
 from pathlib import Path
 
 import torch
-from django.conf import settings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.engines.base import Engine, GenerationResult, LoadError
-from workers.engines.batching import BatchingScheduler, BatchRequest
+from workers.engines.base import LoadError
+from workers.engines.batching import BatchingScheduler
+from workers.engines.queued import QueuedEngine
 
 log = logging.getLogger(__name__)
-
-CANCEL_POLL_SECONDS = 0.1  # how often a waiting request looks at its cancel flag
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,7 +48,7 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     return source, None  # a hub id
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(QueuedEngine):
     def __init__(self, deployment):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = DTYPES[deployment.precision]
@@ -85,9 +80,17 @@ class TransformersEngine(Engine):
             self.model, max_batch_size=deployment.max_batch_size, name=f"engine-{deployment.name}"
         )
 
+    @torch.inference_mode()
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1].float()
+        picked = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:], device=self.device).unsqueeze(1))
+        return picked.squeeze(1).tolist()
+
     @staticmethod
     def _dequantized(folder: str, gguf_file: str) -> tuple[str, str | None]:
         """GGUF files are de-quantized on every load (slow): keep the result as safetensors once."""
+        from django.conf import settings  # here only: the engine itself runs without Django (bench/gpu_check.py)
+
         path = Path(folder) / gguf_file
         stat = path.stat()
         key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -109,75 +112,3 @@ class TransformersEngine(Engine):
         except OSError:  # another worker finished first
             shutil.rmtree(partial, ignore_errors=True)
         return str(cache), None
-
-    def stream(self, prompt, params, result: GenerationResult, cancelled):
-        """Submit to the batching scheduler; yield text as tokens arrive; abort when cancelled."""
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        result.prompt_tokens = len(prompt_ids)
-        max_new = params.max_new_tokens
-        if self.context_length:
-            max_new = min(max_new, self.context_length - len(prompt_ids))
-        request = BatchRequest(
-            id=uuid.uuid4().hex,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new,
-            greedy=params.greedy,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop_ids=self.stop_ids,
-        )
-        self.scheduler.submit(request)
-        detok = IncrementalDecoder(self.tokenizer)
-        last_check = time.monotonic()
-        try:
-            while True:
-                try:
-                    kind, value = request.out.get(timeout=CANCEL_POLL_SECONDS)
-                except queue.Empty:
-                    kind = None
-                if time.monotonic() - last_check >= CANCEL_POLL_SECONDS or kind is None:
-                    last_check = time.monotonic()
-                    if cancelled():
-                        self.scheduler.abort(request.id)
-                if kind == "token":
-                    result.completion_tokens += 1
-                    text = detok.add(value)
-                    if text:
-                        yield text
-                elif kind == "done":
-                    if value == "stop":
-                        result.completion_tokens += 1  # the end-of-turn token was generated too
-                    result.finish_reason = value
-                    tail = detok.flush()
-                    if tail:
-                        yield tail
-                    return
-                elif kind == "error":
-                    raise RuntimeError(value)
-        finally:
-            if not result.finish_reason:  # the consumer stopped early: free the slot
-                self.scheduler.abort(request.id)
-
-
-class IncrementalDecoder:
-    """Turns token ids into text pieces without splitting a multi-byte character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete character: wait for the next token
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta, self.sent = text[len(self.sent) :], text
-        return delta

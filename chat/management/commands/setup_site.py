@@ -5,6 +5,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
 from chat.models import Deployment
+from chat.selectors import default_engine
 
 
 class Command(BaseCommand):
@@ -14,13 +15,18 @@ class Command(BaseCommand):
         parser.add_argument("--model", default="", help="model source of the default deployment")
         parser.add_argument("--model-type", default="", help="chat format of the default deployment")
         parser.add_argument("--precision", default="", choices=["", "fp32", "bf16", "fp16"])
+        parser.add_argument("--engine", default="", choices=["", *Deployment.Engine.values])
         parser.add_argument("--no-admin", action="store_true", help="do not create the admin user")
 
-    def handle(self, *args, model, model_type, precision, no_admin, **options):
+    def handle(self, *args, model, model_type, precision, engine, no_admin, **options):
         source = model or settings.DEFAULT_MODEL_SOURCE
-        deployment, created = Deployment.objects.get_or_create(name="default", defaults={"model_source": source})
+        deployment, created = Deployment.objects.get_or_create(
+            name="default", defaults={"model_source": source, "engine": engine or default_engine(source)}
+        )
+        if not engine and deployment.model_source != source:
+            engine = default_engine(source)  # a new model gets the engine that fits it
         changed = []
-        for field, value in (("model_source", source), ("model_type", model_type), ("precision", precision)):
+        for field, value in (("model_source", source), ("model_type", model_type), ("precision", precision), ("engine", engine)):
             if value and getattr(deployment, field) != value:
                 setattr(deployment, field, value)
                 changed.append(field)

@@ -1,0 +1,148 @@
+"""The llama.cpp engine (the default on CPUs for GGUF models), called in-process: the quality guard
+against the fp32 transformers engine, continuous batching, abort and per-request sampling."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chat.generation import SamplingParams
+from chat.models import Deployment
+from chat.prompting import render_prompt
+from workers.engines.base import GenerationResult
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install builds it)")
+
+TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
+# (system prompt, question, the word a right answer contains): fp32 answers all of these
+FACTS = [
+    ("", "What is the capital of France?", "Paris"),
+    ("", "What is the capital of Egypt?", "Cairo"),
+    ("", "What is the capital of Russia?", "Moscow"),
+    ("", "What is the capital of Canada?", "Ottawa"),
+    ("You are concise.", "What is the capital of Japan?", "Tokyo"),
+]
+QUESTIONS = [
+    f"What is the capital of {c}?"
+    for c in ["France", "Egypt", "Canada", "Russia", "Germany", "Japan", "China", "India",
+              "Brazil", "Kenya", "Peru", "Chile", "Cuba", "Greece", "Norway", "Poland"]
+]
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    return Deployment.objects.get(name="default")
+
+
+@pytest.fixture(scope="module")
+def engine(deployment):
+    from workers.engines.llamacpp_engine import LlamaCppEngine
+
+    engine = LlamaCppEngine(deployment)
+    yield engine
+    engine.scheduler.stop()
+
+
+def greedy(n=24):
+    return SamplingParams(max_new_tokens=n, temperature=0, top_k=0, top_p=1.0, do_sample=False)
+
+
+def ask(engine, messages, params, deployment=None, cancelled=lambda: False):
+    # exactly as the predict API renders it: the deployment's chat template (or the model's own)
+    prompt = render_prompt(engine.tokenizer, messages, deployment.chat_template if deployment else "")
+    result = GenerationResult()
+    text = "".join(engine.stream(prompt, params, result, cancelled))
+    return text, result
+
+
+def user(question):
+    return [{"role": "user", "content": question}]
+
+
+def test_the_default_deployment_on_a_cpu_runs_the_llamacpp_engine(deployment):
+    assert deployment.engine == Deployment.Engine.LLAMACPP
+
+
+@pytest.mark.parametrize("system,question,word", FACTS, ids=[q for _, q, _ in FACTS])
+def test_quality_guard_factual_answers_stay_right(engine, deployment, system, question, word):
+    messages = ([{"role": "system", "content": system}] if system else []) + user(question)
+    text, _ = ask(engine, messages, greedy(), deployment)
+    assert word in text, text
+
+
+def test_quality_guard_perplexity_within_five_percent_of_fp32(engine, deployment):
+    from workers.engines.transformers_engine import TransformersEngine
+
+    fp32 = TransformersEngine(deployment)  # the same GGUF weights, de-quantized to fp32
+    try:
+        reference = fp32.perplexity(TEXT)
+    finally:
+        fp32.scheduler.stop()
+    fast = engine.perplexity(TEXT)
+    print(f"perplexity: fp32 transformers {reference:.3f}, llama.cpp {fast:.3f} ({fast / reference - 1:+.2%})")
+    assert 1 < reference < 100  # a real measurement of a model that reads English
+    assert abs(fast / reference - 1) <= 0.05
+
+
+def test_sixteen_concurrent_streams_each_answer_their_own_question(engine):
+    single = [ask(engine, user(q), greedy(12))[0] for q in QUESTIONS]
+    answers = [None] * len(QUESTIONS)
+
+    def run(i):
+        answers[i] = ask(engine, user(QUESTIONS[i]), greedy(12))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(a is not None for a in answers)
+    # llama.cpp's batched kernels round differently from one row at a time, so a near tie may
+    # flip late in an answer; the start of each answer is its own question's.
+    same = sum(text[:20] == s[:20] for (text, _), s in zip(answers, single))
+    assert same >= 15, list(zip(single, [a for a, _ in answers]))
+    assert engine.scheduler.running == 0
+
+
+def test_an_aborted_request_frees_its_slot_and_the_others_finish(engine):
+    stop = threading.Event()
+    outcome = {}
+
+    def victim():
+        outcome["victim"] = ask(engine, user("Write a long story about a dragon."), greedy(400), cancelled=stop.is_set)
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while engine.scheduler.running == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    others = [None] * 4
+
+    def run(i):
+        others[i] = ask(engine, user(QUESTIONS[i]), greedy(16))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    stop.set()
+    thread.join(60)
+    for t in threads:
+        t.join(120)
+    text, result = outcome["victim"]
+    assert result.finish_reason == "cancelled"
+    assert result.completion_tokens < 400
+    for text, result in others:
+        assert result.finish_reason in ("stop", "length") and text
+    assert engine.scheduler.running == 0
+
+
+def test_sampling_settings_are_per_request(engine):
+    def sample(seed):
+        params = SamplingParams(max_new_tokens=16, temperature=1.3, top_k=50, top_p=0.95, do_sample=True, seed=seed)
+        return ask(engine, user("Name an animal."), params)[0]
+
+    first, again, other = sample(7), sample(7), sample(8)
+    assert first == again  # the same seed gives the same answer
+    greedy_answer = ask(engine, user("Name an animal."), greedy(16))[0]
+    assert len({first, other, greedy_answer}) >= 2  # sampling is not greedy decoding

@@ -1,0 +1,389 @@
+"""The llama.cpp engine: GGUF models on CPUs, at llama.cpp's own speed, with continuous batching.
+
+One scheduler thread owns a llama.cpp context whose KV cache is shared by up to `max_batch_size`
+sequences (one sequence id per request). Each step sends ONE batch to `llama_decode`: the next
+token of every running request plus a chunk of the prompts that are joining, so requests join and
+leave between steps and a long prompt never stalls the running streams for long. Sampling, stop
+tokens and the token/text stream are the same as the transformers engine's (`QueuedEngine`), and
+so is the tokenizer (transformers' tokenizer read from the same GGUF file), so prompts, token
+counts and chat templates do not depend on the engine.
+
+Mixed precision, chosen by measurement (README, "Fast CPU engine"): with a 4-bit file, llama.cpp
+rounds activations to 8 bits inside every matrix product, and that flips near ties: SmolLM2's
+first answer token to "What is the capital of France?" is "The" at -1.88 and "L" at -1.97 nats in
+fp32, and the 4-bit path answers "L'Étoile, la Marseillaise…". So prompts are prefilled by an f16
+copy of the same weights (made once from the file, kept in the model cache): the prompt's KV
+cache and the first token come out at f16 precision, and the KV rows are then moved into the
+4-bit context, which decodes every following token at full speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from workers.engines.base import LoadError
+from workers.engines.batching import BatchRequest, BatchingScheduler, _processors
+from workers.engines.queued import QueuedEngine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_TOKENS = 16384  # the KV cache all running requests share (tokens of prompt + answer)
+BATCH_TOKENS = 512  # tokens sent to one llama_decode call (running rows first, then prompt chunks)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _llama():
+    """Import llama-cpp-python (only where this engine is used) and start its backend once."""
+    global _backend_ready
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise LoadError(f"the llamacpp engine needs llama-cpp-python: {exc}") from exc
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+    return llama_cpp
+
+
+def default_threads() -> int:
+    configured = os.environ.get("LLAMACPP_THREADS")
+    if configured:
+        return max(1, int(configured))
+    return len(os.sched_getaffinity(0))
+
+
+class LlamaCppEngine(QueuedEngine):
+    def __init__(self, deployment):
+        from transformers import AutoTokenizer
+
+        from workers.engines.transformers_engine import resolve_source
+
+        folder, gguf_file = resolve_source(deployment.model_source)
+        if not gguf_file:
+            raise LoadError(
+                f"the llamacpp engine runs GGUF model files; {deployment.model_source} is not one "
+                "(choose the transformers engine for it)"
+            )
+        path = os.path.join(folder, gguf_file)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            raise LoadError(f"cannot read the tokenizer of {path}: {exc}") from exc
+        size = deployment.max_batch_size
+        self.model = LlamaCppModel(path, kv_tokens=DEFAULT_KV_TOKENS, max_sequences=size)
+        self.context_length = min(self.model.n_ctx_train, self.model.kv_tokens)
+        self.prefill_model = None
+        if self.model.quantized and os.environ.get("LLAMACPP_PREFILL", "f16") == "f16":
+            self.prefill_model = LlamaCppModel(f16_copy(path), kv_tokens=self.context_length, max_sequences=size)
+        stop = set(self.model.end_of_generation_ids)
+        if self.tokenizer.eos_token_id is not None:
+            stop.add(self.tokenizer.eos_token_id)
+        self.stop_ids = frozenset(stop)
+        self.scheduler = LlamaCppScheduler(
+            self.model, prefill=self.prefill_model, max_batch_size=size, name=f"engine-{deployment.name}"
+        )
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        with self.scheduler.exclusive() as seq:
+            return self.model.token_logprobs(ids, seq)
+
+
+def f16_copy(path: str) -> str:
+    """The GGUF file's weights as f16 (llama.cpp's own converter), made once and kept in the model cache."""
+    import hashlib
+    from pathlib import Path
+
+    try:
+        from django.conf import settings
+
+        cache = Path(settings.MODEL_CACHE_DIR)
+    except Exception:  # used without Django settings (bench/gpu_check.py style scripts)
+        cache = Path(os.environ.get("LLMSITE_MODEL_CACHE", "var/models"))
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache / f"{Path(path).stem}-{key}.f16.gguf"
+    if target.exists():
+        return str(target)
+    lib = _llama()
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = lib.LLAMA_FTYPE_MOSTLY_F16
+    params.allow_requantize = True
+    params.nthread = default_threads()
+    log.info("writing an f16 copy of %s for prompt prefill (once; kept in %s)", path, target)
+    if lib.llama_model_quantize(path.encode(), str(partial).encode(), params) != 0:
+        partial.unlink(missing_ok=True)
+        raise LoadError(f"llama.cpp cannot convert {path} to f16")
+    partial.rename(target)
+    return str(target)
+
+
+class LlamaCppModel:
+    """A GGUF model and one llama.cpp context, driven through llama-cpp-python's C API bindings."""
+
+    def __init__(self, path: str, *, kv_tokens: int, max_sequences: int, threads: int | None = None):
+        self.lib = lib = _llama()
+        _quiet(lib)
+        params = lib.llama_model_default_params()
+        self.model = lib.llama_model_load_from_file(path.encode(), params)
+        if not self.model:
+            raise LoadError(f"llama.cpp cannot load {path} (not a GGUF model it supports?)")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lib.llama_model_n_ctx_train(self.model)
+        # under 1.5 bytes a weight: a quantized file (f16 and bf16 take 2, f32 4)
+        self.quantized = lib.llama_model_size(self.model) < 1.5 * lib.llama_model_n_params(self.model)
+        self.threads = threads or default_threads()
+        self.kv_tokens = min(kv_tokens, max(self.n_ctx_train, 1) * max_sequences)
+        ctx_params = lib.llama_context_default_params()
+        ctx_params.n_ctx = self.kv_tokens
+        ctx_params.n_batch = BATCH_TOKENS
+        ctx_params.n_ubatch = BATCH_TOKENS
+        ctx_params.n_seq_max = max_sequences
+        ctx_params.n_threads = self.threads
+        ctx_params.n_threads_batch = self.threads
+        ctx_params.kv_unified = True  # one cache for all sequences: a request may use what others leave
+        ctx_params.no_perf = True
+        self.ctx = lib.llama_init_from_model(self.model, ctx_params)
+        if not self.ctx:
+            lib.llama_model_free(self.model)
+            raise LoadError(f"llama.cpp cannot create a context of {self.kv_tokens} tokens for {path}")
+        self.memory = lib.llama_get_memory(self.ctx)
+        self.batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self.end_of_generation_ids = [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self.vocab, t)]
+        self.lock = threading.Lock()  # one llama.cpp call at a time on this context
+
+    def decode(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode call over (token, position, sequence id, wants logits) rows."""
+        batch = self.batch
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits
+        batch.n_tokens = len(rows)
+        code = self.lib.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}" + (" (the KV cache is full)" if code == 1 else ""))
+
+    def logits(self, row: int) -> np.ndarray:
+        """The logits of batch row `row` of the last decode (a view, valid until the next one)."""
+        pointer = self.lib.llama_get_logits_ith(self.ctx, row)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def forget(self, seq: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def move(self, seq: int, other: "LlamaCppModel") -> None:
+        """Move a sequence's KV rows into another context of the same architecture."""
+        size = self.lib.llama_state_seq_get_size(self.ctx, seq)
+        buffer = (ctypes.c_uint8 * size)()
+        written = self.lib.llama_state_seq_get_data(self.ctx, buffer, size, seq)
+        other.forget(seq)
+        if not written or self.lib.llama_state_seq_set_data(other.ctx, buffer, written, seq) != written:
+            raise RuntimeError("llama.cpp could not move a prompt's KV cache between contexts")
+        self.forget(seq)
+
+    def token_logprobs(self, ids: list[int], seq: int = 0) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= 1 on sequence `seq`, which no request may be using
+        (the caller holds `lock`; see LlamaCppScheduler.exclusive)."""
+        out = []
+        self.forget(seq)
+        for start in range(0, len(ids), BATCH_TOKENS):
+            chunk = ids[start : start + BATCH_TOKENS]
+            self.decode([(t, start + i, seq, True) for i, t in enumerate(chunk)])
+            for i in range(len(chunk)):
+                target = start + i + 1
+                if target < len(ids):
+                    row = self.logits(i).astype(np.float64)
+                    top = row.max()
+                    out.append(float(row[ids[target]] - top - np.log(np.exp(row - top).sum())))
+        self.forget(seq)
+        return out
+
+
+def _quiet(lib) -> None:
+    """Send llama.cpp's own log lines to Python logging at debug level instead of stderr."""
+    global _log_callback
+    if _log_callback is None:
+
+        @lib.llama_log_callback
+        def forward(level, text, user_data):
+            log.debug("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+        _log_callback = forward
+        lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+_log_callback = None
+
+
+@dataclass
+class _Sequence:
+    request: BatchRequest
+    seq: int
+    pending: deque = field(default_factory=deque)  # prompt tokens not yet sent
+    pos: int = 0
+    last_token: int = -1
+    reserved: int = 0  # KV tokens this request may grow to
+
+
+class LlamaCppScheduler(BatchingScheduler):
+    """Continuous batching over llama.cpp contexts (the transformers scheduler's thread, queueing,
+    abort and emit logic). Each step: one decode call for the next token of every running request,
+    then one prefill call for a chunk of the joining requests' prompts (into `prefill`'s context
+    when there is one, whose KV rows move to the decoding context once a prompt is done)."""
+
+    def __init__(self, model: LlamaCppModel, *, prefill: LlamaCppModel | None = None, max_batch_size: int = 32, name: str = "engine"):
+        self.llama = model
+        self.prefill = prefill or model
+        self.lock = model.lock  # one thread at a time on the contexts
+        self._free_seqs = list(range(max_batch_size - 1, -1, -1))
+        self._running: list[_Sequence] = []
+        self._reserved = 0
+        self._prefill_reserved = 0
+        super().__init__(None, max_batch_size=max_batch_size, name=name)
+
+    def _setup_model(self, model) -> None:
+        self.device = "cpu"  # the base class's transformers set-up does not apply
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """A free sequence id and the contexts to oneself between two steps (scoring text)."""
+        with self._wake:
+            while not self._free_seqs:
+                self._wake.wait(0.1)
+            seq = self._free_seqs.pop()
+        try:
+            with self.lock:
+                yield seq
+        finally:
+            with self._wake:
+                self._free_seqs.append(seq)
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def _remaining(self) -> list[BatchRequest]:
+        return [s.request for s in self._running]
+
+    def _drop_aborted(self, aborted: set[str]) -> None:
+        if not aborted:
+            return
+        with self._wake:
+            for request in [r for r in self._waiting if r.id in aborted]:
+                self._waiting.remove(request)
+                request.out.put(("done", "cancelled"))
+        for sequence in [s for s in self._running if s.request.id in aborted]:
+            sequence.request.out.put(("done", "cancelled"))
+            self._release(sequence)
+
+    def _release(self, sequence: _Sequence) -> None:
+        self._running.remove(sequence)
+        with self.lock:
+            self.llama.forget(sequence.seq)
+            if sequence.pending and self.prefill is not self.llama:
+                self.prefill.forget(sequence.seq)
+        with self._wake:
+            self._free_seqs.append(sequence.seq)
+            self._reserved -= sequence.reserved
+            if sequence.pending:
+                self._prefill_reserved -= len(sequence.request.prompt_ids)
+
+    def _admit(self) -> None:
+        """Waiting requests join while a sequence id and their KV room (prompt + answer) are free."""
+        with self._wake:
+            while self._waiting and self._free_seqs:
+                request = self._waiting[0]
+                need, prompt = len(request.prompt_ids) + request.max_new_tokens, len(request.prompt_ids)
+                if self._running and (
+                    self._reserved + need > self.llama.kv_tokens or self._prefill_reserved + prompt > self.prefill.kv_tokens
+                ):
+                    break  # waits for running requests to leave
+                self._waiting.popleft()
+                self._start(request)
+                sequence = _Sequence(request, self._free_seqs.pop(), deque(request.prompt_ids), reserved=need)
+                self._reserved += need
+                self._prefill_reserved += prompt
+                self._running.append(sequence)
+
+    def step(self) -> None:
+        self._admit()
+        finished: list[_Sequence] = []
+        decoding = [s for s in self._running if not s.pending]
+        with self.lock:
+            if decoding:
+                self.llama.decode([(s.last_token, s.pos, s.seq, True) for s in decoding])
+                for row, sequence in enumerate(decoding):
+                    sequence.pos += 1
+                    self._next(sequence, self.llama.logits(row), finished)
+            self._prefill_chunk(finished)
+        for sequence in finished:
+            self._release(sequence)
+        self.steps += 1
+
+    def _prefill_chunk(self, finished: list[_Sequence]) -> None:
+        """Up to BATCH_TOKENS prompt tokens of the joining requests, oldest first, in one call."""
+        rows, done = [], []
+        for sequence in self._running:
+            if not sequence.pending or len(rows) >= BATCH_TOKENS:
+                continue
+            take = min(BATCH_TOKENS - len(rows), len(sequence.pending))
+            for i in range(take):
+                last = len(sequence.pending) == 1
+                rows.append((sequence.pending.popleft(), sequence.pos + i, sequence.seq, last))
+                if last:
+                    done.append((len(rows) - 1, sequence))
+            sequence.pos += take
+        if not rows:
+            return
+        self.prefill.decode(rows)
+        for row, sequence in done:
+            logits = self.prefill.logits(row)
+            if self.prefill is not self.llama:
+                self.prefill.move(sequence.seq, self.llama)
+            with self._wake:
+                self._prefill_reserved -= len(sequence.request.prompt_ids)
+            self._next(sequence, logits, finished)
+
+    def _next(self, sequence: _Sequence, logits: np.ndarray, finished: list[_Sequence]) -> None:
+        token = self._sample(sequence.request, logits)
+        sequence.last_token = token
+        if self._emit(sequence.request, token):
+            finished.append(sequence)
+
+    def _sample(self, request: BatchRequest, logits: np.ndarray) -> int:
+        if request.greedy:
+            return int(logits.argmax())
+        import torch
+
+        scores = request.processors(None, torch.from_numpy(logits.copy()).unsqueeze(0))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+    def _fail_all(self, message: str) -> None:
+        for sequence in list(self._running):
+            sequence.request.out.put(("error", message))
+            self._release(sequence)
+        with self.lock:
+            self.llama.forget(-1)  # whatever a failed call left behind
+            self.prefill.forget(-1)
+        with self._wake:
+            self._reserved = self._prefill_reserved = 0

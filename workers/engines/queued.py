@@ -1,0 +1,101 @@
+"""What the engines with a scheduler thread of their own share: a request goes into the scheduler,
+its tokens come back on a queue and are turned into text pieces here, and a cancelled request is
+aborted so its batch slot frees at the next step."""
+
+import queue
+import time
+import uuid
+
+from workers.engines.base import Engine, GenerationResult
+from workers.engines.batching import BatchRequest
+
+CANCEL_POLL_SECONDS = 0.1  # how often a waiting request looks at its cancel flag
+
+
+class QueuedEngine(Engine):
+    """Subclasses set `tokenizer`, `context_length`, `stop_ids` and `scheduler` (submit/abort)."""
+
+    scheduler = None
+    stop_ids: frozenset = frozenset()
+
+    def stream(self, prompt, params, result: GenerationResult, cancelled):
+        """Submit to the scheduler; yield text as tokens arrive; abort when cancelled."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        result.prompt_tokens = len(prompt_ids)
+        max_new = params.max_new_tokens
+        if self.context_length:
+            max_new = min(max_new, self.context_length - len(prompt_ids))
+        request = BatchRequest(
+            id=uuid.uuid4().hex,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            greedy=params.greedy,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop_ids=self.stop_ids,
+        )
+        self.scheduler.submit(request)
+        detok = IncrementalDecoder(self.tokenizer)
+        last_check = time.monotonic()
+        try:
+            while True:
+                try:
+                    kind, value = request.out.get(timeout=CANCEL_POLL_SECONDS)
+                except queue.Empty:
+                    kind = None
+                if time.monotonic() - last_check >= CANCEL_POLL_SECONDS or kind is None:
+                    last_check = time.monotonic()
+                    if cancelled():
+                        self.scheduler.abort(request.id)
+                if kind == "token":
+                    result.completion_tokens += 1
+                    text = detok.add(value)
+                    if text:
+                        yield text
+                elif kind == "done":
+                    if value == "stop":
+                        result.completion_tokens += 1  # the end-of-turn token was generated too
+                    result.finish_reason = value
+                    tail = detok.flush()
+                    if tail:
+                        yield tail
+                    return
+                elif kind == "error":
+                    raise RuntimeError(value)
+        finally:
+            if not result.finish_reason:  # the consumer stopped early: free the slot
+                self.scheduler.abort(request.id)
+
+
+class IncrementalDecoder:
+    """Turns token ids into text pieces without splitting a multi-byte character.
+
+    Decodes only a short window (the tokens since the last piece, plus the ones before them for
+    context, as vLLM and transformers' TextStreamer do), so a long answer costs O(1) per token.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: decoded again only as context for spacing
+        self.read_offset = 0  # tokens before this were already sent
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        prefix = self._decode(self.prefix_offset, self.read_offset)
+        text = self._decode(self.prefix_offset)
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+            return ""  # nothing new yet, or an incomplete character: wait for the next token
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix) :]
+
+    def flush(self) -> str:
+        prefix = self._decode(self.prefix_offset, self.read_offset)
+        text = self._decode(self.prefix_offset)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :] if len(text) > len(prefix) else ""
