@@ -69,6 +69,11 @@ DEBUG = env.bool("DJANGO_DEBUG", default=False)
 # Behind HTTPS (production): secure cookies, HTTPS redirect and HSTS. Off by default because the
 # one-machine start serves plain http://127.0.0.1 (PROTOCOL.md: no HTTPS redirect in that mode).
 HTTPS = env.bool("DJANGO_HTTPS", default=False)
+if HTTPS and not env.str("DJANGO_SECRET_KEY", default=""):
+    # Production needs a key of its own, the same on every web process, kept out of the data folder.
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured("DJANGO_HTTPS is on (production), so DJANGO_SECRET_KEY must be set: a long random string kept secret.")
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT = HTTPS
 SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000 if HTTPS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)

@@ -103,7 +103,7 @@ def test_slots_of_a_web_process_that_died_expire_with_their_lease(stack, token, 
 
     web, url = start_web(env={"GENERATION_LEASE_SECONDS": "10"})
     try:
-        streams = [open_stream(url, token, limited.name, max_new_tokens=200) for _ in range(LIMIT)]
+        streams = [open_stream(url, token, limited.name, max_new_tokens=60) for _ in range(LIMIT)]
         web.popen.kill()  # SIGKILL: no stream is closed, no slot given back
         web.popen.wait()
         assert_429(short_request(stack.url, token, limited.name))

@@ -9,11 +9,12 @@ import requests
 from chat.models import Deployment
 
 
-def login(base_url: str, username: str, password: str, session: requests.Session | None = None) -> requests.Response:
+def login(base_url: str, username: str, password: str, session: requests.Session | None = None, path: str = "/accounts/login/") -> requests.Response:
+    """The login form, filled in as a browser does (with the CSRF token from the form's page)."""
     session = session or requests.Session()
-    session.get(f"{base_url}/accounts/login/", timeout=30)
+    session.get(f"{base_url}{path}", timeout=30)
     data = {"username": username, "password": password, "csrfmiddlewaretoken": session.cookies["csrftoken"]}
-    return session.post(f"{base_url}/accounts/login/", data=data, allow_redirects=False, timeout=30)
+    return session.post(f"{base_url}{path}", data=data, allow_redirects=False, timeout=30)
 
 
 def site_session(base_url: str, username: str, password: str) -> requests.Session:
@@ -40,8 +41,8 @@ def site_user(db_user_factory):
 
 @pytest.fixture
 def capped(stack):
-    """A copy of the default deployment (same worker queue) whose context leaves room for only a few
-    new tokens after a short prompt: valid requests cost little, longer ones are refused as too long."""
+    """A copy of the default deployment (same worker queue) whose context leaves room for one new
+    token after a prompt of "Hi there": valid requests cost little, longer ones are refused as too long."""
     from chat.generation import Conversation
     from chat.prompting import count_tokens, edge_tokenizer, render_prompt
 
@@ -49,6 +50,6 @@ def capped(stack):
     tokenizer = edge_tokenizer(deployment.tokenizer_files)
     short = count_tokens(tokenizer, render_prompt(tokenizer, Conversation(prompt="Hi there").messages(), deployment.chat_template))
     deployment.pk, deployment.name = None, f"capped-{uuid.uuid4().hex[:8]}"
-    deployment.context_length, deployment.default_max_new_tokens, deployment.queue = short + 4, 4, "default"
+    deployment.context_length, deployment.default_max_new_tokens, deployment.queue = short + 1, 1, "default"
     deployment.save()
     return deployment
