@@ -78,9 +78,3 @@ async def acquire(*, deployment) -> Slot:
         )
     return slot
 
-
-async def in_flight(*, deployment) -> int:
-    """Generations of `deployment` holding a live lease now (for tests and the admin)."""
-    client = events.async_client()
-    now_s, now_us = await client.time()
-    return await client.zcount(key(deployment.pk), now_s + now_us / 1_000_000, "+inf")

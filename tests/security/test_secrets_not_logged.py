@@ -53,8 +53,8 @@ def test_tokens_passwords_and_the_secret_key_appear_in_no_log_or_error_body(stac
             ws.send(json.dumps({"prompt": "Hi", "max_new_tokens": 2}))
             while (message := ws.recv()) not in ("<EOS>", ""):
                 bodies.append(message)
-        except websocket.WebSocketConnectionClosedException:
-            pass
+        except (websocket.WebSocketConnectionClosedException, BrokenPipeError, ConnectionResetError):
+            pass  # a refused token: the server closed the socket after its error message
         finally:
             ws.close()
 
