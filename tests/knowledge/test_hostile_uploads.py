@@ -103,10 +103,11 @@ def test_a_traversal_or_nul_file_name_is_kept_only_as_a_plain_label(stack, token
 
 def test_the_service_strips_traversal_and_control_characters_from_names(kb):
     from knowledge import services
+    from knowledge.errors import BadUpload
 
     document, _ = services.document_create(knowledge_base=kb, name="..\x00/..\x01/re\x00port.md", data=b"# Report\n\ntext")
     assert document.name == "report.md"
-    with pytest.raises(Exception, match="name"):
+    with pytest.raises(BadUpload, match="name"):
         services.document_create(knowledge_base=kb, name="../..", data=b"text")
 
 
