@@ -8,6 +8,7 @@ web process died is never given back, so it simply expires with its lease: nothi
 A worker that dies is noticed by the stream's watchdog, which ends the stream and so frees the slot.
 """
 
+import logging
 import time
 import uuid
 
@@ -15,6 +16,8 @@ from django.conf import settings
 
 from chat import events
 from chat.errors import RateLimited
+
+log = logging.getLogger(__name__)
 
 # KEYS: the deployment's set. ARGV: limit, lease seconds, member. Returns -1 when admitted, else
 # the number in flight. Expired leases are dropped first, on the Redis server's clock.
@@ -57,7 +60,10 @@ class Slot:
         if self.released or time.monotonic() - self.renewed_at < self.lease / 4:
             return
         self.renewed_at = time.monotonic()
-        await events.async_client().eval(_RENEW, 1, self.key, self.lease, self.member)
+        try:
+            await events.async_client().eval(_RENEW, 1, self.key, self.lease, self.member)
+        except Exception:  # a Redis blip must not end a stream that is still flowing
+            log.warning("could not renew an in-flight slot of %s", self.key, exc_info=True)
 
     async def release(self) -> None:
         if not self.released:
