@@ -16,7 +16,7 @@ class DeploymentAdmin(admin.ModelAdmin):
     readonly_fields = ["status", "status_detail", "status_updated_at", "model_context_length", "created_at", "updated_at"]
     fieldsets = [
         (None, {"fields": ["name", "enabled", "model_source", "model_type", "chat_template"]}),
-        ("Serving", {"fields": ["engine", "precision", "context_length", "queue", "max_batch_size"]}),
+        ("Serving", {"fields": ["engine", "precision", "context_length", "queue", "max_batch_size", "max_concurrent_generations"]}),
         ("Answers from documents (langchain: true)", {"fields": ["default_knowledge_base"]}),
         (
             "Default sampling",

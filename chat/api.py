@@ -62,6 +62,11 @@ def _http_error(request, exc: HttpError):
     return _error(request, error)
 
 
+def _too_big(request, exc: RequestDataTooBig):
+    """Django refuses to read a body over DATA_UPLOAD_MAX_MEMORY_SIZE: that is the client's 413."""
+    return _error(request, BodyTooLarge(settings.DATA_UPLOAD_MAX_MEMORY_SIZE))
+
+
 def _unexpected(request, exc: Exception):
     log.exception("unexpected error in %s", request.path)
     return _error(request, ServerError(f"Internal error: {type(exc).__name__}"))
@@ -70,6 +75,7 @@ def _unexpected(request, exc: Exception):
 api.add_exception_handler(ApiError, _error)
 api.add_exception_handler(ValidationError, _invalid)
 api.add_exception_handler(HttpError, _http_error)
+api.add_exception_handler(RequestDataTooBig, _too_big)
 api.add_exception_handler(Exception, _unexpected)
 
 

@@ -54,7 +54,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         try:
             content = json.loads(text_data if text_data is not None else bytes_data)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # RecursionError: nested too deeply
             await self._say({"type": "error", "message": "Messages must be JSON objects.", "param": "body"})
             return
         await self.receive_json(content)

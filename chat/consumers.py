@@ -74,6 +74,12 @@ class PredictConsumer(AsyncWebsocketConsumer):
         while True:
             message = await self.inbox.get()
             try:
+                await services.edge(services.check_token_active, token=self.token)
+            except ApiError as exc:  # revoked while the socket was open: refused at once
+                await self.send(text_data=json.dumps(exc.body()))
+                await self.close(code=exc.ws_close_code or 4401)
+                return
+            try:
                 await self._answer(message)
             except asyncio.CancelledError:
                 raise

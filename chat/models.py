@@ -51,6 +51,11 @@ class Deployment(models.Model):
     max_batch_size = models.PositiveIntegerField(
         default=32, validators=[MinValueValidator(1)], help_text="Requests one worker generates for at once (continuous batching)."
     )
+    max_concurrent_generations = models.PositiveIntegerField(
+        default=64,
+        validators=[MinValueValidator(1)],
+        help_text="Generations in flight at once over all workers; more get 429 at once instead of waiting in a queue.",
+    )
     default_knowledge_base = models.ForeignKey(
         "knowledge.KnowledgeBase",
         null=True,

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from chat import events, ratelimits
+from chat import concurrency, events, ratelimits
 from chat.errors import (
     ApiError,
     ContextTooLong,
@@ -56,6 +56,13 @@ def authenticate(*, header: str | None) -> ApiToken:
         raise Unauthorized("Invalid or revoked API token.")
     ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
     return token
+
+
+def check_token_active(*, token: ApiToken) -> None:
+    """A token checked once at a WebSocket's handshake may be revoked while the socket is open:
+    each later message checks again, so a revocation takes effect at once."""
+    if not ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True, user__is_active=True).exists():
+        raise Unauthorized("Invalid or revoked API token.")
 
 
 def access_deployment(*, token: ApiToken, name: str) -> Deployment:
@@ -202,15 +209,24 @@ def _mark_cancelled_if_queued(request_id: str) -> None:
 class Generation:
     """One dispatched request: iterate `events()` (always ending in final or error), then `close()`."""
 
-    def __init__(self, request_id: str, subscription: events.Subscription, token: ApiToken | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        subscription: events.Subscription,
+        token: ApiToken | None = None,
+        slot: concurrency.Slot | None = None,
+    ):
         self.request_id = request_id
         self.subscription = subscription
         self.token = token  # whose tokens-per-minute window the usage goes to
+        self.slot = slot  # the deployment's in-flight slot, given back by close()
         self.finished = False
 
     async def events(self):
         try:
             async for event in self.subscription.events():
+                if self.slot is not None:
+                    await self.slot.renew()
                 if event["type"] in ("final", "error"):
                     self.finished = True
                 if event["type"] == "final" and self.token is not None:
@@ -235,6 +251,16 @@ class Generation:
                 await sync_to_async(_mark_cancelled_if_queued)(self.request_id)
             except Exception:
                 log.exception("could not cancel %s", self.request_id)
+        await _release(self.slot)
+
+
+async def _release(slot: concurrency.Slot | None) -> None:
+    """Give a deployment's in-flight slot back; if Redis is gone, its lease expires instead."""
+    if slot is not None:
+        try:
+            await slot.release()
+        except Exception:
+            log.warning("could not release an in-flight slot; its lease will expire", exc_info=True)
 
 
 async def wait_for_worker(queue: str) -> None:
@@ -250,16 +276,19 @@ async def wait_for_worker(queue: str) -> None:
 
 
 async def dispatch(prepared: Prepared) -> Generation:
-    """Store the request, subscribe to its stream, then enqueue it (so no event is missed)."""
+    """Take an in-flight slot (429 over the deployment's limit), store the request, subscribe to
+    its stream, then enqueue it (so no event is missed)."""
     try:
         await wait_for_worker(prepared.deployment.queue)
-    except Unavailable:
+        slot = await concurrency.acquire(deployment=prepared.deployment)
+    except ApiError:
         raise
     except Exception as exc:  # Redis unreachable
         raise Unavailable(f"Redis is unavailable: {exc}") from None
     try:
         record = await sync_to_async(_record)(prepared)
     except DatabaseError as exc:
+        await _release(slot)
         raise ServerError(f"The database is unavailable: {exc}") from None
     request_id = str(record.id)
     subscription = events.Subscription(request_id)
@@ -268,9 +297,10 @@ async def dispatch(prepared: Prepared) -> Generation:
         await sync_to_async(_enqueue)(prepared, request_id)
     except Exception as exc:
         await subscription.close()
+        await _release(slot)
         await sync_to_async(_mark_failed)(request_id, f"could not enqueue: {exc}")
         raise ServerError(f"The request could not be queued: {exc}") from None
-    return Generation(request_id, subscription, prepared.token)
+    return Generation(request_id, subscription, prepared.token, slot=slot)
 
 
 async def edge(func, /, **kwargs):

@@ -6,7 +6,10 @@ headings first, then paragraphs, lines and words down to the chunk size.
 """
 
 import io
+import zipfile
 from dataclasses import dataclass
+
+from django.conf import settings
 
 SUPPORTED_TYPES = ("txt", "md", "docx", "pdf")
 MARKDOWN_HEADINGS = [("#", "h1"), ("##", "h2"), ("###", "h3"), ("####", "h4")]
@@ -54,10 +57,47 @@ def _markdown_sections(text: str) -> list[Section]:
     return sections
 
 
+def check_content(name: str, data: bytes) -> None:
+    """Refuse, before anything is stored or parsed, a file whose bytes are not what its extension
+    says, and a .docx that would unpack to more than KNOWLEDGE_MAX_UNPACKED_BYTES (a zip bomb).
+
+    Cheap: it reads the first bytes and the zip's directory only. The parsers check again on the worker.
+    """
+    kind = file_type(name)
+    if kind in ("txt", "md"):
+        _text(data)
+    elif kind == "pdf" and b"%PDF-" not in data[:1024]:
+        raise ParseError(f"The file is named .pdf but is not a PDF (it does not start with %PDF-).")
+    elif kind == "docx":
+        _check_docx_container(data)
+
+
+def _check_docx_container(data: bytes) -> None:
+    limit = settings.KNOWLEDGE_MAX_UNPACKED_BYTES
+    if not data.startswith(b"PK\x03\x04"):
+        raise ParseError("The file is named .docx but is not a .docx document (not a zip archive).")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise ParseError(f"The file is not a readable .docx document ({exc}).") from None
+    if len(members) > 10_000:
+        raise ParseError(f"The .docx archive holds {len(members)} files; a document holds far fewer.")
+    # zipfile never returns more than a member's declared size (a lying header fails its CRC), so
+    # the declared sizes bound what python-docx can unpack.
+    unpacked = sum(member.file_size for member in members)
+    if unpacked > limit:
+        raise ParseError(
+            f"The .docx would unpack to {unpacked} bytes, over the limit of {limit} bytes "
+            "(KNOWLEDGE_MAX_UNPACKED_BYTES): it looks like a zip bomb."
+        )
+
+
 def _docx_as_markdown(data: bytes) -> str:
     import docx
     from docx.opc.exceptions import PackageNotFoundError
 
+    _check_docx_container(data)
     try:
         document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError, OSError) as exc:

@@ -35,12 +35,11 @@ def knowledge_base_get_or_create(*, name: str, owner) -> tuple[KnowledgeBase, bo
 
 
 def access_knowledge_base(*, user, name: str, change: bool = False) -> KnowledgeBase:
-    """The knowledge base `name` if `user` may use it (or change it): 404 unknown, 403 not allowed."""
+    """The knowledge base `name` if `user` may use it (or change it): 404 unknown or not the user's
+    to see (a stranger cannot tell that it exists), 403 seen but not the user's to change."""
     kb = KnowledgeBase.objects.filter(name=name).first()
-    if kb is None:
+    if kb is None or not selectors.may_use(user, kb):
         raise UnknownKnowledgeBase(name)
-    if not selectors.may_use(user, kb):
-        raise Forbidden(f"You may not use the knowledge base '{name}'.", param="knowledge_base")
     if change and not selectors.may_change(user, kb):
         raise Forbidden(f"Only the owner of the knowledge base '{name}' may add documents to it.", param="knowledge_base")
     return kb
@@ -82,8 +81,16 @@ def check_upload(*, name: str, size: int) -> None:
 @transaction.atomic
 def document_create(*, knowledge_base: KnowledgeBase, name: str, data: bytes, uploaded_by=None) -> tuple[Document, bool]:
     """Store an upload (not yet ingested); the same bytes again return the existing document."""
-    name = name.rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
+    # The name is only a label (the bytes are stored in the database, under the row's id): keep
+    # what follows the last path separator, without control characters such as NUL.
+    name = "".join(c for c in name if c.isprintable()).rsplit("/", 1)[-1].rsplit("\\", 1)[-1].strip()
+    if name in (".", ".."):
+        name = ""
     check_upload(name=name, size=len(data))
+    try:
+        parsing.check_content(name, data)
+    except parsing.ParseError as exc:
+        raise BadUpload(f"{name}: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
     existing = Document.objects.defer("content").filter(knowledge_base=knowledge_base, sha256=digest).first()
     if existing is not None:

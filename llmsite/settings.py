@@ -7,6 +7,7 @@ reaches the same ones.
 """
 
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -68,6 +69,11 @@ DEBUG = env.bool("DJANGO_DEBUG", default=False)
 # Behind HTTPS (production): secure cookies, HTTPS redirect and HSTS. Off by default because the
 # one-machine start serves plain http://127.0.0.1 (PROTOCOL.md: no HTTPS redirect in that mode).
 HTTPS = env.bool("DJANGO_HTTPS", default=False)
+if HTTPS and not env.str("DJANGO_SECRET_KEY", default=""):
+    # Production needs a key of its own, the same on every web process, kept out of the data folder.
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured("DJANGO_HTTPS is on (production), so DJANGO_SECRET_KEY must be set: a long random string kept secret.")
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT = HTTPS
 SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000 if HTTPS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
@@ -90,6 +96,7 @@ INSTALLED_APPS = [
     "chat",
     "knowledge",
     "workers",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -101,7 +108,18 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks
 ]
+
+# Login throttling (django-axes): after LOGIN_FAILURE_LIMIT wrong passwords for one username from
+# one address, that pair is refused (429) for LOGIN_LOCKOUT_MINUTES, the right password included.
+# Counted per (username, address) so that one attacker cannot lock a user out from everywhere.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("LOGIN_LOCKOUT_MINUTES", default=15.0))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# The address is REMOTE_ADDR (django-ipware is not installed): X-Forwarded-For is the client's to forge.
 
 ROOT_URLCONF = "llmsite.urls"
 
@@ -159,6 +177,10 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = PREDICT_MAX_BODY_BYTES
 WS_MAX_QUEUED_MESSAGES = env.int("WS_MAX_QUEUED_MESSAGES", default=64)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
+# A generation's slot in its deployment's in-flight count (max_concurrent_generations) is a lease,
+# renewed while its stream lives; a web process that dies leaves slots that expire after this.
+# Longer than STREAM_TIMEOUT_SECONDS, so a stream that is merely quiet keeps its slot.
+GENERATION_LEASE_SECONDS = env.float("GENERATION_LEASE_SECONDS", default=STREAM_TIMEOUT_SECONDS * 1.5 + 30)
 # Workers renew a liveness key this often; a key not renewed for the TTL means the worker is gone.
 WORKER_HEARTBEAT_INTERVAL = env.float("WORKER_HEARTBEAT_INTERVAL", default=2.0)
 WORKER_HEARTBEAT_TTL = env.int("WORKER_HEARTBEAT_TTL", default=6)
@@ -186,6 +208,8 @@ EMBEDDING_QUEUE = env.str("EMBEDDING_QUEUE", default="embeddings")
 # Knowledge bases: an uploaded file over this size gets 413; chunks given to the model per answer
 # are capped by each knowledge base's retrieval_k.
 KNOWLEDGE_MAX_UPLOAD_BYTES = env.int("KNOWLEDGE_MAX_UPLOAD_BYTES", default=20 * 1024 * 1024)
+# A .docx (a zip) whose files add up to more than this is refused unparsed: a decompression bomb.
+KNOWLEDGE_MAX_UNPACKED_BYTES = env.int("KNOWLEDGE_MAX_UNPACKED_BYTES", default=100 * 1024 * 1024)
 
 # Celery: generation is at most once (DESIGN.md, "Delivery semantics"). Tasks are acknowledged
 # when they start (no acks_late: a redelivered generation would stream twice), and a worker

@@ -56,12 +56,20 @@ def _decode(body: bytes) -> str:
         raise InvalidRequest(f"The body is not valid UTF-8 (byte {exc.start}).", param="body") from None
 
 
+def _loads(text: str):
+    """json.loads, with nesting too deep for the parser (a RecursionError) as just invalid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def parse_http_body(body: bytes, content_type: str) -> PredictFields:
     """A JSON object, or any other body as the prompt itself (`curl --data-binary @question.txt`)."""
     text = _decode(body)
     declared_json = content_type.split(";")[0].strip().lower() == "application/json"
     try:
-        obj = json.loads(text)
+        obj = _loads(text)
     except ValueError as exc:
         if declared_json:
             raise InvalidRequest(f"The body is not valid JSON: {exc}", param="body") from None
@@ -77,7 +85,7 @@ def parse_ws_message(data: str | bytes) -> PredictFields:
     """One WebSocket message: a JSON object of the same fields, or plain text (the prompt)."""
     text = _decode(data) if isinstance(data, bytes) else data
     try:
-        obj = json.loads(text)
+        obj = _loads(text)
     except ValueError:
         return PredictFields(prompt=text)
     if isinstance(obj, dict):

@@ -61,9 +61,9 @@ def test_missing_token_is_401(stack, kb, nothing_stored):
     assert_error(response, 401, "authentication_error")
 
 
-def test_another_users_knowledge_base_is_403_on_upload_and_400_on_predict(stack, kb, db_user_factory, nothing_stored):
+def test_another_users_knowledge_base_is_404_on_upload_and_400_on_predict(stack, kb, db_user_factory, nothing_stored):
     stranger = token_create(user=db_user_factory())[1]
-    assert_error(upload(stack.url, stranger, kb.name, "a.txt", b"text"), 403, "permission_error", "knowledge_base")
+    assert_error(upload(stack.url, stranger, kb.name, "a.txt", b"text"), 404, "not_found_error", "knowledge_base")
     body = {"prompt": "What is in it?", "langchain": True, "knowledge_base": kb.name}
     response = requests.post(stack.predict_url(), headers={"Authorization": stranger}, json=body, timeout=60)
     assert_error(response, 400, "invalid_request_error", "knowledge_base")

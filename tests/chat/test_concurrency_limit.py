@@ -1,0 +1,115 @@
+"""Case 16: more generations at once than a deployment's limit get 429 at once (no queue), on every
+protocol; a slot is given back when its stream ends, and a web process that dies does not keep its
+slots for good (their leases expire)."""
+
+import json
+import time
+import uuid
+
+import pytest
+import requests
+import websocket
+
+from chat.models import Deployment, RequestLog
+
+LIMIT = 2
+# Greedy SmolLM2 counts on for hundreds of tokens: the two streams are still running when the
+# third request comes (the test checks that they were, so it cannot pass by luck).
+LONG_PROMPT = "Count from 1 to 300, writing each number on its own line."
+FREE_DEADLINE = 120  # a bound on polling, not a speed check
+
+
+@pytest.fixture
+def limited(stack):
+    deployment = Deployment.objects.get(name="default")
+    deployment.pk, deployment.name = None, f"limited-{uuid.uuid4().hex[:8]}"
+    deployment.queue, deployment.max_concurrent_generations = "default", LIMIT
+    deployment.save()
+    return deployment
+
+
+def open_stream(base_url, token, name, max_new_tokens=400):
+    """A streaming predict request whose first piece has arrived (so its generation is running)."""
+    response = requests.post(
+        f"{base_url}/api/predict/{name}",
+        headers={"Authorization": token},
+        json={"prompt": LONG_PROMPT, "use_stream_chat": True, "max_new_tokens": max_new_tokens, "temperature": 0},
+        stream=True,
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    pieces = response.iter_lines(chunk_size=64, delimiter=b"\0")
+    first = next(p for p in pieces if p)
+    assert "response" in json.loads(first), first
+    return response, pieces
+
+
+def short_request(base_url, token, name):
+    return requests.post(
+        f"{base_url}/api/predict/{name}", headers={"Authorization": token}, json={"prompt": "Hi", "max_new_tokens": 2}, timeout=300
+    )
+
+
+def assert_429(response):
+    assert response.status_code == 429, response.text
+    assert int(response.headers["Retry-After"]) >= 1
+    error = response.json()["error"]
+    assert error["type"] == "rate_limit_error"
+    assert str(LIMIT) in error["message"]
+
+
+def wait_admitted(base_url, token, name):
+    """Poll until a short request is answered (the slots came back); the last answer."""
+    deadline = time.monotonic() + FREE_DEADLINE
+    while True:
+        response = short_request(base_url, token, name)
+        if response.status_code != 429 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.5)
+
+
+def test_a_third_generation_over_a_limit_of_two_gets_429_at_once_on_every_protocol(stack, token, limited):
+    streams = [open_stream(stack.url, token, limited.name) for _ in range(LIMIT)]
+    stored = RequestLog.objects.filter(deployment=limited).count()
+
+    assert_429(short_request(stack.url, token, limited.name))
+    # Refused while the two were really still generating.
+    running = RequestLog.objects.filter(deployment=limited, status__in=[RequestLog.Status.QUEUED, RequestLog.Status.RUNNING])
+    assert running.count() == LIMIT
+    body = {"model": limited.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert_429(requests.post(f"{stack.url}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"}, json=body, timeout=60))
+    ws = websocket.create_connection(stack.predict_ws_url(limited.name), header=[f"Authorization: {token}"], timeout=60)
+    try:
+        ws.send(json.dumps({"prompt": "Hi", "max_new_tokens": 2}))
+        error = json.loads(ws.recv())["error"]
+        assert error["type"] == "rate_limit_error" and str(LIMIT) in error["message"]
+        assert ws.recv() == "<EOS>"
+    finally:
+        ws.close()
+
+    # Refused before anything was stored or queued.
+    assert RequestLog.objects.filter(deployment=limited).count() == stored
+
+    # A stream that ends (here: its client leaves, which cancels it) gives its slot back.
+    for response, _ in streams:
+        response.close()
+    answered = wait_admitted(stack.url, token, limited.name)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["response"]
+
+
+def test_slots_of_a_web_process_that_died_expire_with_their_lease(stack, token, limited):
+    from tests.conftest import start_web
+
+    web, url = start_web(env={"GENERATION_LEASE_SECONDS": "10"})
+    try:
+        streams = [open_stream(url, token, limited.name, max_new_tokens=60) for _ in range(LIMIT)]
+        web.popen.kill()  # SIGKILL: no stream is closed, no slot given back
+        web.popen.wait()
+        assert_429(short_request(stack.url, token, limited.name))
+    finally:
+        web.stop()
+    for response, _ in streams:
+        response.close()
+    answered = wait_admitted(stack.url, token, limited.name)
+    assert answered.status_code == 200, answered.text
