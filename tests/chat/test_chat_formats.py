@@ -4,6 +4,8 @@ v0.2.36) for the families that publish none for a conversation with a system pro
 strings are written out by hand from those sources; FastChat's prompt is preceded by the BOS token
 its tokenizer call adds where the family has one (mistral)."""
 
+import uuid
+
 import pytest
 from django.core.exceptions import ValidationError
 from tokenizers import Tokenizer
@@ -12,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from chat.chat_formats import MODEL_TYPES
 from chat.generation import Conversation
-from chat.models import Deployment
+from chat.models import Deployment, RequestLog
 from chat.prompting import render_prompt
 
 CONVERSATION = Conversation(
@@ -123,3 +125,27 @@ def test_an_unknown_model_type_is_refused_naming_the_field():
     with pytest.raises(ValidationError) as refused:
         deployment.full_clean()
     assert "model_type" in refused.value.message_dict
+
+
+def test_messages_that_break_a_familys_format_get_400_naming_the_field(stack, token):
+    import requests
+
+    default = Deployment.objects.get(name="default")
+    strict = Deployment.objects.create(
+        name=f"llama2-format-{uuid.uuid4().hex[:6]}",
+        model_source=default.model_source,
+        model_type="llama2",
+        queue="default",
+        tokenizer_files=default.tokenizer_files,
+        model_context_length=default.model_context_length,
+    )
+    response = requests.post(
+        f"{stack.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"model": strict.name, "messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Again"}]},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "alternate" in error["message"]
+    assert not RequestLog.objects.filter(deployment=strict).exclude(status=RequestLog.Status.ERROR).exists()
