@@ -55,7 +55,7 @@ def test_serve_starts_the_site_with_the_model_as_the_default_deployment(served):
     made = _manage(served["env"], "create_token", "admin")
     assert made.returncode == 0, made.stderr
     token = made.stdout.split()[-1]
-    response = requests.post(f"{served['url']}/api/predict/default", headers={"Authorization": token}, json={"prompt": "Hello"}, timeout=120)
+    response = requests.post(f"{served['url']}/api/predict/default", headers={"Authorization": token}, json={"prompt": "Hello", "temperature": 0}, timeout=120)
     assert response.status_code == 200, response.text
     usage = response.json()["usage"]
     assert 1 <= usage["completion_tokens"]

@@ -60,3 +60,24 @@ def with_remote_code(folder: Path) -> Path:
         "class TinyRemoteForCausalLM(LlamaForCausalLM):\n    config_class = TinyRemoteConfig\n"
     )
     return folder
+
+
+def always_emitting(folder: Path, text: str) -> Path:
+    """Rewrite a tiny Llama so that, whatever the prompt, greedy decoding emits the token of `text`:
+    every token embeds to one vector, the layers add nothing, and only that token's output row is set."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    (token,) = tokenizer.encode(text, add_special_tokens=False)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        vector = torch.ones(model.config.hidden_size)
+        model.model.embed_tokens.weight[:] = vector
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token] = vector
+    model.save_pretrained(folder)
+    return folder

@@ -66,7 +66,9 @@ def run_generation(
         for delta in engine.stream(prompt, sampling, result, lambda: stopper.hit or events.is_cancelled(request_id)):
             if first_token_at is None:
                 first_token_at = timezone.now()
-            ready = stopper.feed(delta)
+            # A NUL character (a byte-level token that models can emit) cannot be stored in
+            # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
+            ready = stopper.feed(delta.replace("\x00", ""))
             if ready:
                 events.publish(request_id, {"type": "delta", "text": ready})
         if not stopper.hit and (tail := stopper.flush()):

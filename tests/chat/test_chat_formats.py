@@ -139,12 +139,15 @@ def test_messages_that_break_a_familys_format_get_400_naming_the_field(stack, to
         tokenizer_files=default.tokenizer_files,
         model_context_length=default.model_context_length,
     )
-    response = requests.post(
-        f"{stack.url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {token}"},
-        json={"model": strict.name, "messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Again"}]},
-        timeout=60,
-    )
+    try:
+        response = requests.post(
+            f"{stack.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"model": strict.name, "messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Again"}]},
+            timeout=60,
+        )
+    finally:
+        Deployment.objects.filter(pk=strict.pk).update(enabled=False)  # no later test should load it
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "messages" and "alternate" in error["message"]

@@ -18,7 +18,7 @@ import websocket
 from chat.models import Deployment, RequestLog
 from llmsite.launcher import worker_command
 from tests.conftest import Process
-from tests.tiny_models import ARCHITECTURES, build_tiny_model, default_tokenizer_files, with_remote_code
+from tests.tiny_models import ARCHITECTURES, always_emitting, build_tiny_model, default_tokenizer_files, with_remote_code
 
 MAX_NEW = 8
 LOAD_TIMEOUT = 600
@@ -59,6 +59,7 @@ def families(stack, tmp_path_factory, django_db_blocker):
         remote = with_remote_code(build_tiny_model(root / "remote", "llama", files))
         sources["remote-on"] = dict(model_source=str(remote), trust_remote_code=True)
         sources["remote-off"] = dict(model_source=str(remote))
+        sources["nul"] = dict(model_source=str(always_emitting(build_tiny_model(root / "nul", "llama", files), "\x00")))
         sources["missing"] = dict(model_source=str(root / "no-such-folder"))
         unknown = root / "unknown-arch"
         shutil.copytree(root / "llama", unknown)
@@ -88,6 +89,8 @@ def families(stack, tmp_path_factory, django_db_blocker):
             yield {"names": names, "worker": worker}
         finally:
             worker.stop()
+            # No later test (health checks, model lists) should meet these deployments.
+            Deployment.objects.filter(name__in=names.values()).update(enabled=False)
 
 
 def _deployment(families, kind) -> Deployment:
@@ -178,3 +181,14 @@ def test_worker_stays_up_and_serves_its_other_queues_after_the_failures(stack, t
     assert response.status_code == 200, response.text
     assert 1 <= response.json()["usage"]["completion_tokens"] <= MAX_NEW
     assert families["worker"].alive()
+
+
+def test_an_answer_of_nul_characters_is_stored_and_ends_cleanly(stack, token, user, families):
+    # A byte-level token for NUL is a real model output; PostgreSQL text cannot hold it.
+    deployment = _deployment(families, "nul")
+    response = requests.post(stack.predict_url(deployment.name), headers={"Authorization": token}, json={"prompt": "Hi"}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == MAX_NEW
+    row = RequestLog.objects.get(user=user, deployment=deployment)
+    assert row.status == RequestLog.Status.OK
+    assert row.completion_tokens == MAX_NEW and "\x00" not in row.response
