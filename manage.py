@@ -9,7 +9,7 @@ def main():
     from django.conf import settings
     from django.core.management import execute_from_command_line
 
-    if settings.NOT_CONFIGURED and sys.argv[1:2] not in (["makemigrations"], ["check"], ["help"], []):
+    if settings.NOT_CONFIGURED and sys.argv[1:2] not in (["makemigrations"], ["check"], ["help"], ["serve"], []):
         print(f"note: {settings.NOT_CONFIGURED}", file=sys.stderr)
     execute_from_command_line(sys.argv)
 

@@ -10,13 +10,13 @@ from chat.tokens import token_create
 
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
-    list_display = ["name", "model_source", "engine", "precision", "queue", "enabled", "status", "status_updated_at"]
+    list_display = ["name", "model_source", "model_type", "engine", "precision", "queue", "enabled", "status", "status_updated_at"]
     list_filter = ["enabled", "status", "engine"]
     search_fields = ["name", "model_source"]
     readonly_fields = ["status", "status_detail", "status_updated_at", "model_context_length", "created_at", "updated_at"]
     fieldsets = [
         (None, {"fields": ["name", "enabled", "model_source", "model_type", "chat_template"]}),
-        ("Serving", {"fields": ["engine", "precision", "context_length", "queue", "max_batch_size", "max_concurrent_generations"]}),
+        ("Serving", {"fields": ["engine", "precision", "trust_remote_code", "context_length", "queue", "max_batch_size", "max_concurrent_generations"]}),
         ("Answers from documents (langchain: true)", {"fields": ["default_knowledge_base"]}),
         (
             "Default sampling",

@@ -148,7 +148,7 @@ def trim_history(*, deployment: Deployment, prompt: Prompt, max_new_tokens: int)
 
     def fits(kept: int) -> bool:
         candidate = Prompt(prompt.prompt, prompt.system_prompt, prompt.history[len(prompt.history) - kept :])
-        text = render_prompt(tokenizer, candidate.messages(), deployment.chat_template)
+        text = render_prompt(tokenizer, candidate.messages(), deployment.chat_template, deployment.model_type)
         return count_tokens(tokenizer, text) <= budget
 
     # The newest turns are kept: find the most of them that fit (fewer turns never cost more).

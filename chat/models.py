@@ -7,6 +7,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.utils import timezone
 
+from chat.chat_formats import MODEL_TYPE_CHOICES
+
 
 class Deployment(models.Model):
     """A model served under a name: `/api/predict/<name>`, on the Celery queue `queue`."""
@@ -38,7 +40,15 @@ class Deployment(models.Model):
         "pkg:<python package>/<file.gguf> for a model file shipped in a package.",
     )
     model_type = models.CharField(
-        max_length=32, default="auto", help_text="Chat format; 'auto' uses the tokenizer's own chat template."
+        max_length=32,
+        default="auto",
+        choices=MODEL_TYPE_CHOICES,
+        help_text="Model family: its chat format and stop tokens; 'auto' uses the tokenizer's own chat template.",
+    )
+    trust_remote_code = models.BooleanField(
+        default=False,
+        help_text="Run the Python modelling code that ships with the weights (ChatGLM, Baichuan). "
+        "Only for models you trust: that code runs on the worker.",
     )
     chat_template = models.TextField(blank=True, help_text="Jinja chat template that overrides the model's own.")
     engine = models.CharField(max_length=32, choices=Engine.choices, default=Engine.TRANSFORMERS)

@@ -16,11 +16,20 @@ from django.conf import settings
 log = logging.getLogger(__name__)
 
 
-def render_prompt(tokenizer, messages: list[dict], chat_template: str = "") -> str:
-    """The model's own prompt text for these messages, ready for the assistant's answer."""
-    return tokenizer.apply_chat_template(
-        messages, chat_template=chat_template or None, tokenize=False, add_generation_prompt=True
-    )
+def render_prompt(tokenizer, messages: list[dict], chat_template: str = "", model_type: str = "auto") -> str:
+    """The model's prompt text for these messages, ready for the assistant's answer: rendered with
+    the deployment's own template, else its model type's family template, else the tokenizer's."""
+    from jinja2 import TemplateError
+
+    from chat.chat_formats import template_for
+    from chat.errors import InvalidRequest
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template_for(model_type, chat_template), tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as exc:  # e.g. a family whose format needs user and assistant turns to alternate
+        raise InvalidRequest(f"The messages do not fit the model's chat format: {exc}", param="messages") from None
 
 
 def count_tokens(tokenizer, text: str) -> int:

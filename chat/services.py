@@ -112,7 +112,7 @@ def fit_to_context(*, deployment: Deployment, conversation: Conversation, params
     tokenizer = edge_tokenizer(deployment.tokenizer_files)
     if tokenizer is None or not context:
         return None  # no worker has published the tokenizer yet: the worker checks instead
-    text = render_prompt(tokenizer, conversation.messages(), deployment.chat_template)
+    text = render_prompt(tokenizer, conversation.messages(), deployment.chat_template, deployment.model_type)
     prompt_tokens = count_tokens(tokenizer, text)
     if prompt_tokens >= context:
         raise ContextTooLong(prompt_tokens=prompt_tokens, context_length=context)

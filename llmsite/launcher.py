@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from chat.chat_formats import MODEL_TYPES  # plain data, no Django
 from llmsite import embedded
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -120,6 +121,7 @@ def run(args) -> int:
         options += ["--model-type", args.model_type] if args.model_type else []
         options += ["--precision", args.precision] if args.precision else []
         options += ["--engine", args.engine] if args.engine else []
+        options += ["--trust-remote-code"] if args.trust_remote_code else []
         call_command("setup_site", *options)
 
         from chat.models import Deployment
@@ -222,8 +224,11 @@ def main(argv=None) -> int:
     run_parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     run_parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     run_parser.add_argument("--model", default=os.environ.get("MODEL", ""))
-    run_parser.add_argument("--model-type", default=os.environ.get("MODEL_TYPE", ""))
-    run_parser.add_argument("--precision", default=os.environ.get("PRECISION", ""))
+    run_parser.add_argument("--model-type", default=os.environ.get("MODEL_TYPE", ""), choices=["", *MODEL_TYPES])
+    run_parser.add_argument("--precision", default=os.environ.get("PRECISION", ""), choices=["", "fp32", "bf16", "fp16"])
+    run_parser.add_argument(
+        "--trust-remote-code", action="store_true", default=os.environ.get("TRUST_REMOTE_CODE", "") in ("1", "true", "yes")
+    )
     run_parser.add_argument("--engine", default=os.environ.get("ENGINE", ""))
     run_parser.add_argument("--concurrency", type=int, default=None)
     svc = sub.add_parser("services", help="start the database and Redis, run a command, stop them")

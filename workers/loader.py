@@ -13,14 +13,15 @@ log = logging.getLogger(__name__)
 # deployment name -> loaded engine, or the LoadError message when it could not load
 ENGINES: dict[str, object] = {}
 FAILED: dict[str, str] = {}
-# (engine, model source, precision) -> engine: deployments of the same model share one copy
+# (engine, model source, precision, model type, remote code) -> engine: deployments of the same model share one copy
 _BY_MODEL: dict[tuple, object] = {}
 _lock = threading.RLock()
 HOSTNAME = ""
 
 
 def _model_key(deployment) -> tuple:
-    return (deployment.engine, deployment.model_source, deployment.precision)
+    # The model type sets the engine's stop tokens, and remote code changes what is loaded.
+    return (deployment.engine, deployment.model_source, deployment.precision, deployment.model_type, deployment.trust_remote_code)
 
 
 def _set_status(deployment, status, detail="", **fields):
@@ -73,7 +74,7 @@ def _load_new(deployment) -> None:
     _set_status(
         deployment,
         Deployment.Status.READY,
-        f"ready on {HOSTNAME} after {time.monotonic() - started:.1f}s",
+        "; ".join([f"ready on {HOSTNAME} after {time.monotonic() - started:.1f}s", *getattr(engine, "load_notes", [])]),
         model_context_length=engine.context_length,
         tokenizer_files=engine.tokenizer_files(),
     )

@@ -9,6 +9,7 @@ from chat import events
 from chat.errors import ContextTooLong
 from chat.generation import SamplingParams, StopText
 from chat.models import Deployment, RequestLog
+from chat.chat_formats import stop_strings
 from chat.prompting import render_prompt
 from workers import loader, retrieval
 from workers.engines import GenerationResult
@@ -42,7 +43,8 @@ def run_generation(
     events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
     sampling = SamplingParams(**params)
     result = GenerationResult()
-    stopper = StopText(sampling.stop)
+    # The family's stop strings that are not single tokens (those stop the engine) end the text here.
+    stopper = StopText([*sampling.stop, *stop_strings(target.model_type)])
     first_token_at = None
     try:
         context = target.context_length or engine.context_length
@@ -51,11 +53,11 @@ def run_generation(
             def fits(candidate: list[dict]) -> bool:
                 if not context:
                     return True
-                used = engine.count_tokens(render_prompt(engine.tokenizer, candidate, target.chat_template))
+                used = engine.count_tokens(render_prompt(engine.tokenizer, candidate, target.chat_template, target.model_type))
                 return used + min(sampling.max_new_tokens, retrieval.ANSWER_ROOM_TOKENS) < context
 
             messages = retrieval.ground(request_id=request_id, knowledge_base_id=knowledge_base, messages=messages, fits=fits)
-        prompt = render_prompt(engine.tokenizer, messages, target.chat_template)
+        prompt = render_prompt(engine.tokenizer, messages, target.chat_template, target.model_type)
         if context:
             prompt_tokens = engine.count_tokens(prompt)
             if prompt_tokens >= context:
@@ -64,7 +66,9 @@ def run_generation(
         for delta in engine.stream(prompt, sampling, result, lambda: stopper.hit or events.is_cancelled(request_id)):
             if first_token_at is None:
                 first_token_at = timezone.now()
-            ready = stopper.feed(delta)
+            # A NUL character (a byte-level token that models can emit) cannot be stored in
+            # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
+            ready = stopper.feed(delta.replace("\x00", ""))
             if ready:
                 events.publish(request_id, {"type": "delta", "text": ready})
         if not stopper.hit and (tail := stopper.flush()):

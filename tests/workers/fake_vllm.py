@@ -21,6 +21,7 @@ class AsyncEngineArgs:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     max_num_seqs: int = 256
+    trust_remote_code: bool = False
 
 
 @dataclass

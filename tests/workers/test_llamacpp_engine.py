@@ -51,7 +51,9 @@ def greedy(n=24):
 
 def ask(engine, messages, params, deployment=None, cancelled=lambda: False):
     # exactly as the predict API renders it: the deployment's chat template (or the model's own)
-    prompt = render_prompt(engine.tokenizer, messages, deployment.chat_template if deployment else "")
+    prompt = render_prompt(
+        engine.tokenizer, messages, deployment.chat_template if deployment else "", deployment.model_type if deployment else "auto"
+    )
     result = GenerationResult()
     text = "".join(engine.stream(prompt, params, result, cancelled))
     return text, result

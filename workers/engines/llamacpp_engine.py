@@ -71,7 +71,7 @@ class LlamaCppEngine(QueuedEngine):
     def __init__(self, deployment):
         from transformers import AutoTokenizer
 
-        from workers.engines.transformers_engine import resolve_source
+        from workers.engines.transformers_engine import family_stop_ids, resolve_source
 
         folder, gguf_file = resolve_source(deployment.model_source)
         if not gguf_file:
@@ -90,7 +90,7 @@ class LlamaCppEngine(QueuedEngine):
         self.prefill_model = None
         if self.model.quantized and os.environ.get("LLAMACPP_PREFILL", "f16") == "f16":
             self.prefill_model = LlamaCppModel(f16_copy(path), kv_tokens=self.context_length, max_sequences=size)
-        stop = set(self.model.end_of_generation_ids)
+        stop = set(self.model.end_of_generation_ids) | set(family_stop_ids(self.tokenizer, deployment.model_type))
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
         self.stop_ids = frozenset(stop)

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import importlib.util
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -48,24 +49,103 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     return source, None  # a hub id
 
 
+def check_loadable(folder: str, *, trust_remote_code: bool) -> None:
+    """Refuse, with the reason, a local model whose architecture transformers cannot build here:
+    one that needs the modelling code shipped with it while remote code is off, or an unknown one."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return  # a hub id (or GGUF): transformers reports these itself
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot read {config_path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{config_path} is not a JSON object")
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return  # transformers implements it: loaded natively, whatever auto_map says
+    if config.get("auto_map"):
+        if not trust_remote_code:
+            code = ", ".join(sorted({str(v) for v in config["auto_map"].values()}))
+            raise LoadError(
+                f"remote code not allowed: {folder} needs the Python modelling code that ships with it "
+                f"(config.json auto_map: {code}) and this deployment's trust_remote_code is off. "
+                "Turn 'Trust remote code' on in the deployment's admin page only if you trust that code."
+            )
+        return
+    import transformers
+
+    raise LoadError(
+        f"unknown architecture: {config_path} says model_type {model_type!r} "
+        f"(architectures {config.get('architectures')}), which transformers {transformers.__version__} "
+        "does not implement, and the folder ships no modelling code (no auto_map in config.json)"
+    )
+
+
+def cpu_dtype_for_fp16() -> torch.dtype:
+    """What a CPU runs instead of fp16: bf16 where it has bf16 instructions, else fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "can't allocate memory" in text
+
+
+def family_stop_ids(tokenizer, model_type: str) -> list[int]:
+    """The ids of the model family's stop strings that are single tokens of this vocabulary."""
+    from chat.chat_formats import stop_strings
+
+    ids = []
+    for text in stop_strings(model_type):
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.append(token_id)
+    return ids
+
+
 class TransformersEngine(QueuedEngine):
     def __init__(self, deployment):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.load_notes: list[str] = []  # shown with the deployment's status in the admin
         dtype = DTYPES[deployment.precision]
         if self.device == "cpu" and dtype == torch.float16:
-            log.warning("fp16 is slow or unsupported on CPUs; using bf16 for %s", deployment.name)
-            dtype = torch.bfloat16
+            dtype = cpu_dtype_for_fp16()
+            note = f"fp16 asked, but CPUs run it slowly or not at all: running {str(dtype).removeprefix('torch.')}"
+            log.warning("%s: %s", deployment.name, note)
+            self.load_notes.append(note)
+        trust = bool(getattr(deployment, "trust_remote_code", False))
         folder, gguf_file = resolve_source(deployment.model_source)
+        if not gguf_file:
+            check_loadable(folder, trust_remote_code=trust)
         if gguf_file:
             folder, gguf_file = self._dequantized(folder, gguf_file)
-        log.info("loading %s (%s) on %s in %s", deployment.model_source, deployment.name, self.device, dtype)
+        # A model larger than one GPU: accelerate spreads its layers over all of the node's GPUs.
+        spread = self.device == "cuda" and torch.cuda.device_count() > 1
+        log.info("loading %s (%s) on %s in %s", deployment.model_source, deployment.name, "all GPUs" if spread else self.device, dtype)
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        if trust:
+            kwargs["trust_remote_code"] = True
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            if spread:
+                kwargs["device_map"] = "auto"
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-        except (OSError, ValueError, KeyError, ImportError) as exc:
-            raise LoadError(f"cannot load {deployment.model_source}: {exc}") from exc
-        self.model.to(self.device).eval()
+            if not spread:
+                self.model.to(self.device)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise LoadError(f"out of memory loading {deployment.model_source} in {dtype} on {self.device}: {exc}") from exc
+            if isinstance(exc, (OSError, ValueError, KeyError, ImportError)):
+                raise LoadError(f"cannot load {deployment.model_source}: {exc}") from exc
+            raise
+        self.model.eval()
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.eos_token_ids = self.model.generation_config.eos_token_id
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -75,6 +155,7 @@ class TransformersEngine(QueuedEngine):
         stop = list(self.eos_token_ids) if isinstance(self.eos_token_ids, list) else [self.eos_token_ids]
         if self.tokenizer.eos_token_id is not None:
             stop.append(self.tokenizer.eos_token_id)
+        stop += family_stop_ids(self.tokenizer, deployment.model_type)
         self.stop_ids = frozenset(t for t in stop if t is not None)
         self.scheduler = BatchingScheduler(
             self.model, max_batch_size=deployment.max_batch_size, name=f"engine-{deployment.name}"

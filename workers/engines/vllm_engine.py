@@ -32,6 +32,7 @@ class VLLMEngine(Engine):
 
         self._vllm = vllm
         folder, gguf_file = resolve_source(deployment.model_source)
+        trust = bool(getattr(deployment, "trust_remote_code", False))
         model = f"{folder}/{gguf_file}" if gguf_file else folder
         args = vllm.AsyncEngineArgs(
             model=model,
@@ -39,6 +40,7 @@ class VLLMEngine(Engine):
             tensor_parallel_size=_gpu_count(),
             max_model_len=deployment.context_length or None,
             max_num_seqs=deployment.max_batch_size,
+            trust_remote_code=trust,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-{deployment.name}", daemon=True)
@@ -49,7 +51,8 @@ class VLLMEngine(Engine):
             raise LoadError(f"vLLM could not load {deployment.model_source}: {exc}") from exc
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(folder)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust, **extra)
         self.context_length = deployment.context_length or getattr(self._call(self._model_config), "max_model_len", None)
 
     async def _create(self, args):

@@ -4,6 +4,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
+from chat.chat_formats import MODEL_TYPES
 from chat.models import Deployment
 from chat.selectors import default_engine
 
@@ -13,12 +14,13 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--model", default="", help="model source of the default deployment")
-        parser.add_argument("--model-type", default="", help="chat format of the default deployment")
+        parser.add_argument("--model-type", default="", choices=["", *MODEL_TYPES], help="chat format of the default deployment")
+        parser.add_argument("--trust-remote-code", action="store_true", help="run the modelling code shipped with the model")
         parser.add_argument("--precision", default="", choices=["", "fp32", "bf16", "fp16"])
         parser.add_argument("--engine", default="", choices=["", *Deployment.Engine.values])
         parser.add_argument("--no-admin", action="store_true", help="do not create the admin user")
 
-    def handle(self, *args, model, model_type, precision, engine, no_admin, **options):
+    def handle(self, *args, model, model_type, precision, engine, trust_remote_code, no_admin, **options):
         source = model or settings.DEFAULT_MODEL_SOURCE
         deployment, created = Deployment.objects.get_or_create(
             name="default", defaults={"model_source": source, "engine": engine or default_engine(source)}
@@ -26,8 +28,16 @@ class Command(BaseCommand):
         if not engine and deployment.model_source != source:
             engine = default_engine(source)  # a new model gets the engine that fits it
         changed = []
-        for field, value in (("model_source", source), ("model_type", model_type), ("precision", precision), ("engine", engine)):
-            if value and getattr(deployment, field) != value:
+        # A newly named model never inherits the earlier model's family or trust in its remote code.
+        new_model = bool(model) and model != deployment.model_source
+        model_type = model_type or ("auto" if new_model else "")
+        trust = True if trust_remote_code else (False if new_model else None)
+        fields = (
+            ("model_source", source), ("model_type", model_type), ("precision", precision), ("engine", engine),
+            ("trust_remote_code", trust),
+        )
+        for field, value in fields:
+            if value is not None and value != "" and getattr(deployment, field) != value:
                 setattr(deployment, field, value)
                 changed.append(field)
         if changed:
