@@ -54,7 +54,7 @@ def access_conversation(*, user, conversation_id) -> Conversation:
 
 
 def chat_deployments() -> QuerySet:
-    return Deployment.objects.filter(enabled=True)
+    return Deployment.objects.defer("tokenizer_files").filter(enabled=True)
 
 
 def chat_deployment(*, name: str) -> Deployment:

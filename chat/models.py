@@ -8,14 +8,6 @@ from django.db import models
 from django.utils import timezone
 
 
-class DeploymentManager(models.Manager):
-    """Deployments without their tokenizer files: those are megabytes, and every request and open
-    socket holds its deployment (chat.prompting.deployment_tokenizer reads them once a version)."""
-
-    def get_queryset(self):
-        return super().get_queryset().defer("tokenizer_files")
-
-
 class Deployment(models.Model):
     """A model served under a name: `/api/predict/<name>`, on the Celery queue `queue`."""
 
@@ -83,8 +75,6 @@ class Deployment(models.Model):
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
-
-    objects = DeploymentManager()
 
     class Meta:
         ordering = ["name"]

@@ -60,7 +60,8 @@ def authenticate(*, header: str | None) -> ApiToken:
 
 def access_deployment(*, token: ApiToken, name: str) -> Deployment:
     """The deployment `name` if this token may use it (404 for unknown, 403 for out of scope)."""
-    deployment = Deployment.objects.filter(name=name, enabled=True).first()
+    # Without its tokenizer files (megabytes): every request and open socket holds its deployment.
+    deployment = Deployment.objects.defer("tokenizer_files").filter(name=name, enabled=True).first()
     if deployment is None:
         raise UnknownDeployment(name)
     if token.deployments.exists() and not token.deployments.filter(pk=deployment.pk).exists():
