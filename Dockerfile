@@ -11,4 +11,4 @@ COPY . .
 RUN mkdir -p /data && useradd --create-home llmsite && chown llmsite /data
 USER llmsite
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "llmsite.asgi:application"]
+CMD ["python", "-m", "llmsite.daphne_server", "-b", "0.0.0.0", "-p", "8000", "llmsite.asgi:application"]

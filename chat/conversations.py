@@ -17,7 +17,7 @@ from chat import services
 from chat.errors import InvalidRequest, UnknownDeployment
 from chat.generation import Conversation as Prompt
 from chat.models import Conversation, Deployment, Message
-from chat.prompting import count_tokens, edge_tokenizer, render_prompt
+from chat.prompting import count_tokens, deployment_tokenizer, render_prompt
 from chat.protocols.predict import PredictFields, fields_from_object
 
 TITLE_MAX = Conversation._meta.get_field("title").max_length
@@ -54,7 +54,7 @@ def access_conversation(*, user, conversation_id) -> Conversation:
 
 
 def chat_deployments() -> QuerySet:
-    return Deployment.objects.filter(enabled=True)
+    return Deployment.objects.defer("tokenizer_files").filter(enabled=True)
 
 
 def chat_deployment(*, name: str) -> Deployment:
@@ -141,7 +141,7 @@ def trim_history(*, deployment: Deployment, prompt: Prompt, max_new_tokens: int)
     the worker checks the length.
     """
     context = deployment.effective_context_length
-    tokenizer = edge_tokenizer(deployment.tokenizer_files)
+    tokenizer = deployment_tokenizer(deployment)
     if tokenizer is None or not context or not prompt.history:
         return prompt
     budget = context - answer_reserve(context=context, max_new_tokens=max_new_tokens)

@@ -1,6 +1,7 @@
 """The per-request token stream over Redis pub/sub, and the cancel flag a worker polls.
 
-Events are JSON objects with a "type": "start" (a worker took the request), "delta" (new text),
+Events are JSON objects with a "type": "received" (a worker holds the request; not relayed),
+"start" (a worker took the request), "delta" (new text),
 "final" (the whole answer, finish reason and usage) or "error" (message). The web tier subscribes
 before it enqueues, so no event is published before anyone listens.
 """
@@ -118,8 +119,10 @@ class Subscription:
                 continue
             deadline = time.monotonic() + timeout
             event = json.loads(message["data"])
-            if event["type"] == "start":
+            if event["type"] in ("received", "start"):
                 worker = event.get("worker")
+            if event["type"] == "received":
+                continue  # a worker holds the request: watch it, but clients hear of it only at start
             yield event
             if event["type"] in ("final", "error"):
                 return

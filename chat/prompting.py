@@ -66,3 +66,21 @@ def edge_tokenizer(files: dict):
             tokenizer = None
         _cache[digest] = tokenizer
         return tokenizer
+
+
+_by_deployment: dict[int, tuple] = {}
+
+
+def deployment_tokenizer(deployment):
+    """A deployment's edge tokenizer, its files read from the database only when they may have
+    changed (a worker writes them with a new status_updated_at, the admin saves a new updated_at)."""
+    if "tokenizer_files" not in deployment.get_deferred_fields():
+        return edge_tokenizer(deployment.tokenizer_files)  # given in full (an unsaved deployment)
+    version = (deployment.status_updated_at, deployment.updated_at)
+    cached = _by_deployment.get(deployment.pk)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    files = type(deployment).objects.filter(pk=deployment.pk).values_list("tokenizer_files", flat=True).first()
+    tokenizer = edge_tokenizer(files or {})
+    _by_deployment[deployment.pk] = (version, tokenizer)
+    return tokenizer

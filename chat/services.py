@@ -28,7 +28,7 @@ from chat.errors import (
 )
 from chat.generation import Conversation, SamplingParams
 from chat.models import ApiToken, Deployment, RequestLog, hash_token
-from chat.prompting import count_tokens, edge_tokenizer, render_prompt
+from chat.prompting import count_tokens, deployment_tokenizer, render_prompt
 from chat.protocols.predict import PredictFields
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def check_token_active(*, token: ApiToken) -> None:
 
 def access_deployment(*, token: ApiToken, name: str) -> Deployment:
     """The deployment `name` if this token may use it (404 for unknown, 403 for out of scope)."""
-    deployment = Deployment.objects.filter(name=name, enabled=True).first()
+    # Without its tokenizer files (megabytes): every request and open socket holds its deployment.
+    deployment = Deployment.objects.defer("tokenizer_files").filter(name=name, enabled=True).first()
     if deployment is None:
         raise UnknownDeployment(name)
     if token.deployments.exists() and not token.deployments.filter(pk=deployment.pk).exists():
@@ -109,7 +110,7 @@ def check_retrieval(*, user, deployment: Deployment, fields: PredictFields) -> i
 def fit_to_context(*, deployment: Deployment, conversation: Conversation, params: SamplingParams) -> int | None:
     """Count the prompt's tokens; refuse a prompt the context cannot hold; cap max_new_tokens."""
     context = deployment.effective_context_length
-    tokenizer = edge_tokenizer(deployment.tokenizer_files)
+    tokenizer = deployment_tokenizer(deployment)
     if tokenizer is None or not context:
         return None  # no worker has published the tokenizer yet: the worker checks instead
     text = render_prompt(tokenizer, conversation.messages(), deployment.chat_template, deployment.model_type)

@@ -111,7 +111,7 @@ def document_create(*, knowledge_base: KnowledgeBase, name: str, data: bytes, up
     return document, True
 
 
-def _enqueue(document_id: int) -> None:
+def enqueue_ingestion(document_id: int) -> None:
     from workers.celery import app
 
     app.send_task(INGEST_TASK, queue=settings.EMBEDDING_QUEUE, kwargs={"document_id": document_id})
@@ -122,7 +122,7 @@ def document_upload(*, knowledge_base: KnowledgeBase, name: str, data: bytes, up
     with transaction.atomic():
         document, created = document_create(knowledge_base=knowledge_base, name=name, data=data, uploaded_by=uploaded_by)
         if created:
-            transaction.on_commit(lambda: _enqueue(document.pk))
+            transaction.on_commit(lambda: enqueue_ingestion(document.pk))
         elif document.status == Document.Status.FAILED:
             document_reingest(document=document)  # the same file again: try once more
             document.refresh_from_db(fields=["status", "error", "chunks_done"])
@@ -132,14 +132,14 @@ def document_upload(*, knowledge_base: KnowledgeBase, name: str, data: bytes, up
 def document_reingest(*, document: Document) -> None:
     """Queue a document's ingestion again (admin action); its chunks are replaced when it is ready."""
     Document.objects.filter(pk=document.pk).update(status=Document.Status.QUEUED, error="", chunks_done=0)
-    transaction.on_commit(lambda: _enqueue(document.pk))
+    transaction.on_commit(lambda: enqueue_ingestion(document.pk))
 
 
 def _set(document_id: int, **fields) -> None:
     Document.objects.filter(pk=document_id).update(**fields)
 
 
-def _fail(document_id: int, reason: str) -> None:
+def document_fail(*, document_id: int, reason: str) -> None:
     with transaction.atomic():
         Chunk.objects.filter(document_id=document_id).delete()
         _set(document_id, status=Document.Status.FAILED, error=reason, chunks_done=0)
@@ -196,11 +196,11 @@ def document_ingest(
             )
             _set(document_id, status=Document.Status.READY, chunks_total=total, chunks_done=total, error="")
     except parsing.ParseError as exc:
-        _fail(document_id, str(exc))
+        document_fail(document_id=document_id, reason=str(exc))
     except Exception as exc:
         log.exception("ingestion of document %s failed", document_id)
         close_old_connections()
-        _fail(document_id, f"Ingestion failed: {type(exc).__name__}: {exc}")
+        document_fail(document_id=document_id, reason=f"Ingestion failed: {type(exc).__name__}: {exc}")
     return Document.objects.defer("content").get(pk=document_id)
 
 

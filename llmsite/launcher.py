@@ -54,7 +54,8 @@ def worker_command(queues: list[str], *, hostname: str = "default@%h", concurren
 
 
 def web_command(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "llmsite.asgi:application"]
+    # Daphne with a bound on each slow client's unsent data (llmsite/daphne_server.py).
+    return [sys.executable, "-m", "llmsite.daphne_server", "-b", host, "-p", str(port), "llmsite.asgi:application"]
 
 
 def port_open(host: str, port: int) -> bool:

@@ -175,6 +175,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = PREDICT_MAX_BODY_BYTES
 # One predict WebSocket answers in order; more messages than this waiting on it is a flood: the
 # client gets an error and the socket is closed (4008). A message over PREDICT_MAX_BODY_BYTES: 4009.
 WS_MAX_QUEUED_MESSAGES = env.int("WS_MAX_QUEUED_MESSAGES", default=64)
+# A reply to a client waits while more than this many bytes of its connection are still unsent
+# (a slow reader holds back its own stream, not the web process's memory); 0 turns the bound off.
+WEB_SEND_BUFFER_BYTES = env.int("WEB_SEND_BUFFER_BYTES", default=256 * 1024)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # A generation's slot in its deployment's in-flight count (max_concurrent_generations) is a lease,
@@ -210,6 +213,10 @@ EMBEDDING_QUEUE = env.str("EMBEDDING_QUEUE", default="embeddings")
 KNOWLEDGE_MAX_UPLOAD_BYTES = env.int("KNOWLEDGE_MAX_UPLOAD_BYTES", default=20 * 1024 * 1024)
 # A .docx (a zip) whose files add up to more than this is refused unparsed: a decompression bomb.
 KNOWLEDGE_MAX_UNPACKED_BYTES = env.int("KNOWLEDGE_MAX_UNPACKED_BYTES", default=100 * 1024 * 1024)
+# Workers of the ingestion queue look this often for documents whose ingesting worker died and
+# queue them again; a document whose worker died this many times is marked failed.
+INGEST_SWEEP_SECONDS = env.float("INGEST_SWEEP_SECONDS", default=10.0)
+INGEST_MAX_ATTEMPTS = env.int("INGEST_MAX_ATTEMPTS", default=3)
 
 # Celery: generation is at most once (DESIGN.md, "Delivery semantics"). Tasks are acknowledged
 # when they start (no acks_late: a redelivered generation would stream twice), and a worker
@@ -224,6 +231,15 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_DEFAULT_QUEUE = "celery"
 # Generations wait in threads while one engine loop batches them: room for a full batch (32).
 CELERY_WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=40)
+# The Redis broker hands a message that was delivered but not acknowledged within this many seconds
+# to a worker again (Celery's default, one hour). A generation is acknowledged when it starts and
+# is also claimed once in its row, so a second delivery never runs it twice (tested with 2 s).
+# BROKER_TRANSPORT_OPTIONS (JSON) adds kombu's other Redis transport options, such as how often
+# unacknowledged messages are looked at (`unacked_restore_interval`, `unacked_restore_throttle`).
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env.int("BROKER_VISIBILITY_TIMEOUT", default=3600),
+    **env.json("BROKER_TRANSPORT_OPTIONS", default={}),
+}
 
 LOGGING = {
     "version": 1,

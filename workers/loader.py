@@ -4,7 +4,7 @@ import logging
 import threading
 import time
 
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, task_received
 from django.db import close_old_connections
 from django.utils import timezone
 
@@ -113,6 +113,22 @@ def _load_models(sender, instance, conf, **kwargs):
     from django.conf import settings
 
     if settings.EMBEDDING_QUEUE in queues:
+        from workers import ingestion
         from workers.embeddings import model
 
         model()
+        ingestion.start_sweeper()
+
+
+@task_received.connect
+def _tell_received(sender=None, request=None, **kwargs):
+    """A generation this worker holds but has not started is watched too: should the worker die
+    before starting it, its client gets the error at once instead of waiting for silence to end."""
+    if request is None or request.name != "workers.generate":
+        return
+    from chat import events
+
+    try:
+        events.publish(request.id, {"type": "received", "worker": HOSTNAME})
+    except Exception:  # Redis away: the stream's own timeout still ends it
+        log.warning("could not announce the received request %s", request.id, exc_info=True)

@@ -25,13 +25,21 @@ def run_generation(
     *, request_id: str, deployment: str, messages: list[dict], params: dict, knowledge_base: int | None = None
 ) -> None:
     close_old_connections()
-    if events.is_cancelled(request_id) or RequestLog.objects.filter(id=request_id, status=RequestLog.Status.CANCELLED).exists():
+    if events.is_cancelled(request_id):
         # The client left (or pressed Stop) while the request waited in the queue: drop it before
         # any model work, and still end its stream so a listener waiting for the end hears it.
-        _update(request_id, status=RequestLog.Status.CANCELLED, finished_at=timezone.now())
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        events.publish(request_id, {"type": "final", "text": "", "finish_reason": "cancelled", "usage": usage})
+        RequestLog.objects.filter(id=request_id, status=RequestLog.Status.QUEUED).update(
+            status=RequestLog.Status.CANCELLED, finished_at=timezone.now()
+        )
+    if not _claim(request_id):
+        status = RequestLog.objects.filter(id=request_id).values_list("status", flat=True).first()
+        log.warning("generation %s not run: its request is already %s", request_id, status)
+        if status == RequestLog.Status.CANCELLED:
+            usage = {"prompt_tokens": 0, "completion_tokens": 0}
+            events.publish(request_id, {"type": "final", "text": "", "finish_reason": "cancelled", "usage": usage})
         return
+    log.info("generation %s started", request_id)
+    events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
     target = Deployment.objects.filter(name=deployment).first()
     engine = loader.engine_for(target) if target is not None else None
     if engine is None:
@@ -39,8 +47,6 @@ def run_generation(
         _fail(request_id, f"The model is not available: {reason}")
         return
 
-    _update(request_id, status=RequestLog.Status.RUNNING, started_at=timezone.now(), worker=loader.HOSTNAME)
-    events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
     sampling = SamplingParams(**params)
     result = GenerationResult()
     # The family's stop strings that are not single tokens (those stop the engine) end the text here.
@@ -96,6 +102,15 @@ def run_generation(
         **usage,
     )
     events.publish(request_id, {"type": "final", "text": answer, "finish_reason": result.finish_reason, "usage": usage})
+
+
+def _claim(request_id) -> bool:
+    """Take a queued request for this worker, once: a second delivery of its task (a broker's
+    visibility timeout, a restored message after a worker died) finds it taken and does nothing."""
+    taken = RequestLog.objects.filter(id=request_id, status=RequestLog.Status.QUEUED).update(
+        status=RequestLog.Status.RUNNING, started_at=timezone.now(), worker=loader.HOSTNAME
+    )
+    return taken == 1
 
 
 def _fail(request_id, message, **fields):

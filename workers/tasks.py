@@ -19,13 +19,14 @@ def embed(*, request_id: str, texts: list) -> None:
 
 
 # Ingestion is at least once (DESIGN.md): acknowledged only when it ends, and put back on the queue
-# if the worker dies mid-way; document_ingest is idempotent, so a second run stores no duplicates.
+# if the worker dies mid-way (or queued again by another worker's sweep, workers/ingestion.py);
+# document_ingest is idempotent, so a second run stores no duplicates.
 @shared_task(name="workers.ingest_document", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
 def ingest_document(*, document_id: int) -> None:
     """Parse, split, embed and store one uploaded document (queue EMBEDDING_QUEUE)."""
     from django.db import close_old_connections
 
-    from knowledge.services import document_ingest
+    from workers import ingestion
 
     close_old_connections()
-    document_ingest(document_id=document_id)
+    ingestion.ingest(document_id=document_id, hostname=loader.HOSTNAME)

@@ -1,0 +1,42 @@
+"""The web server: Daphne, with a bound on what it buffers for each slow client.
+
+Daphne hands every reply straight to Twisted, which keeps whatever the client has not read yet
+in memory without limit, so a client that reads slowly (or not at all) would grow the web
+process by the whole stream. Here a reply waits while its connection still has more than
+WEB_SEND_BUFFER_BYTES unsent: the slow stream holds itself back, and nothing else waits for it.
+`python -m llmsite.daphne_server` takes Daphne's own command-line arguments.
+"""
+
+import asyncio
+
+from daphne.cli import CommandLineInterface
+from daphne.server import Server
+
+DRAIN_POLL_SECONDS = 0.05
+
+
+def unsent_bytes(transport) -> int:
+    """What a Twisted socket transport holds that the client has not taken yet (0 if unknown)."""
+    buffered = getattr(transport, "dataBuffer", b"")
+    return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+class FlowControlledServer(Server):
+    async def handle_reply(self, protocol, message):
+        await super().handle_reply(protocol, message)
+        from django.conf import settings
+
+        limit = settings.WEB_SEND_BUFFER_BYTES
+        transport = getattr(protocol, "transport", None)
+        while limit and transport is not None and unsent_bytes(transport) > limit:
+            if protocol not in self.connections or self.connections[protocol].get("disconnected"):
+                return
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+
+
+class WebCommandLine(CommandLineInterface):
+    server_class = FlowControlledServer
+
+
+if __name__ == "__main__":
+    WebCommandLine.entrypoint()
