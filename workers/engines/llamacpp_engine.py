@@ -14,7 +14,10 @@ first answer token to "What is the capital of France?" is "The" at -1.88 and "L"
 fp32, and the 4-bit path answers "L'Étoile, la Marseillaise…". So prompts are prefilled by an f16
 copy of the same weights (made once from the file, kept in the model cache): the prompt's KV
 cache and the first token come out at f16 precision, and the KV rows are then moved into the
-4-bit context, which decodes every following token at full speed.
+decoding context, which runs every following token on an 8-bit (Q8_0) copy: on 2 cores llama.cpp
+is compute-bound for such a small model, and its batched Q8_0 kernels run 32 streams about 1.3x
+faster than the 4-bit file's at the same single-stream speed (README, "Fast CPU engine").
+LLAMACPP_PREFILL and LLAMACPP_DECODE (`f16`, `q8_0`, or `file`) choose otherwise.
 """
 
 from __future__ import annotations
@@ -57,14 +60,15 @@ def _llama():
 
 
 def default_threads() -> int:
-    """LLAMACPP_THREADS, else half the cores (llama-cpp-python's own default): llama.cpp's threads
-    spin at every barrier, so one descheduled thread stalls the step, and the web tier, Redis and
-    the worker's own threads need CPU too. Measured on 2 cores under load: 1 thread 21.6 tok/s,
-    2 threads 2.7 tok/s."""
+    """LLAMACPP_THREADS, else every core this process may use. Measured with `make bench` on an
+    otherwise idle 2-core machine (the web tier, Redis and the worker sharing it): 2 threads give
+    60 tok/s through the predict API for one stream and 119 for 32, 1 thread 44 and 56. llama.cpp's
+    threads spin at every barrier, so on a machine crowded with other work 1 thread can be faster
+    (seen under a load average of 9: 21.6 tok/s with 1 thread, 2.7 with 2)."""
     configured = os.environ.get("LLAMACPP_THREADS")
     if configured:
         return max(1, int(configured))
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    return len(os.sched_getaffinity(0))
 
 
 class LlamaCppEngine(QueuedEngine):
@@ -86,10 +90,16 @@ class LlamaCppEngine(QueuedEngine):
             raise LoadError(f"cannot read the tokenizer of {path}: {exc}") from exc
         size = deployment.max_batch_size
         self.model = LlamaCppModel(path, kv_tokens=DEFAULT_KV_TOKENS, max_sequences=size)
+        quantized = self.model.quantized
+        decode_format = os.environ.get("LLAMACPP_DECODE", "q8_0")
+        if quantized and decode_format in CONVERSIONS:
+            self.model.close()  # decode with the converted copy instead (see the module's docstring)
+            self.model = LlamaCppModel(converted_copy(path, decode_format), kv_tokens=DEFAULT_KV_TOKENS, max_sequences=size)
         self.context_length = min(self.model.n_ctx_train, self.model.kv_tokens)
         self.prefill_model = None
-        if self.model.quantized and os.environ.get("LLAMACPP_PREFILL", "f16") == "f16":
-            self.prefill_model = LlamaCppModel(f16_copy(path), kv_tokens=self.context_length, max_sequences=size)
+        prefill_format = os.environ.get("LLAMACPP_PREFILL", "f16")
+        if quantized and prefill_format in CONVERSIONS:
+            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=self.context_length, max_sequences=size)
         stop = set(self.model.end_of_generation_ids) | set(family_stop_ids(self.tokenizer, deployment.model_type))
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
@@ -103,8 +113,11 @@ class LlamaCppEngine(QueuedEngine):
             return self.model.token_logprobs(ids, seq)
 
 
-def f16_copy(path: str) -> str:
-    """The GGUF file's weights as f16 (llama.cpp's own converter), made once and kept in the model cache."""
+CONVERSIONS = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+
+
+def converted_copy(path: str, kind: str) -> str:
+    """The GGUF file's weights as `kind` (llama.cpp's own converter), made once, kept in the model cache."""
     import hashlib
     from pathlib import Path
 
@@ -116,20 +129,20 @@ def f16_copy(path: str) -> str:
         cache = Path(os.environ.get("LLMSITE_MODEL_CACHE", "var/models"))
     stat = os.stat(path)
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache / f"{Path(path).stem}-{key}.f16.gguf"
+    target = cache / f"{Path(path).stem}-{key}.{kind}.gguf"
     if target.exists():
         return str(target)
     lib = _llama()
     cache.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     params = lib.llama_model_quantize_default_params()
-    params.ftype = lib.LLAMA_FTYPE_MOSTLY_F16
+    params.ftype = getattr(lib, CONVERSIONS[kind])
     params.allow_requantize = True
     params.nthread = default_threads()
-    log.info("writing an f16 copy of %s for prompt prefill (once; kept in %s)", path, target)
+    log.info("writing a %s copy of %s (once; kept in %s)", kind, path, target)
     if lib.llama_model_quantize(path.encode(), str(partial).encode(), params) != 0:
         partial.unlink(missing_ok=True)
-        raise LoadError(f"llama.cpp cannot convert {path} to f16")
+        raise LoadError(f"llama.cpp cannot convert {path} to {kind}")
     partial.rename(target)
     return str(target)
 
@@ -168,6 +181,11 @@ class LlamaCppModel:
         self.batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.end_of_generation_ids = [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self.vocab, t)]
         self.lock = threading.Lock()  # one llama.cpp call at a time on this context
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
 
     def decode(self, rows: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode call over (token, position, sequence id, wants logits) rows."""
