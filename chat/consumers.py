@@ -45,15 +45,13 @@ class PredictConsumer(AsyncWebsocketConsumer):
         message = text_data if text_data is not None else bytes_data
         size = len(message.encode() if isinstance(message, str) else message)
         if size > settings.PREDICT_MAX_BODY_BYTES:
-            # 1009 "message too big" in the application range: Daphne's WebSocket library
-            # (autobahn) lets an application send only 1000 or 3000-4999.
-            await self._shut(4009)
+            await self._shut(1009)  # "message too big" (sent by llmsite.daphne_server)
             return
         if self.inbox.qsize() >= settings.WS_MAX_QUEUED_MESSAGES:
             limit = settings.WS_MAX_QUEUED_MESSAGES
             error = RateLimited(f"More than {limit} messages are waiting on this connection; send fewer at once.", retry_after=1)
             await self.send(text_data=json.dumps(error.body()))
-            await self._shut(4008)  # 1008 "policy violation" in the application range
+            await self._shut(1008)  # "policy violation"
             return
         self.inbox.put_nowait(message)
 

@@ -21,8 +21,21 @@ def unsent_bytes(transport) -> int:
     return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
 
 
+# RFC 6455's "policy violation" and "message too big": Daphne's WebSocket library (autobahn)
+# refuses them from an application (it allows 1000 and 3000-4999), so they are sent here as the
+# protocol-level close frames they are.
+PROTOCOL_CLOSE_CODES = {1008, 1009}
+
+
 class FlowControlledServer(Server):
     async def handle_reply(self, protocol, message):
+        if (
+            message.get("type") == "websocket.close"
+            and message.get("code") in PROTOCOL_CLOSE_CODES
+            and getattr(protocol, "state", None) == getattr(protocol, "STATE_OPEN", object())
+        ):
+            protocol.sendCloseFrame(code=message["code"], isReply=False)
+            return
         await super().handle_reply(protocol, message)
         from django.conf import settings
 

@@ -173,7 +173,7 @@ LOGOUT_REDIRECT_URL = "login"
 PREDICT_MAX_BODY_BYTES = env.int("PREDICT_MAX_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = PREDICT_MAX_BODY_BYTES
 # One predict WebSocket answers in order; more messages than this waiting on it is a flood: the
-# client gets an error and the socket is closed (4008). A message over PREDICT_MAX_BODY_BYTES: 4009.
+# client gets an error and the socket is closed (1008). A message over PREDICT_MAX_BODY_BYTES: 1009.
 WS_MAX_QUEUED_MESSAGES = env.int("WS_MAX_QUEUED_MESSAGES", default=64)
 # A reply to a client waits while more than this many bytes of its connection are still unsent
 # (a slow reader holds back its own stream, not the web process's memory); 0 turns the bound off.

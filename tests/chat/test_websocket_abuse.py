@@ -17,12 +17,12 @@ def close_code(ws) -> int:
             return struct.unpack("!H", data[:2])[0]
 
 
-def test_a_message_over_the_size_limit_closes_the_socket_with_4009(stack, token):
+def test_a_message_over_the_size_limit_closes_the_socket_with_1009(stack, token):
     web, url = start_web(env={"PREDICT_MAX_BODY_BYTES": "2000"})
     try:
         ws = websocket.create_connection("ws" + url[4:] + "/api/predict/default", header=[f"Authorization: {token}"], timeout=60)
         ws.send(json.dumps({"prompt": "x" * 2001}))
-        assert close_code(ws) == 4009
+        assert close_code(ws) == 1009
     finally:
         web.stop()
 
@@ -41,7 +41,7 @@ def test_a_flood_of_messages_gets_an_error_and_the_socket_closed(stack, token, u
             code = struct.unpack("!H", data[:2])[0]
         elif opcode == websocket.ABNF.OPCODE_TEXT:
             frames.append(data.decode())
-    assert code == 4008
+    assert code == 1008
     time.sleep(1)  # whatever the server still had to do for this socket is over by now
     rows = RequestLog.objects.filter(user=user).count()
     time.sleep(2)
