@@ -188,13 +188,17 @@ class BatchingScheduler:
         """The requests inside the engine (not waiting), told "cancelled" when it stops."""
         return [r for r in self._batch.requests if r is not None] + ([self._prefilling] if self._prefilling else [])
 
-    def _drop_aborted(self, aborted: set[str]) -> None:
-        if not aborted:
-            return
+    def _drop_waiting(self, aborted: set[str]) -> None:
+        """Aborted requests that never started leave the queue with a "cancelled" finish."""
         with self._wake:
             for request in [r for r in self._waiting if r.id in aborted]:
                 self._waiting.remove(request)
                 request.out.put(("done", "cancelled"))
+
+    def _drop_aborted(self, aborted: set[str]) -> None:
+        if not aborted:
+            return
+        self._drop_waiting(aborted)
         if self._prefilling is not None and self._prefilling.id in aborted:
             self._prefilling.out.put(("done", "cancelled"))
             self._prefilling = None

@@ -309,10 +309,7 @@ class LlamaCppScheduler(BatchingScheduler):
     def _drop_aborted(self, aborted: set[str]) -> None:
         if not aborted:
             return
-        with self._wake:
-            for request in [r for r in self._waiting if r.id in aborted]:
-                self._waiting.remove(request)
-                request.out.put(("done", "cancelled"))
+        self._drop_waiting(aborted)
         for sequence in [s for s in self._running if s.request.id in aborted]:
             sequence.request.out.put(("done", "cancelled"))
             self._release(sequence)
