@@ -32,8 +32,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens")
 def conversations_for(*, user, query: str = "") -> QuerySet:
     """The user's conversations, most recently active first, optionally searched by title."""
     conversations = Conversation.objects.filter(user=user)
-    if query.strip():
-        conversations = conversations.filter(title__icontains=query.strip())
+    query = query.replace("\x00", "").strip()  # PostgreSQL text cannot hold NUL: no title has one
+    if query:
+        conversations = conversations.filter(title__icontains=query)
     return (
         conversations.select_related("deployment")
         .annotate(message_count=Count("messages"))
@@ -87,6 +88,8 @@ def conversation_rename(*, conversation: Conversation, title: str) -> Conversati
         raise InvalidRequest("title: give the conversation a name.", param="title")
     if len(title) > TITLE_MAX:
         raise InvalidRequest(f"title: at most {TITLE_MAX} characters (got {len(title)}).", param="title")
+    if "\x00" in title:
+        raise InvalidRequest("title: must not contain NUL characters.", param="title")
     conversation.title = title
     conversation.save(update_fields=["title"])
     return conversation

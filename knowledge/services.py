@@ -37,7 +37,7 @@ def knowledge_base_get_or_create(*, name: str, owner) -> tuple[KnowledgeBase, bo
 def access_knowledge_base(*, user, name: str, change: bool = False) -> KnowledgeBase:
     """The knowledge base `name` if `user` may use it (or change it): 404 unknown or not the user's
     to see (a stranger cannot tell that it exists), 403 seen but not the user's to change."""
-    kb = KnowledgeBase.objects.filter(name=name).first()
+    kb = KnowledgeBase.objects.filter(name=name).first() if "\x00" not in name else None  # no name holds NUL
     if kb is None or not selectors.may_use(user, kb):
         raise UnknownKnowledgeBase(name)
     if change and not selectors.may_change(user, kb):
@@ -47,7 +47,7 @@ def access_knowledge_base(*, user, name: str, change: bool = False) -> Knowledge
 
 def knowledge_base_for_request(*, user, name: str) -> KnowledgeBase:
     """The knowledge base a predict request names; any refusal is a 400 naming `knowledge_base`."""
-    kb = KnowledgeBase.objects.filter(name=name).first()
+    kb = KnowledgeBase.objects.filter(name=name).first() if "\x00" not in name else None
     if kb is None or not selectors.may_use(user, kb):
         raise InvalidRequest(f"There is no knowledge base named '{name}' that you may use.", param="knowledge_base")
     return kb

@@ -107,7 +107,14 @@ def test_200_open_sockets_with_50_streaming_each_get_their_own_answer_and_memory
         sampler.join()
         pinged.join()
 
-        wrong = {n: got.get(n) for n in range(STREAMING) if got.get(n, ("", None)) != (alone[asked[n]], None)}
+        # Its own question's answer: no error and the known answer in it. (Not always the very text
+        # it gets alone: llama.cpp's batched kernels round differently from one row at a time.)
+        wrong = {
+            n: got.get(n)
+            for n in range(STREAMING)
+            if got.get(n, ("", "missing"))[1] is not None or QUESTIONS[asked[n]] not in got[n][0]
+        }
+        same_as_alone = sum(1 for n in range(STREAMING) if got.get(n) == (alone[asked[n]], None))
         # The 150 idle sockets are still there: each answers a settings-only message with <EOS>.
         idle_alive = 0
         for ws in sockets[STREAMING:]:
@@ -137,13 +144,14 @@ def test_200_open_sockets_with_50_streaming_each_get_their_own_answer_and_memory
         answered = sum(1 for n in range(STREAMING) if n not in wrong)
         print(
             f"\nload: {CONNECTIONS} WebSockets open, {STREAMING} streaming {MAX_NEW_TOKENS} tokens at once: "
-            f"{answered}/{STREAMING} answered exactly as alone, {idle_alive}/{CONNECTIONS - STREAMING} idle sockets alive\n"
+            f"{answered}/{STREAMING} answered their own question ({same_as_alone} word for word as alone), "
+            f"{idle_alive}/{CONNECTIONS - STREAMING} idle sockets alive\n"
             f"load: Daphne RSS {rss_idle / MiB:.0f} MiB idle, {rss_open / MiB:.0f} MiB with {CONNECTIONS} open, "
             f"{max(peak) / MiB:.0f} MiB at peak while streaming\n"
             f"load: {CYCLES} connect/disconnect cycles: Daphne RSS {rss_cycles_warm / MiB:.0f} MiB after {CYCLES // 5}, "
             f"{rss_cycles_end / MiB:.0f} MiB after {CYCLES} (opening {CONNECTIONS} took {opened_in:.0f} s, the cycles {cycled_in:.0f} s)"
         )
-        assert not wrong, f"{len(wrong)} streams did not answer their own question as alone: {dict(list(wrong.items())[:5])}"
+        assert not wrong, f"{len(wrong)} streams did not answer their own question: {dict(list(wrong.items())[:5])}"
         assert idle_alive == CONNECTIONS - STREAMING
         assert (max(peak) - rss_idle) / MiB < 150, "the web process grew without bound under 200 sockets"
         assert (rss_cycles_end - rss_cycles_warm) / MiB < 10, "connect/disconnect cycles leak memory in the web process"
