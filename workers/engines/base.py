@@ -2,6 +2,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 
+def cached_copy(path, suffix: str = ""):
+    """Where a converted copy of the model file `path` is kept in the model cache (a de-quantized
+    folder, an f16 GGUF, ...): named by the file and keyed by its path, size and mtime."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    try:
+        from django.conf import settings
+
+        cache = Path(settings.MODEL_CACHE_DIR)
+    except Exception:  # the engines run without Django settings too (bench/gpu_check.py)
+        cache = Path(os.environ.get("LLMSITE_MODEL_CACHE", "var/models"))
+    path = Path(path)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache / f"{path.stem}-{key}{suffix}"
+
+
 class LoadError(Exception):
     """The model cannot be loaded; the message is shown to operators and clients."""
 

@@ -31,8 +31,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from workers.engines.base import LoadError
+from workers.engines.base import LoadError, cached_copy
 from workers.engines.batching import BatchRequest, BatchingScheduler, _processors
 from workers.engines.queued import QueuedEngine
 
@@ -100,7 +101,7 @@ class LlamaCppEngine(QueuedEngine):
         prefill_format = os.environ.get("LLAMACPP_PREFILL", "f16")
         if quantized and prefill_format in CONVERSIONS:
             self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=self.context_length, max_sequences=size)
-        stop = set(self.model.end_of_generation_ids) | set(family_stop_ids(self.tokenizer, deployment.model_type))
+        stop = set(self.model.end_of_generation_ids()) | set(family_stop_ids(self.tokenizer, deployment.model_type))
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
         self.stop_ids = frozenset(stop)
@@ -118,22 +119,11 @@ CONVERSIONS = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0
 
 def converted_copy(path: str, kind: str) -> str:
     """The GGUF file's weights as `kind` (llama.cpp's own converter), made once, kept in the model cache."""
-    import hashlib
-    from pathlib import Path
-
-    try:
-        from django.conf import settings
-
-        cache = Path(settings.MODEL_CACHE_DIR)
-    except Exception:  # used without Django settings (bench/gpu_check.py style scripts)
-        cache = Path(os.environ.get("LLMSITE_MODEL_CACHE", "var/models"))
-    stat = os.stat(path)
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache / f"{Path(path).stem}-{key}.{kind}.gguf"
+    target = cached_copy(path, f".{kind}.gguf")
     if target.exists():
         return str(target)
     lib = _llama()
-    cache.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     params = lib.llama_model_quantize_default_params()
     params.ftype = getattr(lib, CONVERSIONS[kind])
@@ -179,8 +169,11 @@ class LlamaCppModel:
             raise LoadError(f"llama.cpp cannot create a context of {self.kv_tokens} tokens for {path}")
         self.memory = lib.llama_get_memory(self.ctx)
         self.batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
-        self.end_of_generation_ids = [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self.vocab, t)]
         self.lock = threading.Lock()  # one llama.cpp call at a time on this context
+
+    def end_of_generation_ids(self) -> list[int]:
+        """The vocabulary's end-of-generation tokens (a scan of the whole vocabulary: call once)."""
+        return [t for t in range(self.n_vocab) if self.lib.llama_vocab_is_eog(self.vocab, t)]
 
     def close(self) -> None:
         self.lib.llama_batch_free(self.batch)
@@ -389,13 +382,7 @@ class LlamaCppScheduler(BatchingScheduler):
             finished.append(sequence)
 
     def _sample(self, request: BatchRequest, logits: np.ndarray) -> int:
-        if request.greedy:
-            return int(logits.argmax())
-        import torch
-
-        scores = request.processors(None, torch.from_numpy(logits.copy()).unsqueeze(0))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=request.generator))
+        return super()._sample(request, torch.from_numpy(logits))  # a view of llama.cpp's logits
 
     def _fail_all(self, message: str) -> None:
         for sequence in list(self._running):

@@ -1,6 +1,5 @@
 """The transformers engine: any Hugging Face causal LM (hub id, local folder or GGUF file), CPU or GPU."""
 
-import hashlib
 import os
 import importlib.util
 import json
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.engines.base import LoadError
+from workers.engines.base import LoadError, cached_copy
 from workers.engines.batching import BatchingScheduler
 from workers.engines.queued import QueuedEngine
 
@@ -170,12 +169,8 @@ class TransformersEngine(QueuedEngine):
     @staticmethod
     def _dequantized(folder: str, gguf_file: str) -> tuple[str, str | None]:
         """GGUF files are de-quantized on every load (slow): keep the result as safetensors once."""
-        from django.conf import settings  # here only: the engine itself runs without Django (bench/gpu_check.py)
-
         path = Path(folder) / gguf_file
-        stat = path.stat()
-        key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        cache = Path(settings.MODEL_CACHE_DIR) / f"{path.stem}-{key}"
+        cache = cached_copy(path)
         if (cache / "config.json").exists():
             return str(cache), None
         log.info("de-quantizing %s (once; kept in %s)", path, cache)
