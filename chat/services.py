@@ -5,6 +5,7 @@ Views and consumers parse their wire format, then call these; errors are the dom
 """
 
 import asyncio
+import datetime
 import logging
 import time
 import uuid
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from chat import concurrency, events, ratelimits
@@ -34,6 +35,7 @@ from chat.protocols.predict import PredictFields
 log = logging.getLogger(__name__)
 
 GENERATE_TASK = "workers.generate"
+LAST_USED_RESOLUTION = datetime.timedelta(minutes=1)  # how stale a token's last_used_at may be
 
 
 def token_from_header(value: str | None) -> str | None:
@@ -54,7 +56,9 @@ def authenticate(*, header: str | None) -> ApiToken:
     token = ApiToken.objects.select_related("user").filter(digest=hash_token(raw)).first()
     if token is None or not token.is_active or not token.user.is_active:
         raise Unauthorized("Invalid or revoked API token.")
-    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+    now = timezone.now()
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)  # a write (and commit) a minute, not a request
     return token
 
 
@@ -164,9 +168,9 @@ def storable(value):
     return value
 
 
-def _record(prepared: Prepared) -> RequestLog:
+def _record(prepared: Prepared, request_id: str) -> RequestLog:
     return RequestLog.objects.create(
-        id=uuid.uuid4(),
+        id=request_id,
         user=prepared.user,
         token=prepared.token,
         deployment=prepared.deployment,
@@ -193,6 +197,30 @@ def _enqueue(prepared: Prepared, request_id: str) -> None:
             "knowledge_base": prepared.knowledge_base,
         },
     )
+
+
+def store_and_enqueue(prepared: Prepared, request_id: str) -> None:
+    """Store the request, hand the connection back to the pool, and queue the task: one call from
+    the event loop (each call into sync code is a thread hop on the way to the first token)."""
+    try:
+        _record(prepared, request_id)
+    except DatabaseError as exc:
+        raise ServerError(f"The database is unavailable: {exc}") from None
+    release_connection()  # the request's last query before its stream
+    try:
+        _enqueue(prepared, request_id)
+    except Exception as exc:
+        try:
+            _mark_failed(request_id, f"could not enqueue: {exc}")
+        except DatabaseError:
+            log.exception("could not mark %s failed", request_id)
+        raise ServerError(f"The request could not be queued: {exc}") from None
+
+
+def release_connection() -> None:
+    """Hand this thread's database connection back to the pool (outside a transaction only)."""
+    if not connection.in_atomic_block:
+        connection.close()
 
 
 def _mark_failed(request_id: str, message: str) -> None:
@@ -277,8 +305,8 @@ async def wait_for_worker(queue: str) -> None:
 
 
 async def dispatch(prepared: Prepared) -> Generation:
-    """Take an in-flight slot (429 over the deployment's limit), store the request, subscribe to
-    its stream, then enqueue it (so no event is missed)."""
+    """Take an in-flight slot (429 over the deployment's limit), subscribe to the request's stream,
+    then store and enqueue it (so no event is missed)."""
     try:
         await wait_for_worker(prepared.deployment.queue)
         slot = await concurrency.acquire(deployment=prepared.deployment)
@@ -286,20 +314,16 @@ async def dispatch(prepared: Prepared) -> Generation:
         raise
     except Exception as exc:  # Redis unreachable
         raise Unavailable(f"Redis is unavailable: {exc}") from None
-    try:
-        record = await sync_to_async(_record)(prepared)
-    except DatabaseError as exc:
-        await _release(slot)
-        raise ServerError(f"The database is unavailable: {exc}") from None
-    request_id = str(record.id)
+    request_id = str(uuid.uuid4())
     subscription = events.Subscription(request_id)
     try:
         await subscription.open()
-        await sync_to_async(_enqueue)(prepared, request_id)
+        await sync_to_async(store_and_enqueue)(prepared, request_id)
     except Exception as exc:
         await subscription.close()
         await _release(slot)
-        await sync_to_async(_mark_failed)(request_id, f"could not enqueue: {exc}")
+        if isinstance(exc, ApiError):
+            raise
         raise ServerError(f"The request could not be queued: {exc}") from None
     return Generation(request_id, subscription, prepared.token, slot=slot)
 

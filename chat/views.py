@@ -33,20 +33,25 @@ def _read_body(request) -> bytes:
     return body
 
 
+def _admit(request, deployment: str):
+    """Who calls, may they use the deployment, what do they ask: one trip into sync code."""
+    token = services.authenticate(header=request.headers.get("Authorization"))
+    target = services.access_deployment(token=token, name=deployment)
+    fields = wire.parse_http_body(_read_body(request), request.content_type or "")
+    conversation = Conversation(prompt=fields.prompt or "", system_prompt=fields.system_prompt or "", history=fields.pairs() or [])
+    prepared = services.prepare(token=token, deployment=target, conversation=conversation, fields=fields, protocol="http")
+    return fields, prepared
+
+
 @csrf_exempt
 async def predict(request, deployment: str):
     """`POST /api/predict/<deployment>`: plain-text or JSON body; JSON answer or NUL-delimited stream."""
     try:
         if request.method != "POST":
             raise MethodNotAllowed(request.method)
-        token = await services.edge(services.authenticate, header=request.headers.get("Authorization"))
-        target = await services.edge(services.access_deployment, token=token, name=deployment)
-        fields = wire.parse_http_body(_read_body(request), request.content_type or "")
-        history = fields.pairs() or []
-        conversation = Conversation(prompt=fields.prompt or "", system_prompt=fields.system_prompt or "", history=history)
-        prepared = await services.edge(
-            services.prepare, token=token, deployment=target, conversation=conversation, fields=fields, protocol="http"
-        )
+        fields, prepared = await services.edge(_admit, request=request, deployment=deployment)
+        conversation = prepared.conversation
+        history = conversation.history
         generation = await services.dispatch(prepared)
     except ApiError as exc:
         return _error(exc)

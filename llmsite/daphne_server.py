@@ -1,4 +1,4 @@
-"""The web server: Daphne, with a bound on what it buffers for each slow client.
+"""The web server: Daphne, with a bound on what it buffers for each slow client, and no Nagle delay.
 
 Daphne hands every reply straight to Twisted, which keeps whatever the client has not read yet
 in memory without limit, so a client that reads slowly (or not at all) would grow the web
@@ -28,6 +28,14 @@ PROTOCOL_CLOSE_CODES = {1008, 1009}
 
 
 class FlowControlledServer(Server):
+    def protocol_connected(self, protocol):
+        """Small writes go out at once (TCP_NODELAY): a stream sends a token per write, and Nagle's
+        algorithm would hold each one back until the client acknowledged the one before."""
+        super().protocol_connected(protocol)
+        transport = getattr(protocol, "transport", None) or getattr(getattr(protocol, "channel", None), "transport", None)
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+
     async def handle_reply(self, protocol, message):
         if (
             message.get("type") == "websocket.close"

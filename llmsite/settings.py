@@ -101,7 +101,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "llmsite.static_files.StaticFilesMiddleware",  # WhiteNoise, async-capable
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -110,6 +110,9 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",  # last, as django-axes asks
 ]
+# The predict and /v1 APIs (token auth, llmsite.middleware.TOKEN_API_PREFIXES) skip the browser's
+# middleware, and run Django's security and common middleware on the event loop.
+TOKEN_API_MIDDLEWARE = ["llmsite.middleware.InlineSecurityMiddleware", "llmsite.middleware.InlineCommonMiddleware"]
 
 # Login throttling (django-axes): after LOGIN_FAILURE_LIMIT wrong passwords for one username from
 # one address, that pair is refused (429) for LOGIN_LOCKOUT_MINUTES, the right password included.
@@ -142,11 +145,19 @@ ASGI_APPLICATION = "llmsite.asgi.application"
 WSGI_APPLICATION = None
 
 DATABASES = {"default": env.db_url_config(DATABASE_URL)}
-# No persistent connections: under ASGI each request's sync work runs in its own thread, and a
-# connection kept open there is orphaned when the thread ends (Django's docs say so). A pool
-# (Django 5.1+ OPTIONS["pool"], psycopg-pool) is the way to save the connect time; not done yet.
-DATABASES["default"].setdefault("CONN_MAX_AGE", 0)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# A connection pool per process (psycopg-pool through Django's OPTIONS["pool"]): a new PostgreSQL
+# connection costs milliseconds on every request and task. Persistent connections (CONN_MAX_AGE)
+# do not suit ASGI, where each request's sync work runs in its own thread. A closed connection goes
+# back to the pool; the web tier and the worker close theirs before a stream begins, so a
+# connection is held for the few queries of a request, not for its whole answer.
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True  # the pool checks a connection before handing it out
+if env.bool("DB_POOL", default=True):
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env.int("DB_POOL_MAX", default=16),
+        "timeout": env.float("DB_POOL_TIMEOUT", default=10.0),  # then the request gets a clear 503
+    }
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -224,6 +235,9 @@ INGEST_MAX_ATTEMPTS = env.int("INGEST_MAX_ATTEMPTS", default=3)
 CELERY_BROKER_URL = REDIS_URL
 CELERY_TASK_ACKS_LATE = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Threads, not forked processes: one engine (its model and batch) serves every generation of a
+# worker, and forked children would share the parent's database pool and llama.cpp state.
+CELERY_WORKER_POOL = "threads"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -7,6 +7,8 @@ import os
 
 from celery import Celery
 
+import llmsite  # noqa: F401  (sets the OpenMP spin before any model code loads)
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
 
 app = Celery("workers")

@@ -11,6 +11,7 @@ from chat.generation import SamplingParams, StopText
 from chat.models import Deployment, RequestLog
 from chat.chat_formats import stop_strings
 from chat.prompting import render_prompt
+from chat.services import release_connection
 from workers import loader, retrieval
 from workers.engines import GenerationResult
 
@@ -40,7 +41,8 @@ def run_generation(
         return
     log.info("generation %s started", request_id)
     events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
-    target = Deployment.objects.filter(name=deployment).first()
+    # Without its tokenizer files: megabytes of JSON, read and parsed for nothing on every request.
+    target = Deployment.objects.defer("tokenizer_files").filter(name=deployment).first()
     engine = loader.engine_for(target) if target is not None else None
     if engine is None:
         reason = loader.FAILED.get(deployment) or f"this worker does not serve the deployment '{deployment}'"
@@ -69,6 +71,7 @@ def run_generation(
             if prompt_tokens >= context:
                 raise ContextTooLong(prompt_tokens=prompt_tokens, context_length=context)
             sampling.max_new_tokens = min(sampling.max_new_tokens, context - prompt_tokens)
+        release_connection()  # back to the pool while the answer streams; the end takes one again
         for delta in engine.stream(prompt, sampling, result, lambda: stopper.hit or events.is_cancelled(request_id)):
             if first_token_at is None:
                 first_token_at = timezone.now()

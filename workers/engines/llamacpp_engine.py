@@ -1,7 +1,8 @@
 """The llama.cpp engine: GGUF models on CPUs, at llama.cpp's own speed, with continuous batching.
 
-One scheduler thread owns a llama.cpp context whose KV cache is shared by up to `max_batch_size`
-sequences (one sequence id per request). Each step sends ONE batch to `llama_decode`: the next
+One scheduler thread owns a llama.cpp context with room for up to `max_batch_size` sequences (one
+sequence id per request, each with its own stream of the KV cache, LLAMACPP_SEQ_TOKENS or the
+deployment's context_length long, within LLAMACPP_KV_MIB). Each step sends ONE batch to `llama_decode`: the next
 token of every running request plus a chunk of the prompts that are joining, so requests join and
 leave between steps and a long prompt never stalls the running streams for long. Sampling, stop
 tokens and the token/text stream are the same as the transformers engine's (`QueuedEngine`), and
@@ -26,6 +27,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import struct
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,7 +41,8 @@ from workers.engines.queued import QueuedEngine
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KV_TOKENS = 16384  # the KV cache all running requests share (tokens of prompt + answer)
+DEFAULT_SEQ_TOKENS = 2048  # each request's room in the KV cache (prompt + answer), unless the deployment sets context_length
+DEFAULT_KV_MIB = 4096  # at most this much KV cache: fewer sequences run at once where it would take more
 BATCH_TOKENS = 512  # tokens sent to one llama_decode call (running rows first, then prompt chunks)
 
 _backend_lock = threading.Lock()
@@ -58,6 +61,11 @@ def _llama():
             llama_cpp.llama_backend_init()
             _backend_ready = True
     return llama_cpp
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return max(1, int(value)) if value else default
 
 
 def default_threads() -> int:
@@ -89,18 +97,29 @@ class LlamaCppEngine(QueuedEngine):
             self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise LoadError(f"cannot read the tokenizer of {path}: {exc}") from exc
-        size = deployment.max_batch_size
-        self.model = LlamaCppModel(path, kv_tokens=DEFAULT_KV_TOKENS, max_sequences=size)
-        quantized = self.model.quantized
+        probe = LlamaCppModel(path, kv_tokens=256, max_sequences=1)  # what the file holds
+        quantized, train_context, kv_bytes = probe.quantized, probe.n_ctx_train, probe.kv_bytes_per_token()
+        probe.close()
+        seq_tokens = min(deployment.context_length or env_int("LLAMACPP_SEQ_TOKENS", DEFAULT_SEQ_TOKENS), max(train_context, 256))
+        seq_tokens = max(256, seq_tokens // 256 * 256)  # llama.cpp sizes its cache in steps of 256
+        budget = env_int("LLAMACPP_KV_MIB", DEFAULT_KV_MIB) * 2**20
+        size = max(1, min(deployment.max_batch_size, budget // (seq_tokens * kv_bytes)))
+        self.load_notes = [f"llama.cpp KV cache: {size} sequences x {seq_tokens} tokens ({size * seq_tokens * kv_bytes / 2**30:.2f} GiB)"]
+        if size < deployment.max_batch_size:
+            self.load_notes.append(f"max_batch_size {deployment.max_batch_size} cut to {size} by LLAMACPP_KV_MIB")
         decode_format = os.environ.get("LLAMACPP_DECODE", "q8_0")
-        if quantized and decode_format in CONVERSIONS:
-            self.model.close()  # decode with the converted copy instead (see the module's docstring)
-            self.model = LlamaCppModel(converted_copy(path, decode_format), kv_tokens=DEFAULT_KV_TOKENS, max_sequences=size)
-        self.context_length = min(self.model.n_ctx_train, self.model.kv_tokens)
+        # decode with a converted copy of a quantized file (see the module's docstring)
+        decode_path = converted_copy(path, decode_format) if quantized and decode_format in CONVERSIONS else path
+        # One KV stream per sequence (kv_unified off): each request attends to its own rows only.
+        # In one shared cache every row of a step attends over every request's cells (masked), which
+        # costs more than the weights at 32 streams.
+        self.model = LlamaCppModel(decode_path, kv_tokens=seq_tokens * size, max_sequences=size, unified=False)
+        self.context_length = seq_tokens
         self.prefill_model = None
         prefill_format = os.environ.get("LLAMACPP_PREFILL", "f16")
         if quantized and prefill_format in CONVERSIONS:
-            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=self.context_length, max_sequences=size)
+            # prompts only, briefly: one shared cache the size of one request's room
+            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=seq_tokens, max_sequences=size)
         stop = set(self.model.end_of_generation_ids()) | set(family_stop_ids(self.tokenizer, deployment.model_type))
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
@@ -140,7 +159,7 @@ def converted_copy(path: str, kind: str) -> str:
 class LlamaCppModel:
     """A GGUF model and one llama.cpp context, driven through llama-cpp-python's C API bindings."""
 
-    def __init__(self, path: str, *, kv_tokens: int, max_sequences: int, threads: int | None = None):
+    def __init__(self, path: str, *, kv_tokens: int, max_sequences: int, unified: bool = True, threads: int | None = None):
         self.lib = lib = _llama()
         _quiet(lib)
         params = lib.llama_model_default_params()
@@ -153,7 +172,7 @@ class LlamaCppModel:
         # under 1.5 bytes a weight: a quantized file (f16 and bf16 take 2, f32 4)
         self.quantized = lib.llama_model_size(self.model) < 1.5 * lib.llama_model_n_params(self.model)
         self.threads = threads or default_threads()
-        self.kv_tokens = min(kv_tokens, max(self.n_ctx_train, 1) * max_sequences)
+        self.kv_tokens = min(kv_tokens, max(self.n_ctx_train, 256) * max_sequences)
         ctx_params = lib.llama_context_default_params()
         ctx_params.n_ctx = self.kv_tokens
         ctx_params.n_batch = BATCH_TOKENS
@@ -161,7 +180,9 @@ class LlamaCppModel:
         ctx_params.n_seq_max = max_sequences
         ctx_params.n_threads = self.threads
         ctx_params.n_threads_batch = self.threads
-        ctx_params.kv_unified = True  # one cache for all sequences: a request may use what others leave
+        ctx_params.kv_unified = unified  # else the cache is split evenly, one stream per sequence
+        self.streams = 1 if unified else max_sequences
+        ctx_params.flash_attn_type = 1  # llama.cpp's flash attention (on CPU too): faster batched decode
         ctx_params.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
@@ -170,6 +191,12 @@ class LlamaCppModel:
         self.memory = lib.llama_get_memory(self.ctx)
         self.batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.lock = threading.Lock()  # one llama.cpp call at a time on this context
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of f16 keys and values one token takes in the cache, over all layers."""
+        lib, model = self.lib, self.model
+        head_dim = lib.llama_model_n_embd(model) // max(lib.llama_model_n_head(model), 1)
+        return 2 * 2 * lib.llama_model_n_layer(model) * lib.llama_model_n_head_kv(model) * head_dim
 
     def end_of_generation_ids(self) -> list[int]:
         """The vocabulary's end-of-generation tokens (a scan of the whole vocabulary: call once)."""
@@ -194,6 +221,11 @@ class LlamaCppModel:
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}" + (" (the KV cache is full)" if code == 1 else ""))
 
+    def all_logits(self, rows: int) -> np.ndarray:
+        """The logits of the last decode's first `rows` outputs, one row each (a view)."""
+        pointer = self.lib.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab))
+
     def logits(self, row: int) -> np.ndarray:
         """The logits of batch row `row` of the last decode (a view, valid until the next one)."""
         pointer = self.lib.llama_get_logits_ith(self.ctx, row)
@@ -203,12 +235,15 @@ class LlamaCppModel:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
     def move(self, seq: int, other: "LlamaCppModel") -> None:
-        """Move a sequence's KV rows into another context of the same architecture."""
+        """Move a sequence's KV rows into another context of the same architecture (f16 cache,
+        flash attention on in both, so the rows' types and layout match)."""
         size = self.lib.llama_state_seq_get_size(self.ctx, seq)
         buffer = (ctypes.c_uint8 * size)()
         written = self.lib.llama_state_seq_get_data(self.ctx, buffer, size, seq)
+        data = restream(bytes(buffer[:written]), other.streams) if written else b""
         other.forget(seq)
-        if not written or self.lib.llama_state_seq_set_data(other.ctx, buffer, written, seq) != written:
+        moved = (ctypes.c_uint8 * len(data)).from_buffer_copy(data) if data else None
+        if not data or self.lib.llama_state_seq_set_data(other.ctx, moved, len(data), seq) != len(data):
             raise RuntimeError("llama.cpp could not move a prompt's KV cache between contexts")
         self.forget(seq)
 
@@ -228,6 +263,28 @@ class LlamaCppModel:
                     out.append(float(row[ids[target]] - top - np.log(np.exp(row - top).sum())))
         self.forget(seq)
         return out
+
+
+def restream(state: bytes, streams: int) -> bytes:
+    """One sequence's saved KV state, re-addressed to a cache of `streams` streams.
+
+    llama.cpp writes a sequence's state as a header (magic, version: 8 bytes), its cache's stream
+    count (uint32), then per stream a cell count and that stream's cells; it refuses a state whose
+    stream count differs from its own, and reads every non-empty entry into the sequence's own
+    stream. A state from a one-stream (unified) cache thus becomes a `streams`-stream one by its
+    count and empty entries after it. (llama.cpp's format as of llama-cpp-python 0.3.36; `move`
+    checks that llama.cpp takes every byte, and the engine's tests move real prompts.)
+    """
+    (count,) = struct.unpack_from("<I", state, STATE_HEADER_BYTES)
+    if count == streams:
+        return state
+    if count != 1:
+        raise RuntimeError(f"cannot move a KV state of {count} streams into a cache of {streams}")
+    head, body = state[:STATE_HEADER_BYTES], state[STATE_HEADER_BYTES + 4 :]
+    return head + struct.pack("<I", streams) + body + struct.pack("<I", 0) * (streams - 1)
+
+
+STATE_HEADER_BYTES = 8
 
 
 def _quiet(lib) -> None:
@@ -343,9 +400,16 @@ class LlamaCppScheduler(BatchingScheduler):
         with self.lock:
             if decoding:
                 self.llama.decode([(s.last_token, s.pos, s.seq, True) for s in decoding])
+                logits = self.llama.all_logits(len(decoding))
+                # Greedy rows in one numpy call: per-row work here is Python holding the GIL that
+                # every stream's thread wants too, once per token.
+                greedy = np.argmax(logits, axis=1).tolist()
                 for row, sequence in enumerate(decoding):
                     sequence.pos += 1
-                    self._next(sequence, self.llama.logits(row), finished)
+                    if sequence.request.greedy:
+                        self._take(sequence, greedy[row], finished)
+                    else:
+                        self._next(sequence, logits[row], finished)
             self._prefill_chunk(finished)
         for sequence in finished:
             self._release(sequence)
@@ -376,7 +440,9 @@ class LlamaCppScheduler(BatchingScheduler):
             self._next(sequence, logits, finished)
 
     def _next(self, sequence: _Sequence, logits: np.ndarray, finished: list[_Sequence]) -> None:
-        token = self._sample(sequence.request, logits)
+        self._take(sequence, self._sample(sequence.request, logits), finished)
+
+    def _take(self, sequence: _Sequence, token: int, finished: list[_Sequence]) -> None:
         sequence.last_token = token
         if self._emit(sequence.request, token):
             finished.append(sequence)

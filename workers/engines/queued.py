@@ -50,11 +50,20 @@ class QueuedEngine(Engine):
                     if cancelled():
                         self.scheduler.abort(request.id)
                 if kind == "token":
-                    result.completion_tokens += 1
-                    text = detok.add(value)
+                    # The tokens that arrived meanwhile go out as one piece of text: a consumer
+                    # that falls behind (many streams on few cores) catches up in fewer messages.
+                    pieces = []
+                    while kind == "token":
+                        result.completion_tokens += 1
+                        pieces.append(detok.add(value))
+                        try:
+                            kind, value = request.out.get_nowait()
+                        except queue.Empty:
+                            kind = None
+                    text = "".join(pieces)
                     if text:
                         yield text
-                elif kind == "done":
+                if kind == "done":
                     if value == "stop":
                         result.completion_tokens += 1  # the end-of-turn token was generated too
                     result.finish_reason = value

@@ -1,0 +1,52 @@
+"""Middleware without thread hops, and the token APIs' own short middleware list.
+
+Django runs a classic middleware's process_request/process_response hooks in a thread when the
+request is async (the predict and /v1 views are): one thread hop per hook, each on the way to a
+first token. The hooks of SecurityMiddleware and CommonMiddleware only read the request and set
+headers, so for the token APIs they run inline on the event loop. (The site's own list keeps
+Django's classes, which `manage.py check --deploy` looks for by name.)
+"""
+
+from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
+from django.middleware.common import CommonMiddleware
+from django.middleware.security import SecurityMiddleware
+
+
+class _Inline:
+    """For a MiddlewareMixin whose hooks never block: call them on the event loop."""
+
+    async def __acall__(self, request):
+        response = None
+        if hasattr(self, "process_request"):
+            response = self.process_request(request)
+        response = response or await self.get_response(request)
+        if hasattr(self, "process_response"):
+            response = self.process_response(request, response)
+        return response
+
+
+class InlineSecurityMiddleware(_Inline, SecurityMiddleware):
+    pass
+
+
+class InlineCommonMiddleware(_Inline, CommonMiddleware):
+    pass
+
+
+# The prefixes of the APIs that authenticate by token: no session, login, CSRF or messages.
+TOKEN_API_PREFIXES = ("/api/predict/", "/v1/")
+
+
+class TokenApiHandler(ASGIHandler):
+    """Django's ASGI handler with settings.TOKEN_API_MIDDLEWARE instead of the site's list: the
+    browser's middleware (sessions, CSRF, messages, login throttling) means nothing to a request
+    that carries an API token, and each of its hooks would cost a thread hop."""
+
+    def load_middleware(self, is_async=False):
+        site = settings.MIDDLEWARE
+        settings.MIDDLEWARE = settings.TOKEN_API_MIDDLEWARE  # read once, here, at start-up
+        try:
+            super().load_middleware(is_async=is_async)
+        finally:
+            settings.MIDDLEWARE = site
