@@ -157,3 +157,41 @@ def test_sampling_settings_are_per_request(engine):
     assert first == again  # the same seed gives the same answer
     greedy_answer = ask(engine, user("Name an animal."), greedy(16))[0]
     assert len({first, other, greedy_answer}) >= 2  # sampling is not greedy decoding
+
+
+def test_a_slow_reader_gets_the_waiting_tokens_as_one_piece_and_the_same_text(engine):
+    """The relay sends the tokens that queued up while its reader was busy as one piece of text
+    (fewer messages when the streams outrun their relays); the text is the same as read at once."""
+    prompt = render_prompt(engine.tokenizer, [{"role": "user", "content": "Write a short paragraph about owls."}])
+    slow, result = [], GenerationResult()
+    fast = list(engine.stream(prompt, greedy(48), GenerationResult(), lambda: False))
+    for piece in engine.stream(prompt, greedy(48), result, lambda: False):
+        slow.append(piece)
+        time.sleep(0.15)  # a reader far slower than the engine
+    assert "".join(slow) == "".join(fast)
+    assert result.completion_tokens >= 24
+    assert len(slow) < len(fast) and len(slow) < result.completion_tokens / 2
+
+
+def test_each_request_has_its_own_kv_room(engine, deployment):
+    """One KV stream per request (not one cache shared by all): the engine's context is a request's
+    room, and every sequence id can hold a prompt of that room's size at once."""
+    from workers.engines.llamacpp_engine import DEFAULT_SEQ_TOKENS
+
+    assert engine.model.streams == deployment.max_batch_size
+    assert engine.context_length == min(DEFAULT_SEQ_TOKENS, engine.model.n_ctx_train)
+    assert engine.model.kv_tokens == engine.context_length * deployment.max_batch_size
+
+
+def test_restream_readdresses_a_one_stream_kv_state():
+    from workers.engines.llamacpp_engine import STATE_HEADER_BYTES, restream
+
+    header, cells = b"\xd8\x3c\x14\xaf\x01\x00\x00\x00", b"\x05\x00\x00\x00" + b"kv-rows"
+    state = header + (1).to_bytes(4, "little") + cells
+    moved = restream(state, 4)
+    assert moved[:STATE_HEADER_BYTES] == header
+    assert int.from_bytes(moved[8:12], "little") == 4
+    assert moved[12:] == cells + b"\x00" * 12  # the three other streams: empty
+    assert restream(moved, 4) == moved
+    with pytest.raises(RuntimeError, match="cannot move a KV state of 4 streams"):
+        restream(moved, 8)
