@@ -27,8 +27,6 @@ async def call(path: str, method: str = "GET", body: bytes = b"", headers=()):
     return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, content
 
 
-@pytest.mark.asyncio
-@pytest.mark.django_db(transaction=True)
 async def test_predict_answers_with_the_security_headers_and_no_session_machinery():
     status, headers, content = await call("/api/predict/default", "POST", b'{"prompt": "hi"}', [(b"content-type", b"application/json")])
     assert status == 401 and "API token" in json.loads(content)["error"]["message"]
@@ -37,8 +35,6 @@ async def test_predict_answers_with_the_security_headers_and_no_session_machiner
     assert "cookie" not in headers.get("vary", "").lower()  # no session middleware on token APIs
 
 
-@pytest.mark.asyncio
-@pytest.mark.django_db(transaction=True)
 async def test_openai_api_goes_through_the_token_handler_and_pages_through_the_site_one():
     status, headers, _ = await call("/v1/models")
     assert status == 401 and headers["x-content-type-options"] == "nosniff"
