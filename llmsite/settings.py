@@ -155,7 +155,9 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True  # the pool checks a connectio
 if env.bool("DB_POOL", default=True):
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
-        "max_size": env.int("DB_POOL_MAX", default=16),
+        # a cap, not a reservation (the pool grows on demand and shrinks when idle): room for every
+        # task thread of a worker at once (ingestion holds its connection for a whole document)
+        "max_size": env.int("DB_POOL_MAX", default=env.int("WORKER_CONCURRENCY", default=40) + 8),
         "timeout": env.float("DB_POOL_TIMEOUT", default=10.0),  # then the request gets a clear 503
     }
 

@@ -181,6 +181,7 @@ def test_each_request_has_its_own_kv_room(engine, deployment):
     assert engine.model.streams == deployment.max_batch_size
     assert engine.context_length == min(DEFAULT_SEQ_TOKENS, engine.model.n_ctx_train)
     assert engine.model.kv_tokens == engine.context_length * deployment.max_batch_size
+    assert engine.model.lib.llama_n_ctx_seq(engine.model.ctx) == engine.context_length  # llama.cpp's own split
 
 
 def test_restream_readdresses_a_one_stream_kv_state():
