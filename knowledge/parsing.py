@@ -67,7 +67,7 @@ def check_content(name: str, data: bytes) -> None:
     if kind in ("txt", "md"):
         _text(data)
     elif kind == "pdf" and b"%PDF-" not in data[:1024]:
-        raise ParseError(f"The file is named .pdf but is not a PDF (it does not start with %PDF-).")
+        raise ParseError("The file is named .pdf but is not a PDF (it does not start with %PDF-).")
     elif kind == "docx":
         _check_docx_container(data)
 

@@ -144,6 +144,8 @@ TEMPLATES = [
 ASGI_APPLICATION = "llmsite.asgi.application"
 WSGI_APPLICATION = None
 
+WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=40)  # task threads of one worker process
+
 DATABASES = {"default": env.db_url_config(DATABASE_URL)}
 # A connection pool per process (psycopg-pool through Django's OPTIONS["pool"]): a new PostgreSQL
 # connection costs milliseconds on every request and task. Persistent connections (CONN_MAX_AGE)
@@ -157,7 +159,7 @@ if env.bool("DB_POOL", default=True):
         "min_size": 1,
         # a cap, not a reservation (the pool grows on demand and shrinks when idle): room for every
         # task thread of a worker at once (ingestion holds its connection for a whole document)
-        "max_size": env.int("DB_POOL_MAX", default=env.int("WORKER_CONCURRENCY", default=40) + 8),
+        "max_size": env.int("DB_POOL_MAX", default=WORKER_CONCURRENCY + 8),
         "timeout": env.float("DB_POOL_TIMEOUT", default=10.0),  # then the request gets a clear 503
     }
 
@@ -246,7 +248,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_DEFAULT_QUEUE = "celery"
 # Generations wait in threads while one engine loop batches them: room for a full batch (32).
-CELERY_WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=40)
+CELERY_WORKER_CONCURRENCY = WORKER_CONCURRENCY
 # The Redis broker hands a message that was delivered but not acknowledged within this many seconds
 # to a worker again (Celery's default, one hour). A generation is acknowledged when it starts and
 # is also claimed once in its row, so a second delivery never runs it twice (tested with 2 s).

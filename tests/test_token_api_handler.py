@@ -3,7 +3,6 @@
 
 import json
 
-import pytest
 from asgiref.testing import ApplicationCommunicator
 
 

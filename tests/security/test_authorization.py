@@ -13,7 +13,7 @@ import websocket
 from chat.models import Conversation, Deployment, Message, RequestLog
 from chat.tokens import token_create
 from knowledge import services as knowledge_services
-from knowledge.models import Document, KnowledgeBase
+from knowledge.models import Document
 from tests.security.conftest import csrf, site_session
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from workers.engines.base import LoadError, cached_copy
-from workers.engines.batching import BatchRequest, BatchingScheduler, _processors
+from workers.engines.batching import BatchRequest, BatchingScheduler
 from workers.engines.queued import QueuedEngine
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ def default_threads() -> int:
     60 tok/s through the predict API for one stream and 119 for 32, 1 thread 44 and 56. llama.cpp's
     threads spin at every barrier, so on a machine crowded with other work 1 thread can be faster
     (seen under a load average of 9: 21.6 tok/s with 1 thread, 2.7 with 2)."""
-    configured = os.environ.get("LLAMACPP_THREADS")
-    if configured:
-        return max(1, int(configured))
-    return len(os.sched_getaffinity(0))
+    return env_int("LLAMACPP_THREADS", len(os.sched_getaffinity(0)))
 
 
 class LlamaCppEngine(QueuedEngine):
@@ -265,6 +262,9 @@ class LlamaCppModel:
         return out
 
 
+STATE_HEADER_BYTES = 8  # llama.cpp's sequence state begins with a magic number and a version
+
+
 def restream(state: bytes, streams: int) -> bytes:
     """One sequence's saved KV state, re-addressed to a cache of `streams` streams.
 
@@ -283,8 +283,6 @@ def restream(state: bytes, streams: int) -> bytes:
     head, body = state[:STATE_HEADER_BYTES], state[STATE_HEADER_BYTES + 4 :]
     return head + struct.pack("<I", streams) + body + struct.pack("<I", 0) * (streams - 1)
 
-
-STATE_HEADER_BYTES = 8
 
 
 def _quiet(lib) -> None:
@@ -403,7 +401,7 @@ class LlamaCppScheduler(BatchingScheduler):
                 logits = self.llama.all_logits(len(decoding))
                 # Greedy rows in one numpy call: per-row work here is Python holding the GIL that
                 # every stream's thread wants too, once per token.
-                greedy = np.argmax(logits, axis=1).tolist()
+                greedy = np.argmax(logits, axis=1).tolist() if any(s.request.greedy for s in decoding) else None
                 for row, sequence in enumerate(decoding):
                     sequence.pos += 1
                     if sequence.request.greedy:
