@@ -84,7 +84,9 @@ def throughput(engine, n: int, new_tokens: int) -> float:
 
 
 def engine_for(folder: str, precision: str) -> TransformersEngine:
-    deployment = SimpleNamespace(name=f"gpu-{precision}", model_source=folder, precision=precision, max_batch_size=64)
+    deployment = SimpleNamespace(
+        name=f"gpu-{precision}", model_source=folder, model_type="auto", precision=precision, max_batch_size=64
+    )
     return TransformersEngine(deployment)
 
 

@@ -196,3 +196,41 @@ def test_restream_readdresses_a_one_stream_kv_state():
     assert restream(moved, 4) == moved
     with pytest.raises(RuntimeError, match="cannot move a KV state of 4 streams"):
         restream(moved, 8)
+
+
+def test_requests_leaving_mid_batch_leave_no_gap_in_the_decode_call(engine):
+    """With one KV stream per request llama.cpp splits a decode call into runs of consecutive
+    sequence ids, one pass over the weights each: the ids of requests that left get a throwaway row
+    (forgotten after the call), and the answers of the requests still running stay their own."""
+    short, long = QUESTIONS[:4], QUESTIONS[4:8]
+    single = {q: ask(engine, user(q), greedy(20))[0] for q in long}
+    calls, decode = [], engine.model.decode
+
+    def spy(rows):
+        calls.append([(seq, wants_logits) for _, _, seq, wants_logits in rows])
+        decode(rows)
+
+    answers = {}
+
+    def run(question, n):
+        answers[question] = ask(engine, user(question), greedy(n))[0]
+
+    engine.model.decode = spy
+    try:
+        # short and long questions alternate, so the short ones leave holes between the long ones
+        threads = [threading.Thread(target=run, args=(q, n)) for pair in zip(short, long) for q, n in zip(pair, (2, 20))]
+        for t in threads:
+            t.start()
+            time.sleep(0.02)  # joins in this order: the ids alternate too
+        for t in threads:
+            t.join(300)
+    finally:
+        del engine.model.decode
+    assert idle(engine)
+    for ids in ([seq for seq, _ in call] for call in calls):
+        assert ids == list(range(ids[0], ids[0] + len(ids))), calls  # one run of consecutive ids
+    assert any(not wants for call in calls for _, wants in call), calls  # the holes were filled
+    for question in long:
+        assert answers[question][:20] == single[question][:20], (question, answers[question], single[question])
+    lib, memory = engine.model.lib, engine.model.memory
+    assert all(lib.llama_memory_seq_pos_max(memory, seq) == -1 for seq in range(engine.model.streams))  # no leftovers
