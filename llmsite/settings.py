@@ -153,9 +153,16 @@ DATABASES = {"default": env.db_url_config(DATABASE_URL)}
 # back to the pool; the web tier and the worker close theirs before a stream begins, so a
 # connection is held for the few queries of a request, not for its whole answer.
 DATABASES["default"]["CONN_MAX_AGE"] = 0
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True  # the pool checks a connection before handing it out
+# The pool checks a connection before handing it out (Django passes psycopg-pool's check): one
+# the server dropped while it sat there (a restart, a proxy's idle timeout; a worker's sits there
+# for a whole answer) is replaced, not handed out.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# How this process's connections are named in pg_stat_activity (e.g. one name per worker node).
+DATABASES["default"].setdefault("OPTIONS", {}).setdefault("application_name", "llmsite")
+if env.str("DB_APPLICATION_NAME", default=""):
+    DATABASES["default"]["OPTIONS"]["application_name"] = env.str("DB_APPLICATION_NAME")
 if env.bool("DB_POOL", default=True):
-    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+    DATABASES["default"]["OPTIONS"]["pool"] = {
         "min_size": 1,
         # a cap, not a reservation (the pool grows on demand and shrinks when idle): room for every
         # task thread of a worker at once (ingestion holds its connection for a whole document)

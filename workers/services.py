@@ -2,7 +2,7 @@
 
 import logging
 
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
 from chat import events
@@ -95,8 +95,9 @@ def run_generation(
         result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
     status = RequestLog.Status.CANCELLED if result.finish_reason == "cancelled" else RequestLog.Status.OK
-    _update(
+    _end(
         request_id,
+        {"type": "final", "text": answer, "finish_reason": result.finish_reason, "usage": usage},
         status=status,
         response=answer,
         finish_reason=result.finish_reason,
@@ -104,7 +105,6 @@ def run_generation(
         finished_at=timezone.now(),
         **usage,
     )
-    events.publish(request_id, {"type": "final", "text": answer, "finish_reason": result.finish_reason, "usage": usage})
 
 
 def _claim(request_id) -> bool:
@@ -117,8 +117,17 @@ def _claim(request_id) -> bool:
 
 
 def _fail(request_id, message, **fields):
-    _update(request_id, status=RequestLog.Status.ERROR, error=message, finished_at=timezone.now(), **fields)
-    events.publish(request_id, {"type": "error", "message": message})
+    _end(request_id, {"type": "error", "message": message}, status=RequestLog.Status.ERROR, error=message, finished_at=timezone.now(), **fields)
+
+
+def _end(request_id, event: dict, **fields) -> None:
+    """Store how the request ended, then end its stream with `event`: the client hears the end
+    even when the database cannot take the record (PostgreSQL gone mid-answer; logged)."""
+    try:
+        _update(request_id, **fields)
+    except DatabaseError:
+        log.exception("generation %s: its end could not be stored", request_id)
+    events.publish(request_id, event)
 
 
 def run_embedding(*, request_id: str, texts: list[str]) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -103,3 +104,27 @@ def test_requests_get_503_while_postgresql_is_down_and_succeed_when_it_returns(i
         assert site["worker"].alive() and site["web"].alive()
     finally:
         stop_database(restarted)
+
+
+def test_postgresql_going_down_mid_answer_still_ends_the_stream(isolated_site):
+    """The worker stores an answer's end, then ends its stream: with PostgreSQL gone by then, the
+    client still gets the whole answer and its end (the record's loss is logged)."""
+    from tests.chat import clients
+
+    site = isolated_site
+    out = clients.Received()
+    body = {"prompt": "Tell me a very long story about a dragon and a knight.", "temperature": 0, "max_new_tokens": 400}
+    reader = threading.Thread(
+        target=clients.predict_http_stream, args=(f"{site['url']}/api/predict/default", site["token"], body, out), daemon=True
+    )
+    reader.start()
+    deadline = time.monotonic() + 120
+    while len(out.pieces) < 3:
+        assert time.monotonic() < deadline and reader.is_alive(), "the answer did not begin"
+        time.sleep(0.05)
+    stop_database(site["database"])
+    reader.join(150)
+    assert out.ended and out.error is None, (out.error, site["worker"].log_tail())
+    assert len(out.pieces[-1]) > 100  # the whole answer, not the part before the outage
+    wait_for_log(site["worker"], "its end could not be stored", timeout=60)
+    assert site["worker"].alive() and site["web"].alive()
