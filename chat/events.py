@@ -25,8 +25,9 @@ def cancel_key(request_id) -> str:
     return f"llmsite:cancel:{request_id}"
 
 
-def worker_key(queue: str, hostname: str) -> str:
-    return f"llmsite:worker:{queue}:{hostname}"
+def queue_alive_key(queue: str) -> str:
+    """Renewed by every worker of the queue on each heartbeat: it expires with the last one's."""
+    return f"llmsite:queue-alive:{queue}"
 
 
 def worker_host_key(hostname: str) -> str:
@@ -72,9 +73,7 @@ async def cancel(request_id) -> None:
 
 
 async def queue_has_worker(queue: str) -> bool:
-    async for _ in async_client().scan_iter(match=worker_key(queue, "*"), count=100):
-        return True
-    return False
+    return bool(await async_client().exists(queue_alive_key(queue)))  # one key: O(1) however many keys Redis holds
 
 
 async def worker_alive(hostname: str) -> bool:

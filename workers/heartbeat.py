@@ -1,4 +1,5 @@
-"""Worker liveness in Redis: a key per (queue, worker) that expires unless the worker renews it.
+"""Worker liveness in Redis: a key per queue that every worker of that queue renews, and a key per
+worker; each expires unless renewed.
 
 The web tier refuses requests for a queue no live worker consumes (503 instead of queueing
 forever) and ends a stream whose worker's key expired (the worker died) with an error.
@@ -24,7 +25,7 @@ def start(*, hostname: str, queues: list[str]) -> threading.Thread:
                 value = json.dumps({"pid": os.getpid(), "queues": queues})
                 pipe = client.pipeline()
                 for queue in queues:
-                    pipe.set(events.worker_key(queue, hostname), value, ex=settings.WORKER_HEARTBEAT_TTL)
+                    pipe.set(events.queue_alive_key(queue), hostname, ex=settings.WORKER_HEARTBEAT_TTL)
                 pipe.set(events.worker_host_key(hostname), value, ex=settings.WORKER_HEARTBEAT_TTL)
                 pipe.execute()
             except Exception:  # Redis away: keep trying, the keys simply expire meanwhile

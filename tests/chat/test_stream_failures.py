@@ -28,7 +28,7 @@ def hung_worker_on(queue: str) -> None:
     """A liveness key for `queue` with no worker behind it: a worker that hangs without a word."""
     from chat import events
 
-    events.sync_client().set(events.worker_key(queue, "hung@nowhere"), "{}", ex=120)
+    events.sync_client().set(events.queue_alive_key(queue), "hung@nowhere", ex=120)
 
 
 def deployment_on_queue(queue: str) -> Deployment:
