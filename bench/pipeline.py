@@ -101,8 +101,7 @@ def bench_llamacpp_peer(deployment, prompts: list[list[int]]) -> float | None:
     llm.create_completion(prompts[0], max_tokens=8, temperature=0.0)  # warm-up
     started, tokens = time.perf_counter(), 0
     for ids in prompts:
-        # no reset: llama-cpp-python reuses the KV rows of the prefix this prompt shares with the
-        # one before, as our engine reuses the prefix that prompts share
+        llm.reset()  # no prompt-prefix reuse across requests, like our engine
         out = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1)
         tokens += out["usage"]["completion_tokens"]
     return tokens / (time.perf_counter() - started)

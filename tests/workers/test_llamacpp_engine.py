@@ -236,46 +236,30 @@ def test_requests_leaving_mid_batch_leave_no_gap_in_the_decode_call(engine):
     assert all(lib.llama_memory_seq_pos_max(memory, seq) == -1 for seq in range(engine.model.streams))  # no leftovers
 
 
-def test_a_prompt_prefix_shared_with_the_last_prompt_is_not_computed_again(engine):
-    """The prefill context keeps the KV rows of the prefix consecutive prompts shared (here the
-    system prompt, the template's header and "What is the capital of"): a prompt that starts with
-    it prefills only what follows, and answers as it does with nothing kept."""
-    system = [{"role": "system", "content": "Answer briefly."}]
-    canada = system + user("What is the capital of Canada?")
-    reference = ask(engine, canada, greedy(12))[0]  # shares next to nothing with earlier prompts
-    ask(engine, system + user("What is the capital of France?"), greedy(1))  # now the shared part is kept
-    prefilled, decode = [], engine.prefill_model.decode
+def test_no_prompt_ends_with_a_prefill_call_of_one_row(engine):
+    """A one-row call in the f16 prefill context leaves KV rows that derail the answer once moved
+    (llama-cpp-python 0.3.36): a prompt one token longer than a prefill chunk ends in two rows."""
+    from workers.engines.llamacpp_engine import BATCH_TOKENS
+
+    def prompt_of(words: int) -> str:
+        return render_prompt(engine.tokenizer, user("Repeat after me:" + " word" * words))
+
+    words = BATCH_TOKENS
+    for _ in range(4):  # count rather than assume one token a word
+        words += BATCH_TOKENS + 1 - engine.count_tokens(prompt_of(words))
+    assert engine.count_tokens(prompt_of(words)) == BATCH_TOKENS + 1
+    calls, decode = [], engine.prefill_model.decode
 
     def spy(rows):
-        prefilled.append(len(rows))
+        calls.append(len(rows))
         decode(rows)
 
     engine.prefill_model.decode = spy
     try:
-        text = ask(engine, canada, greedy(12))[0]
+        result = GenerationResult()
+        list(engine.stream(prompt_of(words), greedy(4), result, lambda: False))
     finally:
         del engine.prefill_model.decode
-    prompt = engine.count_tokens(render_prompt(engine.tokenizer, canada))
-    assert 0 < sum(prefilled) <= prompt - 15, (prefilled, prompt)
-    assert text[:20] == reference[:20], (text, reference)
-    assert idle(engine)
-
-
-def test_a_prompt_that_needs_the_whole_room_pushes_the_kept_prefix_out(engine):
-    """The kept prefix's rows take room in the prefill context: a prompt that shares only part of
-    it and needs the whole room gets that room (the prefix goes), not a full-cache failure."""
-    system = [{"role": "system", "content": "Answer briefly."}]
-    ask(engine, system + user("What is the capital of Peru?"), greedy(1))
-    ask(engine, system + user("What is the capital of Chile?"), greedy(1))  # kept: up to "capital of"
-
-    def prompt_of(words: int) -> list[dict]:
-        return system + user("What is the meaning of" + " word" * words + "?")
-
-    target, words = engine.context_length - 1, engine.context_length  # room for the answer token
-    for _ in range(4):  # " word" is one token here, but count rather than assume
-        words += target - engine.count_tokens(render_prompt(engine.tokenizer, prompt_of(words)))
-    long = prompt_of(words)
-    assert engine.count_tokens(render_prompt(engine.tokenizer, long)) == target
-    text, result = ask(engine, long, greedy(1))
-    assert result.finish_reason in ("stop", "length") and result.completion_tokens == 1
+    assert sum(calls) >= BATCH_TOKENS + 1 and min(calls) >= 2, calls
+    assert result.finish_reason in ("stop", "length") and result.completion_tokens >= 1
     assert idle(engine)

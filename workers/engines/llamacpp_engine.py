@@ -19,11 +19,6 @@ decoding context, which runs every following token on an 8-bit (Q8_0) copy: on 2
 is compute-bound for such a small model, and its batched Q8_0 kernels run 32 streams about 1.3x
 faster than the 4-bit file's at the same single-stream speed (README, "Fast CPU engine").
 LLAMACPP_PREFILL and LLAMACPP_DECODE (`f16`, `q8_0`, or `file`) choose otherwise.
-
-The prefill context keeps the KV rows of the prompt prefix that consecutive prompts shared (a
-system prompt and the chat template's header, say) under a sequence id of its own: a prompt that
-starts with it gets those rows by reference (`llama_memory_seq_cp`, no arithmetic) and prefills
-only the rest.
 """
 
 from __future__ import annotations
@@ -49,7 +44,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEQ_TOKENS = 2048  # each request's room in the KV cache (prompt + answer), unless the deployment sets context_length
 DEFAULT_KV_MIB = 4096  # at most this much KV cache: fewer sequences run at once where it would take more
-PREFIX_MIN_TOKENS = 8  # a shorter shared prefix is not worth keeping
+# _ONE_ROW: in the f16 prefill context a llama_decode call of one row gives the right logits but
+# leaves KV rows that, moved to the decoding context, derail the answer two tokens later (seen with
+# llama-cpp-python 0.3.36 on a prompt whose last chunk was one token): a prompt's last call always
+# has two rows or more.
 BATCH_TOKENS = 512  # tokens sent to one llama_decode call (running rows first, then prompt chunks)
 
 _backend_lock = threading.Lock()
@@ -123,8 +121,7 @@ class LlamaCppEngine(QueuedEngine):
         prefill_format = os.environ.get("LLAMACPP_PREFILL", "f16")
         if quantized and prefill_format in CONVERSIONS:
             # prompts only, briefly: one shared cache the size of one request's room
-            # one more sequence id: the shared prompt prefix's (LlamaCppScheduler)
-            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=seq_tokens, max_sequences=size + 1)
+            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=seq_tokens, max_sequences=size)
         stop = set(self.model.end_of_generation_ids()) | set(family_stop_ids(self.tokenizer, deployment.model_type))
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
@@ -239,11 +236,6 @@ class LlamaCppModel:
     def forget(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
-    def share(self, source: int, target: int, tokens: int) -> None:
-        """Give sequence `target` the KV rows of `source`'s first `tokens` positions (in one
-        unified cache the rows are shared, not copied)."""
-        self.lib.llama_memory_seq_cp(self.memory, source, target, 0, tokens)
-
     def move(self, seq: int, other: "LlamaCppModel") -> None:
         """Move a sequence's KV rows into another context of the same architecture (f16 cache,
         flash attention on in both, so the rows' types and layout match)."""
@@ -314,16 +306,6 @@ def _quiet(lib) -> None:
 _log_callback = None
 
 
-def _common_length(a: list[int], b: list[int]) -> int:
-    """The length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class _Sequence:
     request: BatchRequest
@@ -332,7 +314,6 @@ class _Sequence:
     pos: int = 0
     last_token: int = -1
     reserved: int = 0  # KV tokens this request may grow to
-    prefill_cells: int = 0  # prompt tokens it adds to the prefill context (those not shared)
 
 
 class LlamaCppScheduler(BatchingScheduler):
@@ -349,11 +330,6 @@ class LlamaCppScheduler(BatchingScheduler):
         self._running: list[_Sequence] = []
         self._reserved = 0
         self._prefill_reserved = 0
-        # The shared prompt prefix (tokens whose KV rows the prefill context keeps under its own
-        # sequence id, one past the requests'), and the last prompt, to find what prompts share.
-        self._prefix_seq = max_batch_size if prefill is not None and prefill is not model else None
-        self._prefix: list[int] = []
-        self._last_prompt: list[int] = []
         super().__init__(None, max_batch_size=max_batch_size, name=name)
 
     def _setup_model(self, model) -> None:
@@ -401,59 +377,24 @@ class LlamaCppScheduler(BatchingScheduler):
             heapq.heappush(self._free_seqs, sequence.seq)
             self._reserved -= sequence.reserved
             if sequence.pending:
-                self._prefill_reserved -= sequence.prefill_cells
+                self._prefill_reserved -= len(sequence.request.prompt_ids)
 
     def _admit(self) -> None:
         """Waiting requests join while a sequence id and their KV room (prompt + answer) are free."""
         with self._wake:
             while self._waiting and self._free_seqs:
                 request = self._waiting[0]
-                need = len(request.prompt_ids) + request.max_new_tokens
-                shared = self._shared_prefix(request.prompt_ids)
-                prompt = len(request.prompt_ids) - shared
-                if self._prefix and self._prefill_reserved + len(self._prefix) + prompt > self.prefill.kv_tokens:
-                    self._drop_prefix()  # its rows make room for the prompt
-                    shared, prompt = 0, len(request.prompt_ids)
+                need, prompt = len(request.prompt_ids) + request.max_new_tokens, len(request.prompt_ids)
                 if self._running and (
-                    self._reserved + need > self.llama.kv_tokens or self._prefill_reserved + len(self._prefix) + prompt > self.prefill.kv_tokens
+                    self._reserved + need > self.llama.kv_tokens or self._prefill_reserved + prompt > self.prefill.kv_tokens
                 ):
                     break  # waits for running requests to leave
                 self._waiting.popleft()
                 self._start(request)
-                seq = heapq.heappop(self._free_seqs)
-                if shared:  # the prefill context is this thread's alone: no lock
-                    self.prefill.share(self._prefix_seq, seq, shared)
-                sequence = _Sequence(
-                    request, seq, deque(request.prompt_ids[shared:]), pos=shared, reserved=need, prefill_cells=prompt
-                )
+                sequence = _Sequence(request, heapq.heappop(self._free_seqs), deque(request.prompt_ids), reserved=need)
                 self._reserved += need
                 self._prefill_reserved += prompt
                 self._running.append(sequence)
-
-    def _shared_prefix(self, prompt: list[int]) -> int:
-        """How many of the prompt's first tokens the kept prefix covers (the last prompt token is
-        always computed, for its logits)."""
-        shared = min(_common_length(prompt, self._prefix), len(prompt) - 1)
-        return shared if shared >= PREFIX_MIN_TOKENS else 0
-
-    def _keep_prefix(self, sequence: _Sequence) -> None:
-        """After a prompt is prefilled: keep the part it shares with the prompt before it, when that
-        differs from the prefix kept now (the rows are shared with the finished prompt's)."""
-        if self._prefix_seq is None:
-            return
-        prompt, last = sequence.request.prompt_ids, self._last_prompt
-        self._last_prompt = prompt
-        common = min(_common_length(prompt, last), len(prompt) - 1)
-        if common < PREFIX_MIN_TOKENS or prompt[:common] == self._prefix:
-            return
-        self._drop_prefix()
-        self.prefill.share(sequence.seq, self._prefix_seq, common)
-        self._prefix = prompt[:common]
-
-    def _drop_prefix(self) -> None:
-        if self._prefix:
-            self.prefill.forget(self._prefix_seq)
-            self._prefix = []
 
     def step(self) -> None:
         self._admit()
@@ -505,6 +446,8 @@ class LlamaCppScheduler(BatchingScheduler):
             if not sequence.pending or len(rows) >= BATCH_TOKENS:
                 continue
             take = min(BATCH_TOKENS - len(rows), len(sequence.pending))
+            if len(sequence.pending) - take == 1 and take > 1:
+                take -= 1  # no prompt ends with a call of one row (see _ONE_ROW)
             for i in range(take):
                 last = len(sequence.pending) == 1
                 rows.append((sequence.pending.popleft(), sequence.pos + i, sequence.seq, last))
@@ -513,14 +456,19 @@ class LlamaCppScheduler(BatchingScheduler):
             sequence.pos += take
         if not rows:
             return
+        filler = None
+        if len(rows) == 1 and self.prefill is not self.llama and self._free_seqs:
+            filler = self._free_seqs[0]  # _ONE_ROW: a throwaway second row, forgotten below
+            rows.append((rows[0][0], 0, filler, False))
         self.prefill.decode(rows)
+        if filler is not None:
+            self.prefill.forget(filler)
         for row, sequence in done:
             logits = self.prefill.logits(row)
             if self.prefill is not self.llama:
-                self._keep_prefix(sequence)
                 self.prefill.move(sequence.seq, self.llama)
             with self._wake:
-                self._prefill_reserved -= sequence.prefill_cells
+                self._prefill_reserved -= len(sequence.request.prompt_ids)
             self._next(sequence, logits, finished)
 
     def _next(self, sequence: _Sequence, logits: np.ndarray, finished: list[_Sequence]) -> None:
@@ -541,6 +489,5 @@ class LlamaCppScheduler(BatchingScheduler):
         with self.lock:
             self.llama.forget(-1)  # whatever a failed call left behind
             self.prefill.forget(-1)
-            self._prefix, self._last_prompt = [], []
         with self._wake:
             self._reserved = self._prefill_reserved = 0
