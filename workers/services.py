@@ -2,7 +2,7 @@
 
 import logging
 
-from django.db import DatabaseError, close_old_connections
+from django.db import Error as DBError, close_old_connections
 from django.utils import timezone
 
 from chat import events
@@ -125,7 +125,7 @@ def _end(request_id, event: dict, **fields) -> None:
     even when the database cannot take the record (PostgreSQL gone mid-answer; logged)."""
     try:
         _update(request_id, **fields)
-    except DatabaseError:
+    except DBError:  # InterfaceError (a closed connection) as well as DatabaseError
         log.exception("generation %s: its end could not be stored", request_id)
     events.publish(request_id, event)
 

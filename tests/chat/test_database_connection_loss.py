@@ -2,8 +2,9 @@
 the answer still ends with its final event, its record is stored, and the worker serves on.
 
 The worker gives its connection back to its pool while an answer streams; the end of the answer
-takes one again. A dead one handed out there used to end the task without a final event, and the
-client waited for the web tier's silence timeout.
+takes one again. The pool checks a connection before handing it out (CONN_HEALTH_CHECKS): without
+that check the dead one is handed out, the end cannot be stored, and (before the worker published
+the end regardless) the client waited for the web tier's silence timeout.
 """
 
 import threading

@@ -233,7 +233,8 @@ def test_requests_leaving_mid_batch_leave_no_gap_in_the_decode_call(engine):
     for question in long:
         assert answers[question][:20] == single[question][:20], (question, answers[question], single[question])
     lib, memory = engine.model.lib, engine.model.memory
-    assert all(lib.llama_memory_seq_pos_max(memory, seq) == -1 for seq in range(engine.model.streams))  # no leftovers
+    left = {seq: lib.llama_memory_seq_pos_max(memory, seq) for seq in range(engine.model.streams)}
+    assert all(pos == -1 for pos in left.values()), left  # no leftovers
 
 
 def test_no_prompt_ends_with_a_prefill_call_of_one_row(engine):
@@ -262,4 +263,23 @@ def test_no_prompt_ends_with_a_prefill_call_of_one_row(engine):
         del engine.prefill_model.decode
     assert sum(calls) >= BATCH_TOKENS + 1 and min(calls) >= 2, calls
     assert result.finish_reason in ("stop", "length") and result.completion_tokens >= 1
+
+    calls.clear()  # a prompt of one token gets a throwaway second row
+    engine.prefill_model.decode = spy
+    try:
+        assert engine.count_tokens("Hello") == 1
+        list(engine.stream("Hello", greedy(2), GenerationResult(), lambda: False))
+    finally:
+        del engine.prefill_model.decode
+    assert calls == [2]
     assert idle(engine)
+
+
+def test_decode_rows_fill_narrow_gaps_and_leave_wide_ones_to_a_second_pass(engine):
+    from workers.engines.llamacpp_engine import FILL_GAP_MAX, _Sequence
+
+    wide = 3 + FILL_GAP_MAX + 2  # FILL_GAP_MAX + 1 free ids before it
+    running = [_Sequence(request=None, seq=seq, last_token=7, pos=5) for seq in (0, 2, 3, wide)]
+    rows, fillers = engine.scheduler._decode_rows(running)
+    assert fillers == [1]
+    assert [(seq, wants) for _, _, seq, wants in rows] == [(0, True), (1, False), (2, True), (3, True), (wide, True)]

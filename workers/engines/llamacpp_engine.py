@@ -46,8 +46,9 @@ DEFAULT_SEQ_TOKENS = 2048  # each request's room in the KV cache (prompt + answe
 DEFAULT_KV_MIB = 4096  # at most this much KV cache: fewer sequences run at once where it would take more
 # _ONE_ROW: in the f16 prefill context a llama_decode call of one row gives the right logits but
 # leaves KV rows that, moved to the decoding context, derail the answer two tokens later (seen with
-# llama-cpp-python 0.3.36 on a prompt whose last chunk was one token): a prompt's last call always
-# has two rows or more.
+# llama-cpp-python 0.3.36 on a prompt whose last chunk was one token): so a prompt's last call
+# has two rows or more (LlamaCppScheduler._prefill_chunk).
+FILL_GAP_MAX = 3  # free sequence ids between running ones given throwaway rows (LlamaCppScheduler._decode_rows)
 BATCH_TOKENS = 512  # tokens sent to one llama_decode call (running rows first, then prompt chunks)
 
 _backend_lock = threading.Lock()
@@ -121,7 +122,8 @@ class LlamaCppEngine(QueuedEngine):
         prefill_format = os.environ.get("LLAMACPP_PREFILL", "f16")
         if quantized and prefill_format in CONVERSIONS:
             # prompts only, briefly: one shared cache the size of one request's room
-            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=seq_tokens, max_sequences=size)
+            # one spare sequence id, for a throwaway row (see _ONE_ROW)
+            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=seq_tokens, max_sequences=size + 1)
         stop = set(self.model.end_of_generation_ids()) | set(family_stop_ids(self.tokenizer, deployment.model_type))
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
@@ -254,16 +256,18 @@ class LlamaCppModel:
         (the caller holds `lock`; see LlamaCppScheduler.exclusive)."""
         out = []
         self.forget(seq)
-        for start in range(0, len(ids), BATCH_TOKENS):
-            chunk = ids[start : start + BATCH_TOKENS]
-            self.decode([(t, start + i, seq, True) for i, t in enumerate(chunk)])
-            for i in range(len(chunk)):
-                target = start + i + 1
-                if target < len(ids):
-                    row = self.logits(i).astype(np.float64)
-                    top = row.max()
-                    out.append(float(row[ids[target]] - top - np.log(np.exp(row - top).sum())))
-        self.forget(seq)
+        try:
+            for start in range(0, len(ids), BATCH_TOKENS):
+                chunk = ids[start : start + BATCH_TOKENS]
+                self.decode([(t, start + i, seq, True) for i, t in enumerate(chunk)])
+                for i in range(len(chunk)):
+                    target = start + i + 1
+                    if target < len(ids):
+                        row = self.logits(i).astype(np.float64)
+                        top = row.max()
+                        out.append(float(row[ids[target]] - top - np.log(np.exp(row - top).sum())))
+        finally:
+            self.forget(seq)  # a failed call leaves nothing behind for the next user of the id
         return out
 
 
@@ -330,6 +334,7 @@ class LlamaCppScheduler(BatchingScheduler):
         self._running: list[_Sequence] = []
         self._reserved = 0
         self._prefill_reserved = 0
+        self._prefill_filler = max_batch_size  # the prefill context's spare sequence id (_ONE_ROW)
         super().__init__(None, max_batch_size=max_batch_size, name=name)
 
     def _setup_model(self, model) -> None:
@@ -368,11 +373,11 @@ class LlamaCppScheduler(BatchingScheduler):
             self._release(sequence)
 
     def _release(self, sequence: _Sequence) -> None:
-        self._running.remove(sequence)
         with self.lock:
             self.llama.forget(sequence.seq)
             if sequence.pending and self.prefill is not self.llama:
                 self.prefill.forget(sequence.seq)
+        self._running.remove(sequence)  # after its KV rows are gone: `running` 0 means a clean cache
         with self._wake:
             heapq.heappush(self._free_seqs, sequence.seq)
             self._reserved -= sequence.reserved
@@ -426,13 +431,16 @@ class LlamaCppScheduler(BatchingScheduler):
 
         With one KV stream per request llama.cpp splits a batch into runs of consecutive sequence
         ids, one pass over the weights each: a batch of 28 requests with gaps cost 1.4x a full one
-        of 32. Free ids inside the range get a row without logits, forgotten after the call."""
+        of 32. Free ids in a narrow gap get a row without logits, forgotten after the call; a wide
+        gap (the last few requests of a burst) is cheaper as a second pass."""
         rows, fillers = [], []
         # a joining request's prompt may sit in this very context: its id cannot take a row
         busy = {s.seq for s in self._running if s.pending} if self.prefill is self.llama else set()
         for sequence in decoding:
-            if rows and self.llama.streams > 1:
-                for seq in range(rows[-1][2] + 1, sequence.seq):
+            gap = range(rows[-1][2] + 1, sequence.seq) if rows else range(0)
+            # a filler row costs a few ms, a pass over the weights about one single-row step
+            if self.llama.streams > 1 and len(gap) <= FILL_GAP_MAX:
+                for seq in gap:
                     if seq not in busy:
                         rows.append((0, 0, seq, False))
                         fillers.append(seq)
@@ -446,8 +454,8 @@ class LlamaCppScheduler(BatchingScheduler):
             if not sequence.pending or len(rows) >= BATCH_TOKENS:
                 continue
             take = min(BATCH_TOKENS - len(rows), len(sequence.pending))
-            if len(sequence.pending) - take == 1 and take > 1:
-                take -= 1  # no prompt ends with a call of one row (see _ONE_ROW)
+            if len(sequence.pending) - take == 1:
+                take -= 1  # its last call gets its last two tokens (see _ONE_ROW)
             for i in range(take):
                 last = len(sequence.pending) == 1
                 rows.append((sequence.pending.popleft(), sequence.pos + i, sequence.seq, last))
@@ -456,13 +464,12 @@ class LlamaCppScheduler(BatchingScheduler):
             sequence.pos += take
         if not rows:
             return
-        filler = None
-        if len(rows) == 1 and self.prefill is not self.llama and self._free_seqs:
-            filler = self._free_seqs[0]  # _ONE_ROW: a throwaway second row, forgotten below
-            rows.append((rows[0][0], 0, filler, False))
+        lone = len(rows) == 1 and self.prefill is not self.llama  # a one-token prompt (_ONE_ROW)
+        if lone:
+            rows.append((rows[0][0], 0, self._prefill_filler, False))  # a throwaway second row
         self.prefill.decode(rows)
-        if filler is not None:
-            self.prefill.forget(filler)
+        if lone:
+            self.prefill.forget(self._prefill_filler)
         for row, sequence in done:
             logits = self.prefill.logits(row)
             if self.prefill is not self.llama:
