@@ -34,4 +34,3 @@ application = ProtocolTypeRouter(
         "websocket": URLRouter([*api_websocket_urlpatterns, re_path(r"", browser_sockets)]),
     }
 )
-

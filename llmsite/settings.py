@@ -158,11 +158,10 @@ DATABASES["default"]["CONN_MAX_AGE"] = 0
 # for a whole answer) is replaced, not handed out.
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # How this process's connections are named in pg_stat_activity (e.g. one name per worker node).
-DATABASES["default"].setdefault("OPTIONS", {}).setdefault("application_name", "llmsite")
-if env.str("DB_APPLICATION_NAME", default=""):
-    DATABASES["default"]["OPTIONS"]["application_name"] = env.str("DB_APPLICATION_NAME")
+_options = DATABASES["default"].setdefault("OPTIONS", {})
+_options["application_name"] = env.str("DB_APPLICATION_NAME", default=_options.get("application_name", "llmsite"))
 if env.bool("DB_POOL", default=True):
-    DATABASES["default"]["OPTIONS"]["pool"] = {
+    _options["pool"] = {
         "min_size": 1,
         # a cap, not a reservation (the pool grows on demand and shrinks when idle): room for every
         # task thread of a worker at once (ingestion holds its connection for a whole document)

@@ -293,7 +293,6 @@ def restream(state: bytes, streams: int) -> bytes:
     return head + struct.pack("<I", streams) + body + struct.pack("<I", 0) * (streams - 1)
 
 
-
 def _quiet(lib) -> None:
     """Send llama.cpp's own log lines to Python logging at debug level instead of stderr."""
     global _log_callback
