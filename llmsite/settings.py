@@ -199,6 +199,10 @@ WS_MAX_QUEUED_MESSAGES = env.int("WS_MAX_QUEUED_MESSAGES", default=64)
 # A reply to a client waits while more than this many bytes of its connection are still unsent
 # (a slow reader holds back its own stream, not the web process's memory); 0 turns the bound off.
 WEB_SEND_BUFFER_BYTES = env.int("WEB_SEND_BUFFER_BYTES", default=256 * 1024)
+# After an answer's first piece, a worker sends its text at most this often (ms): a fast stream's
+# tokens travel in fewer, larger pieces, which saves every hop (Redis, web tier, client) work per
+# token (`make bench`: README, "Engines and throughput"); 0 sends every token as it comes.
+STREAM_INTERVAL_MS = env.float("STREAM_INTERVAL_MS", default=30.0)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # A generation's slot in its deployment's in-flight count (max_concurrent_generations) is a lease,

@@ -2,6 +2,7 @@
 
 import logging
 
+from django.conf import settings
 from django.db import Error as DBError, close_old_connections
 from django.utils import timezone
 
@@ -72,7 +73,11 @@ def run_generation(
                 raise ContextTooLong(prompt_tokens=prompt_tokens, context_length=context)
             sampling.max_new_tokens = min(sampling.max_new_tokens, context - prompt_tokens)
         release_connection()  # back to the pool while the answer streams; the end takes one again
-        for delta in engine.stream(prompt, sampling, result, lambda: stopper.hit or events.is_cancelled(request_id)):
+
+        def cancelled() -> bool:
+            return stopper.hit or events.is_cancelled(request_id)
+
+        for delta in engine.stream(prompt, sampling, result, cancelled, interval=settings.STREAM_INTERVAL_MS / 1000):
             if first_token_at is None:
                 first_token_at = timezone.now()
             # A NUL character (a byte-level token that models can emit) cannot be stored in

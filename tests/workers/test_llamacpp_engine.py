@@ -173,6 +173,18 @@ def test_a_slow_reader_gets_the_waiting_tokens_as_one_piece_and_the_same_text(en
     assert len(slow) < len(fast) and len(slow) < result.completion_tokens / 2
 
 
+def test_with_an_interval_the_first_piece_goes_at_once_and_the_rest_waits_for_it(engine):
+    """STREAM_INTERVAL_MS: after the first piece, text goes at most once per interval; with one
+    longer than the answer takes, the answer is the first piece and the rest at the end."""
+    prompt = render_prompt(engine.tokenizer, [{"role": "user", "content": "Write a short paragraph about owls."}])
+    every = list(engine.stream(prompt, greedy(32), GenerationResult(), lambda: False))
+    result = GenerationResult()
+    pieces = list(engine.stream(prompt, greedy(32), result, lambda: False, interval=600.0))
+    assert "".join(pieces) == "".join(every) and result.completion_tokens == 32
+    assert len(every) > 2 and len(pieces) == 2
+    assert pieces[0] == every[0]  # the first token did not wait
+
+
 def test_each_request_has_its_own_kv_room(engine, deployment):
     """One KV stream per request (not one cache shared by all): the engine's context is a request's
     room, and every sequence id can hold a prompt of that room's size at once."""

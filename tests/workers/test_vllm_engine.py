@@ -44,6 +44,13 @@ def test_stream_yields_deltas_that_join_to_the_answer_with_usage(fake_vllm_engin
     assert (result.prompt_tokens, result.completion_tokens, result.finish_reason) == (3, 5, "length")
 
 
+def test_with_an_interval_later_pieces_wait_and_join_to_the_same_answer(fake_vllm_engine):
+    result = GenerationResult()
+    pieces = list(fake_vllm_engine.stream("prompt", params(), result, lambda: False, interval=600.0))
+    assert pieces == ["Paris", " is the capital and"]  # the first at once, the rest at the end
+    assert (result.completion_tokens, result.finish_reason) == (5, "length")
+
+
 def test_natural_end_is_stop(fake_vllm_engine):
     result = GenerationResult()
     "".join(fake_vllm_engine.stream("a natural end", params(max_new_tokens=64), result, lambda: False))

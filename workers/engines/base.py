@@ -69,6 +69,9 @@ class Engine:
         logprobs = self.token_logprobs(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return math.exp(-sum(logprobs) / len(logprobs))
 
-    def stream(self, prompt: str, params, result: GenerationResult, cancelled: Callable[[], bool]) -> Iterator[str]:
-        """Yield text deltas; fill `result` by the end."""
+    def stream(
+        self, prompt: str, params, result: GenerationResult, cancelled: Callable[[], bool], interval: float = 0.0
+    ) -> Iterator[str]:
+        """Yield text deltas, the first at once and later ones at most every `interval` seconds
+        (text that arrives meanwhile waits and goes as one piece); fill `result` by the end."""
         raise NotImplementedError

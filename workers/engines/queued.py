@@ -18,8 +18,10 @@ class QueuedEngine(Engine):
     scheduler = None
     stop_ids: frozenset = frozenset()
 
-    def stream(self, prompt, params, result: GenerationResult, cancelled):
-        """Submit to the scheduler; yield text as tokens arrive; abort when cancelled."""
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0):
+        """Submit to the scheduler; yield text as tokens arrive; abort when cancelled. With an
+        `interval`, the first piece goes at once and later ones at most every `interval` seconds:
+        the tokens of a fast stream travel in fewer, larger pieces (see run_generation)."""
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         result.prompt_tokens = len(prompt_ids)
         max_new = params.max_new_tokens
@@ -39,40 +41,45 @@ class QueuedEngine(Engine):
         self.scheduler.submit(request)
         detok = IncrementalDecoder(self.tokenizer)
         last_check = time.monotonic()
+        held: list[str] = []  # text not yet yielded (it waits for `due`)
+        due = 0.0  # when held text may go: the first piece goes at once
         try:
             while True:
+                wait = CANCEL_POLL_SECONDS if not held else min(CANCEL_POLL_SECONDS, max(0.0, due - time.monotonic()))
                 try:
-                    kind, value = request.out.get(timeout=CANCEL_POLL_SECONDS)
+                    kind, value = request.out.get(timeout=wait)
                 except queue.Empty:
                     kind = None
-                if time.monotonic() - last_check >= CANCEL_POLL_SECONDS or kind is None:
+                if time.monotonic() - last_check >= CANCEL_POLL_SECONDS or (kind is None and not held):
                     last_check = time.monotonic()
                     if cancelled():
                         self.scheduler.abort(request.id)
-                if kind == "token":
-                    # The tokens that arrived meanwhile go out as one piece of text: a consumer
-                    # that falls behind (many streams on few cores) catches up in fewer messages.
-                    pieces = []
-                    while kind == "token":
-                        result.completion_tokens += 1
-                        pieces.append(detok.add(value))
-                        try:
-                            kind, value = request.out.get_nowait()
-                        except queue.Empty:
-                            kind = None
-                    text = "".join(pieces)
-                    if text:
-                        yield text
+                # The tokens that arrived meanwhile go out as one piece of text: a consumer
+                # that falls behind (many streams on few cores) catches up in fewer messages.
+                while kind == "token":
+                    result.completion_tokens += 1
+                    held.append(detok.add(value))
+                    try:
+                        kind, value = request.out.get_nowait()
+                    except queue.Empty:
+                        kind = None
                 if kind == "done":
                     if value == "stop":
                         result.completion_tokens += 1  # the end-of-turn token was generated too
                     result.finish_reason = value
-                    tail = detok.flush()
-                    if tail:
-                        yield tail
+                    text = "".join(held) + detok.flush()
+                    if text:
+                        yield text
                     return
                 elif kind == "error":
                     raise RuntimeError(value)
+                now = time.monotonic()
+                if held and now >= due:
+                    text = "".join(held)
+                    held.clear()
+                    if text:
+                        due = now + interval
+                        yield text
         finally:
             if not result.finish_reason:  # the consumer stopped early: free the slot
                 self.scheduler.abort(request.id)

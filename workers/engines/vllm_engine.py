@@ -74,7 +74,8 @@ class VLLMEngine(Engine):
             seed=params.seed,
         )
 
-    def stream(self, prompt, params, result: GenerationResult, cancelled):
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0):
+        """As QueuedEngine.stream: the first piece at once, later ones at most every `interval` s."""
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
         sampling = self.sampling_params(params)
@@ -90,36 +91,41 @@ class VLLMEngine(Engine):
                 out.put(("error", exc))
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
-        sent, finished = "", False
+        sent, text, finished = "", "", False  # what was yielded; the whole text so far
+        due = 0.0  # when the text not yet yielded may go
         last_check = time.monotonic()
         try:
             while True:
+                wait = CANCEL_POLL_SECONDS if text == sent else min(CANCEL_POLL_SECONDS, max(0.0, due - time.monotonic()))
                 try:
-                    kind, value = out.get(timeout=CANCEL_POLL_SECONDS)
+                    kind, value = out.get(timeout=wait)
                 except queue.Empty:
                     kind = None
-                if kind is None or time.monotonic() - last_check >= CANCEL_POLL_SECONDS:
+                if (kind is None and text == sent) or time.monotonic() - last_check >= CANCEL_POLL_SECONDS:
                     last_check = time.monotonic()
                     if cancelled():
                         self._call(self.engine.abort, request_id)
                         result.finish_reason = "cancelled"
                         finished = True
                         return
-                if kind is None:
-                    continue
                 if kind == "error":
                     raise RuntimeError(f"vLLM: {value}")
                 if kind == "end":
                     finished = True
+                    if len(text) > len(sent):
+                        yield text[len(sent) :]
                     return
-                completion = value.outputs[0]
-                result.prompt_tokens = len(value.prompt_token_ids or [])
-                result.completion_tokens = len(completion.token_ids)
-                if len(completion.text) > len(sent):
-                    delta, sent = completion.text[len(sent) :], completion.text
+                if kind == "output":
+                    completion = value.outputs[0]
+                    result.prompt_tokens = len(value.prompt_token_ids or [])
+                    result.completion_tokens = len(completion.token_ids)
+                    text = completion.text
+                    if value.finished:
+                        result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
+                now = time.monotonic()
+                if len(text) > len(sent) and now >= due:
+                    delta, sent, due = text[len(sent) :], text, now + interval
                     yield delta
-                if value.finished:
-                    result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
         finally:
             if not finished and not result.finish_reason:
                 self._call(self.engine.abort, request_id)
