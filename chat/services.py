@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, connection
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from chat import concurrency, events, ratelimits
@@ -35,6 +36,7 @@ from chat.protocols.predict import PredictFields
 log = logging.getLogger(__name__)
 
 GENERATE_TASK = "workers.generate"
+PROMPT_FORMAT_FIELDS = ("model_type", "chat_template", "context_length")  # sent with each generation task
 LAST_USED_RESOLUTION = datetime.timedelta(minutes=1)  # how stale a token's last_used_at may be
 
 
@@ -72,10 +74,17 @@ def check_token_active(*, token: ApiToken) -> None:
 def access_deployment(*, token: ApiToken, name: str) -> Deployment:
     """The deployment `name` if this token may use it (404 for unknown, 403 for out of scope)."""
     # Without its tokenizer files (megabytes): every request and open socket holds its deployment.
-    deployment = Deployment.objects.defer("tokenizer_files").filter(name=name, enabled=True).first()
+    # The token's scope comes in the same query (each round trip is on the way to the first token).
+    scope = ApiToken.deployments.through.objects.filter(apitoken_id=token.pk)
+    deployment = (
+        Deployment.objects.defer("tokenizer_files")
+        .filter(name=name, enabled=True)
+        .annotate(token_scoped=Exists(scope), in_token_scope=Exists(scope.filter(deployment_id=OuterRef("pk"))))
+        .first()
+    )
     if deployment is None:
         raise UnknownDeployment(name)
-    if token.deployments.exists() and not token.deployments.filter(pk=deployment.pk).exists():
+    if deployment.token_scoped and not deployment.in_token_scope:
         raise Forbidden(f"This token may not use the deployment '{name}'.", param="deployment")
     return deployment
 
@@ -185,17 +194,23 @@ def _record(prepared: Prepared, request_id: str) -> RequestLog:
 def _enqueue(prepared: Prepared, request_id: str) -> None:
     from workers.celery import app
 
+    deployment = prepared.deployment
     app.send_task(
         GENERATE_TASK,
         task_id=request_id,
-        queue=prepared.deployment.queue,
+        queue=deployment.queue,
         kwargs={
             "request_id": request_id,
-            "deployment": prepared.deployment.name,
+            "deployment": deployment.name,
+            # how to render the prompt, as read for this request: the worker needs no query for it
+            "prompt_format": {f: getattr(deployment, f) for f in PROMPT_FORMAT_FIELDS},
             "messages": prepared.conversation.messages(),
             "params": prepared.params.as_dict(),
             "knowledge_base": prepared.knowledge_base,
         },
+        # The message's headers and the worker's log name the request, not its whole text (Celery
+        # would write a copy of the conversation there, and spend a millisecond doing it).
+        kwargsrepr=f"{{'request_id': '{request_id}'}}",
     )
 
 

@@ -81,6 +81,10 @@ def _load_new(deployment) -> None:
     log.info("deployment %s ready (%.1fs)", deployment.name, time.monotonic() - started)
 
 
+def is_loaded(name: str) -> bool:
+    return name in ENGINES
+
+
 def engine_for(deployment):
     """The engine of a deployment on this worker's queues, loaded on first use if it was added later."""
     with _lock:

@@ -12,7 +12,7 @@ from chat.generation import SamplingParams, StopText
 from chat.models import Deployment, RequestLog
 from chat.chat_formats import stop_strings
 from chat.prompting import render_prompt
-from chat.services import release_connection
+from chat.services import PROMPT_FORMAT_FIELDS, release_connection
 from workers import loader, retrieval
 from workers.engines import GenerationResult
 
@@ -24,7 +24,13 @@ def _update(request_id, **fields):
 
 
 def run_generation(
-    *, request_id: str, deployment: str, messages: list[dict], params: dict, knowledge_base: int | None = None
+    *,
+    request_id: str,
+    deployment: str,
+    messages: list[dict],
+    params: dict,
+    knowledge_base: int | None = None,
+    prompt_format: dict | None = None,
 ) -> None:
     close_old_connections()
     if events.is_cancelled(request_id):
@@ -42,8 +48,7 @@ def run_generation(
         return
     log.info("generation %s started", request_id)
     events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
-    # Without its tokenizer files: megabytes of JSON, read and parsed for nothing on every request.
-    target = Deployment.objects.defer("tokenizer_files").filter(name=deployment).first()
+    target = _deployment(deployment, prompt_format)
     engine = loader.engine_for(target) if target is not None else None
     if engine is None:
         reason = loader.FAILED.get(deployment) or f"this worker does not serve the deployment '{deployment}'"
@@ -110,6 +115,15 @@ def run_generation(
         finished_at=timezone.now(),
         **usage,
     )
+
+
+def _deployment(name: str, prompt_format: dict | None) -> Deployment | None:
+    """The deployment as far as this request needs it: its prompt format as the web tier read it
+    for the request, when its engine is loaded here already; else its row."""
+    if prompt_format is not None and loader.is_loaded(name):
+        return Deployment(name=name, **{f: prompt_format[f] for f in PROMPT_FORMAT_FIELDS})
+    # Without its tokenizer files: megabytes of JSON, read and parsed for nothing on every request.
+    return Deployment.objects.defer("tokenizer_files").filter(name=name).first()
 
 
 def _claim(request_id) -> bool:

@@ -5,10 +5,23 @@ from workers import services
 
 
 @shared_task(name="workers.generate", ignore_result=True)
-def generate(*, request_id: str, deployment: str, messages: list, params: dict, knowledge_base: int | None = None) -> None:
+def generate(
+    *,
+    request_id: str,
+    deployment: str,
+    messages: list,
+    params: dict,
+    knowledge_base: int | None = None,
+    prompt_format: dict | None = None,
+) -> None:
     """Generate one answer; at most once (acknowledged on start, never retried)."""
     services.run_generation(
-        request_id=request_id, deployment=deployment, messages=messages, params=params, knowledge_base=knowledge_base
+        request_id=request_id,
+        deployment=deployment,
+        messages=messages,
+        params=params,
+        knowledge_base=knowledge_base,
+        prompt_format=prompt_format,
     )
 
 
