@@ -72,8 +72,8 @@ class PredictConsumer(AsyncWebsocketConsumer):
         while True:
             message = await self.inbox.get()
             try:
-                await services.edge(services.check_token_active, token=self.token)
-            except ApiError as exc:  # revoked while the socket was open: refused at once
+                self.deployment = await services.edge(self._recheck)
+            except ApiError as exc:  # revoked, or the deployment disabled, while the socket was open
                 await self.send(text_data=json.dumps(exc.body()))
                 await self.close(code=exc.ws_close_code or 4401)
                 return
@@ -87,6 +87,12 @@ class PredictConsumer(AsyncWebsocketConsumer):
                 log.exception("websocket request failed")
                 await self.send(text_data=json.dumps(ServerError(str(exc)).body()))
             await self.send(text_data=EOS)
+
+    def _recheck(self):
+        """Each message checks the token again and reads the deployment again (one trip into sync
+        code): a revocation takes effect at once, and an operator's edit at the next message."""
+        services.check_token_active(token=self.token)
+        return services.access_deployment(token=self.token, name=self.name)
 
     async def _answer(self, message):
         fields = wire.parse_ws_message(message)

@@ -202,14 +202,15 @@ def _enqueue(prepared: Prepared, request_id: str) -> None:
         kwargs={
             "request_id": request_id,
             "deployment": deployment.name,
-            # how to render the prompt, as read for this request: the worker needs no query for it
+            # how to render the prompt, as the web tier read it for this request (a WebSocket
+            # message reads it again): the worker needs no query for it
             "prompt_format": {f: getattr(deployment, f) for f in PROMPT_FORMAT_FIELDS},
             "messages": prepared.conversation.messages(),
             "params": prepared.params.as_dict(),
             "knowledge_base": prepared.knowledge_base,
         },
         # The message's headers and the worker's log name the request, not its whole text (Celery
-        # would write a copy of the conversation there, and spend a millisecond doing it).
+        # would write a copy of the conversation there, and spend ~0.45 ms doing it).
         kwargsrepr=f"{{'request_id': '{request_id}'}}",
     )
 

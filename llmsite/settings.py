@@ -199,9 +199,10 @@ WS_MAX_QUEUED_MESSAGES = env.int("WS_MAX_QUEUED_MESSAGES", default=64)
 # A reply to a client waits while more than this many bytes of its connection are still unsent
 # (a slow reader holds back its own stream, not the web process's memory); 0 turns the bound off.
 WEB_SEND_BUFFER_BYTES = env.int("WEB_SEND_BUFFER_BYTES", default=256 * 1024)
-# After an answer's first piece, a worker sends its text at most this often (ms): a fast stream's
-# tokens travel in fewer, larger pieces, which saves every hop (Redis, web tier, client) work per
-# token (`make bench`: README, "Engines and throughput"); 0 sends every token as it comes.
+# Workers: once an answer's first text is out, its text goes at most this often (ms); a fast
+# stream's tokens travel in fewer, larger pieces, which saves every hop (Redis, web tier, client)
+# work per token (`make bench`: README, "Engines and throughput"). The last piece goes at once.
+# 0: no waiting (tokens that queued up while the worker was busy still go as one piece).
 STREAM_INTERVAL_MS = env.float("STREAM_INTERVAL_MS", default=30.0)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)

@@ -48,7 +48,7 @@ def run_generation(
         return
     log.info("generation %s started", request_id)
     events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
-    target = _deployment(deployment, prompt_format)
+    target = _prompt_target(deployment, prompt_format)
     engine = loader.engine_for(target) if target is not None else None
     if engine is None:
         reason = loader.FAILED.get(deployment) or f"this worker does not serve the deployment '{deployment}'"
@@ -82,7 +82,9 @@ def run_generation(
         def cancelled() -> bool:
             return stopper.hit or events.is_cancelled(request_id)
 
-        for delta in engine.stream(prompt, sampling, result, cancelled, interval=settings.STREAM_INTERVAL_MS / 1000):
+        # Pieces go at once until the stop-text check can show something, then every STREAM_INTERVAL_MS.
+        pacing = {"interval": settings.STREAM_INTERVAL_MS / 1000, "eager_chars": stopper.hold + 1}
+        for delta in engine.stream(prompt, sampling, result, cancelled, **pacing):
             if first_token_at is None:
                 first_token_at = timezone.now()
             # A NUL character (a byte-level token that models can emit) cannot be stored in
@@ -117,9 +119,10 @@ def run_generation(
     )
 
 
-def _deployment(name: str, prompt_format: dict | None) -> Deployment | None:
-    """The deployment as far as this request needs it: its prompt format as the web tier read it
-    for the request, when its engine is loaded here already; else its row."""
+def _prompt_target(name: str, prompt_format: dict | None) -> Deployment | None:
+    """The deployment as far as this request needs it. When its engine is loaded here already: an
+    unsaved Deployment holding only its name and the prompt format the web tier read for the
+    request (no query); else its row (a task queued by an older web tier, or a first load)."""
     if prompt_format is not None and loader.is_loaded(name):
         return Deployment(name=name, **{f: prompt_format[f] for f in PROMPT_FORMAT_FIELDS})
     # Without its tokenizer files: megabytes of JSON, read and parsed for nothing on every request.

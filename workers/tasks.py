@@ -1,7 +1,11 @@
+import logging
+
 from celery import shared_task
 
 from workers import loader  # noqa: F401  (connects the model-loading signal)
 from workers import services
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(name="workers.generate", ignore_result=True)
@@ -13,8 +17,11 @@ def generate(
     params: dict,
     knowledge_base: int | None = None,
     prompt_format: dict | None = None,
+    **newer_fields,
 ) -> None:
     """Generate one answer; at most once (acknowledged on start, never retried)."""
+    if newer_fields:  # from a newer web tier: this worker answers without them
+        log.warning("generation %s: fields this worker does not know ignored: %s", request_id, sorted(newer_fields))
     services.run_generation(
         request_id=request_id,
         deployment=deployment,

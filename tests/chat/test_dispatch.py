@@ -15,7 +15,7 @@ from chat.generation import Conversation, SamplingParams
 from chat.models import Deployment
 from chat.tokens import token_create
 from workers import loader
-from workers.services import _deployment
+from workers.services import _prompt_target
 
 
 @pytest.fixture
@@ -71,10 +71,10 @@ def test_the_worker_takes_the_prompt_format_from_the_task_when_its_engine_is_loa
     sent = {"model_type": "llama2", "chat_template": "", "context_length": None}
     monkeypatch.setitem(loader.ENGINES, deployment.name, object())
     with CaptureQueriesContext(connection) as queries:
-        target = _deployment(deployment.name, sent)
+        target = _prompt_target(deployment.name, sent)
     assert len(queries) == 0
     assert (target.name, target.model_type, target.chat_template, target.context_length) == (deployment.name, "llama2", "", None)
     # a task from before this field existed, or for an engine not loaded yet: the row
-    assert _deployment(deployment.name, None).chat_template == deployment.chat_template
+    assert _prompt_target(deployment.name, None).chat_template == deployment.chat_template
     monkeypatch.delitem(loader.ENGINES, deployment.name)
-    assert _deployment(deployment.name, sent).model_type == "qwen"
+    assert _prompt_target(deployment.name, sent).model_type == "qwen"

@@ -123,3 +123,27 @@ def test_wrong_token_closes_with_4401_before_any_work(stack, user):
 def test_unknown_deployment_closes_with_4404(stack, token):
     body, _, code = _handshake_close_code(stack.predict_ws_url("no-such-model"), [f"Authorization: Bearer {token}"])
     assert code == 4404 and "no-such-model" in body["error"]["message"]
+
+
+def test_each_message_uses_the_deployment_as_it_is_now(stack, user):
+    """An operator's edit reaches an open socket at its next message (each message reads the
+    deployment again and sends what it read to the worker)."""
+    from chat.models import Deployment
+    from chat.tokens import token_create
+
+    _, raw = token_create(user=user)
+    deployment = Deployment.objects.get(name="default")
+    original = deployment.default_max_new_tokens
+    ws = websocket.create_connection(stack.predict_ws_url(), header=[f"Authorization: {raw}"], timeout=120)
+    try:
+        for default in (5, 3):
+            Deployment.objects.filter(pk=deployment.pk).update(default_max_new_tokens=default)
+            ws.send(json.dumps({"prompt": "Write a short paragraph about owls.", "temperature": 0}))
+            while ws.recv() != EOS:
+                pass
+    finally:
+        ws.close()
+        Deployment.objects.filter(pk=deployment.pk).update(default_max_new_tokens=original)
+    rows = list(RequestLog.objects.filter(user=user).order_by("queued_at"))
+    assert [r.params["max_new_tokens"] for r in rows] == [5, 3]
+    assert [r.completion_tokens for r in rows] == [5, 3]

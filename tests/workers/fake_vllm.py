@@ -67,9 +67,9 @@ class AsyncLLMEngine:
             last = i + 1 == sampling_params.max_tokens or ("natural" in prompt and i + 1 == len(WORDS))
             if last:
                 completion.finish_reason = "length" if i + 1 == sampling_params.max_tokens else "stop"
-            yield SimpleNamespace(
-                request_id=request_id, prompt_token_ids=[1, 2, 3], outputs=[completion], finished=last
-            )
+            # a snapshot per step, as vLLM's outputs are: a slow reader must not see later text early
+            snapshot = _Completion(completion.text, list(completion.token_ids), completion.finish_reason)
+            yield SimpleNamespace(request_id=request_id, prompt_token_ids=[1, 2, 3], outputs=[snapshot], finished=last)
             if last:
                 return
 

@@ -65,6 +65,14 @@ def test_sampling_settings_map_to_vllm(fake_vllm_engine):
     assert (greedy.temperature, greedy.top_k, greedy.top_p) == (0.0, -1, 1.0)
 
 
+def test_a_cancel_with_text_held_for_the_interval_still_sends_it(fake_vllm_engine):
+    result = GenerationResult()
+    cancelled = lambda: result.completion_tokens >= 4  # noqa: E731  (Stop pressed with text held back)
+    pieces = list(fake_vllm_engine.stream("p", params(max_new_tokens=500), result, cancelled, interval=600.0))
+    assert result.finish_reason == "cancelled" and len(pieces) == 2  # the first at once, the held text at the cancel
+    assert " ".join(fake_vllm.WORDS).startswith("".join(pieces)) and len("".join(pieces).split()) >= 4
+
+
 def test_cancel_aborts_the_request_in_vllm(fake_vllm_engine):
     stop = threading.Event()
     result = GenerationResult()

@@ -70,8 +70,17 @@ class Engine:
         return math.exp(-sum(logprobs) / len(logprobs))
 
     def stream(
-        self, prompt: str, params, result: GenerationResult, cancelled: Callable[[], bool], interval: float = 0.0
+        self,
+        prompt: str,
+        params,
+        result: GenerationResult,
+        cancelled: Callable[[], bool],
+        interval: float = 0.0,
+        eager_chars: int = 1,
     ) -> Iterator[str]:
-        """Yield text deltas, the first at once and later ones at most every `interval` seconds
-        (text that arrives meanwhile waits and goes as one piece); fill `result` by the end."""
+        """Yield text deltas; fill `result` by the end. Text goes at once until `eager_chars`
+        characters went (what the caller needs before it can show anything, such as a stop-text
+        check's hold-back), then at most every `interval` seconds: what arrives meanwhile waits and
+        goes as one piece. The last piece (the end, a cancel, a failure) goes at once. Tokens that
+        queued up while the caller was busy go as one piece even with no interval."""
         raise NotImplementedError

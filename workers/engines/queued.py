@@ -18,10 +18,9 @@ class QueuedEngine(Engine):
     scheduler = None
     stop_ids: frozenset = frozenset()
 
-    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0):
-        """Submit to the scheduler; yield text as tokens arrive; abort when cancelled. With an
-        `interval`, the first piece goes at once and later ones at most every `interval` seconds:
-        the tokens of a fast stream travel in fewer, larger pieces (see run_generation)."""
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1):
+        """Submit to the scheduler; yield text as tokens arrive; abort when cancelled; text paced
+        by `interval` and `eager_chars` as Engine.stream says."""
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         result.prompt_tokens = len(prompt_ids)
         max_new = params.max_new_tokens
@@ -42,7 +41,7 @@ class QueuedEngine(Engine):
         detok = IncrementalDecoder(self.tokenizer)
         last_check = time.monotonic()
         held: list[str] = []  # text not yet yielded (it waits for `due`)
-        due = 0.0  # when held text may go: the first piece goes at once
+        due, sent_chars = 0.0, 0  # when held text may go; how much text went
         try:
             while True:
                 wait = CANCEL_POLL_SECONDS if not held else min(CANCEL_POLL_SECONDS, max(0.0, due - time.monotonic()))
@@ -72,13 +71,16 @@ class QueuedEngine(Engine):
                         yield text
                     return
                 elif kind == "error":
+                    if text := "".join(held):
+                        yield text  # what was generated before the failure is kept
                     raise RuntimeError(value)
                 now = time.monotonic()
                 if held and now >= due:
                     text = "".join(held)
                     held.clear()
                     if text:
-                        due = now + interval
+                        sent_chars += len(text)
+                        due = now + interval if sent_chars >= eager_chars else 0.0
                         yield text
         finally:
             if not result.finish_reason:  # the consumer stopped early: free the slot

@@ -74,8 +74,8 @@ class VLLMEngine(Engine):
             seed=params.seed,
         )
 
-    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0):
-        """As QueuedEngine.stream: the first piece at once, later ones at most every `interval` s."""
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1):
+        """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says."""
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
         sampling = self.sampling_params(params)
@@ -96,24 +96,29 @@ class VLLMEngine(Engine):
         last_check = time.monotonic()
         try:
             while True:
-                wait = CANCEL_POLL_SECONDS if text == sent else min(CANCEL_POLL_SECONDS, max(0.0, due - time.monotonic()))
+                pending = len(text) > len(sent)
+                wait = min(CANCEL_POLL_SECONDS, max(0.0, due - time.monotonic())) if pending else CANCEL_POLL_SECONDS
                 try:
                     kind, value = out.get(timeout=wait)
                 except queue.Empty:
                     kind = None
-                if (kind is None and text == sent) or time.monotonic() - last_check >= CANCEL_POLL_SECONDS:
+                checking = (kind is None and not pending) or time.monotonic() - last_check >= CANCEL_POLL_SECONDS
+                if checking and not result.finish_reason:  # a finished answer is not cancelled after all
                     last_check = time.monotonic()
                     if cancelled():
                         self._call(self.engine.abort, request_id)
                         result.finish_reason = "cancelled"
                         finished = True
+                        if len(text) > len(sent):
+                            yield text[len(sent) :]
                         return
+                if kind in ("end", "error") and len(text) > len(sent):
+                    yield text[len(sent) :]  # the last piece goes at once; so does one before a failure
+                    sent = text
                 if kind == "error":
                     raise RuntimeError(f"vLLM: {value}")
                 if kind == "end":
                     finished = True
-                    if len(text) > len(sent):
-                        yield text[len(sent) :]
                     return
                 if kind == "output":
                     completion = value.outputs[0]
@@ -124,7 +129,8 @@ class VLLMEngine(Engine):
                         result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
                 now = time.monotonic()
                 if len(text) > len(sent) and now >= due:
-                    delta, sent, due = text[len(sent) :], text, now + interval
+                    delta, sent = text[len(sent) :], text
+                    due = now + interval if len(sent) >= eager_chars else 0.0
                     yield delta
         finally:
             if not finished and not result.finish_reason:
