@@ -1,10 +1,12 @@
 """Throughput and overhead of the serving pipeline, as ratios measured in one run (`make bench`).
 
-Runs the default model's engine in-process, then the same prompts through the predict API (a real
-Celery worker and Daphne), then 1/4/8/16/32 concurrent streams. Prints one table and writes
+One stream at a time, each prompt goes through the default model's engine in-process, through
+llama.cpp itself (the peer) and through the predict API (a real Celery worker and Daphne) in turn;
+then 1/4/8/16/32 concurrent streams through the API. Prints one table and writes
 bench/results/latest.json. `make bench` starts PostgreSQL and Redis for it in var/bench.
 """
 
+import importlib.util
 import json
 import os
 import platform
@@ -60,51 +62,83 @@ def device_name() -> str:
     return f"cpu: {model} ({os.cpu_count()} cores)"
 
 
-def bench_engine(deployment):
-    """One stream at a time through the deployment's engine, in this process: tok/s and TTFT per prompt."""
-    from workers.engines import engine_class
-    from workers.engines.base import GenerationResult
+class InProcessEngine:
+    """The deployment's engine in this process, asked one prompt at a time."""
 
-    engine = engine_class(deployment.engine)(deployment)
-    ttfts, tokens = [], 0
-    ask = lambda i: render_prompt(engine.tokenizer, [{"role": "user", "content": prompt_for(i)}])  # noqa: E731
-    list(engine.stream(ask(0), greedy(), GenerationResult(), lambda: False))  # warm-up
-    started = time.perf_counter()
-    for i in range(SINGLE_REQUESTS):
-        result, sent = GenerationResult(), time.perf_counter()
-        first = None
-        for _ in engine.stream(ask(i), greedy(), result, lambda: False):
+    def __init__(self, deployment):
+        from workers.engines import engine_class
+
+        self.engine = engine_class(deployment.engine)(deployment)
+        self.ask(0)  # warm-up
+
+    def prompt(self, i: int) -> str:
+        return render_prompt(self.engine.tokenizer, [{"role": "user", "content": prompt_for(i)}])
+
+    def prompt_ids(self, i: int) -> list[int]:
+        return self.engine.tokenizer(self.prompt(i), add_special_tokens=False)["input_ids"]
+
+    def ask(self, i: int) -> tuple[int, float, float]:
+        """(output tokens, TTFT, wall seconds) of prompt i."""
+        from workers.engines.base import GenerationResult
+
+        result, sent, first = GenerationResult(), time.perf_counter(), None
+        for _ in self.engine.stream(self.prompt(i), greedy(), result, lambda: False):
             first = first or time.perf_counter()
-        ttfts.append(first - sent)
-        tokens += result.completion_tokens
-    wall = time.perf_counter() - started
-    engine.scheduler.stop()
-    prompts = [engine.tokenizer(ask(i), add_special_tokens=False)["input_ids"] for i in range(SINGLE_REQUESTS)]
-    return {"tok_s": tokens / wall, "ttft": ttfts, "tokens": tokens, "prompts": prompts}
+        return result.completion_tokens, first - sent, time.perf_counter() - sent
+
+    def close(self):
+        self.engine.scheduler.stop()
 
 
-def bench_llamacpp_peer(deployment, prompts: list[list[int]]) -> float | None:
-    """The peer: llama.cpp itself (llama-cpp-python's Llama) on the same GGUF file, the same prompt
-    tokens, greedy, the same thread count as our engine; output tokens/s one stream at a time."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    from workers.engines.llamacpp_engine import default_threads
-    from workers.engines.transformers_engine import resolve_source
+class Peer:
+    """The peer: llama.cpp itself (llama-cpp-python's Llama) on the same GGUF file and prompt
+    tokens, greedy, the same thread count as our engine. It runs in a process of its own: two
+    llama.cpp models in one process slow each other down threefold (measured here: the engine ran
+    77 tok/s alone and 26 once the peer was loaded beside it, the peer 21)."""
 
-    folder, gguf_file = resolve_source(deployment.model_source)
-    if not gguf_file:
-        return None
-    threads = default_threads()
-    llm = Llama(model_path=os.path.join(folder, gguf_file), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
-    llm.create_completion(prompts[0], max_tokens=8, temperature=0.0)  # warm-up
-    started, tokens = time.perf_counter(), 0
-    for ids in prompts:
+    def __init__(self, deployment):
+        import multiprocessing
+
+        from workers.engines.llamacpp_engine import default_threads
+        from workers.engines.transformers_engine import resolve_source
+
+        folder, gguf_file = resolve_source(deployment.model_source)
+        context = multiprocessing.get_context("spawn")
+        self.conn, theirs = context.Pipe()
+        self.process = context.Process(
+            target=_peer_process, args=(theirs, os.path.join(folder, gguf_file), default_threads()), daemon=True
+        )
+        self.process.start()
+        if self.conn.recv() != "ready":
+            raise SystemExit("the llama.cpp peer did not start")
+
+    @staticmethod
+    def available(deployment) -> bool:
+        from workers.engines.transformers_engine import resolve_source
+
+        return importlib.util.find_spec("llama_cpp") is not None and bool(resolve_source(deployment.model_source)[1])
+
+    def ask(self, ids: list[int]) -> tuple[int, float]:
+        """(output tokens, wall seconds) of one prompt."""
+        self.conn.send(ids)
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.send(None)
+        self.process.join(30)
+
+
+def _peer_process(conn, path: str, threads: int) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.create_completion([1, 2, 3], max_tokens=8, temperature=0.0)  # warm-up
+    conn.send("ready")
+    while (ids := conn.recv()) is not None:
+        sent = time.perf_counter()
         llm.reset()  # no prompt-prefix reuse across requests, like our engine
         out = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1)
-        tokens += out["usage"]["completion_tokens"]
-    return tokens / (time.perf_counter() - started)
+        conn.send((out["usage"]["completion_tokens"], time.perf_counter() - sent))
 
 
 class Stack:
@@ -138,7 +172,7 @@ class Stack:
 
 
 def stream_once(url, token, prompt):
-    """One streamed predict request: (ttft, final text, request id from the stored row lookup key)."""
+    """One streamed predict request: (TTFT, final text, wall seconds from sent to its last token)."""
     body = {"prompt": prompt, "temperature": 0, "do_sample": False, "max_new_tokens": NEW_TOKENS, "use_stream_chat": True}
     sent = time.perf_counter()
     first, last = None, None
@@ -149,24 +183,38 @@ def stream_once(url, token, prompt):
                 last = json.loads(chunk)
     if last is None or "error" in last:
         raise RuntimeError(f"stream failed: {last}")
-    return first - sent, last["response"], time.perf_counter()
+    return first - sent, last["response"], time.perf_counter() - sent
 
 
 RECEIVED: list[str] = []  # every final text a client received, for tokens_lost
 
 
-def bench_pipeline_single(stack, token):
-    ttfts = []
+def bench_single(stack, token, engine: InProcessEngine, peer: Peer | None) -> dict:
+    """One stream at a time, the same prompt through the engine in-process, the peer and the
+    predict API in turn, prompt by prompt: the machine's drift (this VM's speed moves +-20% over
+    minutes) falls on all three alike. Each tok/s is output tokens over the summed wall time of
+    its requests (each from sent to its last token)."""
     RECEIVED.append(stream_once(stack.url, token, prompt_for(0))[1])  # warm-up
     since = django.utils.timezone.now()
-    started = time.perf_counter()
+    walls = {"engine": 0.0, "peer": 0.0, "pipeline": 0.0}
+    tokens = {"engine": 0, "peer": 0}
+    ttft = {"engine": [], "pipeline": []}
     for i in range(SINGLE_REQUESTS):
-        ttft, text, _ = stream_once(stack.url, token, prompt_for(i))
-        ttfts.append(ttft)
+        n, first, wall = engine.ask(i)
+        tokens["engine"] += n
+        walls["engine"] += wall
+        ttft["engine"].append(first)
+        if peer is not None:
+            n, wall = peer.ask(engine.prompt_ids(i))
+            tokens["peer"] += n
+            walls["peer"] += wall
+        first, text, wall = stream_once(stack.url, token, prompt_for(i))
+        walls["pipeline"] += wall
+        ttft["pipeline"].append(first)
         RECEIVED.append(text)
-    wall = time.perf_counter() - started
-    tokens = sum(RequestLog.objects.filter(queued_at__gte=since).values_list("completion_tokens", flat=True))
-    return {"tok_s": tokens / wall, "ttft": ttfts}
+    tokens["pipeline"] = sum(RequestLog.objects.filter(queued_at__gte=since).values_list("completion_tokens", flat=True))
+    rate = {k: tokens[k] / walls[k] if walls[k] else None for k in walls}
+    return {"tok_s": rate, "ttft": ttft}
 
 
 def bench_concurrent(stack, token, clients: int, rounds: int = 2):
@@ -233,18 +281,18 @@ def main():
     user = get_user_model().objects.create_user(f"bench-{uuid.uuid4().hex[:6]}")
     token = token_create(user=user)[1]
 
-    print(f"engine in-process: {SINGLE_REQUESTS} greedy streams of {NEW_TOKENS} tokens, one at a time…", flush=True)
-    engine = bench_engine(deployment)
+    print("loading the engine in-process and the peer (llama.cpp itself), starting a worker and Daphne…", flush=True)
+    engine = InProcessEngine(deployment)
     deployment.refresh_from_db()
-    print("peer: llama.cpp (llama-cpp-python) on the same GGUF file and prompts…", flush=True)
-    peer = bench_llamacpp_peer(deployment, engine["prompts"])
-
-    print("starting a worker and Daphne…", flush=True)
+    peer = Peer(deployment) if Peer.available(deployment) else None
     stack = Stack()
     try:
-        print("pipeline: the same prompts through the predict API…", flush=True)
-        single = bench_pipeline_single(stack, token)
-        pipeline_tok_s = single["tok_s"]
+        print(f"one stream at a time: {SINGLE_REQUESTS} prompts of {NEW_TOKENS} greedy tokens, each through the engine, "
+              "the peer and the predict API in turn…", flush=True)
+        single = bench_single(stack, token, engine, peer)
+        engine.close()
+        if peer is not None:
+            peer.close()
         aggregate, rss = {}, {}
         for clients in CONCURRENCY:
             print(f"pipeline: {clients} concurrent streams…", flush=True)
@@ -255,14 +303,16 @@ def main():
     finally:
         stack.stop()
 
-    added = [p - e for p, e in zip(single["ttft"], engine["ttft"])]
+    rate = single["tok_s"]
+    engine_tok_s, pipeline_tok_s, peer_tok_s = rate["engine"], rate["pipeline"], rate["peer"]
+    added = [p - e for p, e in zip(single["ttft"]["pipeline"], single["ttft"]["engine"])]
     results = {
         "device": device_name(),
         "new_tokens": NEW_TOKENS,
-        "engine_single_tok_s": round(engine["tok_s"], 2),
+        "engine_single_tok_s": round(engine_tok_s, 2),
         "pipeline_single_tok_s": round(pipeline_tok_s, 2),
-        "pipeline_vs_engine": round(pipeline_tok_s / engine["tok_s"], 3),
-        "ttft_engine_ms_p50": round(1000 * statistics.median(engine["ttft"]), 1),
+        "pipeline_vs_engine": round(pipeline_tok_s / engine_tok_s, 3),
+        "ttft_engine_ms_p50": round(1000 * statistics.median(single["ttft"]["engine"]), 1),
         "ttft_added_ms_p50": round(1000 * statistics.median(added), 1),
         "ttft_added_ms_p99": round(1000 * percentile(added, 99), 1),
         "aggregate_tok_s": {str(c): round(v, 2) for c, v in aggregate.items()},
@@ -271,12 +321,12 @@ def main():
         "tokens_lost": tokens_lost(user),
         "engine": deployment.engine,
     }
-    if peer:
+    if peer_tok_s:
         results.update(
-            peer_llamacpp_single_tok_s=round(peer, 2),
-            engine_single_vs_llamacpp=round(engine["tok_s"] / peer, 3),
-            pipeline_single_vs_llamacpp=round(pipeline_tok_s / peer, 3),
-            aggregate_32_vs_llamacpp_single=round(aggregate[CONCURRENCY[-1]] / peer, 2),
+            peer_llamacpp_single_tok_s=round(peer_tok_s, 2),
+            engine_single_vs_llamacpp=round(engine_tok_s / peer_tok_s, 3),
+            pipeline_single_vs_llamacpp=round(pipeline_tok_s / peer_tok_s, 3),
+            aggregate_32_vs_llamacpp_single=round(aggregate[CONCURRENCY[-1]] / peer_tok_s, 2),
         )
     out = BASE_DIR / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
