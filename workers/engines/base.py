@@ -1,3 +1,4 @@
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,26 @@ def cached_copy(path, suffix: str = ""):
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache / f"{path.stem}-{key}{suffix}"
+
+
+class Pacer:
+    """When text held back by Engine.stream may go: at once until `eager_chars` characters went,
+    then at most every `interval` seconds."""
+
+    def __init__(self, interval: float, eager_chars: int):
+        self.interval, self.eager_chars = interval, eager_chars
+        self.due, self.sent_chars = 0.0, 0
+
+    def wait(self, poll: float, holding: bool) -> float:
+        """How long to wait for more output: `poll`, or less when held text falls due sooner."""
+        return min(poll, max(0.0, self.due - time.monotonic())) if holding else poll
+
+    def is_due(self) -> bool:
+        return time.monotonic() >= self.due
+
+    def went(self, chars: int) -> None:
+        self.sent_chars += chars
+        self.due = time.monotonic() + self.interval if self.sent_chars >= self.eager_chars else 0.0
 
 
 class LoadError(Exception):

@@ -6,7 +6,7 @@ import queue
 import time
 import uuid
 
-from workers.engines.base import Engine, GenerationResult
+from workers.engines.base import Engine, GenerationResult, Pacer
 from workers.engines.batching import BatchRequest
 
 CANCEL_POLL_SECONDS = 0.1  # how often a waiting request looks at its cancel flag
@@ -40,13 +40,12 @@ class QueuedEngine(Engine):
         self.scheduler.submit(request)
         detok = IncrementalDecoder(self.tokenizer)
         last_check = time.monotonic()
-        held: list[str] = []  # text not yet yielded (it waits for `due`)
-        due, sent_chars = 0.0, 0  # when held text may go; how much text went
+        held: list[str] = []  # text not yet yielded (it waits for the pacer)
+        pacer = Pacer(interval, eager_chars)
         try:
             while True:
-                wait = CANCEL_POLL_SECONDS if not held else min(CANCEL_POLL_SECONDS, max(0.0, due - time.monotonic()))
                 try:
-                    kind, value = request.out.get(timeout=wait)
+                    kind, value = request.out.get(timeout=pacer.wait(CANCEL_POLL_SECONDS, bool(held)))
                 except queue.Empty:
                     kind = None
                 if time.monotonic() - last_check >= CANCEL_POLL_SECONDS or (kind is None and not held):
@@ -74,13 +73,11 @@ class QueuedEngine(Engine):
                     if text := "".join(held):
                         yield text  # what was generated before the failure is kept
                     raise RuntimeError(value)
-                now = time.monotonic()
-                if held and now >= due:
+                if held and pacer.is_due():
                     text = "".join(held)
                     held.clear()
                     if text:
-                        sent_chars += len(text)
-                        due = now + interval if sent_chars >= eager_chars else 0.0
+                        pacer.went(len(text))
                         yield text
         finally:
             if not result.finish_reason:  # the consumer stopped early: free the slot

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 
-from workers.engines.base import Engine, GenerationResult, LoadError
+from workers.engines.base import Engine, GenerationResult, LoadError, Pacer
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,13 @@ class VLLMEngine(Engine):
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
         sent, text, finished = "", "", False  # what was yielded; the whole text so far
-        due = 0.0  # when the text not yet yielded may go
+        pacer = Pacer(interval, eager_chars)
         last_check = time.monotonic()
         try:
             while True:
                 pending = len(text) > len(sent)
-                wait = min(CANCEL_POLL_SECONDS, max(0.0, due - time.monotonic())) if pending else CANCEL_POLL_SECONDS
                 try:
-                    kind, value = out.get(timeout=wait)
+                    kind, value = out.get(timeout=pacer.wait(CANCEL_POLL_SECONDS, pending))
                 except queue.Empty:
                     kind = None
                 checking = (kind is None and not pending) or time.monotonic() - last_check >= CANCEL_POLL_SECONDS
@@ -127,10 +126,9 @@ class VLLMEngine(Engine):
                     text = completion.text
                     if value.finished:
                         result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
-                now = time.monotonic()
-                if len(text) > len(sent) and now >= due:
+                if len(text) > len(sent) and pacer.is_due():
                     delta, sent = text[len(sent) :], text
-                    due = now + interval if len(sent) >= eager_chars else 0.0
+                    pacer.went(len(delta))
                     yield delta
         finally:
             if not finished and not result.finish_reason:
