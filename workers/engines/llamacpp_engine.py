@@ -19,6 +19,11 @@ decoding context, which runs every following token on an 8-bit (Q8_0) copy: on 2
 is compute-bound for such a small model, and its batched Q8_0 kernels run 32 streams about 1.3x
 faster than the 4-bit file's at the same single-stream speed (README, "Fast CPU engine").
 LLAMACPP_PREFILL and LLAMACPP_DECODE (`f16`, `q8_0`, or `file`) choose otherwise.
+
+The prefill context keeps the KV rows of the prompt prefix that consecutive prompts shared (the
+chat template's header and a system prompt, or the earlier turns of one conversation) under a
+sequence id of its own: a prompt that starts with it gets those rows by reference
+(`llama_memory_seq_cp`, no arithmetic) and prefills only the rest (LLAMACPP_PREFIX_CACHE=0: off).
 """
 
 from __future__ import annotations
@@ -44,10 +49,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEQ_TOKENS = 2048  # each request's room in the KV cache (prompt + answer), unless the deployment sets context_length
 DEFAULT_KV_MIB = 4096  # at most this much KV cache: fewer sequences run at once where it would take more
-# _ONE_ROW: in the f16 prefill context a llama_decode call of one row gives the right logits but
-# leaves KV rows that, moved to the decoding context, derail the answer two tokens later (seen with
-# llama-cpp-python 0.3.36 on a prompt whose last chunk was one token): so a prompt's last call
-# has two rows or more (LlamaCppScheduler._prefill_chunk).
+# TWO_ROWS: a llama_decode call of one row takes llama.cpp's matrix-vector path, which rounds
+# differently from the matrix-matrix path of longer calls (any rows: chunks of a prompt, other
+# prompts'): the prompt's last KV row comes out different at f16 rounding, and decoding on Q8_0
+# weights turns that into 0.2-0.3 nats on the next tokens (measured), enough to flip an answer's
+# near tie. So no prompt ends with a call of one row, and a prompt's answer does not depend on how
+# it was chunked or what it shared with a kept prefix: the same bit for bit (tested).
+PREFIX_MIN_TOKENS = 8  # a shorter shared prompt prefix is not worth keeping
 FILL_GAP_MAX = 3  # free sequence ids between running ones given throwaway rows (LlamaCppScheduler._decode_rows)
 BATCH_TOKENS = 512  # tokens sent to one llama_decode call (running rows first, then prompt chunks)
 
@@ -122,14 +130,18 @@ class LlamaCppEngine(QueuedEngine):
         prefill_format = os.environ.get("LLAMACPP_PREFILL", "f16")
         if quantized and prefill_format in CONVERSIONS:
             # prompts only, briefly: one shared cache the size of one request's room
-            # one spare sequence id, for a throwaway row (see _ONE_ROW)
-            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=seq_tokens, max_sequences=size + 1)
+            # two more sequence ids: the kept prompt prefix's and a throwaway row's (TWO_ROWS)
+            self.prefill_model = LlamaCppModel(converted_copy(path, prefill_format), kv_tokens=seq_tokens, max_sequences=size + 2)
         stop = set(self.model.end_of_generation_ids()) | set(family_stop_ids(self.tokenizer, deployment.model_type))
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
         self.stop_ids = frozenset(stop)
         self.scheduler = LlamaCppScheduler(
-            self.model, prefill=self.prefill_model, max_batch_size=size, name=f"engine-{deployment.name}"
+            self.model,
+            prefill=self.prefill_model,
+            max_batch_size=size,
+            name=f"engine-{deployment.name}",
+            prefix_cache=os.environ.get("LLAMACPP_PREFIX_CACHE", "1") != "0",
         )
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
@@ -238,6 +250,11 @@ class LlamaCppModel:
     def forget(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
+    def share(self, source: int, target: int, tokens: int) -> None:
+        """Give sequence `target` the KV rows of `source`'s first `tokens` positions (in a unified
+        cache the rows are shared, not copied)."""
+        self.lib.llama_memory_seq_cp(self.memory, source, target, 0, tokens)
+
     def move(self, seq: int, other: "LlamaCppModel") -> None:
         """Move a sequence's KV rows into another context of the same architecture (f16 cache,
         flash attention on in both, so the rows' types and layout match)."""
@@ -309,6 +326,16 @@ def _quiet(lib) -> None:
 _log_callback = None
 
 
+def _common_length(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class _Sequence:
     request: BatchRequest
@@ -317,6 +344,8 @@ class _Sequence:
     pos: int = 0
     last_token: int = -1
     reserved: int = 0  # KV tokens this request may grow to
+    prefill_cells: int = 0  # prompt tokens it adds to the prefill context (those not shared)
+    shared: int = 0  # prompt tokens whose KV rows it shares with the kept prefix
 
 
 class LlamaCppScheduler(BatchingScheduler):
@@ -325,7 +354,15 @@ class LlamaCppScheduler(BatchingScheduler):
     then one prefill call for a chunk of the joining requests' prompts (into `prefill`'s context
     when there is one, whose KV rows move to the decoding context once a prompt is done)."""
 
-    def __init__(self, model: LlamaCppModel, *, prefill: LlamaCppModel | None = None, max_batch_size: int = 32, name: str = "engine"):
+    def __init__(
+        self,
+        model: LlamaCppModel,
+        *,
+        prefill: LlamaCppModel | None = None,
+        max_batch_size: int = 32,
+        name: str = "engine",
+        prefix_cache: bool = True,
+    ):
         self.llama = model
         self.prefill = prefill or model
         self.lock = model.lock  # one thread at a time on the contexts
@@ -333,7 +370,12 @@ class LlamaCppScheduler(BatchingScheduler):
         self._running: list[_Sequence] = []
         self._reserved = 0
         self._prefill_reserved = 0
-        self._prefill_filler = max_batch_size  # the prefill context's spare sequence id (_ONE_ROW)
+        # The kept prompt prefix (tokens whose KV rows the prefill context keeps under a sequence id
+        # one past the requests'), and the last prompt, to find what consecutive prompts share.
+        self._prefix_seq = max_batch_size if prefix_cache and prefill is not None and prefill is not model else None
+        self._prefix: list[int] = []
+        self._last_prompt: list[int] = []
+        self._prefill_filler = max_batch_size + 1  # the prefill context's throwaway row's id (TWO_ROWS)
         super().__init__(None, max_batch_size=max_batch_size, name=name)
 
     def _setup_model(self, model) -> None:
@@ -381,24 +423,66 @@ class LlamaCppScheduler(BatchingScheduler):
             heapq.heappush(self._free_seqs, sequence.seq)
             self._reserved -= sequence.reserved
             if sequence.pending:
-                self._prefill_reserved -= len(sequence.request.prompt_ids)
+                self._prefill_reserved -= sequence.prefill_cells
 
     def _admit(self) -> None:
         """Waiting requests join while a sequence id and their KV room (prompt + answer) are free."""
         with self._wake:
             while self._waiting and self._free_seqs:
                 request = self._waiting[0]
-                need, prompt = len(request.prompt_ids) + request.max_new_tokens, len(request.prompt_ids)
+                need = len(request.prompt_ids) + request.max_new_tokens
+                shared = self._shared_prefix(request.prompt_ids)
+                prompt = len(request.prompt_ids) - shared
+                if self._prefix and self._prefill_reserved + len(self._prefix) + prompt > self.prefill.kv_tokens:
+                    self._drop_prefix()  # its rows make room for the prompt
+                    shared, prompt = 0, len(request.prompt_ids)
                 if self._running and (
                     self._reserved + need > self.llama.kv_tokens or self._prefill_reserved + prompt > self.prefill.kv_tokens
                 ):
                     break  # waits for running requests to leave
                 self._waiting.popleft()
                 self._start(request)
-                sequence = _Sequence(request, heapq.heappop(self._free_seqs), deque(request.prompt_ids), reserved=need)
+                seq = heapq.heappop(self._free_seqs)
+                if shared:  # only this thread uses the prefill context: no lock
+                    self.prefill.share(self._prefix_seq, seq, shared)
+                sequence = _Sequence(
+                    request, seq, deque(request.prompt_ids[shared:]), pos=shared, reserved=need, prefill_cells=prompt, shared=shared
+                )
                 self._reserved += need
                 self._prefill_reserved += prompt
                 self._running.append(sequence)
+
+    def _shared_prefix(self, prompt: list[int]) -> int:
+        """How many of the prompt's first tokens the kept prefix covers (its last two are always
+        computed: the last for its logits, and no prompt ends with a call of one row, TWO_ROWS)."""
+        shared = min(_common_length(prompt, self._prefix), len(prompt) - 2)
+        return shared if shared >= PREFIX_MIN_TOKENS else 0
+
+    def _keep_prefix(self, sequence: _Sequence) -> None:
+        """Once a prompt is prefilled (before its rows move): keep the part it shares with the prompt
+        before it, where that differs from the prefix kept now (the rows are shared, not copied)."""
+        if self._prefix_seq is None:
+            return
+        prompt, last = sequence.request.prompt_ids, self._last_prompt
+        self._last_prompt = prompt
+        common = min(_common_length(prompt, last), len(prompt) - 1)
+        if common < PREFIX_MIN_TOKENS or prompt[:common] == self._prefix:
+            return
+        self._drop_prefix()
+        self.prefill.share(sequence.seq, self._prefix_seq, common)
+        self._prefix = prompt[:common]
+
+    def _drop_prefix(self) -> None:
+        if not self._prefix:
+            return
+        self.prefill.forget(self._prefix_seq)
+        self._prefix = []
+        with self._wake:  # the rows a joining prompt shared with it are that prompt's alone now
+            for sequence in self._running:
+                if sequence.pending and sequence.shared:
+                    sequence.prefill_cells += sequence.shared
+                    self._prefill_reserved += sequence.shared
+                    sequence.shared = 0
 
     def step(self) -> None:
         self._admit()
@@ -454,7 +538,7 @@ class LlamaCppScheduler(BatchingScheduler):
                 continue
             take = min(BATCH_TOKENS - len(rows), len(sequence.pending))
             if len(sequence.pending) - take == 1:
-                take -= 1  # its last call gets its last two tokens (see _ONE_ROW)
+                take -= 1  # its last call gets its last two tokens (TWO_ROWS)
             for i in range(take):
                 last = len(sequence.pending) == 1
                 rows.append((sequence.pending.popleft(), sequence.pos + i, sequence.seq, last))
@@ -463,7 +547,7 @@ class LlamaCppScheduler(BatchingScheduler):
             sequence.pos += take
         if not rows:
             return
-        lone = len(rows) == 1 and self.prefill is not self.llama  # a one-token prompt (_ONE_ROW)
+        lone = len(rows) == 1 and self.prefill is not self.llama  # a one-token prompt (TWO_ROWS)
         if lone:
             rows.append((rows[0][0], 0, self._prefill_filler, False))  # a throwaway second row
         self.prefill.decode(rows)
@@ -472,9 +556,10 @@ class LlamaCppScheduler(BatchingScheduler):
         for row, sequence in done:
             logits = self.prefill.logits(row)
             if self.prefill is not self.llama:
+                self._keep_prefix(sequence)
                 self.prefill.move(sequence.seq, self.llama)
             with self._wake:
-                self._prefill_reserved -= len(sequence.request.prompt_ids)
+                self._prefill_reserved -= sequence.prefill_cells
             self._next(sequence, logits, finished)
 
     def _next(self, sequence: _Sequence, logits: np.ndarray, finished: list[_Sequence]) -> None:
@@ -495,5 +580,6 @@ class LlamaCppScheduler(BatchingScheduler):
         with self.lock:
             self.llama.forget(-1)  # whatever a failed call left behind
             self.prefill.forget(-1)
+        self._prefix, self._last_prompt = [], []
         with self._wake:
             self._reserved = self._prefill_reserved = 0
