@@ -330,6 +330,40 @@ def test_a_prompt_prefix_shared_with_the_last_prompt_is_not_computed_again(engin
     assert idle(engine)
 
 
+def test_a_burst_of_prompts_computes_their_shared_prefix_once(engine):
+    """Prompts that join in the same step and share a system prompt nothing kept covers yet: the
+    first is prefilled whole, the others wait for it (a step) and prefill only what follows."""
+    system = [{"role": "system", "content": "You are a geography teacher."}]
+    burst = [system + user(f"What is the capital of {c}?") for c in ("Spain", "Italy", "Sweden", "Mexico")]
+    lengths = [engine.count_tokens(render_prompt(engine.tokenizer, m)) for m in burst]
+    results = [None] * len(burst)
+    stop = threading.Event()
+
+    def run(i):
+        results[i] = ask(engine, burst[i], greedy(6))
+
+    blocker = threading.Thread(target=ask, args=(engine, user("Write a long story about a dragon."), greedy(400), None, stop.is_set))
+    blocker.start()
+    deadline = time.monotonic() + 60
+    while engine.scheduler.running == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(burst))]
+    with Recorder(engine) as calls:
+        with engine.scheduler.exclusive():  # the scheduler waits between two steps: the burst queues
+            for t in threads:
+                t.start()
+            while len(engine.scheduler._waiting) < len(burst) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(engine.scheduler._waiting) == len(burst)
+        for t in threads:
+            t.join(120)
+        stop.set()
+        blocker.join(60)
+    assert all(r is not None and r[1].completion_tokens >= 1 for r in results), results
+    assert sum(calls.prefilled) <= max(lengths) + 3 * (max(lengths) - 15), (calls.prefilled, lengths)
+    assert idle(engine)
+
+
 def test_a_prompt_that_needs_the_whole_room_pushes_the_kept_prefix_out(engine):
     """The kept prefix's rows take room in the prefill context: a prompt that shares only part of
     it and needs the whole room gets that room (the prefix goes), not a full-cache failure."""

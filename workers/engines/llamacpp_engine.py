@@ -432,6 +432,8 @@ class LlamaCppScheduler(BatchingScheduler):
                 request = self._waiting[0]
                 need = len(request.prompt_ids) + request.max_new_tokens
                 shared = self._shared_prefix(request.prompt_ids)
+                if self._follows_a_joining_prompt(request.prompt_ids, shared):
+                    break  # a step or so: then it gets the rows it shares with that prompt
                 prompt = len(request.prompt_ids) - shared
                 if self._prefix and self._prefill_reserved + len(self._prefix) + prompt > self.prefill.kv_tokens:
                     self._drop_prefix()  # its rows make room for the prompt
@@ -458,14 +460,29 @@ class LlamaCppScheduler(BatchingScheduler):
         shared = min(_common_length(prompt, self._prefix), len(prompt) - 2)
         return shared if shared >= PREFIX_MIN_TOKENS else 0
 
+    def _follows_a_joining_prompt(self, prompt: list[int], shared: int) -> bool:
+        """Whether a prompt shares more with one being prefilled now than with the kept prefix: then
+        it waits for that prefill to end, and shares those rows instead of computing them again (in
+        a burst of requests, the chat template's header and system prompt are computed once)."""
+        if self._prefix_seq is None:
+            return False
+        longest = len(prompt) - 2  # as _shared_prefix
+        return any(
+            s.pending and min(_common_length(prompt, s.request.prompt_ids), longest) >= shared + PREFIX_MIN_TOKENS
+            for s in self._running
+        )
+
     def _keep_prefix(self, sequence: _Sequence) -> None:
         """Once a prompt is prefilled (before its rows move): keep the part it shares with the prompt
-        before it, where that differs from the prefix kept now (the rows are shared, not copied)."""
+        before it or the next one waiting, whichever is longer, where that differs from the prefix
+        kept now (the rows are shared, not copied)."""
         if self._prefix_seq is None:
             return
         prompt, last = sequence.request.prompt_ids, self._last_prompt
         self._last_prompt = prompt
-        common = min(_common_length(prompt, last), len(prompt) - 1)
+        with self._wake:
+            following = self._waiting[0].prompt_ids if self._waiting else []
+        common = min(max(_common_length(prompt, last), _common_length(prompt, following)), len(prompt) - 1)
         if common < PREFIX_MIN_TOKENS or prompt[:common] == self._prefix:
             return
         self._drop_prefix()
