@@ -250,6 +250,10 @@ class LlamaCppModel:
     def forget(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
+    def clear(self) -> None:
+        """Forget every sequence; new rows go into the first cells again."""
+        self.lib.llama_memory_clear(self.memory, False)
+
     def share(self, source: int, target: int, tokens: int) -> None:
         """Give sequence `target` the KV rows of `source`'s first `tokens` positions (in a unified
         cache the rows are shared, not copied)."""
@@ -258,15 +262,25 @@ class LlamaCppModel:
     def move(self, seq: int, other: "LlamaCppModel") -> None:
         """Move a sequence's KV rows into another context of the same architecture (f16 cache,
         flash attention on in both, so the rows' types and layout match)."""
+        other.restore(seq, restream(self.state(seq), other.streams))
+        self.forget(seq)
+
+    def state(self, seq: int) -> bytes:
+        """A sequence's KV rows as llama.cpp saves them (its cells in the cache's order)."""
         size = self.lib.llama_state_seq_get_size(self.ctx, seq)
         buffer = (ctypes.c_uint8 * size)()
         written = self.lib.llama_state_seq_get_data(self.ctx, buffer, size, seq)
-        data = restream(bytes(buffer[:written]), other.streams) if written else b""
-        other.forget(seq)
-        moved = (ctypes.c_uint8 * len(data)).from_buffer_copy(data) if data else None
-        if not data or self.lib.llama_state_seq_set_data(other.ctx, moved, len(data), seq) != len(data):
-            raise RuntimeError("llama.cpp could not move a prompt's KV cache between contexts")
+        if not written:
+            raise RuntimeError("llama.cpp could not save a sequence's KV cache")
+        return bytes(buffer[:written])
+
+    def restore(self, seq: int, data: bytes) -> None:
+        """Put saved KV rows back as sequence `seq` (what it held before goes), in the first free
+        cells from the cache's head, in the order saved."""
         self.forget(seq)
+        rows = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self.lib.llama_state_seq_set_data(self.ctx, rows, len(data), seq) != len(data):
+            raise RuntimeError("llama.cpp could not restore a sequence's KV cache")
 
     def token_logprobs(self, ids: list[int], seq: int = 0) -> list[float]:
         """log p(ids[i] | ids[:i]) for i >= 1 on sequence `seq`, which no request may be using
@@ -374,6 +388,7 @@ class LlamaCppScheduler(BatchingScheduler):
         # one past the requests'), and the last prompt, to find what consecutive prompts share.
         self._prefix_seq = max_batch_size if prefix_cache and prefill is not None and prefill is not model else None
         self._prefix: list[int] = []
+        self._prefix_in_place = True  # its rows fill the prefill context's first cells (_lay_prefix_first)
         self._last_prompt: list[int] = []
         self._prefill_filler = max_batch_size + 1  # the prefill context's throwaway row's id (TWO_ROWS)
         super().__init__(None, max_batch_size=max_batch_size, name=name)
@@ -488,6 +503,23 @@ class LlamaCppScheduler(BatchingScheduler):
         self._drop_prefix()
         self.prefill.share(sequence.seq, self._prefix_seq, common)
         self._prefix = prompt[:common]
+        self._prefix_in_place = False
+
+    def _lay_prefix_first(self) -> None:
+        """Put the kept prefix's rows in the prefill context's first cells, once no prompt is being
+        prefilled (and only the prefix is left there).
+
+        llama.cpp's attention on CPU adds V rows up in f16 in the order of the cache's cells, and a
+        new prompt's rows go into the first free cells: after the prefix moved on, a prompt's rows
+        could come before the prefix's and its answer change by rounding (a greedy answer asked
+        twice could differ). With the prefix first, every prompt's cells follow in position order,
+        and an answer is the same bit for bit with or without the kept prefix."""
+        if self._prefix_in_place or not self._prefix or any(s.pending for s in self._running):
+            return
+        rows = self.prefill.state(self._prefix_seq)
+        self.prefill.clear()
+        self.prefill.restore(self._prefix_seq, rows)
+        self._prefix_in_place = True
 
     def _drop_prefix(self) -> None:
         if not self._prefix:
@@ -578,6 +610,8 @@ class LlamaCppScheduler(BatchingScheduler):
             with self._wake:
                 self._prefill_reserved -= sequence.prefill_cells
             self._next(sequence, logits, finished)
+        if done and self._prefix_seq is not None:
+            self._lay_prefix_first()
 
     def _next(self, sequence: _Sequence, logits: np.ndarray, finished: list[_Sequence]) -> None:
         self._take(sequence, self._sample(sequence.request, logits), finished)
