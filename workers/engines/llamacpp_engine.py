@@ -57,6 +57,7 @@ DEFAULT_KV_MIB = 4096  # at most this much KV cache: fewer sequences run at once
 # it was chunked or what it shared with a kept prefix: the same bit for bit (tested).
 PREFIX_MIN_TOKENS = 8  # a shorter shared prompt prefix is not worth keeping
 FILL_GAP_MAX = 3  # free sequence ids between running ones given throwaway rows (LlamaCppScheduler._decode_rows)
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ; the prefill context takes two more than the requests
 BATCH_TOKENS = 512  # tokens sent to one llama_decode call (running rows first, then prompt chunks)
 
 _backend_lock = threading.Lock()
@@ -114,10 +115,12 @@ class LlamaCppEngine(QueuedEngine):
         seq_tokens = min(deployment.context_length or env_int("LLAMACPP_SEQ_TOKENS", DEFAULT_SEQ_TOKENS), max(train_context, 256))
         seq_tokens = max(256, seq_tokens // 256 * 256)  # llama.cpp sizes its cache in steps of 256
         budget = env_int("LLAMACPP_KV_MIB", DEFAULT_KV_MIB) * 2**20
-        size = max(1, min(deployment.max_batch_size, budget // (seq_tokens * kv_bytes)))
+        size = max(1, min(deployment.max_batch_size, budget // (seq_tokens * kv_bytes), MAX_SEQUENCES - 2))
         self.load_notes = [f"llama.cpp KV cache: {size} sequences x {seq_tokens} tokens ({size * seq_tokens * kv_bytes / 2**30:.2f} GiB)"]
         if size < deployment.max_batch_size:
-            self.load_notes.append(f"max_batch_size {deployment.max_batch_size} cut to {size} by LLAMACPP_KV_MIB")
+            self.load_notes.append(
+                f"max_batch_size {deployment.max_batch_size} cut to {size} by LLAMACPP_KV_MIB or llama.cpp's {MAX_SEQUENCES} sequences"
+            )
         decode_format = os.environ.get("LLAMACPP_DECODE", "q8_0")
         # decode with a converted copy of a quantized file (see the module's docstring)
         decode_path = converted_copy(path, decode_format) if quantized and decode_format in CONVERSIONS else path
@@ -272,7 +275,7 @@ class LlamaCppModel:
         written = self.lib.llama_state_seq_get_data(self.ctx, buffer, size, seq)
         if not written:
             raise RuntimeError("llama.cpp could not save a sequence's KV cache")
-        return bytes(buffer[:written])
+        return ctypes.string_at(buffer, written)  # one copy (slicing the array makes a list: 24 ms for 35 tokens)
 
     def restore(self, seq: int, data: bytes) -> None:
         """Put saved KV rows back as sequence `seq` (what it held before goes), in the first free
@@ -360,6 +363,8 @@ class _Sequence:
     reserved: int = 0  # KV tokens this request may grow to
     prefill_cells: int = 0  # prompt tokens it adds to the prefill context (those not shared)
     shared: int = 0  # prompt tokens whose KV rows it shares with the kept prefix
+    in_order: bool = True  # its rows sit in the prefill context's cells in position order (_keep_prefix)
+    frees_seen: int | None = None  # the prefill context's free count when its first rows went in
 
 
 class LlamaCppScheduler(BatchingScheduler):
@@ -389,6 +394,9 @@ class LlamaCppScheduler(BatchingScheduler):
         self._prefix_seq = max_batch_size if prefix_cache and prefill is not None and prefill is not model else None
         self._prefix: list[int] = []
         self._prefix_in_place = True  # its rows fill the prefill context's first cells (_lay_prefix_first)
+        # how often rows left the prefill context: a prompt prefilled in several calls with rows leaving
+        # in between may have its later rows in cells before its earlier ones (_keep_prefix)
+        self._prefill_frees = 0
         self._last_prompt: list[int] = []
         self._prefill_filler = max_batch_size + 1  # the prefill context's throwaway row's id (TWO_ROWS)
         super().__init__(None, max_batch_size=max_batch_size, name=name)
@@ -402,7 +410,8 @@ class LlamaCppScheduler(BatchingScheduler):
 
     @contextlib.contextmanager
     def exclusive(self):
-        """A free sequence id and the contexts to oneself between two steps (scoring text)."""
+        """A free sequence id and the decoding context to oneself between two steps (scoring text;
+        the prefill context is the scheduler thread's alone)."""
         with self._wake:
             while not self._free_seqs:
                 self._wake.wait(0.1)
@@ -433,6 +442,7 @@ class LlamaCppScheduler(BatchingScheduler):
             self.llama.forget(sequence.seq)
             if sequence.pending and self.prefill is not self.llama:
                 self.prefill.forget(sequence.seq)
+                self._prefill_frees += 1
         self._running.remove(sequence)  # after its KV rows are gone: `running` 0 means a clean cache
         with self._wake:
             heapq.heappush(self._free_seqs, sequence.seq)
@@ -450,11 +460,12 @@ class LlamaCppScheduler(BatchingScheduler):
                 if self._follows_a_joining_prompt(request.prompt_ids, shared):
                     break  # a step or so: then it gets the rows it shares with that prompt
                 prompt = len(request.prompt_ids) - shared
-                if self._prefix and self._prefill_reserved + len(self._prefix) + prompt > self.prefill.kv_tokens:
+                room = self.prefill.kv_tokens - 1  # one cell for a throwaway row (TWO_ROWS)
+                if self._prefix and self._prefill_reserved + len(self._prefix) + prompt > room and self._prefix_may_go(request):
                     self._drop_prefix()  # its rows make room for the prompt
                     shared, prompt = 0, len(request.prompt_ids)
                 if self._running and (
-                    self._reserved + need > self.llama.kv_tokens or self._prefill_reserved + prompt > self.prefill.kv_tokens
+                    self._reserved + need > self.llama.kv_tokens or self._prefill_reserved + len(self._prefix) + prompt > room
                 ):
                     break  # waits for running requests to leave
                 self._waiting.popleft()
@@ -465,9 +476,20 @@ class LlamaCppScheduler(BatchingScheduler):
                 sequence = _Sequence(
                     request, seq, deque(request.prompt_ids[shared:]), pos=shared, reserved=need, prefill_cells=prompt, shared=shared
                 )
+                # its rows come after the prefix's only if the prefix sits in the first cells
+                sequence.in_order = not shared or self._prefix_in_place
                 self._reserved += need
                 self._prefill_reserved += prompt
                 self._running.append(sequence)
+
+    def _prefix_may_go(self, request: BatchRequest) -> bool:
+        """Whether dropping the kept prefix gives a prompt its room: no joining prompt holds its
+        rows too (they would stay), and without it the prompt fits."""
+        if not self._running:
+            return True
+        if any(s.pending and s.shared for s in self._running):
+            return False
+        return self._prefill_reserved + len(request.prompt_ids) <= self.prefill.kv_tokens - 1
 
     def _shared_prefix(self, prompt: list[int]) -> int:
         """How many of the prompt's first tokens the kept prefix covers (its last two are always
@@ -495,6 +517,8 @@ class LlamaCppScheduler(BatchingScheduler):
             return
         prompt, last = sequence.request.prompt_ids, self._last_prompt
         self._last_prompt = prompt
+        if not sequence.in_order:
+            return  # its rows would round differently from a prompt's own, and so would every sharer's
         with self._wake:
             following = self._waiting[0].prompt_ids if self._waiting else []
         common = min(max(_common_length(prompt, last), _common_length(prompt, following)), len(prompt) - 1)
@@ -512,8 +536,10 @@ class LlamaCppScheduler(BatchingScheduler):
         llama.cpp's attention on CPU adds V rows up in f16 in the order of the cache's cells, and a
         new prompt's rows go into the first free cells: after the prefix moved on, a prompt's rows
         could come before the prefix's and its answer change by rounding (a greedy answer asked
-        twice could differ). With the prefix first, every prompt's cells follow in position order,
-        and an answer is the same bit for bit with or without the kept prefix."""
+        twice could differ). With the prefix first, a prompt's cells follow it in position order,
+        and its answer is the same bit for bit with or without the kept prefix (unless other rows
+        left the context between two of its prefill calls: such a prompt's rows are not kept, see
+        `in_order`)."""
         if self._prefix_in_place or not self._prefix or any(s.pending for s in self._running):
             return
         rows = self.prefill.state(self._prefix_seq)
@@ -525,6 +551,7 @@ class LlamaCppScheduler(BatchingScheduler):
         if not self._prefix:
             return
         self.prefill.forget(self._prefix_seq)
+        self._prefill_frees += 1
         self._prefix = []
         with self._wake:  # the rows a joining prompt shared with it are that prompt's alone now
             for sequence in self._running:
@@ -534,6 +561,7 @@ class LlamaCppScheduler(BatchingScheduler):
                     sequence.shared = 0
 
     def step(self) -> None:
+        self._lay_prefix_first()  # a prompt being prefilled when the prefix was kept may have left since
         self._admit()
         finished: list[_Sequence] = []
         decoding = sorted((s for s in self._running if not s.pending), key=lambda s: s.seq)
@@ -588,6 +616,10 @@ class LlamaCppScheduler(BatchingScheduler):
             take = min(BATCH_TOKENS - len(rows), len(sequence.pending))
             if len(sequence.pending) - take == 1:
                 take -= 1  # its last call gets its last two tokens (TWO_ROWS)
+            if take and sequence.frees_seen is None:
+                sequence.frees_seen = self._prefill_frees
+            elif take and sequence.frees_seen != self._prefill_frees:
+                sequence.in_order = False  # rows left since its first ones went in: these may go before them
             for i in range(take):
                 last = len(sequence.pending) == 1
                 rows.append((sequence.pending.popleft(), sequence.pos + i, sequence.seq, last))
@@ -602,11 +634,13 @@ class LlamaCppScheduler(BatchingScheduler):
         self.prefill.decode(rows)
         if lone:
             self.prefill.forget(self._prefill_filler)
+            self._prefill_frees += 1
         for row, sequence in done:
             logits = self.prefill.logits(row)
             if self.prefill is not self.llama:
                 self._keep_prefix(sequence)
                 self.prefill.move(sequence.seq, self.llama)
+                self._prefill_frees += 1
             with self._wake:
                 self._prefill_reserved -= sequence.prefill_cells
             self._next(sequence, logits, finished)
