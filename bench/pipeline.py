@@ -92,9 +92,9 @@ class InProcessEngine:
 
 class Peer:
     """The peer: llama.cpp itself (llama-cpp-python's Llama) on the same GGUF file and prompt
-    tokens, greedy, the same thread count as our engine. It runs in a process of its own: two
-    llama.cpp models in one process slow each other down threefold (measured here: the engine ran
-    77 tok/s alone and 26 once the peer was loaded beside it, the peer 21)."""
+    tokens, greedy, the same thread count as our engine. It runs in a process of its own, so that
+    neither shares an OpenMP runtime with the other (loaded in one process before OMP_WAIT_POLICY
+    was set, both ran at a third of their speed: see llmsite/__init__.py)."""
 
     def __init__(self, deployment):
         import multiprocessing

@@ -329,37 +329,46 @@ def test_a_prompt_prefix_shared_with_the_last_prompt_is_not_computed_again(engin
     assert idle(engine)
 
 
+def ask_together(engine, conversations, new_tokens):
+    """Ask these so that they queue in this order while the scheduler waits between two steps (a
+    long answer keeps it stepping, `exclusive` holds it), then let them in: they join in one step.
+    Returns their (text, result) and the Recorder of the calls from then on (the long answer's
+    prompt is in before, so its rows are not counted)."""
+    stop = threading.Event()
+    blocker = threading.Thread(target=ask, args=(engine, user("Write a long story about a dragon."), greedy(400), None, stop.is_set))
+    blocker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+        engine.scheduler._running and not any(s.pending for s in engine.scheduler._running)
+    ):
+        time.sleep(0.01)
+    results = [None] * len(conversations)
+
+    def run(i):
+        results[i] = ask(engine, conversations[i], greedy(new_tokens))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(conversations))]
+    with Recorder(engine) as calls:
+        with engine.scheduler.exclusive():
+            for i, t in enumerate(threads):
+                t.start()
+                while len(engine.scheduler._waiting) <= i and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            assert len(engine.scheduler._waiting) == len(conversations)
+        for t in threads:
+            t.join(120)
+        stop.set()
+        blocker.join(60)
+    return results, calls
+
+
 def test_a_burst_of_prompts_computes_their_shared_prefix_once(engine):
     """Prompts that join in the same step and share a system prompt nothing kept covers yet: the
     first is prefilled whole, the others wait for it (a step) and prefill only what follows."""
     system = [{"role": "system", "content": "You are a geography teacher."}]
     burst = [system + user(f"What is the capital of {c}?") for c in ("Spain", "Italy", "Sweden", "Mexico")]
     lengths = [engine.count_tokens(render_prompt(engine.tokenizer, m)) for m in burst]
-    results = [None] * len(burst)
-    stop = threading.Event()
-
-    def run(i):
-        results[i] = ask(engine, burst[i], greedy(6))
-
-    blocker = threading.Thread(target=ask, args=(engine, user("Write a long story about a dragon."), greedy(400), None, stop.is_set))
-    blocker.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (
-        engine.scheduler._running and not any(s.pending for s in engine.scheduler._running)
-    ):  # the blocker's prompt is in (its rows are not counted below)
-        time.sleep(0.01)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(burst))]
-    with Recorder(engine) as calls:
-        with engine.scheduler.exclusive():  # the scheduler waits between two steps: the burst queues
-            for t in threads:
-                t.start()
-            while len(engine.scheduler._waiting) < len(burst) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert len(engine.scheduler._waiting) == len(burst)
-        for t in threads:
-            t.join(120)
-        stop.set()
-        blocker.join(60)
+    results, calls = ask_together(engine, burst, 6)
     assert all(r is not None and r[1].completion_tokens >= 1 for r in results), results
     assert sum(calls.prefilled) <= max(lengths) + 3 * (max(lengths) - 15), (calls.prefilled, lengths)
     assert idle(engine)
@@ -376,25 +385,7 @@ def test_rows_of_a_prompt_prefilled_while_others_left_are_not_kept(engine):
     long = words + user("Repeat after me:" + " word" * BATCH_TOKENS)
     follower = words + user("Repeat after me: one two three.")
     queued = [short, long, follower]
-    stop = threading.Event()
-    blocker = threading.Thread(target=ask, args=(engine, user("Write a long story about a cat."), greedy(400), None, stop.is_set))
-    blocker.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (
-        engine.scheduler._running and not any(s.pending for s in engine.scheduler._running)
-    ):
-        time.sleep(0.01)
-    threads = [threading.Thread(target=ask, args=(engine, m, greedy(1))) for m in queued]
-    with Recorder(engine) as calls:
-        with engine.scheduler.exclusive():  # the three queue in this order while the scheduler waits
-            for i, t in enumerate(threads):
-                t.start()
-                while len(engine.scheduler._waiting) <= i and time.monotonic() < deadline:
-                    time.sleep(0.005)
-        for t in threads:
-            t.join(120)
-        stop.set()
-        blocker.join(60)
+    _, calls = ask_together(engine, queued, 1)
     lengths = [engine.count_tokens(render_prompt(engine.tokenizer, m)) for m in queued]
     assert len(calls.prefilled) >= 3 and sum(calls.prefilled) == sum(lengths), (calls.prefilled, lengths)
     assert idle(engine)

@@ -210,6 +210,10 @@ class LlamaCppModel:
         self.memory = lib.llama_get_memory(self.ctx)
         self.batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.lock = threading.Lock()  # one llama.cpp call at a time on this context
+        # How often rows left the cache: new rows go into the first free cells from the cache's
+        # head, so rows that left between two calls for a sequence may put its later rows in cells
+        # before its earlier ones (LlamaCppScheduler._keep_prefix).
+        self.frees = 0
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of f16 keys and values one token takes in the cache, over all layers."""
@@ -252,10 +256,12 @@ class LlamaCppModel:
 
     def forget(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.frees += 1
 
     def clear(self) -> None:
         """Forget every sequence; new rows go into the first cells again."""
         self.lib.llama_memory_clear(self.memory, False)
+        self.frees += 1
 
     def share(self, source: int, target: int, tokens: int) -> None:
         """Give sequence `target` the KV rows of `source`'s first `tokens` positions (in a unified
@@ -353,6 +359,13 @@ def _common_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _shareable(prompt: list[int], other: list[int]) -> int:
+    """How many of the prompt's first tokens may come from `other`'s rows: what they have in common,
+    less the prompt's last two (the last is computed for its logits, and no prompt ends with a call
+    of one row, TWO_ROWS)."""
+    return min(_common_length(prompt, other), len(prompt) - 2)
+
+
 @dataclass
 class _Sequence:
     request: BatchRequest
@@ -394,9 +407,6 @@ class LlamaCppScheduler(BatchingScheduler):
         self._prefix_seq = max_batch_size if prefix_cache and prefill is not None and prefill is not model else None
         self._prefix: list[int] = []
         self._prefix_in_place = True  # its rows fill the prefill context's first cells (_lay_prefix_first)
-        # how often rows left the prefill context: a prompt prefilled in several calls with rows leaving
-        # in between may have its later rows in cells before its earlier ones (_keep_prefix)
-        self._prefill_frees = 0
         self._last_prompt: list[int] = []
         self._prefill_filler = max_batch_size + 1  # the prefill context's throwaway row's id (TWO_ROWS)
         super().__init__(None, max_batch_size=max_batch_size, name=name)
@@ -442,7 +452,6 @@ class LlamaCppScheduler(BatchingScheduler):
             self.llama.forget(sequence.seq)
             if sequence.pending and self.prefill is not self.llama:
                 self.prefill.forget(sequence.seq)
-                self._prefill_frees += 1
         self._running.remove(sequence)  # after its KV rows are gone: `running` 0 means a clean cache
         with self._wake:
             heapq.heappush(self._free_seqs, sequence.seq)
@@ -474,10 +483,9 @@ class LlamaCppScheduler(BatchingScheduler):
                 if shared:  # only this thread uses the prefill context: no lock
                     self.prefill.share(self._prefix_seq, seq, shared)
                 sequence = _Sequence(
-                    request, seq, deque(request.prompt_ids[shared:]), pos=shared, reserved=need, prefill_cells=prompt, shared=shared
+                    request, seq, deque(request.prompt_ids[shared:]), pos=shared, reserved=need, prefill_cells=prompt, shared=shared,
+                    in_order=not shared or self._prefix_in_place,  # after the prefix's rows only if those come first
                 )
-                # its rows come after the prefix's only if the prefix sits in the first cells
-                sequence.in_order = not shared or self._prefix_in_place
                 self._reserved += need
                 self._prefill_reserved += prompt
                 self._running.append(sequence)
@@ -492,9 +500,8 @@ class LlamaCppScheduler(BatchingScheduler):
         return self._prefill_reserved + len(request.prompt_ids) <= self.prefill.kv_tokens - 1
 
     def _shared_prefix(self, prompt: list[int]) -> int:
-        """How many of the prompt's first tokens the kept prefix covers (its last two are always
-        computed: the last for its logits, and no prompt ends with a call of one row, TWO_ROWS)."""
-        shared = min(_common_length(prompt, self._prefix), len(prompt) - 2)
+        """How many of the prompt's first tokens the kept prefix covers (see _shareable)."""
+        shared = _shareable(prompt, self._prefix)
         return shared if shared >= PREFIX_MIN_TOKENS else 0
 
     def _follows_a_joining_prompt(self, prompt: list[int], shared: int) -> bool:
@@ -503,11 +510,7 @@ class LlamaCppScheduler(BatchingScheduler):
         a burst of requests, the chat template's header and system prompt are computed once)."""
         if self._prefix_seq is None:
             return False
-        longest = len(prompt) - 2  # as _shared_prefix
-        return any(
-            s.pending and min(_common_length(prompt, s.request.prompt_ids), longest) >= shared + PREFIX_MIN_TOKENS
-            for s in self._running
-        )
+        return any(s.pending and _shareable(prompt, s.request.prompt_ids) >= shared + PREFIX_MIN_TOKENS for s in self._running)
 
     def _keep_prefix(self, sequence: _Sequence) -> None:
         """Once a prompt is prefilled (before its rows move): keep the part it shares with the prompt
@@ -551,7 +554,6 @@ class LlamaCppScheduler(BatchingScheduler):
         if not self._prefix:
             return
         self.prefill.forget(self._prefix_seq)
-        self._prefill_frees += 1
         self._prefix = []
         with self._wake:  # the rows a joining prompt shared with it are that prompt's alone now
             for sequence in self._running:
@@ -561,7 +563,7 @@ class LlamaCppScheduler(BatchingScheduler):
                     sequence.shared = 0
 
     def step(self) -> None:
-        self._lay_prefix_first()  # a prompt being prefilled when the prefix was kept may have left since
+        self._lay_prefix_first()  # before a new prompt's rows go in
         self._admit()
         finished: list[_Sequence] = []
         decoding = sorted((s for s in self._running if not s.pending), key=lambda s: s.seq)
@@ -617,8 +619,8 @@ class LlamaCppScheduler(BatchingScheduler):
             if len(sequence.pending) - take == 1:
                 take -= 1  # its last call gets its last two tokens (TWO_ROWS)
             if take and sequence.frees_seen is None:
-                sequence.frees_seen = self._prefill_frees
-            elif take and sequence.frees_seen != self._prefill_frees:
+                sequence.frees_seen = self.prefill.frees
+            elif take and sequence.frees_seen != self.prefill.frees:
                 sequence.in_order = False  # rows left since its first ones went in: these may go before them
             for i in range(take):
                 last = len(sequence.pending) == 1
@@ -634,18 +636,14 @@ class LlamaCppScheduler(BatchingScheduler):
         self.prefill.decode(rows)
         if lone:
             self.prefill.forget(self._prefill_filler)
-            self._prefill_frees += 1
         for row, sequence in done:
             logits = self.prefill.logits(row)
             if self.prefill is not self.llama:
                 self._keep_prefix(sequence)
                 self.prefill.move(sequence.seq, self.llama)
-                self._prefill_frees += 1
             with self._wake:
                 self._prefill_reserved -= sequence.prefill_cells
             self._next(sequence, logits, finished)
-        if done and self._prefix_seq is not None:
-            self._lay_prefix_first()
 
     def _next(self, sequence: _Sequence, logits: np.ndarray, finished: list[_Sequence]) -> None:
         self._take(sequence, self._sample(sequence.request, logits), finished)
