@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(wildcard requirements/*.txt)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean bench
+.PHONY: run test install clean bench bench-conversation
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -56,3 +56,7 @@ clean:
 # Throughput and overhead as ratios measured in one run; writes bench/results/latest.json.
 bench: $(STAMP)
 	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/pipeline.py
+
+# Time to the first token along one conversation, saved prompts on and off; writes bench/results/conversation.json.
+bench-conversation: $(STAMP)
+	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/conversation.py

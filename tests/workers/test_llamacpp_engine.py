@@ -1,6 +1,7 @@
 """The llama.cpp engine (the default on CPUs for GGUF models), called in-process: the quality guard
 against the fp32 transformers engine, continuous batching, abort and per-request sampling."""
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -196,7 +197,7 @@ def test_each_request_has_its_own_kv_room(engine, deployment):
 
 
 def test_restream_readdresses_a_one_stream_kv_state():
-    from workers.engines.llamacpp_engine import STATE_HEADER_BYTES, restream
+    from workers.engines.llamacpp_engine import STATE_HEADER_BYTES, one_stream, restream
 
     header, cells = b"\xd8\x3c\x14\xaf\x01\x00\x00\x00", b"\x05\x00\x00\x00" + b"kv-rows"
     state = header + (1).to_bytes(4, "little") + cells
@@ -207,6 +208,11 @@ def test_restream_readdresses_a_one_stream_kv_state():
     assert restream(moved, 4) == moved
     with pytest.raises(RuntimeError, match="cannot move a KV state of 4 streams"):
         restream(moved, 8)
+    # and back: a sequence's state from stream 2 of a 4-stream cache, as a one-stream cache saves it
+    second = header + (4).to_bytes(4, "little") + b"\x00" * 8 + cells + b"\x00" * 4
+    assert one_stream(second, 2, 4) == state
+    with pytest.raises(RuntimeError, match="more than one stream"):
+        one_stream(second, 1, 4)
 
 
 def test_requests_leaving_mid_batch_leave_no_gap_in_the_decode_call(engine):
@@ -300,11 +306,39 @@ def assert_same_choices(steps, reference):
         assert np.array_equal(got, want), (step, float(np.abs(got - want).max()))
 
 
+@contextlib.contextmanager
+def without_saved_prompts(engine):
+    """The engine with only its kept prefix (no whole prompts saved in memory) meanwhile."""
+    saved, engine.scheduler._saved = engine.scheduler._saved, None
+    try:
+        yield
+    finally:
+        engine.scheduler._saved = saved
+
+
+def forget_kept_rows(engine):
+    """Nothing kept: no prefix in the prefill context, no saved prompt (the engine idle)."""
+    from workers.engines.llamacpp_engine import SavedPrompts
+
+    assert idle(engine)
+    scheduler = engine.scheduler
+    if scheduler._saved is None:
+        pytest.skip("saved prompts are off (LLAMACPP_PROMPT_CACHE_MIB=0)")
+    scheduler._drop_prefix()
+    scheduler._last_prompt = []
+    scheduler._saved = SavedPrompts(scheduler._saved.budget)
+
+
 def test_a_prompt_prefix_shared_with_the_last_prompt_is_not_computed_again(engine):
     """The prefill context keeps the KV rows of the prefix consecutive prompts shared (here the
     system prompt, the template's header and "What is the capital of"): a prompt that starts with
     it prefills only what follows, and its answer is chosen from the same probabilities as with
     nothing kept, in the prefill context and after its rows moved to the decoding context."""
+    with without_saved_prompts(engine):
+        check_the_kept_prefix(engine)
+
+
+def check_the_kept_prefix(engine):
     other = [{"role": "system", "content": "You are terse."}]
     ask(engine, other + user("Name a fruit."), greedy(1))
     ask(engine, other + user("Name a tree."), greedy(1))  # kept now: that system prompt's header
@@ -327,6 +361,80 @@ def test_a_prompt_prefix_shared_with_the_last_prompt_is_not_computed_again(engin
     assert again.prefilled == [2]
     assert_same_choices(again.steps, reference.steps)
     assert idle(engine)
+
+
+def test_the_next_turn_of_a_conversation_prefills_only_what_is_new(engine, deployment):
+    """A conversation's next prompt starts with the whole prompt and answer of the turn before:
+    their rows come back from the saved ones (even after another prompt came in between and replaced
+    the kept prefix), and only the end of the answer's turn and the new question are prefilled. The
+    answer's rows were computed while it was generated (Q8_0 weights, not the prompt's f16), so the
+    next answer's probabilities differ from a whole prefill by rounding only."""
+    import numpy as np
+
+    system = [{"role": "system", "content": "You are a travel guide."}]
+    first = system + user("Name a city in France.")
+    answer, _ = ask(engine, first, greedy(12), deployment)
+    ask(engine, user("Name a fruit."), greedy(1), deployment)  # another user in between
+    second = first + [{"role": "assistant", "content": answer}] + user("What to eat there?")
+    ids = [prompt_ids(engine, deployment, m) for m in (first, second)]
+    question = ids[1][len(ids[0]) :]  # the answer, the end of its turn, the new question
+    answered = ids[0] + engine.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert ids[1][: len(answered)] == answered  # the template renders the answer as generated
+    with Recorder(engine) as turn:
+        ask(engine, second, greedy(4), deployment)
+    assert 2 <= sum(turn.prefilled) <= len(ids[1]) - len(answered) + 2 < len(question), (turn.prefilled, len(question))
+    forget_kept_rows(engine)
+    with without_saved_prompts(engine), Recorder(engine) as whole:
+        ask(engine, second, greedy(4), deployment)
+    assert sum(whole.prefilled) == len(ids[1]), (whole.prefilled, len(ids))
+    got, want = turn.steps[0], whole.steps[0]
+    top = np.argsort(-want)[:5]
+    assert np.argmax(got) == np.argmax(want) and np.abs(got[top] - want[top]).max() < 0.1, np.abs(got[top] - want[top])
+    assert idle(engine)
+
+
+def test_a_long_prompt_asked_again_gets_the_same_answer_from_its_saved_rows(engine, deployment):
+    """Regenerate: a prompt asked again, after others, prefills only its last two tokens, and its
+    answer's probabilities are the same bit for bit as the first time, for a prompt longer than
+    llama.cpp's tiled attention threshold too (its last rows go in a small call, TILED_ROWS)."""
+    from workers.engines.llamacpp_engine import TILED_ROWS
+
+    story = user("Summarise this story: " + " ".join(["A fox met an owl by the river and they talked."] * 30))
+    length = len(prompt_ids(engine, deployment, story))
+    assert length > 4 * TILED_ROWS, length
+    with Recorder(engine) as first:
+        ask(engine, story, greedy(4), deployment)
+    assert sum(first.prefilled) >= length - 40 and first.prefilled[-1] < TILED_ROWS, first.prefilled
+    ask(engine, user("Name a tree."), greedy(1), deployment)
+    with Recorder(engine) as again:
+        ask(engine, story, greedy(4), deployment)
+    assert again.prefilled == [2]
+    assert_same_choices(again.steps, first.steps)
+    assert idle(engine)
+
+
+def prompt_ids(engine, deployment, messages):
+    return engine.tokenizer(render_prompt(engine.tokenizer, messages, deployment.chat_template, deployment.model_type), add_special_tokens=False)["input_ids"]
+
+
+def test_saved_prompts_stay_within_their_budget_least_recently_used_out_first():
+    from workers.engines.llamacpp_engine import SavedPrompts
+
+    saved = SavedPrompts(budget=30)
+    saved.put([1, 2, 3], b"a" * 10)
+    saved.put([1, 2, 3, 4, 5], b"b" * 10)  # covers [1, 2, 3]: that one goes
+    assert len(saved) == 1 and saved.size == 10
+    saved.put([7, 8], b"c" * 10)
+    assert saved.match([1, 2, 3, 4, 9]) == (4, (1, 2, 3, 4, 5))
+    assert saved.match([1, 2]) == (2, (1, 2, 3, 4, 5))
+    assert saved.match([9]) == (0, None)
+    assert saved.take((1, 2, 3, 4, 5)) == b"b" * 10  # now the most recently used
+    saved.put([6], b"d" * 10)
+    saved.put([5], b"e" * 10)  # over the budget: [7, 8] goes, the least recently used
+    assert saved.match([7, 8]) == (0, None) and saved.match([1, 2, 3])[0] == 3
+    assert saved.size == 30
+    saved.put([4], b"f" * 31)  # larger than the whole budget: not saved, nothing else lost
+    assert len(saved) == 3 and saved.match([4]) == (0, None)
 
 
 def ask_together(engine, conversations, new_tokens):
@@ -374,20 +482,60 @@ def test_a_burst_of_prompts_computes_their_shared_prefix_once(engine):
     assert idle(engine)
 
 
+def test_a_burst_of_unrelated_prompts_is_prefilled_a_whole_prompt_at_a_time(engine):
+    """Prompts of 30-60 tokens that join together and share nothing: a prefill call takes the
+    whole rest of as many as fit (fewer than TILED_ROWS rows), never part of one beside another
+    that ends and moves out (its later rows would go into the cells freed before its earlier ones):
+    every one of them has its rows in order, and is saved with its answer."""
+    from workers.engines.llamacpp_engine import TILED_ROWS
+
+    if engine.scheduler._saved is None:
+        pytest.skip("saved prompts are off (LLAMACPP_PROMPT_CACHE_MIB=0)")
+    names = ["Alpha", "Bravo", "Charlie", "Delta"]
+    burst = [[{"role": "system", "content": f"{n} is your name; you answer questions about {n.lower()} waves."}]
+             + user(f"Tell {n} what the word {n.lower()} means, in one sentence, please.") for n in names]
+    ids = [engine.tokenizer(render_prompt(engine.tokenizer, m), add_special_tokens=False)["input_ids"] for m in burst]
+    assert all(30 <= len(i) < TILED_ROWS for i in ids) and sum(map(len, ids)) > 2 * TILED_ROWS, [len(i) for i in ids]
+    results, calls = ask_together(engine, burst, 3)
+    assert all(r is not None and r[1].completion_tokens >= 1 for r in results), results
+    assert max(calls.prefilled) < TILED_ROWS and sum(calls.prefilled) == sum(map(len, ids)), calls.prefilled
+    assert [engine.scheduler._saved.match(i)[0] for i in ids] == [len(i) for i in ids]
+    assert idle(engine)
+
+
 def test_rows_of_a_prompt_prefilled_while_others_left_are_not_kept(engine):
-    """A long prompt prefilled in two calls, with a short one moving out in between, may have rows
-    in cells before its earlier ones (rounding differs): its prefix is not kept for the prompt that
-    waits to share it, which then prefills whole."""
+    """A long prompt goes in over several steps. Where rows leave the prefill context in between
+    (here another sequence id's, forgotten just after its first call, in the scheduler's thread),
+    its later rows may go into cells before its earlier ones, where they round differently: it is
+    not kept for the prompt that waits to share it, which then prefills whole."""
     from workers.engines.llamacpp_engine import BATCH_TOKENS
 
-    short = [{"role": "system", "content": "Be brief."}] + user("Name a bird.")
     words = [{"role": "system", "content": "You repeat words."}]
-    long = words + user("Repeat after me:" + " word" * BATCH_TOKENS)
+    long = words + user("Repeat after me:" + " word" * (3 * BATCH_TOKENS))
     follower = words + user("Repeat after me: one two three.")
-    queued = [short, long, follower]
-    _, calls = ask_together(engine, queued, 1)
-    lengths = [engine.count_tokens(render_prompt(engine.tokenizer, m)) for m in queued]
-    assert len(calls.prefilled) >= 3 and sum(calls.prefilled) == sum(lengths), (calls.prefilled, lengths)
+    long_ids = engine.tokenizer(render_prompt(engine.tokenizer, long), add_special_tokens=False)["input_ids"]
+    scheduler, prefill, deadline = engine.scheduler, engine.prefill_model, time.monotonic() + 60
+
+    with without_saved_prompts(engine), Recorder(engine) as calls:
+        recorded = prefill.decode
+
+        def first_call_then_rows_leave(rows):
+            recorded(rows)
+            if len(calls.prefilled) == 1:
+                prefill.forget(scheduler._prefill_filler)  # rows leave (none there, but it counts)
+
+        prefill.decode = first_call_then_rows_leave
+        asked = [threading.Thread(target=ask, args=(engine, m, greedy(1))) for m in (long, follower)]
+        asked[0].start()
+        while not any(s.request.prompt_ids == long_ids for s in scheduler._running) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        asked[1].start()  # it waits to share the long prompt's rows (_follows_a_joining_prompt)
+        for t in asked:
+            t.join(120)
+        prefill.decode = recorded
+    follower_length = engine.count_tokens(render_prompt(engine.tokenizer, follower))
+    assert len(calls.prefilled) >= 3, calls.prefilled
+    assert calls.prefilled[-1] == follower_length and sum(calls.prefilled) == len(long_ids) + follower_length, calls.prefilled
     assert idle(engine)
 
 

@@ -24,6 +24,9 @@ The prefill context keeps the KV rows of the prompt prefix that consecutive prom
 chat template's header and a system prompt, or the earlier turns of one conversation) under a
 sequence id of its own: a prompt that starts with it gets those rows by reference
 (`llama_memory_seq_cp`, no arithmetic) and prefills only the rest (LLAMACPP_PREFIX_CACHE=0: off).
+Whole prompts' KV rows are also kept in memory, up to LLAMACPP_PROMPT_CACHE_MIB (`SavedPrompts`):
+the next turn of a conversation starts with the whole prompt of the turn before, and gets its rows
+back by a copy instead of prefilling the conversation again.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import logging
 import os
 import struct
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,11 +57,23 @@ DEFAULT_KV_MIB = 4096  # at most this much KV cache: fewer sequences run at once
 # prompts'): the prompt's last KV row comes out different at f16 rounding, and decoding on Q8_0
 # weights turns that into 0.2-0.3 nats on the next tokens (measured), enough to flip an answer's
 # near tie. So no prompt ends with a call of one row, and a prompt's answer does not depend on how
-# it was chunked or what it shared with a kept prefix: the same bit for bit (tested).
+# it was chunked (in calls of fewer than TILED_ROWS rows) or what it shared with a kept prefix: the
+# same bit for bit (tested).
+# TILED_ROWS: llama.cpp's CPU flash attention computes a call of 64 query rows or more (all
+# sequences' rows together; GGML_FA_TILE_Q) in a tiled way (f32, 64-cell KV tiles), a smaller call
+# row by row (f16): the same row rounds differently in a large call and a small one, by 0.02-0.05
+# nats on a prompt's last row (measured). A prompt asked again gets all but its last two rows back
+# from the kept or saved rows and computes those two in a small call, so every prompt's last rows
+# go in a call of fewer than TILED_ROWS rows (its last FINAL_ROWS at least, where it is longer), and
+# a greedy answer asked twice (Regenerate) stays the same however long its prompt, while its rows
+# are kept or saved.
+TILED_ROWS = 64
+FINAL_ROWS = 16
 PREFIX_MIN_TOKENS = 8  # a shorter shared prompt prefix is not worth keeping
 FILL_GAP_MAX = 3  # free sequence ids between running ones given throwaway rows (LlamaCppScheduler._decode_rows)
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ; the prefill context takes two more than the requests
 BATCH_TOKENS = 512  # tokens sent to one llama_decode call (running rows first, then prompt chunks)
+DEFAULT_PROMPT_CACHE_MIB = 256  # whole prompts' KV rows kept in memory (SavedPrompts)
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -139,12 +154,18 @@ class LlamaCppEngine(QueuedEngine):
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
         self.stop_ids = frozenset(stop)
+        prefix_cache = os.environ.get("LLAMACPP_PREFIX_CACHE", "1") != "0"
+        saved_mib = int(os.environ.get("LLAMACPP_PROMPT_CACHE_MIB", DEFAULT_PROMPT_CACHE_MIB))
+        saved = SavedPrompts(saved_mib * 2**20) if prefix_cache and self.prefill_model and saved_mib > 0 else None
+        if saved is not None:
+            self.load_notes.append(f"prompt cache: up to {saved_mib} MiB of whole prompts' KV rows ({saved_mib * 2**20 // kv_bytes} tokens)")
         self.scheduler = LlamaCppScheduler(
             self.model,
             prefill=self.prefill_model,
             max_batch_size=size,
             name=f"engine-{deployment.name}",
-            prefix_cache=os.environ.get("LLAMACPP_PREFIX_CACHE", "1") != "0",
+            prefix_cache=prefix_cache,
+            saved=saved,
         )
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
@@ -268,11 +289,19 @@ class LlamaCppModel:
         cache the rows are shared, not copied)."""
         self.lib.llama_memory_seq_cp(self.memory, source, target, 0, tokens)
 
-    def move(self, seq: int, other: "LlamaCppModel") -> None:
+    def move(self, seq: int, other: "LlamaCppModel") -> bytes:
         """Move a sequence's KV rows into another context of the same architecture (f16 cache,
-        flash attention on in both, so the rows' types and layout match)."""
-        other.restore(seq, restream(self.state(seq), other.streams))
+        flash attention on in both, so the rows' types and layout match). Returns them as saved
+        from this context."""
+        rows = self.state(seq)
+        other.restore(seq, restream(rows, other.streams))
         self.forget(seq)
+        return rows
+
+    def truncate(self, seq: int, keep: int) -> None:
+        """Forget a sequence's rows from position `keep` on."""
+        self.lib.llama_memory_seq_rm(self.memory, seq, keep, -1)
+        self.frees += 1
 
     def state(self, seq: int) -> bytes:
         """A sequence's KV rows as llama.cpp saves them (its cells in the cache's order)."""
@@ -333,6 +362,20 @@ def restream(state: bytes, streams: int) -> bytes:
     return head + struct.pack("<I", streams) + body + struct.pack("<I", 0) * (streams - 1)
 
 
+def one_stream(state: bytes, stream: int, streams: int) -> bytes:
+    """The saved KV state of a sequence of a `streams`-stream cache (its rows in stream `stream`,
+    every other stream's entry empty), as a one-stream (unified) cache saves it: `restream` the
+    other way."""
+    (count,) = struct.unpack_from("<I", state, STATE_HEADER_BYTES)
+    if count != streams:
+        raise RuntimeError(f"a KV state of {count} streams, not {streams}")
+    view = memoryview(state)
+    start, end = STATE_HEADER_BYTES + 4 + 4 * stream, len(state) - 4 * (streams - stream - 1)
+    if any(view[STATE_HEADER_BYTES + 4 : start]) or any(view[end:]):
+        raise RuntimeError("a KV state with rows in more than one stream")
+    return b"".join((view[:STATE_HEADER_BYTES], struct.pack("<I", 1), view[start:end]))
+
+
 def _quiet(lib) -> None:
     """Send llama.cpp's own log lines to Python logging at debug level instead of stderr."""
     global _log_callback
@@ -366,6 +409,65 @@ def _shareable(prompt: list[int], other: list[int]) -> int:
     return min(_common_length(prompt, other), len(prompt) - 2)
 
 
+class SavedPrompts:
+    """Whole prompts' KV rows (as the prefill context saves them), least recently used out first,
+    within a budget of bytes. A conversation's next turn starts with the whole prompt of the turn
+    before (and a Regenerate repeats it): its rows come back by a copy instead of a prefill."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.size = 0
+        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, bytes]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def match(self, prompt: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """The longest number of first tokens the prompt shares with a saved one, and that one's key."""
+        best, key = 0, None
+        tokens = np.asarray(prompt, dtype=np.int64)
+        for saved, (array, _) in self._entries.items():
+            n = min(len(array), len(tokens))
+            same = array[:n] == tokens[:n]
+            common = n if same.all() else int(np.argmin(same))
+            if common > best:
+                best, key = common, saved
+        return best, key
+
+    def take(self, key: tuple[int, ...]) -> bytes:
+        """A saved prompt's rows (now the most recently used)."""
+        self._entries.move_to_end(key)
+        return self._entries[key][1]
+
+    def put(self, prompt: list[int], rows: bytes) -> None:
+        """Save a prompt's rows; saved prompts it starts with go (it covers them), then the least
+        recently used ones until the rest fits."""
+        key = tuple(prompt)
+        if len(rows) > self.budget or self._covered(key):
+            return
+        for saved in [k for k in self._entries if len(k) <= len(key) and key[: len(k)] == k]:
+            self._drop(saved)
+        while self._entries and self.size + len(rows) > self.budget:
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = (np.asarray(prompt, dtype=np.int64), rows)
+        self.size += len(rows)
+
+    def _covered(self, key: tuple[int, ...]) -> bool:
+        """Whether a saved prompt starts with this one (it gives the same rows): it is used now."""
+        for saved in self._entries:
+            if len(saved) >= len(key) and saved[: len(key)] == key:
+                self._entries.move_to_end(saved)
+                return True
+        return False
+
+    def forget(self, key: tuple[int, ...]) -> None:
+        if key in self._entries:
+            self._drop(key)
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        self.size -= len(self._entries.pop(key)[1])
+
+
 @dataclass
 class _Sequence:
     request: BatchRequest
@@ -378,6 +480,7 @@ class _Sequence:
     shared: int = 0  # prompt tokens whose KV rows it shares with the kept prefix
     in_order: bool = True  # its rows sit in the prefill context's cells in position order (_keep_prefix)
     frees_seen: int | None = None  # the prefill context's free count when its first rows went in
+    answer: list[int] = field(default_factory=list)  # the tokens it generated
 
 
 class LlamaCppScheduler(BatchingScheduler):
@@ -394,6 +497,7 @@ class LlamaCppScheduler(BatchingScheduler):
         max_batch_size: int = 32,
         name: str = "engine",
         prefix_cache: bool = True,
+        saved: SavedPrompts | None = None,
     ):
         self.llama = model
         self.prefill = prefill or model
@@ -409,6 +513,7 @@ class LlamaCppScheduler(BatchingScheduler):
         self._prefix_in_place = True  # its rows fill the prefill context's first cells (_lay_prefix_first)
         self._last_prompt: list[int] = []
         self._prefill_filler = max_batch_size + 1  # the prefill context's throwaway row's id (TWO_ROWS)
+        self._saved = saved if self._prefix_seq is not None else None  # whole prompts' rows, in memory
         super().__init__(None, max_batch_size=max_batch_size, name=name)
 
     def _setup_model(self, model) -> None:
@@ -468,9 +573,16 @@ class LlamaCppScheduler(BatchingScheduler):
                 shared = self._shared_prefix(request.prompt_ids)
                 if self._follows_a_joining_prompt(request.prompt_ids, shared):
                     break  # a step or so: then it gets the rows it shares with that prompt
+                restored, saved = self._saved_match(request.prompt_ids, shared)
+                if saved and any(s.pending for s in self._running):
+                    if restored >= shared + TILED_ROWS:
+                        break  # worth waiting for: the saved rows go in once no prompt is being prefilled
+                    restored, saved = 0, None
+                if saved:
+                    shared = 0  # all its rows are its own: copies of the saved prompt's, then the rest
                 prompt = len(request.prompt_ids) - shared
                 room = self.prefill.kv_tokens - 1  # one cell for a throwaway row (TWO_ROWS)
-                if self._prefix and self._prefill_reserved + len(self._prefix) + prompt > room and self._prefix_may_go(request):
+                if not saved and self._prefix and self._prefill_reserved + len(self._prefix) + prompt > room and self._prefix_may_go(request):
                     self._drop_prefix()  # its rows make room for the prompt
                     shared, prompt = 0, len(request.prompt_ids)
                 if self._running and (
@@ -480,15 +592,56 @@ class LlamaCppScheduler(BatchingScheduler):
                 self._waiting.popleft()
                 self._start(request)
                 seq = heapq.heappop(self._free_seqs)
-                if shared:  # only this thread uses the prefill context: no lock
+                # only this thread uses the prefill context: no lock
+                if saved and not self._restore_saved(seq, saved, restored, len(request.prompt_ids)):
+                    restored = 0
+                elif shared:
                     self.prefill.share(self._prefix_seq, seq, shared)
+                start = restored if saved else shared
                 sequence = _Sequence(
-                    request, seq, deque(request.prompt_ids[shared:]), pos=shared, reserved=need, prefill_cells=prompt, shared=shared,
-                    in_order=not shared or self._prefix_in_place,  # after the prefix's rows only if those come first
+                    request, seq, deque(request.prompt_ids[start:]), pos=start, reserved=need, prefill_cells=prompt, shared=shared,
+                    in_order=bool(saved) or not shared or self._prefix_in_place,  # after the prefix's rows only if those come first
+                    frees_seen=self.prefill.frees if saved else None,  # its first rows are in
                 )
                 self._reserved += need
                 self._prefill_reserved += prompt
                 self._running.append(sequence)
+
+    def _saved_match(self, prompt: list[int], shared: int) -> tuple[int, tuple[int, ...] | None]:
+        """How many of the prompt's first tokens a saved prompt's rows give it (see _shareable), and
+        that prompt's key: where they give more than the kept prefix, and fit in the prefill context
+        whole (before the prompt's share is cut from them)."""
+        if not self._saved:
+            return 0, None
+        common, key = self._saved.match(prompt)
+        common = min(common, len(prompt) - 2)
+        if key is None or common < shared + PREFIX_MIN_TOKENS or max(len(key), len(prompt)) > self.prefill.kv_tokens - 1:
+            return 0, None
+        return common, key
+
+    def _restore_saved(self, seq: int, key: tuple[int, ...], keep: int, prompt: int) -> bool:
+        """Give sequence `seq` the saved prompt's rows for its first `keep` positions, in a context
+        laid out again: the kept prefix's rows in the first cells, then these, then the free cells
+        where the rest of its `prompt` tokens go, all in position order (_lay_prefix_first). The
+        kept prefix goes where both do not fit. Only while no prompt is being prefilled. False where
+        llama.cpp refused the rows: the context is empty then, and the prompt is prefilled whole."""
+        try:
+            if len(self._prefix) + max(len(key), prompt) > self.prefill.kv_tokens - 1:
+                self._drop_prefix()
+            prefix = self.prefill.state(self._prefix_seq) if self._prefix else None
+            self.prefill.clear()
+            if prefix is not None:
+                self.prefill.restore(self._prefix_seq, prefix)
+            self._prefix_in_place = True
+            self.prefill.restore(seq, self._saved.take(key))
+            self.prefill.truncate(seq, keep)
+            return True
+        except Exception:
+            log.exception("a saved prompt's KV rows could not be restored; the prompt is prefilled whole")
+            self._saved.forget(key)
+            self.prefill.clear()
+            self._prefix = []
+            return False
 
     def _prefix_may_go(self, request: BatchRequest) -> bool:
         """Whether dropping the kept prefix gives a prompt its room: no joining prompt holds its
@@ -584,9 +737,28 @@ class LlamaCppScheduler(BatchingScheduler):
                     else:
                         self._next(sequence, logits[row], finished)
             self._prefill_chunk(finished)
+            for sequence in finished:
+                self._save_answer(sequence)
         for sequence in finished:
             self._release(sequence)
         self.steps += 1
+
+    def _save_answer(self, sequence: _Sequence) -> None:
+        """Save a finished request's rows, prompt and answer, from the decoding context: the next
+        turn of its conversation starts with both (the answer as the chat template renders it,
+        which is the generated tokens, but for the end-of-turn token that was never decoded)."""
+        prompt = sequence.request.prompt_ids
+        if self._saved is None or sequence.pending or not sequence.in_order or sequence.pos == len(prompt):
+            return  # (no answer rows: its prompt's were saved as it moved)
+        tokens = prompt + sequence.answer[: sequence.pos - len(prompt)]  # those with KV rows
+        try:
+            rows = self.llama.state(sequence.seq)
+            if self.llama.streams > 1:
+                rows = one_stream(rows, sequence.seq, self.llama.streams)
+        except RuntimeError:
+            log.exception("a finished request's KV rows could not be saved")
+            return
+        self._saved.put(tokens, rows)
 
     def _decode_rows(self, decoding: list[_Sequence]) -> tuple[list[tuple[int, int, int, bool]], list[int]]:
         """The decode call's rows, in sequence-id order, and the ids given a throwaway row.
@@ -610,17 +782,35 @@ class LlamaCppScheduler(BatchingScheduler):
         return rows, fillers
 
     def _prefill_chunk(self, finished: list[_Sequence]) -> None:
-        """Up to BATCH_TOKENS prompt tokens of the joining requests, oldest first, in one call."""
+        """The joining requests' prompt tokens for this step, oldest first: where the oldest has
+        TILED_ROWS or more left, a call of its tokens alone, up to BATCH_TOKENS but for its last
+        FINAL_ROWS; then, once it has fewer left, a call of the whole rest of as many prompts as fit
+        in fewer than TILED_ROWS rows (its own first). So every prompt's last rows go in a small call
+        (TILED_ROWS), and no prompt is prefilled partly around another's move out of the context
+        (its later rows would go into the cells freed before its earlier ones, see `in_order`)."""
+        joining = [s for s in self._running if s.pending]
+        if not joining:
+            return
+        oldest = joining[0]
+        if len(oldest.pending) >= TILED_ROWS:
+            self._prefill_call([(oldest, min(BATCH_TOKENS, len(oldest.pending) - FINAL_ROWS))], finished)
+            if len(oldest.pending) >= TILED_ROWS:
+                return  # more of it next step: the running requests decode in between
+        takes, rows = [], 0
+        for sequence in joining:
+            if rows + len(sequence.pending) < TILED_ROWS:
+                takes.append((sequence, len(sequence.pending)))
+                rows += len(sequence.pending)
+        self._prefill_call(takes, finished)
+
+    def _prefill_call(self, takes: list[tuple[_Sequence, int]], finished: list[_Sequence]) -> None:
+        """One prefill call: `take` tokens of each sequence's prompt (at least two where that ends
+        it, TWO_ROWS: a kept prefix leaves two, FINAL_ROWS more)."""
         rows, done = [], []
-        for sequence in self._running:
-            if not sequence.pending or len(rows) >= BATCH_TOKENS:
-                continue
-            take = min(BATCH_TOKENS - len(rows), len(sequence.pending))
-            if len(sequence.pending) - take == 1:
-                take -= 1  # its last call gets its last two tokens (TWO_ROWS)
-            if take and sequence.frees_seen is None:
+        for sequence, take in takes:
+            if sequence.frees_seen is None:
                 sequence.frees_seen = self.prefill.frees
-            elif take and sequence.frees_seen != self.prefill.frees:
+            elif sequence.frees_seen != self.prefill.frees:
                 sequence.in_order = False  # rows left since its first ones went in: these may go before them
             for i in range(take):
                 last = len(sequence.pending) == 1
@@ -640,7 +830,9 @@ class LlamaCppScheduler(BatchingScheduler):
             logits = self.prefill.logits(row)
             if self.prefill is not self.llama:
                 self._keep_prefix(sequence)
-                self.prefill.move(sequence.seq, self.llama)
+                kv_rows = self.prefill.move(sequence.seq, self.llama)
+                if self._saved is not None and sequence.in_order:  # rows out of order would round differently
+                    self._saved.put(sequence.request.prompt_ids, kv_rows)
             with self._wake:
                 self._prefill_reserved -= sequence.prefill_cells
             self._next(sequence, logits, finished)
@@ -650,6 +842,7 @@ class LlamaCppScheduler(BatchingScheduler):
 
     def _take(self, sequence: _Sequence, token: int, finished: list[_Sequence]) -> None:
         sequence.last_token = token
+        sequence.answer.append(token)
         if self._emit(sequence.request, token):
             finished.append(sequence)
 
