@@ -96,7 +96,7 @@ async def _stream(generation, *, first, piece, last, include_usage: bool):
             elif event["type"] == "final":
                 if event["text"] != sent and event["text"].startswith(sent):
                     yield _event(piece(event["text"][len(sent) :]))  # the final event is the truth
-                for item in last(wire.finish_reason(event["finish_reason"]), wire.usage(event["usage"]), include_usage):
+                for item in last(wire.finish_reason(event["finish_reason"]), wire.usage(event), include_usage):
                     yield _event(item)
                 yield _event("[DONE]")
             elif event["type"] == "error":
@@ -125,7 +125,7 @@ async def chat_completions(request, body: wire.ChatCompletionRequest):
         final = await _final(generation)
         message = wire.AssistantMessage(content=final["text"])
         choice = wire.ChatChoice(message=message, finish_reason=wire.finish_reason(final["finish_reason"]))
-        return wire.ChatCompletion(**meta, choices=[choice], usage=wire.usage(final["usage"]), sources=final.get("sources"))
+        return wire.ChatCompletion(**meta, choices=[choice], usage=wire.usage(final), sources=final.get("sources"))
 
     def chunk(delta: dict, finish=None, usage=None, *, choices=True) -> dict:
         choice = wire.ChatChunkChoice(delta=wire.Delta(**delta), finish_reason=finish)
@@ -155,7 +155,7 @@ async def completions(request, body: wire.CompletionRequest):
     if not body.stream:
         final = await _final(generation)
         choice = wire.CompletionChoice(text=echo + final["text"], finish_reason=wire.finish_reason(final["finish_reason"]))
-        return wire.Completion(**meta, choices=[choice], usage=wire.usage(final["usage"]))
+        return wire.Completion(**meta, choices=[choice], usage=wire.usage(final))
 
     def chunk(text: str, finish=None, usage=None, *, choices=True) -> dict:
         choice = wire.CompletionChoice(text=text, finish_reason=finish)

@@ -107,9 +107,10 @@ def run_generation(
         result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
     status = RequestLog.Status.CANCELLED if result.finish_reason == "cancelled" else RequestLog.Status.OK
+    final = {"type": "final", "text": answer, "finish_reason": result.finish_reason, "usage": usage, "cached_tokens": result.cached_tokens}
     _end(
         request_id,
-        {"type": "final", "text": answer, "finish_reason": result.finish_reason, "usage": usage},
+        final,
         status=status,
         response=answer,
         finish_reason=result.finish_reason,

@@ -131,10 +131,15 @@ class EmbeddingRequest(Request):
 FinishReason = Literal["stop", "length"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens whose KV cache rows the engine had kept from earlier requests (not computed again).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Source(BaseModel):
@@ -249,9 +254,13 @@ class ErrorBody(BaseModel):
 # --- translation ----------------------------------------------------------------------------
 
 
-def usage(event_usage: dict) -> Usage:
-    prompt, completion = event_usage.get("prompt_tokens") or 0, event_usage.get("completion_tokens") or 0
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def usage(final: dict) -> Usage:
+    """The usage of a generation's final event; where the worker says how many prompt tokens came
+    from its engine's cache, as OpenAI's `prompt_tokens_details.cached_tokens`."""
+    counts = final.get("usage") or {}
+    prompt, completion = counts.get("prompt_tokens") or 0, counts.get("completion_tokens") or 0
+    details = PromptTokensDetails(cached_tokens=final["cached_tokens"]) if "cached_tokens" in final else None
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, prompt_tokens_details=details)
 
 
 def finish_reason(reason: str) -> FinishReason:

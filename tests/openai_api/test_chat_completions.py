@@ -48,13 +48,32 @@ def test_capital_of_japan_streamed_and_not_with_usage_from_the_tokenizer(client,
     assert streamed == text
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1, "not streamed"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens
+    )
+    # asked again: all but its last two prompt tokens come from the engine's saved rows
+    assert usage.prompt_tokens_details.cached_tokens == prompt_tokens - 2
 
     rows = RequestLog.objects.filter(user=user).order_by("queued_at")
     assert [r.protocol for r in rows] == ["openai", "openai"]
     assert all(r.status == RequestLog.Status.OK and r.response == text for r in rows)
     assert rows[0].prompt == "What is the capital of Japan?" and rows[0].system_prompt == "You are concise."
     assert rows[0].prompt_tokens == prompt_tokens and rows[0].completion_tokens == answer.usage.completion_tokens
+
+
+def test_the_next_turn_of_a_conversation_reports_the_prompt_tokens_it_did_not_compute(client):
+    """The llama.cpp engine keeps a finished request's KV rows, prompt and answer: the next turn of
+    the conversation gets them back, and its usage says how many of its prompt tokens were not
+    computed again (OpenAI's prompt_tokens_details.cached_tokens)."""
+    messages = [{"role": "system", "content": "You are a museum guide."}, {"role": "user", "content": "Name a famous painting."}]
+    first = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=12)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Who painted it?"}]
+    second = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=12)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # the first prompt and its answer (whose last token was never fed back to the model)
+    assert cached == first.usage.prompt_tokens + first.usage.completion_tokens - 1, (cached, first.usage)
+    assert cached < second.usage.prompt_tokens
 
 
 def test_unknown_model_is_not_found(client):

@@ -51,6 +51,7 @@ class GenerationResult:
     finish_reason: str = ""  # "stop", "length" or "cancelled"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV rows came from a cache instead of being computed
 
 
 class Engine:

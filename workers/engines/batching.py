@@ -41,6 +41,7 @@ class BatchRequest:
     out: queue.Queue = field(default_factory=queue.Queue)
     # engine state
     generated: int = 0
+    cached_tokens: int = 0  # prompt tokens not computed (a cache had their KV rows)
     cache: DynamicCache | None = None
     prefilled: int = 0
     generator: torch.Generator | None = None

@@ -422,14 +422,19 @@ class SavedPrompts:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def match(self, prompt: list[int]) -> tuple[int, tuple[int, ...] | None]:
-        """The longest number of first tokens the prompt shares with a saved one, and that one's key."""
-        best, key = 0, None
-        tokens = np.asarray(prompt, dtype=np.int64)
+    def _common(self, tokens: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
+        """Each saved prompt's key and how many first tokens it shares with `tokens`."""
+        out = []
         for saved, (array, _) in self._entries.items():
             n = min(len(array), len(tokens))
             same = array[:n] == tokens[:n]
-            common = n if same.all() else int(np.argmin(same))
+            out.append((saved, n if same.all() else int(np.argmin(same))))
+        return out
+
+    def match(self, prompt: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """The longest number of first tokens the prompt shares with a saved one, and that one's key."""
+        best, key = 0, None
+        for saved, common in self._common(np.asarray(prompt, dtype=np.int64)):
             if common > best:
                 best, key = common, saved
         return best, key
@@ -440,25 +445,24 @@ class SavedPrompts:
         return self._entries[key][1]
 
     def put(self, prompt: list[int], rows: bytes) -> None:
-        """Save a prompt's rows; saved prompts it starts with go (it covers them), then the least
-        recently used ones until the rest fits."""
-        key = tuple(prompt)
-        if len(rows) > self.budget or self._covered(key):
+        """Save a prompt's rows. Where a saved prompt starts with this one, it gives the same rows:
+        it is the one used now, and nothing more is saved. Saved prompts this one starts with go (it
+        covers them), then the least recently used ones until the rest fits."""
+        tokens = np.asarray(prompt, dtype=np.int64)
+        common = self._common(tokens)
+        for saved, shared in common:
+            if shared == len(tokens):
+                self._entries.move_to_end(saved)
+                return
+        if len(rows) > self.budget:
             return
-        for saved in [k for k in self._entries if len(k) <= len(key) and key[: len(k)] == k]:
-            self._drop(saved)
+        for saved, shared in common:
+            if shared == len(saved):
+                self._drop(saved)
         while self._entries and self.size + len(rows) > self.budget:
             self._drop(next(iter(self._entries)))
-        self._entries[key] = (np.asarray(prompt, dtype=np.int64), rows)
+        self._entries[tuple(prompt)] = (tokens, rows)
         self.size += len(rows)
-
-    def _covered(self, key: tuple[int, ...]) -> bool:
-        """Whether a saved prompt starts with this one (it gives the same rows): it is used now."""
-        for saved in self._entries:
-            if len(saved) >= len(key) and saved[: len(key)] == key:
-                self._entries.move_to_end(saved)
-                return True
-        return False
 
     def forget(self, key: tuple[int, ...]) -> None:
         if key in self._entries:
@@ -598,6 +602,7 @@ class LlamaCppScheduler(BatchingScheduler):
                 elif shared:
                     self.prefill.share(self._prefix_seq, seq, shared)
                 start = restored if saved else shared
+                request.cached_tokens = start
                 sequence = _Sequence(
                     request, seq, deque(request.prompt_ids[start:]), pos=start, reserved=need, prefill_cells=prompt, shared=shared,
                     in_order=bool(saved) or not shared or self._prefix_in_place,  # after the prefix's rows only if those come first

@@ -65,6 +65,7 @@ class QueuedEngine(Engine):
                     if value == "stop":
                         result.completion_tokens += 1  # the end-of-turn token was generated too
                     result.finish_reason = value
+                    result.cached_tokens = request.cached_tokens
                     text = "".join(held) + detok.flush()
                     if text:
                         yield text

@@ -122,6 +122,7 @@ class VLLMEngine(Engine):
                 if kind == "output":
                     completion = value.outputs[0]
                     result.prompt_tokens = len(value.prompt_token_ids or [])
+                    result.cached_tokens = getattr(value, "num_cached_tokens", None) or 0  # its prefix cache's hits
                     result.completion_tokens = len(completion.token_ids)
                     text = completion.text
                     if value.finished:
