@@ -24,9 +24,9 @@ The prefill context keeps the KV rows of the prompt prefix that consecutive prom
 chat template's header and a system prompt, or the earlier turns of one conversation) under a
 sequence id of its own: a prompt that starts with it gets those rows by reference
 (`llama_memory_seq_cp`, no arithmetic) and prefills only the rest (LLAMACPP_PREFIX_CACHE=0: off).
-Whole prompts' KV rows are also kept in memory, up to LLAMACPP_PROMPT_CACHE_MIB (`SavedPrompts`):
-the next turn of a conversation starts with the whole prompt of the turn before, and gets its rows
-back by a copy instead of prefilling the conversation again.
+Finished requests' KV rows (prompt and answer) are also kept in memory, up to
+LLAMACPP_PROMPT_CACHE_MIB (`SavedPrompts`): the next turn of a conversation starts with the whole
+of the turn before, and gets those rows back by a copy instead of prefilling the conversation again.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ PREFIX_MIN_TOKENS = 8  # a shorter shared prompt prefix is not worth keeping
 FILL_GAP_MAX = 3  # free sequence ids between running ones given throwaway rows (LlamaCppScheduler._decode_rows)
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ; the prefill context takes two more than the requests
 BATCH_TOKENS = 512  # tokens sent to one llama_decode call (running rows first, then prompt chunks)
-DEFAULT_PROMPT_CACHE_MIB = 256  # whole prompts' KV rows kept in memory (SavedPrompts)
+DEFAULT_PROMPT_CACHE_MIB = 256  # finished requests' KV rows kept in memory (SavedPrompts)
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -158,7 +158,7 @@ class LlamaCppEngine(QueuedEngine):
         saved_mib = int(os.environ.get("LLAMACPP_PROMPT_CACHE_MIB", DEFAULT_PROMPT_CACHE_MIB))
         saved = SavedPrompts(saved_mib * 2**20) if prefix_cache and self.prefill_model and saved_mib > 0 else None
         if saved is not None:
-            self.load_notes.append(f"prompt cache: up to {saved_mib} MiB of whole prompts' KV rows ({saved_mib * 2**20 // kv_bytes} tokens)")
+            self.load_notes.append(f"saved prompts: up to {saved_mib} MiB of finished requests' KV rows ({saved_mib * 2**20 // kv_bytes} tokens)")
         self.scheduler = LlamaCppScheduler(
             self.model,
             prefill=self.prefill_model,
@@ -410,9 +410,10 @@ def _shareable(prompt: list[int], other: list[int]) -> int:
 
 
 class SavedPrompts:
-    """Whole prompts' KV rows (as the prefill context saves them), least recently used out first,
-    within a budget of bytes. A conversation's next turn starts with the whole prompt of the turn
-    before (and a Regenerate repeats it): its rows come back by a copy instead of a prefill."""
+    """KV rows of whole prompts, and of prompts with their answers, keyed by their tokens, as a
+    one-stream context saves them (llama_state_seq_get_data); least recently used out first, within
+    a budget of bytes. A conversation's next turn starts with the whole of the turn before (and a
+    Regenerate repeats its prompt): those rows come back by a copy instead of a prefill."""
 
     def __init__(self, budget: int):
         self.budget = budget
