@@ -191,6 +191,13 @@ def _record(prepared: Prepared, request_id: str) -> RequestLog:
     )
 
 
+def cache_scope(user) -> str:
+    """Which requests may share the KV cache rows this one leaves in the engine (KV_CACHE_SCOPE)."""
+    if settings.KV_CACHE_SCOPE == "deployment" or user is None:
+        return ""
+    return f"user:{user.pk}"
+
+
 def _enqueue(prepared: Prepared, request_id: str) -> None:
     from workers.celery import app
 
@@ -208,6 +215,7 @@ def _enqueue(prepared: Prepared, request_id: str) -> None:
             "messages": prepared.conversation.messages(),
             "params": prepared.params.as_dict(),
             "knowledge_base": prepared.knowledge_base,
+            "cache_scope": cache_scope(prepared.user),
         },
         # The message's headers and the worker's log name the request, not its whole text (Celery
         # would write a copy of the conversation there, and spend ~0.45 ms doing it).

@@ -204,6 +204,15 @@ WEB_SEND_BUFFER_BYTES = env.int("WEB_SEND_BUFFER_BYTES", default=256 * 1024)
 # work per token (`make bench`: README, "Engines and throughput"). The last piece goes at once.
 # 0: no waiting (tokens that queued up while the worker was busy still go as one piece).
 STREAM_INTERVAL_MS = env.float("STREAM_INTERVAL_MS", default=30.0)
+# Whose requests may share KV cache rows kept by an engine (a prompt prefix, a conversation's
+# earlier turns): "user" (a request uses only rows its own user's requests left) or "deployment"
+# (every request of the deployment: faster where users trust each other). Shared rows show in a
+# prompt's time to the first token and in the OpenAI API's cached_tokens.
+KV_CACHE_SCOPE = env.str("KV_CACHE_SCOPE", default="user")
+if KV_CACHE_SCOPE not in ("user", "deployment"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"KV_CACHE_SCOPE must be 'user' or 'deployment', not {KV_CACHE_SCOPE!r}")
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # A generation's slot in its deployment's in-flight count (max_concurrent_generations) is a lease,

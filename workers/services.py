@@ -31,6 +31,7 @@ def run_generation(
     params: dict,
     knowledge_base: int | None = None,
     prompt_format: dict | None = None,
+    cache_scope: str = "",
 ) -> None:
     close_old_connections()
     if events.is_cancelled(request_id):
@@ -84,7 +85,7 @@ def run_generation(
 
         # Pieces go at once until the stop-text check can show something, then every STREAM_INTERVAL_MS.
         pacing = {"interval": settings.STREAM_INTERVAL_MS / 1000, "eager_chars": stopper.hold + 1}
-        for delta in engine.stream(prompt, sampling, result, cancelled, **pacing):
+        for delta in engine.stream(prompt, sampling, result, cancelled, cache_scope=cache_scope, **pacing):
             if first_token_at is None:
                 first_token_at = timezone.now()
             # A NUL character (a byte-level token that models can emit) cannot be stored in

@@ -17,6 +17,7 @@ def generate(
     params: dict,
     knowledge_base: int | None = None,
     prompt_format: dict | None = None,
+    cache_scope: str = "",
     **newer_fields,
 ) -> None:
     """Generate one answer; at most once (acknowledged on start, never retried)."""
@@ -29,6 +30,7 @@ def generate(
         params=params,
         knowledge_base=knowledge_base,
         prompt_format=prompt_format,
+        cache_scope=cache_scope,
     )
 
 

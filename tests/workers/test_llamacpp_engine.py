@@ -50,13 +50,13 @@ def greedy(n=24):
     return SamplingParams(max_new_tokens=n, temperature=0, top_k=0, top_p=1.0, do_sample=False)
 
 
-def ask(engine, messages, params, deployment=None, cancelled=lambda: False):
+def ask(engine, messages, params, deployment=None, cancelled=lambda: False, scope=""):
     # exactly as the predict API renders it: the deployment's chat template (or the model's own)
     prompt = render_prompt(
         engine.tokenizer, messages, deployment.chat_template if deployment else "", deployment.model_type if deployment else "auto"
     )
     result = GenerationResult()
-    text = "".join(engine.stream(prompt, params, result, cancelled))
+    text = "".join(engine.stream(prompt, params, result, cancelled, cache_scope=scope))
     return text, result
 
 
@@ -413,6 +413,24 @@ def test_a_long_prompt_asked_again_gets_the_same_answer_from_its_saved_rows(engi
     assert idle(engine)
 
 
+def test_kept_rows_serve_only_requests_of_their_cache_scope(engine, deployment):
+    """KV rows one user's requests left (the kept prefix, saved prompts) are not another's: the
+    same prompt from another cache scope is prefilled whole, and from the first scope again it
+    prefills only its last two tokens."""
+    system = [{"role": "system", "content": "You keep secrets."}]
+    secret = system + user("My locker code is 4711. Remember it.")
+    ask(engine, secret, greedy(4), deployment, scope="user:1")
+    ask(engine, secret, greedy(1), deployment, scope="user:1")  # kept now too: all but its last token
+    length = len(prompt_ids(engine, deployment, secret))
+    with Recorder(engine) as other:
+        _, result = ask(engine, secret, greedy(1), deployment, scope="user:2")
+    assert sum(other.prefilled) == length and result.cached_tokens == 0, (other.prefilled, result.cached_tokens)
+    with Recorder(engine) as own:
+        _, result = ask(engine, secret, greedy(1), deployment, scope="user:1")
+    assert own.prefilled == [2] and result.cached_tokens == length - 2, (own.prefilled, result.cached_tokens)
+    assert idle(engine)
+
+
 def prompt_ids(engine, deployment, messages):
     return engine.tokenizer(render_prompt(engine.tokenizer, messages, deployment.chat_template, deployment.model_type), add_special_tokens=False)["input_ids"]
 
@@ -425,10 +443,11 @@ def test_saved_prompts_stay_within_their_budget_least_recently_used_out_first():
     saved.put([1, 2, 3, 4, 5], b"b" * 10)  # covers [1, 2, 3]: that one goes
     assert len(saved) == 1 and saved.size == 10
     saved.put([7, 8], b"c" * 10)
-    assert saved.match([1, 2, 3, 4, 9]) == (4, (1, 2, 3, 4, 5))
-    assert saved.match([1, 2]) == (2, (1, 2, 3, 4, 5))
+    assert saved.match([1, 2, 3, 4, 9]) == (4, ("", (1, 2, 3, 4, 5)))
+    assert saved.match([1, 2]) == (2, ("", (1, 2, 3, 4, 5)))
     assert saved.match([9]) == (0, None)
-    assert saved.take((1, 2, 3, 4, 5)) == b"b" * 10  # now the most recently used
+    assert saved.match([1, 2, 3, 4, 9], "user:7") == (0, None)  # another cache scope's rows are not its
+    assert saved.take(("", (1, 2, 3, 4, 5))) == b"b" * 10  # now the most recently used
     saved.put([6], b"d" * 10)
     saved.put([5], b"e" * 10)  # over the budget: [7, 8] goes, the least recently used
     assert saved.match([7, 8]) == (0, None) and saved.match([1, 2, 3])[0] == 3

@@ -36,6 +36,13 @@ def test_engine_args_come_from_the_deployment(fake_vllm_engine):
     assert fake_vllm_engine.context_length == 2048
 
 
+def test_the_cache_scope_goes_to_vllm_as_its_cache_salt(fake_vllm_engine):
+    list(fake_vllm_engine.stream("p", params(), GenerationResult(), lambda: False, cache_scope="user:7"))
+    list(fake_vllm_engine.stream("q", params(), GenerationResult(), lambda: False))
+    prompts = [c[1] for c in fake_vllm.calls if c[0] == "generate"]
+    assert prompts == [{"prompt": "p", "cache_salt": "user:7"}, "q"]
+
+
 def test_stream_yields_deltas_that_join_to_the_answer_with_usage(fake_vllm_engine):
     result = GenerationResult()
     deltas = list(fake_vllm_engine.stream("prompt", params(), result, lambda: False))

@@ -99,10 +99,13 @@ class Engine:
         cancelled: Callable[[], bool],
         interval: float = 0.0,
         eager_chars: int = 1,
+        cache_scope: str = "",
     ) -> Iterator[str]:
         """Yield text deltas; fill `result` by the end. Text goes at once until `eager_chars`
         characters went (what the caller needs before it can show anything, such as a stop-text
         check's hold-back), then at most every `interval` seconds: what arrives meanwhile waits and
         goes as one piece. The last piece (the end, a cancel, a failure) goes at once. Tokens that
-        queued up while the caller was busy go as one piece even with no interval."""
+        queued up while the caller was busy go as one piece even with no interval. KV cache rows an
+        engine keeps (a prompt prefix, earlier turns) are shared only among requests of one
+        `cache_scope` (KV_CACHE_SCOPE)."""
         raise NotImplementedError

@@ -42,6 +42,7 @@ class BatchRequest:
     # engine state
     generated: int = 0
     cached_tokens: int = 0  # prompt tokens not computed (a cache had their KV rows)
+    cache_scope: str = ""  # KV rows kept for this request serve only requests of the same scope
     cache: DynamicCache | None = None
     prefilled: int = 0
     generator: torch.Generator | None = None

@@ -418,39 +418,43 @@ class SavedPrompts:
     def __init__(self, budget: int):
         self.budget = budget
         self.size = 0
-        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, bytes]] = OrderedDict()
+        # (cache scope, tokens) -> (tokens as an array, rows); a prompt matches its own scope's only
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], tuple[np.ndarray, bytes]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _common(self, tokens: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
-        """Each saved prompt's key and how many first tokens it shares with `tokens`."""
+    def _common(self, tokens: np.ndarray, scope: str) -> list[tuple[tuple, int]]:
+        """Each saved prompt of `scope`: its key and how many first tokens it shares with `tokens`."""
         out = []
         for saved, (array, _) in self._entries.items():
+            if saved[0] != scope:
+                continue
             n = min(len(array), len(tokens))
             same = array[:n] == tokens[:n]
             out.append((saved, n if same.all() else int(np.argmin(same))))
         return out
 
-    def match(self, prompt: list[int]) -> tuple[int, tuple[int, ...] | None]:
-        """The longest number of first tokens the prompt shares with a saved one, and that one's key."""
+    def match(self, prompt: list[int], scope: str = "") -> tuple[int, tuple | None]:
+        """The longest number of first tokens the prompt shares with a saved one of its scope, and
+        that one's key."""
         best, key = 0, None
-        for saved, common in self._common(np.asarray(prompt, dtype=np.int64)):
+        for saved, common in self._common(np.asarray(prompt, dtype=np.int64), scope):
             if common > best:
                 best, key = common, saved
         return best, key
 
-    def take(self, key: tuple[int, ...]) -> bytes:
+    def take(self, key: tuple) -> bytes:
         """A saved prompt's rows (now the most recently used)."""
         self._entries.move_to_end(key)
         return self._entries[key][1]
 
-    def put(self, prompt: list[int], rows: bytes) -> None:
+    def put(self, prompt: list[int], rows: bytes, scope: str = "") -> None:
         """Save a prompt's rows. Where a saved prompt starts with this one, it gives the same rows:
         it is the one used now, and nothing more is saved. Saved prompts this one starts with go (it
         covers them), then the least recently used ones until the rest fits."""
         tokens = np.asarray(prompt, dtype=np.int64)
-        common = self._common(tokens)
+        common = self._common(tokens, scope)
         for saved, shared in common:
             if shared == len(tokens):
                 self._entries.move_to_end(saved)
@@ -458,18 +462,18 @@ class SavedPrompts:
         if len(rows) > self.budget:
             return
         for saved, shared in common:
-            if shared == len(saved):
+            if shared == len(saved[1]):
                 self._drop(saved)
         while self._entries and self.size + len(rows) > self.budget:
             self._drop(next(iter(self._entries)))
-        self._entries[tuple(prompt)] = (tokens, rows)
+        self._entries[(scope, tuple(prompt))] = (tokens, rows)
         self.size += len(rows)
 
-    def forget(self, key: tuple[int, ...]) -> None:
+    def forget(self, key: tuple) -> None:
         if key in self._entries:
             self._drop(key)
 
-    def _drop(self, key: tuple[int, ...]) -> None:
+    def _drop(self, key: tuple) -> None:
         self.size -= len(self._entries.pop(key)[1])
 
 
@@ -517,6 +521,7 @@ class LlamaCppScheduler(BatchingScheduler):
         self._prefix: list[int] = []
         self._prefix_in_place = True  # its rows fill the prefill context's first cells (_lay_prefix_first)
         self._last_prompt: list[int] = []
+        self._prefix_scope = self._last_scope = ""  # whose requests may share them (BatchRequest.cache_scope)
         self._prefill_filler = max_batch_size + 1  # the prefill context's throwaway row's id (TWO_ROWS)
         self._saved = saved if self._prefix_seq is not None else None  # whole prompts' rows, in memory
         super().__init__(None, max_batch_size=max_batch_size, name=name)
@@ -575,10 +580,10 @@ class LlamaCppScheduler(BatchingScheduler):
             while self._waiting and self._free_seqs:
                 request = self._waiting[0]
                 need = len(request.prompt_ids) + request.max_new_tokens
-                shared = self._shared_prefix(request.prompt_ids)
-                if self._follows_a_joining_prompt(request.prompt_ids, shared):
+                shared = self._shared_prefix(request)
+                if self._follows_a_joining_prompt(request, shared):
                     break  # a step or so: then it gets the rows it shares with that prompt
-                restored, saved = self._saved_match(request.prompt_ids, shared)
+                restored, saved = self._saved_match(request, shared)
                 if saved and any(s.pending for s in self._running):
                     if restored >= shared + TILED_ROWS:
                         break  # worth waiting for: the saved rows go in once no prompt is being prefilled
@@ -613,26 +618,27 @@ class LlamaCppScheduler(BatchingScheduler):
                 self._prefill_reserved += prompt
                 self._running.append(sequence)
 
-    def _saved_match(self, prompt: list[int], shared: int) -> tuple[int, tuple[int, ...] | None]:
+    def _saved_match(self, request: BatchRequest, shared: int) -> tuple[int, tuple | None]:
         """How many of the prompt's first tokens a saved prompt's rows give it (see _shareable), and
         that prompt's key: where they give more than the kept prefix, and fit in the prefill context
         whole (before the prompt's share is cut from them)."""
         if not self._saved:
             return 0, None
-        common, key = self._saved.match(prompt)
+        prompt = request.prompt_ids
+        common, key = self._saved.match(prompt, request.cache_scope)
         common = min(common, len(prompt) - 2)
-        if key is None or common < shared + PREFIX_MIN_TOKENS or max(len(key), len(prompt)) > self.prefill.kv_tokens - 1:
+        if key is None or common < shared + PREFIX_MIN_TOKENS or max(len(key[1]), len(prompt)) > self.prefill.kv_tokens - 1:
             return 0, None
         return common, key
 
-    def _restore_saved(self, seq: int, key: tuple[int, ...], keep: int, prompt: int) -> bool:
+    def _restore_saved(self, seq: int, key: tuple, keep: int, prompt: int) -> bool:
         """Give sequence `seq` the saved prompt's rows for its first `keep` positions, in a context
         laid out again: the kept prefix's rows in the first cells, then these, then the free cells
         where the rest of its `prompt` tokens go, all in position order (_lay_prefix_first). The
         kept prefix goes where both do not fit. Only while no prompt is being prefilled. False where
         llama.cpp refused the rows: the context is empty then, and the prompt is prefilled whole."""
         try:
-            if len(self._prefix) + max(len(key), prompt) > self.prefill.kv_tokens - 1:
+            if len(self._prefix) + max(len(key[1]), prompt) > self.prefill.kv_tokens - 1:
                 self._drop_prefix()
             prefix = self.prefill.state(self._prefix_seq) if self._prefix else None
             self.prefill.clear()
@@ -658,18 +664,24 @@ class LlamaCppScheduler(BatchingScheduler):
             return False
         return self._prefill_reserved + len(request.prompt_ids) <= self.prefill.kv_tokens - 1
 
-    def _shared_prefix(self, prompt: list[int]) -> int:
-        """How many of the prompt's first tokens the kept prefix covers (see _shareable)."""
-        shared = _shareable(prompt, self._prefix)
+    def _shared_prefix(self, request: BatchRequest) -> int:
+        """How many of the prompt's first tokens the kept prefix covers (see _shareable): none where
+        it was kept for requests of another cache scope."""
+        if request.cache_scope != self._prefix_scope:
+            return 0
+        shared = _shareable(request.prompt_ids, self._prefix)
         return shared if shared >= PREFIX_MIN_TOKENS else 0
 
-    def _follows_a_joining_prompt(self, prompt: list[int], shared: int) -> bool:
+    def _follows_a_joining_prompt(self, request: BatchRequest, shared: int) -> bool:
         """Whether a prompt shares more with one being prefilled now than with the kept prefix: then
         it waits for that prefill to end, and shares those rows instead of computing them again (in
         a burst of requests, the chat template's header and system prompt are computed once)."""
         if self._prefix_seq is None:
             return False
-        return any(s.pending and _shareable(prompt, s.request.prompt_ids) >= shared + PREFIX_MIN_TOKENS for s in self._running)
+        return any(
+            s.pending and s.request.cache_scope == request.cache_scope and _shareable(request.prompt_ids, s.request.prompt_ids) >= shared + PREFIX_MIN_TOKENS
+            for s in self._running
+        )
 
     def _keep_prefix(self, sequence: _Sequence) -> None:
         """Once a prompt is prefilled (before its rows move): keep the part it shares with the prompt
@@ -677,18 +689,19 @@ class LlamaCppScheduler(BatchingScheduler):
         kept now (the rows are shared, not copied)."""
         if self._prefix_seq is None:
             return
-        prompt, last = sequence.request.prompt_ids, self._last_prompt
-        self._last_prompt = prompt
+        prompt, scope = sequence.request.prompt_ids, sequence.request.cache_scope
+        last = self._last_prompt if self._last_scope == scope else []  # only its own scope's
+        self._last_prompt, self._last_scope = prompt, scope
         if not sequence.in_order:
             return  # its rows would round differently from a prompt's own, and so would every sharer's
         with self._wake:
-            following = self._waiting[0].prompt_ids if self._waiting else []
+            following = self._waiting[0].prompt_ids if self._waiting and self._waiting[0].cache_scope == scope else []
         common = min(max(_common_length(prompt, last), _common_length(prompt, following)), len(prompt) - 1)
-        if common < PREFIX_MIN_TOKENS or prompt[:common] == self._prefix:
+        if common < PREFIX_MIN_TOKENS or (prompt[:common] == self._prefix and scope == self._prefix_scope):
             return
         self._drop_prefix()
         self.prefill.share(sequence.seq, self._prefix_seq, common)
-        self._prefix = prompt[:common]
+        self._prefix, self._prefix_scope = prompt[:common], scope
         self._prefix_in_place = False
 
     def _lay_prefix_first(self) -> None:
@@ -764,7 +777,7 @@ class LlamaCppScheduler(BatchingScheduler):
         except RuntimeError:
             log.exception("a finished request's KV rows could not be saved")
             return
-        self._saved.put(tokens, rows)
+        self._saved.put(tokens, rows, sequence.request.cache_scope)
 
     def _decode_rows(self, decoding: list[_Sequence]) -> tuple[list[tuple[int, int, int, bool]], list[int]]:
         """The decode call's rows, in sequence-id order, and the ids given a throwaway row.
@@ -838,7 +851,7 @@ class LlamaCppScheduler(BatchingScheduler):
                 self._keep_prefix(sequence)
                 kv_rows = self.prefill.move(sequence.seq, self.llama)
                 if self._saved is not None and sequence.in_order:  # rows out of order would round differently
-                    self._saved.put(sequence.request.prompt_ids, kv_rows)
+                    self._saved.put(sequence.request.prompt_ids, kv_rows, sequence.request.cache_scope)
             with self._wake:
                 self._prefill_reserved -= sequence.prefill_cells
             self._next(sequence, logits, finished)

@@ -18,9 +18,9 @@ class QueuedEngine(Engine):
     scheduler = None
     stop_ids: frozenset = frozenset()
 
-    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1):
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
         """Submit to the scheduler; yield text as tokens arrive; abort when cancelled; text paced
-        by `interval` and `eager_chars` as Engine.stream says."""
+        by `interval` and `eager_chars`, kept KV rows shared within `cache_scope`, as Engine.stream says."""
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         result.prompt_tokens = len(prompt_ids)
         max_new = params.max_new_tokens
@@ -36,6 +36,7 @@ class QueuedEngine(Engine):
             top_p=params.top_p,
             seed=params.seed,
             stop_ids=self.stop_ids,
+            cache_scope=cache_scope,
         )
         self.scheduler.submit(request)
         detok = IncrementalDecoder(self.tokenizer)

@@ -74,15 +74,17 @@ class VLLMEngine(Engine):
             seed=params.seed,
         )
 
-    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1):
-        """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says."""
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
+        """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says;
+        `cache_scope` is vLLM's cache salt (its prefix cache is shared only within it)."""
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
         sampling = self.sampling_params(params)
 
         async def run():
             try:
-                async for output in self.engine.generate(prompt, sampling, request_id):
+                inputs = {"prompt": prompt, "cache_salt": cache_scope} if cache_scope else prompt
+                async for output in self.engine.generate(inputs, sampling, request_id):
                     out.put(("output", output))
                 out.put(("end", None))
             except asyncio.CancelledError:
