@@ -204,10 +204,11 @@ WEB_SEND_BUFFER_BYTES = env.int("WEB_SEND_BUFFER_BYTES", default=256 * 1024)
 # work per token (`make bench`: README, "Engines and throughput"). The last piece goes at once.
 # 0: no waiting (tokens that queued up while the worker was busy still go as one piece).
 STREAM_INTERVAL_MS = env.float("STREAM_INTERVAL_MS", default=30.0)
-# Whose requests may share KV cache rows kept by an engine (a prompt prefix, a conversation's
-# earlier turns): "user" (a request uses only rows its own user's requests left) or "deployment"
-# (every request of the deployment: faster where users trust each other). Shared rows show in a
-# prompt's time to the first token and in the OpenAI API's cached_tokens.
+# Web tier: whose requests may share KV cache rows kept by an engine (a prompt prefix, a
+# conversation's earlier turns): "user" (a request uses only rows its own user's requests left) or
+# "deployment" (every request of the deployment: faster where users trust each other). Shared rows
+# show in a prompt's time to the first token and in the OpenAI API's cached_tokens. The web tier
+# sends each request's scope to the worker with its task (workers older than this ignore it).
 KV_CACHE_SCOPE = env.str("KV_CACHE_SCOPE", default="user")
 if KV_CACHE_SCOPE not in ("user", "deployment"):
     from django.core.exceptions import ImproperlyConfigured

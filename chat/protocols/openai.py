@@ -139,7 +139,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | None = None
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class Source(BaseModel):
@@ -255,11 +255,11 @@ class ErrorBody(BaseModel):
 
 
 def usage(final: dict) -> Usage:
-    """The usage of a generation's final event; where the worker says how many prompt tokens came
-    from its engine's cache, as OpenAI's `prompt_tokens_details.cached_tokens`."""
+    """The usage of a generation's final event, with how many prompt tokens came from its engine's
+    cache as OpenAI's `prompt_tokens_details.cached_tokens` (0 where the worker does not say)."""
     counts = final.get("usage") or {}
     prompt, completion = counts.get("prompt_tokens") or 0, counts.get("completion_tokens") or 0
-    details = PromptTokensDetails(cached_tokens=final["cached_tokens"]) if "cached_tokens" in final else None
+    details = PromptTokensDetails(cached_tokens=final.get("cached_tokens") or 0)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, prompt_tokens_details=details)
 
 

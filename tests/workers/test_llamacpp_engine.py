@@ -431,6 +431,21 @@ def test_kept_rows_serve_only_requests_of_their_cache_scope(engine, deployment):
     assert idle(engine)
 
 
+def test_a_prefix_is_kept_only_from_prompts_of_one_cache_scope(engine, deployment):
+    """The kept prefix is what a prompt shares with the prompt before it: where that one was
+    another scope's, nothing is kept (else its length would show the overlap with another user's
+    prompt), and the same prompt asked again by the second scope is prefilled whole."""
+    secret = [{"role": "system", "content": "You keep other secrets."}] + user("My door code is 1234.")
+    forget_kept_rows(engine)
+    with without_saved_prompts(engine):
+        ask(engine, secret, greedy(1), deployment, scope="user:1")
+        ask(engine, secret, greedy(1), deployment, scope="user:2")
+        with Recorder(engine) as again:
+            _, result = ask(engine, secret, greedy(1), deployment, scope="user:2")
+    assert sum(again.prefilled) == len(prompt_ids(engine, deployment, secret)) and result.cached_tokens == 0, again.prefilled
+    assert idle(engine)
+
+
 def prompt_ids(engine, deployment, messages):
     return engine.tokenizer(render_prompt(engine.tokenizer, messages, deployment.chat_template, deployment.model_type), add_special_tokens=False)["input_ids"]
 
