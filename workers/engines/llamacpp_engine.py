@@ -603,11 +603,11 @@ class LlamaCppScheduler(BatchingScheduler):
                 self._start(request)
                 seq = heapq.heappop(self._free_seqs)
                 # only this thread uses the prefill context: no lock
-                if saved and not self._restore_saved(seq, saved, restored, len(request.prompt_ids)):
-                    restored = 0
+                start = shared
+                if saved:
+                    start = restored if self._restore_saved(seq, saved, restored, len(request.prompt_ids)) else 0
                 elif shared:
                     self.prefill.share(self._prefix_seq, seq, shared)
-                start = restored if saved else shared
                 request.cached_tokens = start
                 sequence = _Sequence(
                     request, seq, deque(request.prompt_ids[start:]), pos=start, reserved=need, prefill_cells=prompt, shared=shared,
@@ -640,11 +640,7 @@ class LlamaCppScheduler(BatchingScheduler):
         try:
             if len(self._prefix) + max(len(key[1]), prompt) > self.prefill.kv_tokens - 1:
                 self._drop_prefix()
-            prefix = self.prefill.state(self._prefix_seq) if self._prefix else None
-            self.prefill.clear()
-            if prefix is not None:
-                self.prefill.restore(self._prefix_seq, prefix)
-            self._prefix_in_place = True
+            self._clear_but_prefix()
             self.prefill.restore(seq, self._saved.take(key))
             self.prefill.truncate(seq, keep)
             return True
@@ -717,9 +713,15 @@ class LlamaCppScheduler(BatchingScheduler):
         `in_order`)."""
         if self._prefix_in_place or not self._prefix or any(s.pending for s in self._running):
             return
-        rows = self.prefill.state(self._prefix_seq)
+        self._clear_but_prefix()
+
+    def _clear_but_prefix(self) -> None:
+        """Empty the prefill context but for the kept prefix, laid into its first cells (no prompt
+        may be being prefilled)."""
+        rows = self.prefill.state(self._prefix_seq) if self._prefix else None
         self.prefill.clear()
-        self.prefill.restore(self._prefix_seq, rows)
+        if rows is not None:
+            self.prefill.restore(self._prefix_seq, rows)
         self._prefix_in_place = True
 
     def _drop_prefix(self) -> None:
