@@ -6,8 +6,8 @@ MODEL_FOLDER) with random weights and runs the engine in-process:
 
     python bench/gpu_check.py MODEL_FOLDER RESULT_JSON [--quick]
 
-It prints and writes: the device, batched-vs-single greedy agreement (fp32), abort isolation and
-output tokens/s at 1/8/32/64 concurrent streams for fp32 and bf16.
+It prints and writes: the device, batched-vs-single greedy agreement (fp32), abort isolation,
+output tokens/s at 1/8/32/64 concurrent streams for fp32 and bf16, and bf16's rate over fp32's.
 """
 
 import importlib.util
@@ -104,6 +104,8 @@ def main(source: str, out: str, quick: bool = False) -> None:
         build_model(source, folder)
         engine = engine_for(folder, "fp32")
         report["engine_device"] = str(engine.scheduler.device)
+        if torch.cuda.is_available():  # the engine turns cuDNN's attention off (see batching.py)
+            report["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
 
         ask(engine, "warm up", greedy(4))
         single = [ask(engine, q, greedy(16))[0] for q in QUESTIONS[:16]]
@@ -140,6 +142,7 @@ def main(source: str, out: str, quick: bool = False) -> None:
             report[f"{precision}_tok_s"] = rates
             report[f"{precision}_{sizes[-1]}_vs_1"] = round(rates[sizes[-1]] / rates[1], 2)
             print(precision, rates, flush=True)
+        report["bf16_vs_fp32"] = {n: round(report["bf16_tok_s"][n] / report["fp32_tok_s"][n], 2) for n in sizes}
         engine.scheduler.stop()
     text = json.dumps(report, indent=2)
     print(text)

@@ -39,10 +39,12 @@ def ask(engine, question, params, cancelled=lambda: False):
 
 
 def ask_all(engine, questions, params):
+    """Ask concurrently; `params` is one SamplingParams for all, or a list of one per question."""
     answers = [None] * len(questions)
+    each = params if isinstance(params, list) else [params] * len(questions)
 
     def run(i):
-        answers[i] = ask(engine, questions[i], params)
+        answers[i] = ask(engine, questions[i], each[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
     for t in threads:
@@ -96,6 +98,17 @@ def test_sampling_with_a_seed_is_reproducible_inside_a_batch(engine):
     first = ask(engine, "Write a short poem about rain.", params)[0]
     batched = ask_all(engine, ["Write a short poem about rain."] + QUESTIONS[:3], params)
     assert batched[0][0] == first
+
+
+def test_greedy_and_sampled_requests_in_one_batch_each_keep_their_own_settings(engine):
+    # Greedy rows take one argmax over the whole batch; sampled rows each their own sampler.
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=30, top_p=0.9, do_sample=True, seed=99)
+    questions = ["Write a short poem about rain."] + QUESTIONS[:4]
+    params = [sampled] + [greedy(12)] * 4
+    single = [ask(engine, q, p)[0] for q, p in zip(questions, params)]
+    batched = ask_all(engine, questions, params)
+    assert [text for text, _ in batched] == single
+    assert batched[0][0] != ask(engine, questions[0], greedy(12))[0], "the sampled row was answered greedily"
 
 
 WORDS = ["apple", "banana", "cherry", "dolphin", "eagle", "falcon", "guitar", "hammer",
