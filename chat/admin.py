@@ -73,7 +73,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 @admin.register(RequestLog)
 class RequestLogAdmin(admin.ModelAdmin):
-    list_display = ["id", "queued_at", "user", "deployment", "protocol", "status", "prompt_tokens", "completion_tokens"]
+    list_display = ["id", "queued_at", "user", "deployment", "protocol", "status", "prompt_tokens", "cached_tokens", "completion_tokens"]
     list_filter = ["status", "deployment", "protocol", "user"]
     search_fields = ["id", "prompt", "response"]
     date_hierarchy = "queued_at"
@@ -87,11 +87,11 @@ class RequestLogAdmin(admin.ModelAdmin):
         try:
             queryset = response.context_data["cl"].queryset
             totals = queryset.aggregate(
-                count=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens")
+                count=Count("id"), prompt=Sum("prompt_tokens"), cached=Sum("cached_tokens"), completion=Sum("completion_tokens")
             )
             response.context_data["title"] = (
-                f"Stored requests — {totals['count']} requests, {totals['prompt'] or 0} prompt and "
-                f"{totals['completion'] or 0} completion tokens"
+                f"Stored requests — {totals['count']} requests, {totals['prompt'] or 0} prompt tokens "
+                f"({totals['cached'] or 0} of them cached) and {totals['completion'] or 0} completion tokens"
             )
         except (AttributeError, KeyError):
             pass

@@ -117,6 +117,7 @@ def run_generation(
         finish_reason=result.finish_reason,
         first_token_at=first_token_at,
         finished_at=timezone.now(),
+        cached_tokens=result.cached_tokens,
         **usage,
     )
 

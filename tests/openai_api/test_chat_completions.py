@@ -62,7 +62,7 @@ def test_capital_of_japan_streamed_and_not_with_usage_from_the_tokenizer(client,
     assert rows[0].prompt_tokens == prompt_tokens and rows[0].completion_tokens == answer.usage.completion_tokens
 
 
-def test_the_next_turn_of_a_conversation_reports_the_prompt_tokens_it_did_not_compute(client, stack, db_user_factory):
+def test_the_next_turn_of_a_conversation_reports_the_prompt_tokens_it_did_not_compute(client, user, stack, db_user_factory):
     """The llama.cpp engine keeps a finished request's KV rows, prompt and answer: the next turn of
     the conversation gets them back, and its usage says how many of its prompt tokens were not
     computed again (OpenAI's prompt_tokens_details.cached_tokens). Another user asking the same
@@ -72,7 +72,8 @@ def test_the_next_turn_of_a_conversation_reports_the_prompt_tokens_it_did_not_co
     messages = [{"role": "system", "content": "You are a museum guide."}, {"role": "user", "content": "Name a famous painting."}]
     first = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=12)
     messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Who painted it?"}]
-    other = OpenAI(base_url=f"{stack.url}/v1", api_key=token_create(user=db_user_factory())[1], max_retries=0, timeout=180)
+    someone_else = db_user_factory()
+    other = OpenAI(base_url=f"{stack.url}/v1", api_key=token_create(user=someone_else)[1], max_retries=0, timeout=180)
     theirs = other.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=12)
     assert theirs.usage.prompt_tokens_details.cached_tokens == 0
     second = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=12)
@@ -80,6 +81,9 @@ def test_the_next_turn_of_a_conversation_reports_the_prompt_tokens_it_did_not_co
     # the first prompt and its answer (whose last token was never fed back to the model)
     assert cached == first.usage.prompt_tokens + first.usage.completion_tokens - 1, (cached, first.usage)
     assert cached < second.usage.prompt_tokens
+    # the request's stored record keeps it too (the admin sums it per deployment, user, day)
+    stored = RequestLog.objects.filter(user__in=[user, someone_else]).order_by("queued_at")
+    assert [r.cached_tokens for r in stored] == [first.usage.prompt_tokens_details.cached_tokens, 0, cached]
 
 
 def test_unknown_model_is_not_found(client):

@@ -70,12 +70,14 @@ def test_stored_requests_filter_by_user_with_usage_totals(page, stack, user, tok
     rows = RequestLog.objects.filter(user=user)
     prompt_tokens = sum(r.prompt_tokens for r in rows)
     completion_tokens = sum(r.completion_tokens for r in rows)
-    assert rows.count() == 2 and prompt_tokens > 0
+    cached_tokens = sum(r.cached_tokens for r in rows)  # None (not stored) would fail the sum
+    assert rows.count() == 2 and prompt_tokens > 0 and cached_tokens < prompt_tokens
 
     page.goto(f"/admin/chat/requestlog/?user__id__exact={user.pk}&status__exact=ok")
     expect(page.locator("h1")).to_have_text(
-        f"Stored requests — 2 requests, {prompt_tokens} prompt and {completion_tokens} completion tokens"
+        f"Stored requests — 2 requests, {prompt_tokens} prompt tokens ({cached_tokens} of them cached) "
+        f"and {completion_tokens} completion tokens"
     )
     expect(page.locator("#result_list tbody tr")).to_have_count(2)
     page.goto(f"/admin/chat/requestlog/?user__id__exact={user.pk}&status__exact=error")
-    expect(page.locator("h1")).to_have_text("Stored requests — 0 requests, 0 prompt and 0 completion tokens")
+    expect(page.locator("h1")).to_have_text("Stored requests — 0 requests, 0 prompt tokens (0 of them cached) and 0 completion tokens")
