@@ -393,6 +393,31 @@ def test_the_next_turn_of_a_conversation_prefills_only_what_is_new(engine, deplo
     assert idle(engine)
 
 
+def test_the_turn_after_a_stopped_answer_prefills_only_what_is_new(engine, deployment):
+    """Stop keeps the part of the answer that was shown in the conversation: its rows are saved
+    as a whole answer's are, and the next turn gets them back."""
+    first = user("Tell me a long story about a lighthouse keeper.")
+    shown = []
+
+    def stopped():  # Stop pressed once a few pieces were shown
+        return len(shown) >= 6
+
+    result = GenerationResult()
+    prompt = render_prompt(engine.tokenizer, first, deployment.chat_template, deployment.model_type)
+    for piece in engine.stream(prompt, greedy(200), result, stopped):
+        shown.append(piece)
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 200
+    assert idle(engine)
+    ask(engine, user("Name a fruit."), greedy(1), deployment)  # another prompt replaces the kept prefix
+    second = first + [{"role": "assistant", "content": "".join(shown)}] + user("Go on.")
+    ids = [prompt_ids(engine, deployment, m) for m in (first, second)]
+    _, after = ask(engine, second, greedy(2), deployment)
+    # the prompt and the answer's shown tokens but the last (its row may not have been decoded)
+    assert after.cached_tokens >= len(ids[0]) + len(shown) - 1, (after.cached_tokens, len(ids[0]), len(shown))
+    assert after.cached_tokens < len(ids[1])
+    assert idle(engine)
+
+
 def test_a_long_prompt_asked_again_gets_the_same_answer_from_its_saved_rows(engine, deployment):
     """Regenerate: a prompt asked again, after others, prefills only its last two tokens, and its
     answer's probabilities are the same bit for bit as the first time, for a prompt longer than

@@ -560,6 +560,10 @@ class LlamaCppScheduler(BatchingScheduler):
         self._drop_waiting(aborted)
         for sequence in [s for s in self._running if s.request.id in aborted]:
             sequence.request.out.put(("done", "cancelled"))
+            with self.lock:
+                # A stopped answer stays in its conversation (the site keeps what was shown): the
+                # next turn starts with it, as after an answer that ended by itself.
+                self._save_answer(sequence)
             self._release(sequence)
 
     def _release(self, sequence: _Sequence) -> None:
@@ -765,7 +769,7 @@ class LlamaCppScheduler(BatchingScheduler):
         self.steps += 1
 
     def _save_answer(self, sequence: _Sequence) -> None:
-        """Save a finished request's rows, prompt and answer, from the decoding context: the next
+        """Save a finished or stopped request's rows, prompt and answer, from the decoding context: the next
         turn of its conversation starts with both (the answer as the chat template renders it,
         which is the generated tokens, but for the end-of-turn token that was never decoded)."""
         prompt = sequence.request.prompt_ids
