@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 WORDS = "Paris is the capital and largest city of France .".split()
 
+__version__ = "0.11.0"  # the adapter sends a cache salt from 0.9 on
 calls: list[tuple] = []
 
 

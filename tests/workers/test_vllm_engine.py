@@ -43,6 +43,20 @@ def test_the_cache_scope_goes_to_vllm_as_its_cache_salt(fake_vllm_engine):
     assert prompts == [{"prompt": "p", "cache_salt": "user:7"}, "q"]
 
 
+def test_a_vllm_without_cache_salt_gets_plain_prompts_and_the_admin_is_told(monkeypatch, django_db_setup, django_db_blocker):
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    monkeypatch.setattr(fake_vllm, "__version__", "0.8.5")
+    fake_vllm.calls.clear()
+    from workers.engines.vllm_engine import VLLMEngine
+
+    with django_db_blocker.unblock():
+        deployment = Deployment.objects.get(name="default")
+    engine = VLLMEngine(deployment)
+    list(engine.stream("p", params(), GenerationResult(), lambda: False, cache_scope="user:7"))
+    assert [c[1] for c in fake_vllm.calls if c[0] == "generate"] == ["p"]
+    assert any("0.8.5 takes no cache_salt" in note and "KV_CACHE_SCOPE" in note for note in engine.load_notes)
+
+
 def test_stream_yields_deltas_that_join_to_the_answer_with_usage(fake_vllm_engine):
     result = GenerationResult()
     deltas = list(fake_vllm_engine.stream("prompt", params(), result, lambda: False))

@@ -14,6 +14,8 @@ import threading
 import time
 import uuid
 
+from packaging.version import Version
+
 from workers.engines.base import Engine, GenerationResult, LoadError, Pacer
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,17 @@ class VLLMEngine(Engine):
         from workers.engines.transformers_engine import resolve_source
 
         self._vllm = vllm
+        self.load_notes: list[str] = []  # shown with the deployment's status in the admin
+        # vLLM takes a cache salt (its prefix cache shared only by requests of one salt) from 0.9 on
+        # (V1 engine); an older one ignores the key, and every user's requests would share rows.
+        self._salted = Version(getattr(vllm, "__version__", "0")) >= Version("0.9")
+        if not self._salted:
+            note = (
+                f"vLLM {getattr(vllm, '__version__', '?')} takes no cache_salt (0.9 and later do): its "
+                "prefix cache is shared by every user's requests whatever KV_CACHE_SCOPE says"
+            )
+            log.warning("%s: %s", deployment.name, note)
+            self.load_notes.append(note)
         folder, gguf_file = resolve_source(deployment.model_source)
         trust = bool(getattr(deployment, "trust_remote_code", False))
         model = f"{folder}/{gguf_file}" if gguf_file else folder
@@ -83,7 +96,7 @@ class VLLMEngine(Engine):
 
         async def run():
             try:
-                inputs = {"prompt": prompt, "cache_salt": cache_scope} if cache_scope else prompt
+                inputs = {"prompt": prompt, "cache_salt": cache_scope} if cache_scope and self._salted else prompt
                 async for output in self.engine.generate(inputs, sampling, request_id):
                     out.put(("output", output))
                 out.put(("end", None))
