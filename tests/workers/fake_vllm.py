@@ -8,10 +8,18 @@ streaming, usage, sampling mapping and abort handling are tested where vLLM cann
 import asyncio
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TypedDict
 
 WORDS = "Paris is the capital and largest city of France .".split()
 
-__version__ = "0.11.0"  # the adapter sends a cache salt from 0.9 on
+__version__ = "0.11.0"
+
+
+class TextPrompt(TypedDict, total=False):  # the adapter sends a cache salt where the prompt type has one (0.9 on)
+    prompt: str
+    cache_salt: str
+
+
 calls: list[tuple] = []
 
 

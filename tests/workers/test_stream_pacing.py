@@ -136,3 +136,43 @@ def test_without_an_interval_every_piece_goes_when_it_comes():
         assert reader.next_piece() == WORDS[i]
     engine.scheduler.feed(("done", "length"))
     assert reader.rest() == []
+
+
+def test_under_load_each_stream_waits_longer_so_the_process_sends_at_most_its_rate():
+    from workers.engines.base import Pacer
+
+    baseline = Pacer._open
+    others = [Pacer(0.0, 1) for _ in range(3)]  # three other answers being streamed
+    mine = Pacer(0.03, 1, messages_per_second=8.0)
+    assert mine.current_interval == pytest.approx((baseline + 4) / 8.0)
+    for other in others:
+        other.close()
+        other.close()  # closing twice counts once
+    assert mine.current_interval == pytest.approx(max(0.03, (baseline + 1) / 8.0))
+    plain = Pacer(0.03, 1)
+    assert plain.current_interval == 0.03  # no rate: the interval alone
+    plain.close()
+    mine.close()
+    assert Pacer._open == baseline
+
+
+def test_with_a_message_rate_many_open_streams_hold_later_text_and_an_ended_stream_counts_no_more():
+    from workers.engines.base import Pacer
+
+    baseline = Pacer._open
+    crowd = [Pacer(0.0, 1) for _ in range(600)]  # 600 streams at 1 message/s: one piece a 600 s
+    try:
+        engine = Engine()
+        reader = Reader(engine, interval=0.0, messages_per_second=1.0)
+        engine.scheduler.feed(*tokens(0))
+        assert reader.next_piece() == "The"
+        engine.scheduler.feed(*tokens(1, 2))
+        with pytest.raises(queue.Empty):
+            reader.next_piece(timeout=0.5)  # held: no interval, but the process is busy
+        engine.scheduler.feed(("done", "length"))
+        assert reader.rest() == [" capital of"]
+        reader.thread.join(10)
+        assert Pacer._open == baseline + len(crowd)  # the ended stream's pacer is closed
+    finally:
+        for pacer in crowd:
+            pacer.close()

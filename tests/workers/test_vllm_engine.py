@@ -5,6 +5,8 @@ import importlib.util
 import sys
 import threading
 import time
+from types import SimpleNamespace
+from typing import TypedDict
 
 import pytest
 
@@ -43,9 +45,14 @@ def test_the_cache_scope_goes_to_vllm_as_its_cache_salt(fake_vllm_engine):
     assert prompts == [{"prompt": "p", "cache_salt": "user:7"}, "q"]
 
 
+class OldTextPrompt(TypedDict, total=False):
+    prompt: str
+
+
 def test_a_vllm_without_cache_salt_gets_plain_prompts_and_the_admin_is_told(monkeypatch, django_db_setup, django_db_blocker):
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
     monkeypatch.setattr(fake_vllm, "__version__", "0.8.5")
+    monkeypatch.setattr(fake_vllm, "TextPrompt", OldTextPrompt)
     fake_vllm.calls.clear()
     from workers.engines.vllm_engine import VLLMEngine
 
@@ -55,6 +62,16 @@ def test_a_vllm_without_cache_salt_gets_plain_prompts_and_the_admin_is_told(monk
     list(engine.stream("p", params(), GenerationResult(), lambda: False, cache_scope="user:7"))
     assert [c[1] for c in fake_vllm.calls if c[0] == "generate"] == ["p"]
     assert any("0.8.5 takes no cache_salt" in note and "KV_CACHE_SCOPE" in note for note in engine.load_notes)
+
+
+def test_the_cache_salt_check_reads_the_prompt_type_then_the_version():
+    from workers.engines.vllm_engine import _takes_cache_salt
+
+    assert _takes_cache_salt(fake_vllm)
+    assert not _takes_cache_salt(SimpleNamespace(TextPrompt=OldTextPrompt, __version__="0.11.0"))
+    assert not _takes_cache_salt(SimpleNamespace(__version__="0.8.5"))
+    assert _takes_cache_salt(SimpleNamespace(__version__="0.9.1"))
+    assert _takes_cache_salt(SimpleNamespace(__version__="dev"))  # a source build: taken as new
 
 
 def test_stream_yields_deltas_that_join_to_the_answer_with_usage(fake_vllm_engine):

@@ -780,10 +780,9 @@ class LlamaCppScheduler(BatchingScheduler):
             rows = self.llama.state(sequence.seq)
             if self.llama.streams > 1:
                 rows = one_stream(rows, sequence.seq, self.llama.streams)
-        except RuntimeError:
+            self._saved.put(tokens, rows, sequence.request.cache_scope)
+        except Exception:  # a cache: failing to fill it must not fail the requests running
             log.exception("a finished request's KV rows could not be saved")
-            return
-        self._saved.put(tokens, rows, sequence.request.cache_scope)
 
     def _decode_rows(self, decoding: list[_Sequence]) -> tuple[list[tuple[int, int, int, bool]], list[int]]:
         """The decode call's rows, in sequence-id order, and the ids given a throwaway row.

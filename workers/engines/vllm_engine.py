@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 from workers.engines.base import Engine, GenerationResult, LoadError, Pacer
 
@@ -36,7 +36,7 @@ class VLLMEngine(Engine):
         self.load_notes: list[str] = []  # shown with the deployment's status in the admin
         # vLLM takes a cache salt (its prefix cache shared only by requests of one salt) from 0.9 on
         # (V1 engine); an older one ignores the key, and every user's requests would share rows.
-        self._salted = Version(getattr(vllm, "__version__", "0")) >= Version("0.9")
+        self._salted = _takes_cache_salt(vllm)
         if not self._salted:
             note = (
                 f"vLLM {getattr(vllm, '__version__', '?')} takes no cache_salt (0.9 and later do): its "
@@ -87,8 +87,11 @@ class VLLMEngine(Engine):
             seed=params.seed,
         )
 
-    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
-        """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says;
+    def stream(
+        self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = "",
+        messages_per_second: float = 0.0,
+    ):
+        """vLLM's outputs as text deltas, paced by `interval`, `eager_chars` and `messages_per_second` as Engine.stream says;
         `cache_scope` is vLLM's cache salt (its prefix cache is shared only within it)."""
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
@@ -107,7 +110,7 @@ class VLLMEngine(Engine):
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
         sent, text, finished = "", "", False  # what was yielded; the whole text so far
-        pacer = Pacer(interval, eager_chars)
+        pacer = Pacer(interval, eager_chars, messages_per_second)
         last_check = time.monotonic()
         try:
             while True:
@@ -147,9 +150,22 @@ class VLLMEngine(Engine):
                     pacer.went(len(delta))
                     yield delta
         finally:
+            pacer.close()
             if not finished and not result.finish_reason:
                 self._call(self.engine.abort, request_id)
             future.cancel()
+
+
+def _takes_cache_salt(vllm) -> bool:
+    """Whether this vLLM's text prompt has a `cache_salt` (0.9 and later), by its prompt type where
+    it exports one, else by its version (a build whose version does not parse is taken as new)."""
+    prompt_type = getattr(vllm, "TextPrompt", None)
+    if prompt_type is not None and getattr(prompt_type, "__annotations__", None):
+        return "cache_salt" in prompt_type.__annotations__
+    try:
+        return Version(str(getattr(vllm, "__version__", ""))) >= Version("0.9")
+    except InvalidVersion:
+        return True
 
 
 def _gpu_count() -> int:
