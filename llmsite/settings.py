@@ -204,11 +204,6 @@ WEB_SEND_BUFFER_BYTES = env.int("WEB_SEND_BUFFER_BYTES", default=256 * 1024)
 # work per token (`make bench`: README, "Engines and throughput"). The last piece goes at once.
 # 0: no waiting (tokens that queued up while the worker was busy still go as one piece).
 STREAM_INTERVAL_MS = env.float("STREAM_INTERVAL_MS", default=30.0)
-# Workers, under load: the messages per second a worker process sends over all its streams at
-# most; with many streams each one's interval grows past STREAM_INTERVAL_MS to streams/rate
-# seconds (32 streams at 100/s: a piece every 0.32 s). Every message costs CPU on every hop
-# whatever it holds, CPU the model's threads then lack. 0 turns the bound off.
-STREAM_MESSAGES_PER_SECOND = env.float("STREAM_MESSAGES_PER_SECOND", default=0.0)
 # Web tier: whose requests may share KV cache rows kept by an engine (a prompt prefix, a
 # conversation's earlier turns): "user" (a request uses only rows its own user's requests left) or
 # "deployment" (every request of the deployment: faster where users trust each other). Shared rows

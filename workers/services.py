@@ -84,11 +84,7 @@ def run_generation(
             return stopper.hit or events.is_cancelled(request_id)
 
         # Pieces go at once until the stop-text check can show something, then every STREAM_INTERVAL_MS.
-        pacing = {
-            "interval": settings.STREAM_INTERVAL_MS / 1000,
-            "eager_chars": stopper.hold + 1,
-            "messages_per_second": settings.STREAM_MESSAGES_PER_SECOND,
-        }
+        pacing = {"interval": settings.STREAM_INTERVAL_MS / 1000, "eager_chars": stopper.hold + 1}
         for delta in engine.stream(prompt, sampling, result, cancelled, cache_scope=cache_scope, **pacing):
             if first_token_at is None:
                 first_token_at = timezone.now()

@@ -1,4 +1,3 @@
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,31 +24,11 @@ def cached_copy(path, suffix: str = ""):
 
 class Pacer:
     """When text held back by Engine.stream may go: at once until `eager_chars` characters went,
-    then at most every `interval` seconds, or, with `messages_per_second`, every streams/rate
-    seconds where that is longer (streams: the pacers open in this process, one per answer being
-    streamed). Every message costs the same CPU on every hop (worker relay, Redis, web tier,
-    client) however many tokens it holds: under load this keeps the process's messages per second
-    bounded, and the cores for the model. A pacer is open until `close()`."""
+    then at most every `interval` seconds."""
 
-    _open = 0
-    _lock = threading.Lock()
-
-    def __init__(self, interval: float, eager_chars: int, messages_per_second: float = 0.0):
-        self.interval, self.eager_chars, self.rate = interval, eager_chars, messages_per_second
+    def __init__(self, interval: float, eager_chars: int):
+        self.interval, self.eager_chars = interval, eager_chars
         self.due, self.sent_chars = 0.0, 0
-        with Pacer._lock:
-            Pacer._open += 1
-        self._closed = False
-
-    def close(self) -> None:
-        with Pacer._lock:
-            if not self._closed:
-                Pacer._open -= 1
-                self._closed = True
-
-    @property
-    def current_interval(self) -> float:
-        return max(self.interval, Pacer._open / self.rate) if self.rate > 0 else self.interval
 
     def wait(self, poll: float, holding: bool) -> float:
         """How long to wait for more output: `poll`, or less when held text falls due sooner."""
@@ -60,7 +39,7 @@ class Pacer:
 
     def went(self, chars: int) -> None:
         self.sent_chars += chars
-        self.due = time.monotonic() + self.current_interval if self.sent_chars >= self.eager_chars else 0.0
+        self.due = time.monotonic() + self.interval if self.sent_chars >= self.eager_chars else 0.0
 
 
 class LoadError(Exception):
@@ -121,12 +100,11 @@ class Engine:
         interval: float = 0.0,
         eager_chars: int = 1,
         cache_scope: str = "",
-        messages_per_second: float = 0.0,
     ) -> Iterator[str]:
         """Yield text deltas; fill `result` by the end. Text goes at once until `eager_chars`
         characters went (what the caller needs before it can show anything, such as a stop-text
-        check's hold-back), then at most every `interval` seconds, or less often under load with
-        `messages_per_second` (see Pacer): what arrives meanwhile waits and goes as one piece. The last piece (the end, a cancel, a failure) goes at once. Tokens that
+        check's hold-back), then at most every `interval` seconds: what arrives meanwhile waits and
+        goes as one piece. The last piece (the end, a cancel, a failure) goes at once. Tokens that
         queued up while the caller was busy go as one piece even with no interval. KV cache rows an
         engine keeps (a prompt prefix, earlier turns) are shared only among requests of one
         `cache_scope` (KV_CACHE_SCOPE)."""

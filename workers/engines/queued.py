@@ -18,13 +18,9 @@ class QueuedEngine(Engine):
     scheduler = None
     stop_ids: frozenset = frozenset()
 
-    def stream(
-        self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = "",
-        messages_per_second: float = 0.0,
-    ):
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
         """Submit to the scheduler; yield text as tokens arrive; abort when cancelled; text paced
-        by `interval`, `eager_chars` and `messages_per_second`, kept KV rows shared within
-        `cache_scope`, as Engine.stream says."""
+        by `interval` and `eager_chars`, kept KV rows shared within `cache_scope`, as Engine.stream says."""
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         result.prompt_tokens = len(prompt_ids)
         max_new = params.max_new_tokens
@@ -46,7 +42,7 @@ class QueuedEngine(Engine):
         detok = IncrementalDecoder(self.tokenizer)
         last_check = time.monotonic()
         held: list[str] = []  # text not yet yielded (it waits for the pacer)
-        pacer = Pacer(interval, eager_chars, messages_per_second)
+        pacer = Pacer(interval, eager_chars)
         try:
             while True:
                 try:
@@ -86,7 +82,6 @@ class QueuedEngine(Engine):
                         pacer.went(len(text))
                         yield text
         finally:
-            pacer.close()
             if not result.finish_reason:  # the consumer stopped early: free the slot
                 self.scheduler.abort(request.id)
 

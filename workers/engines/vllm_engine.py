@@ -87,11 +87,8 @@ class VLLMEngine(Engine):
             seed=params.seed,
         )
 
-    def stream(
-        self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = "",
-        messages_per_second: float = 0.0,
-    ):
-        """vLLM's outputs as text deltas, paced by `interval`, `eager_chars` and `messages_per_second` as Engine.stream says;
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
+        """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says;
         `cache_scope` is vLLM's cache salt (its prefix cache is shared only within it)."""
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
@@ -110,7 +107,7 @@ class VLLMEngine(Engine):
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
         sent, text, finished = "", "", False  # what was yielded; the whole text so far
-        pacer = Pacer(interval, eager_chars, messages_per_second)
+        pacer = Pacer(interval, eager_chars)
         last_check = time.monotonic()
         try:
             while True:
@@ -150,7 +147,6 @@ class VLLMEngine(Engine):
                     pacer.went(len(delta))
                     yield delta
         finally:
-            pacer.close()
             if not finished and not result.finish_reason:
                 self._call(self.engine.abort, request_id)
             future.cancel()
