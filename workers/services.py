@@ -47,79 +47,80 @@ def run_generation(
             usage = {"prompt_tokens": 0, "completion_tokens": 0}
             events.publish(request_id, {"type": "final", "text": "", "finish_reason": "cancelled", "usage": usage})
         return
-    log.info("generation %s started", request_id)
-    events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
-    target = _prompt_target(deployment, prompt_format)
-    engine = loader.engine_for(target) if target is not None else None
-    if engine is None:
-        reason = loader.FAILED.get(deployment) or f"this worker does not serve the deployment '{deployment}'"
-        _fail(request_id, f"The model is not available: {reason}")
-        return
+    with events.cancel_watcher.watching(request_id):  # Stop and a client gone reach the engine
+        log.info("generation %s started", request_id)
+        events.publish(request_id, {"type": "start", "worker": loader.HOSTNAME})
+        target = _prompt_target(deployment, prompt_format)
+        engine = loader.engine_for(target) if target is not None else None
+        if engine is None:
+            reason = loader.FAILED.get(deployment) or f"this worker does not serve the deployment '{deployment}'"
+            _fail(request_id, f"The model is not available: {reason}")
+            return
 
-    sampling = SamplingParams(**params)
-    result = GenerationResult()
-    # The family's stop strings that are not single tokens (those stop the engine) end the text here.
-    stopper = StopText([*sampling.stop, *stop_strings(target.model_type)])
-    first_token_at = None
-    try:
-        context = target.context_length or engine.context_length
-        if knowledge_base is not None:
+        sampling = SamplingParams(**params)
+        result = GenerationResult()
+        # The family's stop strings that are not single tokens (those stop the engine) end the text here.
+        stopper = StopText([*sampling.stop, *stop_strings(target.model_type)])
+        first_token_at = None
+        try:
+            context = target.context_length or engine.context_length
+            if knowledge_base is not None:
 
-            def fits(candidate: list[dict]) -> bool:
-                if not context:
-                    return True
-                used = engine.count_tokens(render_prompt(engine.tokenizer, candidate, target.chat_template, target.model_type))
-                return used + min(sampling.max_new_tokens, retrieval.ANSWER_ROOM_TOKENS) < context
+                def fits(candidate: list[dict]) -> bool:
+                    if not context:
+                        return True
+                    used = engine.count_tokens(render_prompt(engine.tokenizer, candidate, target.chat_template, target.model_type))
+                    return used + min(sampling.max_new_tokens, retrieval.ANSWER_ROOM_TOKENS) < context
 
-            messages = retrieval.ground(request_id=request_id, knowledge_base_id=knowledge_base, messages=messages, fits=fits)
-        prompt = render_prompt(engine.tokenizer, messages, target.chat_template, target.model_type)
-        if context:
-            prompt_tokens = engine.count_tokens(prompt)
-            if prompt_tokens >= context:
-                raise ContextTooLong(prompt_tokens=prompt_tokens, context_length=context)
-            sampling.max_new_tokens = min(sampling.max_new_tokens, context - prompt_tokens)
-        release_connection()  # back to the pool while the answer streams; the end takes one again
+                messages = retrieval.ground(request_id=request_id, knowledge_base_id=knowledge_base, messages=messages, fits=fits)
+            prompt = render_prompt(engine.tokenizer, messages, target.chat_template, target.model_type)
+            if context:
+                prompt_tokens = engine.count_tokens(prompt)
+                if prompt_tokens >= context:
+                    raise ContextTooLong(prompt_tokens=prompt_tokens, context_length=context)
+                sampling.max_new_tokens = min(sampling.max_new_tokens, context - prompt_tokens)
+            release_connection()  # back to the pool while the answer streams; the end takes one again
 
-        def cancelled() -> bool:
-            return stopper.hit or events.is_cancelled(request_id)
+            def cancelled() -> bool:
+                return stopper.hit or events.cancel_watcher.cancelled(request_id)
 
-        # Pieces go at once until the stop-text check can show something, then every STREAM_INTERVAL_MS.
-        pacing = {"interval": settings.STREAM_INTERVAL_MS / 1000, "eager_chars": stopper.hold + 1}
-        for delta in engine.stream(prompt, sampling, result, cancelled, cache_scope=cache_scope, **pacing):
-            if first_token_at is None:
-                first_token_at = timezone.now()
-            # A NUL character (a byte-level token that models can emit) cannot be stored in
-            # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
-            ready = stopper.feed(delta.replace("\x00", ""))
-            if ready:
-                events.publish(request_id, {"type": "delta", "text": ready})
-        if not stopper.hit and (tail := stopper.flush()):
-            events.publish(request_id, {"type": "delta", "text": tail})
-    except ContextTooLong as exc:
-        _fail(request_id, exc.message)
-        return
-    except Exception as exc:
-        log.exception("generation %s failed", request_id)
-        _fail(request_id, f"Generation failed: {exc}", response=stopper.text, first_token_at=first_token_at)
-        return
+            # Pieces go at once until the stop-text check can show something, then every STREAM_INTERVAL_MS.
+            pacing = {"interval": settings.STREAM_INTERVAL_MS / 1000, "eager_chars": stopper.hold + 1}
+            for delta in engine.stream(prompt, sampling, result, cancelled, cache_scope=cache_scope, **pacing):
+                if first_token_at is None:
+                    first_token_at = timezone.now()
+                # A NUL character (a byte-level token that models can emit) cannot be stored in
+                # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
+                ready = stopper.feed(delta.replace("\x00", ""))
+                if ready:
+                    events.publish(request_id, {"type": "delta", "text": ready})
+            if not stopper.hit and (tail := stopper.flush()):
+                events.publish(request_id, {"type": "delta", "text": tail})
+        except ContextTooLong as exc:
+            _fail(request_id, exc.message)
+            return
+        except Exception as exc:
+            log.exception("generation %s failed", request_id)
+            _fail(request_id, f"Generation failed: {exc}", response=stopper.text, first_token_at=first_token_at)
+            return
 
-    answer = stopper.text
-    if stopper.hit:
-        result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
-    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
-    status = RequestLog.Status.CANCELLED if result.finish_reason == "cancelled" else RequestLog.Status.OK
-    final = {"type": "final", "text": answer, "finish_reason": result.finish_reason, "usage": usage, "cached_tokens": result.cached_tokens}
-    _end(
-        request_id,
-        final,
-        status=status,
-        response=answer,
-        finish_reason=result.finish_reason,
-        first_token_at=first_token_at,
-        finished_at=timezone.now(),
-        cached_tokens=result.cached_tokens,
-        **usage,
-    )
+        answer = stopper.text
+        if stopper.hit:
+            result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
+        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+        status = RequestLog.Status.CANCELLED if result.finish_reason == "cancelled" else RequestLog.Status.OK
+        final = {"type": "final", "text": answer, "finish_reason": result.finish_reason, "usage": usage, "cached_tokens": result.cached_tokens}
+        _end(
+            request_id,
+            final,
+            status=status,
+            response=answer,
+            finish_reason=result.finish_reason,
+            first_token_at=first_token_at,
+            finished_at=timezone.now(),
+            cached_tokens=result.cached_tokens,
+            **usage,
+        )
 
 
 def _prompt_target(name: str, prompt_format: dict | None) -> Deployment | None:

@@ -54,3 +54,33 @@ def test_after_a_cancel_the_worker_answers_the_next_request(stack, token, user):
         stack.predict_url(), headers={"Authorization": token}, json={"prompt": "What is the capital of France?", "temperature": 0, "max_new_tokens": 24}, timeout=120
     )
     assert "Paris" in answer.json()["response"]
+
+
+def test_one_watcher_reads_the_cancel_flags_of_every_running_generation():
+    """The worker's streams do not each ask Redis: one thread reads every watched request's flag
+    (one MGET a round) and each stream looks at its own."""
+    import uuid
+
+    from chat.events import CancelWatcher, cancel_key, sync_client
+
+    watcher = CancelWatcher(interval=0.02)
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    for request_id in ids:
+        watcher.watch(request_id)
+    rounds = []
+    real_mget = sync_client().mget
+    sync_client().mget = lambda keys: rounds.append(len(keys)) or real_mget(keys)
+    try:
+        sync_client().set(cancel_key(ids[1]), b"1", ex=60)
+        deadline = time.monotonic() + 10
+        while not watcher.cancelled(ids[1]):
+            assert time.monotonic() < deadline, "the cancel was never seen"
+            time.sleep(0.01)
+        assert not watcher.cancelled(ids[0]) and not watcher.cancelled(ids[2])
+        assert rounds and max(rounds) == 3  # all three in one call
+        watcher.unwatch(ids[1])
+        assert not watcher.cancelled(ids[1])  # a finished generation is forgotten
+    finally:
+        del sync_client().mget
+        for request_id in ids:
+            watcher.unwatch(request_id)
