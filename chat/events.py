@@ -74,7 +74,7 @@ class CancelWatcher:
     def watch(self, request_id) -> None:
         with self._lock:
             self._flags[str(request_id)] = False
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # (a thread does not survive a fork)
                 self._thread = threading.Thread(target=self._run, name="cancel-watcher", daemon=True)
                 self._thread.start()
 
@@ -102,7 +102,7 @@ class CancelWatcher:
                 continue
             try:
                 found = sync_client().mget([cancel_key(r) for r in asked])
-            except redis.RedisError:
+            except Exception:  # Redis gone for a while, or anything else: asked again, never given up
                 log.exception("cannot read the cancel flags of %d generations", len(asked))
                 time.sleep(1)
                 continue

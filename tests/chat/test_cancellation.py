@@ -65,12 +65,12 @@ def test_one_watcher_reads_the_cancel_flags_of_every_running_generation():
 
     watcher = CancelWatcher(interval=0.02)
     ids = [uuid.uuid4().hex for _ in range(3)]
-    for request_id in ids:
-        watcher.watch(request_id)
     rounds = []
     real_mget = sync_client().mget
     sync_client().mget = lambda keys: rounds.append(len(keys)) or real_mget(keys)
     try:
+        for request_id in ids:
+            watcher.watch(request_id)
         sync_client().set(cancel_key(ids[1]), b"1", ex=60)
         deadline = time.monotonic() + 10
         while not watcher.cancelled(ids[1]):
