@@ -323,7 +323,8 @@ class BatchingScheduler:
     def _sample_rows(self, requests: list[BatchRequest | None], logits: torch.Tensor) -> list[int]:
         """The next token of every row: greedy rows by one argmax and one copy to the host (one
         device sync per step, not one per row), the others each with its own settings and generator."""
-        tokens = logits.argmax(-1).tolist()
+        greedy = any(request is not None and request.greedy for request in requests)
+        tokens = logits.argmax(-1).tolist() if greedy else [0] * len(requests)
         for row, request in enumerate(requests):
             if request is not None and not request.greedy:
                 tokens[row] = self._sample(request, logits[row])

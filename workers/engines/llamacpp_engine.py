@@ -560,14 +560,14 @@ class LlamaCppScheduler(BatchingScheduler):
         self._drop_waiting(aborted)
         for sequence in [s for s in self._running if s.request.id in aborted]:
             sequence.request.out.put(("done", "cancelled"))
-            with self.lock:
-                # A stopped answer stays in its conversation (the site keeps what was shown): the
-                # next turn starts with it, as after an answer that ended by itself.
-                self._save_answer(sequence)
             self._release(sequence)
 
-    def _release(self, sequence: _Sequence) -> None:
+    def _release(self, sequence: _Sequence, save: bool = True) -> None:
+        """A request leaves: its rows are saved (finished or stopped, its conversation keeps the
+        answer, and the next turn starts with it) unless `save` is off, then freed."""
         with self.lock:
+            if save:
+                self._save_answer(sequence)
             self.llama.forget(sequence.seq)
             if sequence.pending and self.prefill is not self.llama:
                 self.prefill.forget(sequence.seq)
@@ -762,8 +762,6 @@ class LlamaCppScheduler(BatchingScheduler):
                     else:
                         self._next(sequence, logits[row], finished)
             self._prefill_chunk(finished)
-            for sequence in finished:
-                self._save_answer(sequence)
         for sequence in finished:
             self._release(sequence)
         self.steps += 1
@@ -876,7 +874,7 @@ class LlamaCppScheduler(BatchingScheduler):
     def _fail_all(self, message: str) -> None:
         for sequence in list(self._running):
             sequence.request.out.put(("error", message))
-            self._release(sequence)
+            self._release(sequence, save=False)  # rows a failed call left are not worth keeping
         with self.lock:
             self.llama.forget(-1)  # whatever a failed call left behind
             self.prefill.forget(-1)
