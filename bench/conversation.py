@@ -24,7 +24,7 @@ django.setup()
 
 from django.core.management import call_command  # noqa: E402
 
-from chat.generation import SamplingParams  # noqa: E402
+from llmsite.contract import SamplingParams  # noqa: E402
 from chat.models import Deployment  # noqa: E402
 from chat.prompting import render_prompt  # noqa: E402
 
@@ -42,19 +42,13 @@ QUESTIONS = [
 SYSTEM = "You are a friendly travel guide. Answer in a few sentences."
 
 
-def engine_with(deployment, **env):
-    from workers.engines.llamacpp_engine import LlamaCppEngine
+def engine_with(deployment, **overrides):
+    from django.test import override_settings
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    from workers.engines.llamacpp.engine import LlamaCppEngine
+
+    with override_settings(**overrides):  # LLAMACPP_* settings (llmsite/settings.py), while it loads
         return LlamaCppEngine(deployment)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def ask(engine, messages) -> tuple[str, float]:
@@ -76,7 +70,7 @@ def main():
     if deployment.engine != "llamacpp":
         sys.exit(f"the default deployment runs the {deployment.engine} engine; this bench measures the llamacpp engine's saved prompts")
     deployment.max_batch_size = 2  # one conversation: a small KV cache
-    engines = {"saved": engine_with(deployment), "not saved": engine_with(deployment, LLAMACPP_PROMPT_CACHE_MIB="0")}
+    engines = {"saved": engine_with(deployment), "not saved": engine_with(deployment, LLAMACPP_PROMPT_CACHE_MIB=0)}
     for engine in engines.values():
         ask(engine, [{"role": "user", "content": "Hello"}])  # warm-up
     history = [{"role": "system", "content": SYSTEM}]

@@ -31,7 +31,7 @@ if importlib.util.find_spec("celery") is None:
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from chat.generation import SamplingParams  # noqa: E402
+from llmsite.contract import SamplingParams  # noqa: E402
 from workers.engines.base import GenerationResult  # noqa: E402
 from workers.engines.transformers_engine import TransformersEngine  # noqa: E402
 

@@ -31,7 +31,7 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
-from chat.generation import SamplingParams  # noqa: E402
+from llmsite.contract import SamplingParams  # noqa: E402
 from chat.models import Deployment, RequestLog  # noqa: E402
 from chat.prompting import render_prompt  # noqa: E402
 from llmsite.embedded import _free_port  # noqa: E402
@@ -99,7 +99,7 @@ class Peer:
     def __init__(self, deployment):
         import multiprocessing
 
-        from workers.engines.llamacpp_engine import default_threads
+        from workers.engines.llamacpp.config import default_threads
         from workers.engines.transformers_engine import resolve_source
 
         folder, gguf_file = resolve_source(deployment.model_source)

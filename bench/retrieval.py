@@ -36,7 +36,7 @@ from django.db import connection, transaction  # noqa: E402
 
 from knowledge import selectors, services  # noqa: E402
 from knowledge.models import Chunk, Document, KnowledgeBase  # noqa: E402
-from workers.embeddings import embed_texts  # noqa: E402
+from workers.embeddings import embed_texts, embed_vectors  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 MODES = ("vector", "text", "hybrid")
@@ -67,7 +67,7 @@ def quality() -> dict:
     started = time.monotonic()
     for doc in documents:
         document, _ = services.document_create(knowledge_base=kb, name=doc["name"], data=doc["text"].encode())
-        done = services.document_ingest(document_id=document.pk)
+        done = services.document_ingest(document_id=document.pk, embed=embed_vectors)
         assert done.status == Document.Status.READY, done.error
     chunks = list(Chunk.objects.filter(knowledge_base=kb).select_related("document").only("id", "text", "document__name"))
     say(f"corpus: {len(documents)} documents, {len(chunks)} chunks, ingested in {time.monotonic() - started:.0f}s")

@@ -12,7 +12,7 @@ from django.conf import settings
 from ninja import NinjaAPI
 from ninja.errors import HttpError, ValidationError
 
-from chat.errors import ApiError, BodyTooLarge, InvalidRequest, ServerError
+from llmsite.errors import ApiError, BodyTooLarge, InvalidRequest, ServerError
 from chat.openai_views import router as openai_router
 from chat.protocols import openai as wire
 from chat.protocols.predict import PredictFields, PredictResponse

@@ -8,6 +8,7 @@ stored rows), "sources" (the knowledge base's chunks, before the answer), "delta
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -15,9 +16,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
-from chat import conversations, events, services
-from chat.errors import ApiError
+from chat import conversations, services
 from chat.models import Message
+from chat.relay import Formatter, relay
+from llmsite import contract
+from llmsite.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +30,37 @@ STOP_GRACE_SECONDS = 10.0
 _detached: set[asyncio.Task] = set()
 
 
-class _Answer:
+class _Answer(Formatter):
+    """One answer on the page: what the page was shown (deltas stop at Stop) and how it ended;
+    the chat socket's formatter of the request's events."""
+
     def __init__(self, turn):
         self.turn = turn
         self.text = ""
-        self.final = None
+        self.final: contract.Final | None = None
         self.error = ""
         self.sources = []
         self.stopped = False
         self.generation = None
         self.reader: asyncio.Task | None = None
+
+    def on_delta(self, event: contract.Delta) -> list:
+        if self.stopped:
+            return []
+        self.text += event.text
+        return [{"type": "delta", "text": event.text}]
+
+    def on_sources(self, event: contract.Sources) -> list:
+        self.sources = event.sources
+        return [{"type": "sources", "sources": event.sources}]
+
+    def on_final(self, event: contract.Final) -> list:
+        self.final = event
+        return []
+
+    def on_error(self, event: contract.Error) -> list:
+        self.error = event.message
+        return []
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -98,7 +122,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _cancel(self, answer: _Answer) -> None:
         """Ask the worker to stop; its final event ends the stream, or the grace period does."""
-        await events.cancel(answer.generation.request_id)
+        await answer.generation.cancel()
         asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, answer.reader.cancel)
 
     async def _turn(self, content: dict, *, regenerate: bool) -> None:
@@ -146,22 +170,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await answer.generation.close()
 
     async def _relay(self, answer: _Answer) -> None:
-        async for event in answer.generation.events():
-            if event["type"] == "delta" and not answer.stopped:
-                answer.text += event["text"]
-                await self._say({"type": "delta", "text": event["text"]})
-            elif event["type"] == "sources":
-                answer.sources = event["sources"]
-                await self._say({"type": "sources", "sources": event["sources"]})
-            elif event["type"] == "final":
-                answer.final = event
-            elif event["type"] == "error":
-                answer.error = event["message"]
+        async with contextlib.aclosing(relay(answer.generation, answer)) as messages:
+            async for message in messages:
+                await self._say(message)
 
     async def _finish(self, answer: _Answer) -> None:
-        cancelled = answer.final is not None and answer.final.get("finish_reason") == "cancelled"
+        cancelled = answer.final is not None and answer.final.finish_reason == "cancelled"
         if answer.final is not None and not (answer.stopped and cancelled):
-            text = answer.final["text"]
+            text = answer.final.text
             status = Message.Status.CANCELLED if cancelled else Message.Status.OK
         elif answer.stopped:
             # Stopped: keep exactly what the page showed (words the worker wrote after Stop are dropped).

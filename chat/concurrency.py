@@ -15,7 +15,7 @@ import uuid
 from django.conf import settings
 
 from chat import events
-from chat.errors import RateLimited
+from llmsite.errors import RateLimited
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The predict API over WebSocket (PROTOCOL.md): one request per message, answered in order."""
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -8,9 +9,12 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import services
-from chat.errors import ApiError, RateLimited, ServerError
+from chat.formatters.predict import PredictSocket
 from chat.generation import Conversation
 from chat.protocols import predict as wire
+from chat.relay import relay
+from llmsite import auth
+from llmsite.errors import ApiError, RateLimited, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ class PredictConsumer(AsyncWebsocketConsumer):
         headers = dict(self.scope.get("headers") or [])
         header = headers.get(b"authorization", b"").decode("latin-1") or None
         try:
-            self.token = await services.edge(services.authenticate, header=header)
+            self.token = await services.edge(auth.authenticate, header=header)
             self.deployment = await services.edge(services.access_deployment, token=self.token, name=self.name)
         except ApiError as exc:
             # Accept, say why, and close with the protocol's code: clients see 4401/4403/4404.
@@ -91,7 +95,7 @@ class PredictConsumer(AsyncWebsocketConsumer):
     def _recheck(self):
         """Each message checks the token again and reads the deployment again (one trip into sync
         code): a revocation takes effect at once, and an operator's edit at the next message."""
-        services.check_token_active(token=self.token)
+        auth.check_token_active(token=self.token)
         return services.access_deployment(token=self.token, name=self.name)
 
     async def _answer(self, message):
@@ -112,20 +116,10 @@ class PredictConsumer(AsyncWebsocketConsumer):
             fields=fields,
             protocol="websocket",
         )
-        streaming = fields.use_stream_chat is not False
+        formatter = PredictSocket(streaming=fields.use_stream_chat is not False, return_sources=bool(fields.return_sources))
         generation = await services.dispatch(prepared)
-        try:
-            async for event in generation.events():
-                if event["type"] == "sources":
-                    if fields.return_sources:  # opt-in: old clients join every message into the answer
-                        await self.send(text_data=json.dumps({"sources": event["sources"]}, ensure_ascii=False))
-                elif event["type"] == "delta" and streaming and event["text"]:
-                    await self.send(text_data=event["text"])
-                elif event["type"] == "final":
-                    if not streaming:
-                        await self.send(text_data=event["text"])
-                    self.history.append([conversation.prompt, event["text"]])
-                elif event["type"] == "error":
-                    raise ServerError(event["message"])
-        finally:
-            await generation.close()
+        async with contextlib.aclosing(relay(generation, formatter)) as texts:
+            async for text in texts:
+                await self.send(text_data=text)
+        if formatter.answer is not None:
+            self.history.append([conversation.prompt, formatter.answer])

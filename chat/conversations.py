@@ -1,6 +1,6 @@
 """The chat site's conversations: who may see which, storing turns, and the history a model gets.
 
-Pages and the browser socket call these; errors are `chat.errors` domain errors (or Http404 for a
+Pages and the browser socket call these; errors are `llmsite.errors` domain errors (or Http404 for a
 conversation that is not the caller's, so a stranger cannot tell it exists).
 """
 
@@ -14,7 +14,7 @@ from django.http import Http404
 from django.utils import timezone
 
 from chat import services
-from chat.errors import InvalidRequest, UnknownDeployment
+from llmsite.errors import InvalidRequest, UnknownDeployment
 from chat.generation import Conversation as Prompt
 from chat.models import Conversation, Deployment, Message
 from chat.prompting import count_tokens, deployment_tokenizer, render_prompt

@@ -5,16 +5,31 @@ import uuid
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from chat import events
-from chat.errors import ServerError
+from chat import events, lifecycle
+from chat.relay import Formatter, api_error, first
+from llmsite import contract, producer
+from llmsite.errors import ServerError
 
-EMBED_TASK = "workers.embed"
+
+class _Vectors(Formatter):
+    def on_embeddings(self, event: contract.Embeddings) -> list:
+        return [(event.vectors, event.tokens)]
+
+    def on_error(self, event: contract.Error) -> list:
+        raise api_error(event)
 
 
-def _enqueue(request_id: str, texts: list[str]) -> None:
-    from workers.celery import app
+class _Wait:
+    """A subscription to an embedding request, with its own silence limit, as a generation."""
 
-    app.send_task(EMBED_TASK, task_id=request_id, queue=settings.EMBEDDING_QUEUE, kwargs={"request_id": request_id, "texts": texts})
+    def __init__(self, subscription: events.Subscription, timeout: float | None):
+        self.subscription, self.timeout = subscription, timeout
+
+    def events(self):
+        return self.subscription.events(self.timeout)
+
+    async def close(self) -> None:
+        await self.subscription.close()
 
 
 async def embed(texts: list[str], *, timeout: float | None = None) -> tuple[list[list[float]], int]:
@@ -22,35 +37,27 @@ async def embed(texts: list[str], *, timeout: float | None = None) -> tuple[list
     request_id = str(uuid.uuid4())
     subscription = await events.Subscription(request_id).open()
     try:
-        await sync_to_async(_enqueue)(request_id, texts)
-        async for event in subscription.events(timeout):
-            if event["type"] == "final":
-                return event["embeddings"], event["usage"]["prompt_tokens"]
-            if event["type"] == "error":
-                raise ServerError(event["message"])
+        await sync_to_async(producer.send)(
+            producer.EMBED_TASK, task_id=request_id, queue=settings.EMBEDDING_QUEUE, kwargs={"request_id": request_id, "texts": texts}
+        )
+        answer = await first(_Wait(subscription, timeout), _Vectors())
     except events.StreamTimeout as exc:
         raise ServerError(str(exc)) from None
     finally:
         await subscription.close()
-    raise ServerError("The embedding worker sent no vectors.")
+    if answer is None:
+        raise ServerError("The embedding worker sent no vectors.")
+    return answer
 
 
 def log_embedding(*, token, texts: list[str], model: str, tokens: int | None, error: str) -> None:
     """Store an embeddings call as a request row, like every generation (no deployment: the embedding model)."""
-    from django.utils import timezone
-
-    from chat.models import RequestLog
-    from chat.services import storable
-
-    RequestLog.objects.create(
+    lifecycle.record_done(
         user=token.user,
         token=token,
         protocol="openai",
-        prompt=storable("\n".join(texts)),
+        prompt="\n".join(texts),
         params={"endpoint": "embeddings", "model": model, "inputs": len(texts)},
         prompt_tokens=tokens,
-        status=RequestLog.Status.ERROR if error else RequestLog.Status.OK,
         error=error,
-        started_at=timezone.now(),
-        finished_at=timezone.now(),
     )

@@ -1,14 +1,13 @@
-"""The per-request token stream over Redis pub/sub, and the cancel flag a worker polls.
+"""The per-request token stream over Redis pub/sub, and the cancel flag a worker watches.
 
-Events are JSON objects with a "type": "received" (a worker holds the request; not relayed),
-"start" (a worker took the request), "delta" (new text),
-"final" (the whole answer, finish reason and usage) or "error" (message). The web tier subscribes
-before it enqueues, so no event is published before anyone listens.
+Events are the typed events of llmsite.contract, one JSON object each on the request's channel.
+The web tier subscribes before it enqueues, so no event is published before anyone listens.
+Cancellation has one path: the web tier sets the request's cancel key (`cancel`), and the
+worker's one `CancelWatcher` thread sees it and calls the abort its generation registered.
 """
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -16,6 +15,9 @@ import time
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+
+from llmsite import contract
+from llmsite.workers_alive import queue_alive_key, worker_host_key  # noqa: F401  (the key names live there)
 
 CANCEL_TTL_SECONDS = 3600
 
@@ -30,15 +32,6 @@ def cancel_key(request_id) -> str:
     return f"llmsite:cancel:{request_id}"
 
 
-def queue_alive_key(queue: str) -> str:
-    """Renewed by every worker of the queue on each heartbeat: it expires with the last one's."""
-    return f"llmsite:queue-alive:{queue}"
-
-
-def worker_host_key(hostname: str) -> str:
-    return f"llmsite:workerhost:{hostname}"
-
-
 # --- worker side (sync) ---------------------------------------------------------------------
 
 _sync_client = None
@@ -51,8 +44,8 @@ def sync_client() -> redis.Redis:
     return _sync_client
 
 
-def publish(request_id, event: dict) -> None:
-    sync_client().publish(channel(request_id), json.dumps(event, ensure_ascii=False))
+def publish(request_id, event: contract.Event) -> None:
+    sync_client().publish(channel(request_id), contract.encode(event))
 
 
 def is_cancelled(request_id) -> bool:
@@ -63,26 +56,30 @@ class CancelWatcher:
     """Which of this process's running generations were cancelled (Stop, client gone), read by one
     thread for all of them: one MGET every `interval` seconds instead of a Redis call per stream
     every check (32 streams polled 320 times a second, each call CPU the model's threads lack).
+    Each watched generation gets a `threading.Event` that this thread sets: the engine's
+    `cancelled` is that event's `is_set`, and it aborts the request at its next step.
     A Redis error is logged and the next round asks again."""
 
     def __init__(self, interval: float = 0.05):
         self.interval = interval
-        self._flags: dict[str, bool] = {}
+        self._flags: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def watch(self, request_id) -> None:
+    def watch(self, request_id) -> threading.Event:
         with self._lock:
-            self._flags[str(request_id)] = False
+            flag = self._flags[str(request_id)] = threading.Event()
             if self._thread is None or not self._thread.is_alive():  # (a thread does not survive a fork)
                 self._thread = threading.Thread(target=self._run, name="cancel-watcher", daemon=True)
                 self._thread.start()
+        return flag
 
     @contextlib.contextmanager
     def watching(self, request_id):
-        self.watch(request_id)
+        """The request's cancel flag while the block runs."""
+        flag = self.watch(request_id)
         try:
-            yield
+            yield flag
         finally:
             self.unwatch(request_id)
 
@@ -91,25 +88,25 @@ class CancelWatcher:
             self._flags.pop(str(request_id), None)
 
     def cancelled(self, request_id) -> bool:
-        return self._flags.get(str(request_id), False)
+        flag = self._flags.get(str(request_id))
+        return flag is not None and flag.is_set()
 
     def _run(self) -> None:
         while True:
             time.sleep(self.interval)
             with self._lock:
-                asked = [r for r, flag in self._flags.items() if not flag]
+                asked = [(r, flag) for r, flag in self._flags.items() if not flag.is_set()]
             if not asked:
                 continue
             try:
-                found = sync_client().mget([cancel_key(r) for r in asked])
+                found = sync_client().mget([cancel_key(r) for r, _ in asked])
             except Exception:  # Redis gone for a while, or anything else: asked again, never given up
                 log.exception("cannot read the cancel flags of %d generations", len(asked))
                 time.sleep(1)
                 continue
-            with self._lock:
-                for request_id, value in zip(asked, found):
-                    if value is not None and request_id in self._flags:
-                        self._flags[request_id] = True
+            for (_, flag), value in zip(asked, found):
+                if value is not None:
+                    flag.set()
 
 
 cancel_watcher = CancelWatcher()
@@ -161,7 +158,7 @@ class Subscription:
         return self
 
     async def events(self, timeout: float | None = None):
-        """Yield events until a final or error event; raise StreamTimeout after `timeout` s of
+        """Yield typed events until a terminal one (final, embeddings, error); raise StreamTimeout after `timeout` s of
         silence, or WorkerLost as soon as the worker that took the request stops beating."""
         timeout = settings.STREAM_TIMEOUT_SECONDS if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -178,13 +175,13 @@ class Subscription:
             if message is None or message["type"] != "message":
                 continue
             deadline = time.monotonic() + timeout
-            event = json.loads(message["data"])
-            if event["type"] in ("received", "start"):
-                worker = event.get("worker")
-            if event["type"] == "received":
+            event = contract.decode(message["data"])
+            if isinstance(event, (contract.Received, contract.Start)):
+                worker = event.worker
+            if isinstance(event, contract.Received):
                 continue  # a worker holds the request: watch it, but clients hear of it only at start
             yield event
-            if event["type"] in ("final", "error"):
+            if isinstance(event, contract.TERMINAL):
                 return
 
     async def close(self) -> None:

@@ -1,7 +1,5 @@
 """The OpenAI-compatible API (`/v1/...`): thin async views over the same services as predict."""
 
-import json
-
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from ninja import Router
@@ -9,9 +7,11 @@ from ninja.security import APIKeyHeader
 from ninja.streaming import SSE
 
 from chat import embeddings, ratelimits, selectors, services
-from chat.errors import InvalidRequest
-from chat.errors import ApiError, ServerError
+from chat.formatters.openai import ChatShape, CompletionShape, OpenAIAnswer, OpenAIStream
 from chat.protocols import openai as wire
+from chat.relay import first, relay
+from llmsite import auth
+from llmsite.errors import ApiError, InvalidRequest, ServerError
 
 ERRORS = {code: wire.ErrorBody for code in (400, 401, 403, 404, 413, 429, 500, 503)}
 
@@ -22,7 +22,7 @@ class TokenAuth(APIKeyHeader):
     param_name = "Authorization"
 
     async def authenticate(self, request, key):
-        return await services.edge(services.authenticate, header=key)
+        return await services.edge(auth.authenticate, header=key)
 
 
 router = Router(auth=TokenAuth(), tags=["OpenAI-compatible"])
@@ -62,54 +62,23 @@ async def _start(request, body: wire.Sampling):
     return await services.dispatch(prepared)
 
 
-async def _final(generation) -> dict:
-    """Wait for the whole answer (non-streaming), with the knowledge base's sources if any."""
-    sources = None
-    try:
-        async for event in generation.events():
-            if event["type"] == "sources":
-                sources = event["sources"]
-            if event["type"] == "final":
-                return {**event, "sources": sources}
-            if event["type"] == "error":
-                raise ServerError(event["message"])
-    finally:
-        await generation.close()
-    raise ServerError("The stream ended without an answer.")
-
-
-def _event(item) -> str:
-    data = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
-    return SSE.format_chunk(data)
-
-
-async def _stream(generation, *, first, piece, last, include_usage: bool):
-    """Relay the token stream as server-sent events; closing (client gone) cancels the generation."""
-    sent = ""
-    try:
-        if first is not None:
-            yield _event(first)
-        async for event in generation.events():
-            if event["type"] == "delta" and event["text"]:
-                sent += event["text"]
-                yield _event(piece(event["text"]))
-            elif event["type"] == "final":
-                if event["text"] != sent and event["text"].startswith(sent):
-                    yield _event(piece(event["text"][len(sent) :]))  # the final event is the truth
-                for item in last(wire.finish_reason(event["finish_reason"]), wire.usage(event), include_usage):
-                    yield _event(item)
-                yield _event("[DONE]")
-            elif event["type"] == "error":
-                yield _event(wire.error_body(ServerError(event["message"])))
-    finally:
-        await generation.close()
-
-
 def _sse_response(stream) -> StreamingHttpResponse:
     response = StreamingHttpResponse(stream, content_type="text/event-stream; charset=utf-8")
     for name, value in SSE.response_headers().items():
         response[name] = value
     return response
+
+
+async def _complete(request, body: wire.Sampling, shape_class):
+    """A chat or text completion: dispatch, then the whole answer or its server-sent events."""
+    generation = await _start(request, body)
+    shape = shape_class({"id": f"{shape_class.prefix}{generation.request_id}", "created": wire.now(), "model": body.model}, body)
+    if body.stream:
+        return _sse_response(relay(generation, OpenAIStream(shape, include_usage=body.include_usage)))
+    answer = await first(generation, OpenAIAnswer(shape))
+    if answer is None or isinstance(answer, ApiError):
+        raise answer or ServerError("The stream ended without an answer.")
+    return answer
 
 
 @router.post(
@@ -119,27 +88,7 @@ def _sse_response(stream) -> StreamingHttpResponse:
     openapi_extra=_sse_doc(wire.ChatCompletionChunk),
 )
 async def chat_completions(request, body: wire.ChatCompletionRequest):
-    generation = await _start(request, body)
-    meta = {"id": f"chatcmpl-{generation.request_id}", "created": wire.now(), "model": body.model}
-    if not body.stream:
-        final = await _final(generation)
-        message = wire.AssistantMessage(content=final["text"])
-        choice = wire.ChatChoice(message=message, finish_reason=wire.finish_reason(final["finish_reason"]))
-        return wire.ChatCompletion(**meta, choices=[choice], usage=wire.usage(final), sources=final.get("sources"))
-
-    def chunk(delta: dict, finish=None, usage=None, *, choices=True) -> dict:
-        choice = wire.ChatChunkChoice(delta=wire.Delta(**delta), finish_reason=finish)
-        return wire.ChatCompletionChunk(**meta, choices=[choice] if choices else [], usage=usage).model_dump()
-
-    def last(finish, usage, include_usage):
-        yield chunk({}, finish)
-        if include_usage:
-            yield chunk({}, usage=usage, choices=False)
-
-    first = chunk({"role": "assistant", "content": ""})
-    return _sse_response(
-        _stream(generation, first=first, piece=lambda text: chunk({"content": text}), last=last, include_usage=body.include_usage)
-    )
+    return await _complete(request, body, ChatShape)
 
 
 @router.post(
@@ -149,26 +98,7 @@ async def chat_completions(request, body: wire.ChatCompletionRequest):
     openapi_extra=_sse_doc(wire.Completion),
 )
 async def completions(request, body: wire.CompletionRequest):
-    generation = await _start(request, body)
-    meta = {"id": f"cmpl-{generation.request_id}", "created": wire.now(), "model": body.model}
-    echo = body.text() if body.echo else ""
-    if not body.stream:
-        final = await _final(generation)
-        choice = wire.CompletionChoice(text=echo + final["text"], finish_reason=wire.finish_reason(final["finish_reason"]))
-        return wire.Completion(**meta, choices=[choice], usage=wire.usage(final))
-
-    def chunk(text: str, finish=None, usage=None, *, choices=True) -> dict:
-        choice = wire.CompletionChoice(text=text, finish_reason=finish)
-        return wire.Completion(**meta, choices=[choice] if choices else [], usage=usage).model_dump()
-
-    def last(finish, usage, include_usage):
-        yield chunk("", finish)
-        if include_usage:
-            yield chunk("", usage=usage, choices=False)
-
-    return _sse_response(
-        _stream(generation, first=chunk(echo) if echo else None, piece=chunk, last=last, include_usage=body.include_usage)
-    )
+    return await _complete(request, body, CompletionShape)
 
 
 @router.post("/v1/embeddings", response={200: wire.EmbeddingList, **ERRORS}, summary="Embeddings")

@@ -1,36 +1,16 @@
 """The chat site's pages: the chat page and the list of a user's conversations."""
 
-from functools import wraps
 from urllib.parse import urlencode
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from chat import conversations
-from chat.errors import InvalidRequest
+from llmsite.errors import InvalidRequest
+from llmsite.pages import site_page
 from knowledge import selectors as knowledge_selectors
-
-# Defence in depth beside the Markdown sanitiser: only the site's own scripts ever run.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-
-
-def site_page(view):
-    """A logged-in page of the site, served with the content security policy."""
-
-    @login_required
-    @wraps(view)
-    def wrapper(request, *args, **kwargs):
-        response = view(request, *args, **kwargs)
-        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        return response
-
-    return wrapper
 
 
 @site_page

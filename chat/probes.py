@@ -3,12 +3,27 @@
 import asyncio
 
 from chat import services
-from chat.errors import ApiError
 from chat.generation import Conversation
 from chat.models import Deployment
 from chat.protocols.predict import PredictFields
+from chat.relay import Formatter, first
+from llmsite import contract
+from llmsite.errors import ApiError
 
 CHECK_PROMPT = "Say OK."
+
+
+class _Verdict(Formatter):
+    """(answered?, what to tell the operator) from the check's end."""
+
+    def __init__(self, deployment: Deployment, request_id: str):
+        self.name, self.request_id = deployment.name, request_id
+
+    def on_final(self, event: contract.Final) -> list:
+        return [(True, f"Deployment '{self.name}': the worker answered (request {self.request_id}).")]
+
+    def on_error(self, event: contract.Error) -> list:
+        return [(False, f"Deployment '{self.name}': the worker answered with an error: {event.message}")]
 
 
 async def deployment_check(*, deployment: Deployment, user, timeout: float) -> tuple[bool, str]:
@@ -29,11 +44,7 @@ async def deployment_check(*, deployment: Deployment, user, timeout: float) -> t
         return False, f"Deployment '{deployment.name}': {exc.message}"
     try:
         async with asyncio.timeout(timeout):
-            async for event in generation.events():
-                if event["type"] == "final":
-                    return True, f"Deployment '{deployment.name}': the worker answered (request {generation.request_id})."
-                if event["type"] == "error":
-                    return False, f"Deployment '{deployment.name}': the worker answered with an error: {event['message']}"
+            verdict = await first(generation, _Verdict(deployment, generation.request_id))
     except TimeoutError:
         return False, (
             f"Deployment '{deployment.name}': no worker answered within {timeout:g} s: is a worker serving the "
@@ -41,7 +52,7 @@ async def deployment_check(*, deployment: Deployment, user, timeout: float) -> t
         )
     finally:
         await generation.close()
-    return False, f"Deployment '{deployment.name}': the stream ended without an answer."
+    return verdict or (False, f"Deployment '{deployment.name}': the stream ended without an answer.")
 
 
 async def deployments_check(*, deployments: list[Deployment], user, timeout: float) -> list[tuple[bool, str]]:

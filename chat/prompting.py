@@ -1,8 +1,10 @@
 """Rendering a conversation through the model's chat template, shared by web tier and worker.
 
-The worker renders the prompt it generates from; the web tier renders the same text to count its
-tokens (context check, max_new_tokens cap) with a tokenizer rebuilt from the files the worker
-published, so no model is loaded and torch is never imported here.
+A request's prompt is rendered, counted and checked against the context once, by `fit_prompt`:
+in the web tier, with a tokenizer rebuilt from the files the worker published (no model is loaded
+and torch is never imported here), which then sends the token ids; on the worker only where the
+web tier could not (no tokenizer published yet) or where the worker changed the messages
+(knowledge-base sources added).
 """
 
 import hashlib
@@ -22,7 +24,7 @@ def render_prompt(tokenizer, messages: list[dict], chat_template: str = "", mode
     from jinja2 import TemplateError
 
     from chat.chat_formats import template_for
-    from chat.errors import InvalidRequest
+    from llmsite.errors import InvalidRequest
 
     try:
         return tokenizer.apply_chat_template(
@@ -30,6 +32,22 @@ def render_prompt(tokenizer, messages: list[dict], chat_template: str = "", mode
         )
     except TemplateError as exc:  # e.g. a family whose format needs user and assistant turns to alternate
         raise InvalidRequest(f"The messages do not fit the model's chat format: {exc}", param="messages") from None
+
+
+def fit_prompt(tokenizer, messages: list[dict], prompt_format, sampling, context_length: int | None = None) -> list[int]:
+    """The prompt's token ids; ContextTooLong where the context cannot hold them, and
+    `sampling.max_new_tokens` capped to the room left after them. `context_length`: where the
+    prompt format names none (the model's own)."""
+    from llmsite.errors import ContextTooLong
+
+    text = render_prompt(tokenizer, messages, prompt_format.chat_template, prompt_format.model_type)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any BOS it wants
+    context = prompt_format.context_length or context_length
+    if context:
+        if len(ids) >= context:
+            raise ContextTooLong(prompt_tokens=len(ids), context_length=context)
+        sampling.max_new_tokens = min(sampling.max_new_tokens, context - len(ids))
+    return ids
 
 
 def count_tokens(tokenizer, text: str) -> int:

@@ -10,7 +10,7 @@ import math
 import uuid
 
 from chat import events
-from chat.errors import RateLimited
+from llmsite.errors import RateLimited
 from chat.models import ApiToken
 
 WINDOW_SECONDS = 60

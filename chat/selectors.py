@@ -2,7 +2,7 @@
 
 from django.conf import settings
 
-from chat.errors import ApiError
+from llmsite.errors import ApiError
 from chat.models import ApiToken, Deployment
 
 EMBEDDING_ALIAS = "default"  # /v1/embeddings: the site's default embedding model, the one knowledge bases use

@@ -1,11 +1,10 @@
 """The generation path of the web tier: who is calling, what they may use, dispatch and stream.
 
 Views and consumers parse their wire format, then call these; errors are the domain errors of
-`chat.errors`, which the edge turns into its protocol's shape.
+`llmsite.errors`, which the edge turns into its protocol's shape.
 """
 
 import asyncio
-import datetime
 import logging
 import time
 import uuid
@@ -15,60 +14,25 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.db.models import Exists, OuterRef
-from django.utils import timezone
 
-from chat import concurrency, events, ratelimits
-from chat.errors import (
+from chat import concurrency, events, lifecycle, ratelimits
+from llmsite.errors import (
     ApiError,
-    ContextTooLong,
     Forbidden,
     InvalidRequest,
     ServerError,
-    Unauthorized,
     Unavailable,
     UnknownDeployment,
 )
-from chat.generation import Conversation, SamplingParams
-from chat.models import ApiToken, Deployment, RequestLog, hash_token
-from chat.prompting import count_tokens, deployment_tokenizer, render_prompt
+from chat.generation import Conversation
+from chat.models import ApiToken, Deployment
+from chat.prompting import deployment_tokenizer, fit_prompt
 from chat.protocols.predict import PredictFields
+from llmsite import contract, producer
+from llmsite.contract import GenerationRequest, PromptFormat, SamplingParams
 
 log = logging.getLogger(__name__)
 
-GENERATE_TASK = "workers.generate"
-PROMPT_FORMAT_FIELDS = ("model_type", "chat_template", "context_length")  # sent with each generation task
-LAST_USED_RESOLUTION = datetime.timedelta(minutes=1)  # how stale a token's last_used_at may be
-
-
-def token_from_header(value: str | None) -> str | None:
-    """`Authorization: <token>` and `Authorization: Bearer <token>` are both accepted."""
-    if not value:
-        return None
-    value = value.strip()
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() == "bearer" and rest.strip():
-        return rest.strip()
-    return value or None
-
-
-def authenticate(*, header: str | None) -> ApiToken:
-    raw = token_from_header(header)
-    if not raw:
-        raise Unauthorized("Missing API token: send it in the Authorization header.")
-    token = ApiToken.objects.select_related("user").filter(digest=hash_token(raw)).first()
-    if token is None or not token.is_active or not token.user.is_active:
-        raise Unauthorized("Invalid or revoked API token.")
-    now = timezone.now()
-    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
-        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)  # a write (and commit) a minute, not a request
-    return token
-
-
-def check_token_active(*, token: ApiToken) -> None:
-    """A token checked once at a WebSocket's handshake may be revoked while the socket is open:
-    each later message checks again, so a revocation takes effect at once."""
-    if not ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True, user__is_active=True).exists():
-        raise Unauthorized("Invalid or revoked API token.")
 
 
 def access_deployment(*, token: ApiToken, name: str) -> Deployment:
@@ -120,18 +84,18 @@ def check_retrieval(*, user, deployment: Deployment, fields: PredictFields) -> i
     return knowledge_base_for_request(user=user, name=name).pk
 
 
-def fit_to_context(*, deployment: Deployment, conversation: Conversation, params: SamplingParams) -> int | None:
-    """Count the prompt's tokens; refuse a prompt the context cannot hold; cap max_new_tokens."""
+def prompt_format_of(deployment: Deployment) -> PromptFormat:
+    return PromptFormat(model_type=deployment.model_type, chat_template=deployment.chat_template, context_length=deployment.context_length)
+
+
+def fit_to_context(*, deployment: Deployment, conversation: Conversation, params: SamplingParams) -> list[int] | None:
+    """The prompt's token ids, counted and checked once here (ContextTooLong; max_new_tokens capped);
+    None while no worker has published the tokenizer: the worker fits the prompt then."""
     context = deployment.effective_context_length
     tokenizer = deployment_tokenizer(deployment)
     if tokenizer is None or not context:
-        return None  # no worker has published the tokenizer yet: the worker checks instead
-    text = render_prompt(tokenizer, conversation.messages(), deployment.chat_template, deployment.model_type)
-    prompt_tokens = count_tokens(tokenizer, text)
-    if prompt_tokens >= context:
-        raise ContextTooLong(prompt_tokens=prompt_tokens, context_length=context)
-    params.max_new_tokens = min(params.max_new_tokens, context - prompt_tokens)
-    return prompt_tokens
+        return None
+    return fit_prompt(tokenizer, conversation.messages(), prompt_format_of(deployment), params, context_length=context)
 
 
 @dataclass
@@ -143,6 +107,7 @@ class Prepared:
     protocol: str
     knowledge_base: int | None = None  # langchain: the knowledge base's id, searched on the worker
     user: object = None
+    prompt_ids: list[int] | None = None  # counted here; None: the worker fits the prompt
 
 
 def prepare(
@@ -160,35 +125,13 @@ def prepare(
     """
     params = sampling_for(deployment=deployment, fields=fields)
     knowledge_base = check_retrieval(user=user or token.user, deployment=deployment, fields=fields)
-    fit_to_context(deployment=deployment, conversation=conversation, params=params)
+    prompt_ids = fit_to_context(deployment=deployment, conversation=conversation, params=params)
     if token is not None:
         ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
-    return Prepared(deployment, token, conversation, params, protocol, knowledge_base=knowledge_base, user=user or token.user)
-
-
-def storable(value):
-    """PostgreSQL text and jsonb refuse NUL characters: the stored copy shows them as U+FFFD."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, list):
-        return [storable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: storable(v) for k, v in value.items()}
-    return value
-
-
-def _record(prepared: Prepared, request_id: str) -> RequestLog:
-    return RequestLog.objects.create(
-        id=request_id,
-        user=prepared.user,
-        token=prepared.token,
-        deployment=prepared.deployment,
-        protocol=prepared.protocol,
-        prompt=storable(prepared.conversation.prompt),
-        system_prompt=storable(prepared.conversation.system_prompt),
-        history=storable(prepared.conversation.history),
-        params=storable(prepared.params.as_dict()),
-    )
+    if knowledge_base is not None:
+        prompt_ids = None  # the worker adds the sources to the messages, and fits them then
+    user = user or token.user
+    return Prepared(deployment, token, conversation, params, protocol, knowledge_base=knowledge_base, user=user, prompt_ids=prompt_ids)
 
 
 def cache_scope(user) -> str:
@@ -198,27 +141,29 @@ def cache_scope(user) -> str:
     return f"user:{user.pk}"
 
 
-def _enqueue(prepared: Prepared, request_id: str) -> None:
-    from workers.celery import app
+def generation_request(prepared: Prepared, request_id: str) -> GenerationRequest:
+    """What the worker is sent: the prompt format as read for this request (a WebSocket message
+    reads it again), so the worker needs no query for it."""
+    return GenerationRequest(
+        request_id=request_id,
+        deployment=prepared.deployment.name,
+        messages=prepared.conversation.messages(),
+        sampling=prepared.params,
+        prompt_format=prompt_format_of(prepared.deployment),
+        prompt_ids=prepared.prompt_ids,
+        knowledge_base=prepared.knowledge_base,
+        cache_scope=cache_scope(prepared.user),
+    )
 
-    deployment = prepared.deployment
-    app.send_task(
-        GENERATE_TASK,
+
+def _enqueue(prepared: Prepared, request_id: str) -> None:
+    # The message's headers and the worker's log name the request, not its whole text (Celery
+    # would write a copy of the conversation there, and spend ~0.45 ms doing it).
+    producer.send(
+        producer.GENERATE_TASK,
         task_id=request_id,
-        queue=deployment.queue,
-        kwargs={
-            "request_id": request_id,
-            "deployment": deployment.name,
-            # how to render the prompt, as the web tier read it for this request (a WebSocket
-            # message reads it again): the worker needs no query for it
-            "prompt_format": {f: getattr(deployment, f) for f in PROMPT_FORMAT_FIELDS},
-            "messages": prepared.conversation.messages(),
-            "params": prepared.params.as_dict(),
-            "knowledge_base": prepared.knowledge_base,
-            "cache_scope": cache_scope(prepared.user),
-        },
-        # The message's headers and the worker's log name the request, not its whole text (Celery
-        # would write a copy of the conversation there, and spend ~0.45 ms doing it).
+        queue=prepared.deployment.queue,
+        kwargs=generation_request(prepared, request_id).to_wire(),
         kwargsrepr=f"{{'request_id': '{request_id}'}}",
     )
 
@@ -227,7 +172,18 @@ def store_and_enqueue(prepared: Prepared, request_id: str) -> None:
     """Store the request, hand the connection back to the pool, and queue the task: one call from
     the event loop (each call into sync code is a thread hop on the way to the first token)."""
     try:
-        _record(prepared, request_id)
+        conversation = prepared.conversation
+        lifecycle.record(
+            request_id=request_id,
+            user=prepared.user,
+            token=prepared.token,
+            deployment=prepared.deployment,
+            protocol=prepared.protocol,
+            prompt=conversation.prompt,
+            system_prompt=conversation.system_prompt,
+            history=conversation.history,
+            params=prepared.params.as_dict(),
+        )
     except DatabaseError as exc:
         raise ServerError(f"The database is unavailable: {exc}") from None
     release_connection()  # the request's last query before its stream
@@ -235,7 +191,7 @@ def store_and_enqueue(prepared: Prepared, request_id: str) -> None:
         _enqueue(prepared, request_id)
     except Exception as exc:
         try:
-            _mark_failed(request_id, f"could not enqueue: {exc}")
+            lifecycle.fail(request_id, f"could not enqueue: {exc}")
         except DatabaseError:
             log.exception("could not mark %s failed", request_id)
         raise ServerError(f"The request could not be queued: {exc}") from None
@@ -247,20 +203,9 @@ def release_connection() -> None:
         connection.close()
 
 
-def _mark_failed(request_id: str, message: str) -> None:
-    RequestLog.objects.filter(id=request_id, status__in=[RequestLog.Status.QUEUED, RequestLog.Status.RUNNING]).update(
-        status=RequestLog.Status.ERROR, error=message, finished_at=timezone.now()
-    )
-
-
-def _mark_cancelled_if_queued(request_id: str) -> None:
-    RequestLog.objects.filter(id=request_id, status=RequestLog.Status.QUEUED).update(
-        status=RequestLog.Status.CANCELLED, finished_at=timezone.now()
-    )
-
-
 class Generation:
-    """One dispatched request: iterate `events()` (always ending in final or error), then `close()`."""
+    """One dispatched request: iterate `events()` (typed; always ending in a final or error
+    event), `cancel()` to stop it (Stop), then `close()`."""
 
     def __init__(
         self,
@@ -274,34 +219,43 @@ class Generation:
         self.token = token  # whose tokens-per-minute window the usage goes to
         self.slot = slot  # the deployment's in-flight slot, given back by close()
         self.finished = False
+        self.closed = False
 
     async def events(self):
         try:
             async for event in self.subscription.events():
                 if self.slot is not None:
                     await self.slot.renew()
-                if event["type"] in ("final", "error"):
+                if isinstance(event, contract.TERMINAL):
                     self.finished = True
-                if event["type"] == "final" and self.token is not None:
-                    await ratelimits.record_tokens(token=self.token, tokens=sum(v or 0 for v in event["usage"].values()))
+                if isinstance(event, contract.Final) and self.token is not None:
+                    await ratelimits.record_tokens(token=self.token, tokens=event.total_tokens)
                 yield event
         except events.StreamTimeout as exc:
             self.finished = True
             await events.cancel(self.request_id)
-            await sync_to_async(_mark_failed)(self.request_id, str(exc))
-            yield {"type": "error", "message": str(exc)}
+            await sync_to_async(lifecycle.fail)(self.request_id, str(exc))
+            yield contract.Error(str(exc))
         except Exception as exc:  # Redis gone mid-stream: the client still gets an error event
             log.exception("stream %s broke", self.request_id)
             self.finished = True
-            yield {"type": "error", "message": f"The token stream broke: {exc}"}
+            yield contract.Error(f"The token stream broke: {exc}")
+
+    async def cancel(self) -> None:
+        """Ask the worker to stop this request (the one cancellation path: the request's cancel
+        key, which the worker's cancel watcher reads); its final event still ends the stream."""
+        await events.cancel(self.request_id)
 
     async def close(self) -> None:
         """Stop listening; a request still running is cancelled on the worker (client gone)."""
+        if self.closed:
+            return
+        self.closed = True
         await self.subscription.close()
         if not self.finished:
             try:
-                await events.cancel(self.request_id)
-                await sync_to_async(_mark_cancelled_if_queued)(self.request_id)
+                await self.cancel()
+                await sync_to_async(lifecycle.cancel_queued)(self.request_id)
             except Exception:
                 log.exception("could not cancel %s", self.request_id)
         await _release(self.slot)

@@ -1,3 +1,4 @@
+"""The predict API over HTTP (PROTOCOL.md) and the health endpoints."""
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -5,9 +6,12 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from chat import services
-from chat.errors import ApiError, BodyTooLarge, MethodNotAllowed, ServerError
+from chat.formatters.predict import PredictAnswer, PredictStream
 from chat.generation import Conversation
 from chat.protocols import predict as wire
+from chat.relay import first, relay
+from llmsite import auth
+from llmsite.errors import ApiError, BodyTooLarge, MethodNotAllowed, ServerError
 
 
 def _error(exc: ApiError) -> JsonResponse:
@@ -35,7 +39,7 @@ def _read_body(request) -> bytes:
 
 def _admit(request, deployment: str):
     """Who calls, may they use the deployment, what do they ask: one trip into sync code."""
-    token = services.authenticate(header=request.headers.get("Authorization"))
+    token = auth.authenticate(header=request.headers.get("Authorization"))
     target = services.access_deployment(token=token, name=deployment)
     fields = wire.parse_http_body(_read_body(request), request.content_type or "")
     conversation = Conversation(prompt=fields.prompt or "", system_prompt=fields.system_prompt or "", history=fields.pairs() or [])
@@ -50,51 +54,18 @@ async def predict(request, deployment: str):
         if request.method != "POST":
             raise MethodNotAllowed(request.method)
         fields, prepared = await services.edge(_admit, request=request, deployment=deployment)
-        conversation = prepared.conversation
-        history = conversation.history
         generation = await services.dispatch(prepared)
     except ApiError as exc:
         return _error(exc)
 
-    prompt = conversation.prompt
+    wire_args = {"history": prepared.conversation.history, "prompt": prepared.conversation.prompt}
     if fields.use_stream_chat:
-        return StreamingHttpResponse(_stream(generation, history, prompt), content_type="text/plain; charset=utf-8")
-
-    sources = []
-    try:
-        async for event in generation.events():
-            if event["type"] == "sources":
-                sources = event["sources"]
-            elif event["type"] == "final":
-                body = {"response": event["text"], "history": [*history, [prompt, event["text"]]], "usage": event["usage"]}
-                if fields.langchain:
-                    body["sources"] = sources
-                return JsonResponse(body, json_dumps_params={"ensure_ascii": False})
-            if event["type"] == "error":
-                return _error(ServerError(event["message"]))
-    finally:
-        await generation.close()
-    return _error(ServerError("The stream ended without an answer."))
-
-
-async def _stream(generation, history, prompt):
-    answer = ""
-    sources = None  # langchain: sent with the first object, then dropped
-    try:
-        async for event in generation.events():
-            if event["type"] == "sources":
-                sources = event["sources"]
-            elif event["type"] == "delta":
-                answer += event["text"]
-                yield wire.chunk(answer, history, prompt, sources=sources)
-                sources = None
-            elif event["type"] == "final":
-                if event["text"] != answer or sources is not None:  # the final event is the truth
-                    yield wire.chunk(event["text"], history, prompt, sources=sources)
-            elif event["type"] == "error":
-                yield wire.error_chunk(ServerError(event["message"]).body())
-    finally:
-        await generation.close()
+        stream = relay(generation, PredictStream(**wire_args))
+        return StreamingHttpResponse(stream, content_type="text/plain; charset=utf-8")
+    answer = await first(generation, PredictAnswer(**wire_args, with_sources=bool(fields.langchain)))
+    if isinstance(answer, dict):
+        return JsonResponse(answer, json_dumps_params={"ensure_ascii": False})
+    return _error(answer if isinstance(answer, ApiError) else ServerError("The stream ended without an answer."))
 
 
 def health(request):
@@ -114,7 +85,7 @@ async def deployments_health(request):
     from chat import events, probes
 
     try:
-        token = await services.edge(services.authenticate, header=request.headers.get("Authorization"))
+        token = await services.edge(auth.authenticate, header=request.headers.get("Authorization"))
         deployments = await services.edge(_deployments_of, token=token)
     except ApiError as exc:
         return _error(exc)

@@ -3,7 +3,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import Count
 
-from chat.errors import ApiError
+from llmsite.errors import ApiError
 from knowledge import services
 from knowledge.models import Document, KnowledgeBase
 

@@ -1,6 +1,6 @@
-"""Domain errors of knowledge bases, in the API's one error shape (chat.errors)."""
+"""Domain errors of knowledge bases, in the API's one error shape (llmsite.errors)."""
 
-from chat.errors import ApiError, InvalidRequest
+from llmsite.errors import ApiError, InvalidRequest
 
 
 class UnknownKnowledgeBase(ApiError):

@@ -8,27 +8,15 @@ from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from chat.errors import ApiError
-from chat.pages import site_page
+from llmsite.errors import ApiError
+from llmsite.pages import site_page
 from knowledge import selectors, services
 from knowledge.errors import BadUpload
 from knowledge.models import Document
 
 
-def document_row(document: Document) -> dict:
-    """What the page shows of a document (the page writes it as text, never HTML)."""
-    return {
-        "id": document.pk,
-        "name": document.name,
-        "status": document.status,
-        "error": document.error,
-        "chunks_done": document.chunks_done,
-        "chunks_total": document.chunks_total,
-    }
-
-
 def _documents(kb):
-    return kb.documents.defer("content").order_by("-created_at", "-pk")
+    return kb.documents.defer("content").select_related("knowledge_base").order_by("-created_at", "-pk")
 
 
 @site_page
@@ -55,7 +43,7 @@ def knowledge_page(request, name):
 @site_page
 def documents_json(request, name):
     kb = services.knowledge_base_for_page(user=request.user, name=name)
-    return JsonResponse({"documents": [document_row(d) for d in _documents(kb)]})
+    return JsonResponse({"documents": [selectors.document_json(d) for d in _documents(kb)]})
 
 
 @require_POST
@@ -72,7 +60,7 @@ def upload(request, name):
         for upload in files:
             services.check_upload(name=upload.name or "", size=upload.size)
             document, _ = services.document_upload(knowledge_base=kb, name=upload.name, data=upload.read(), uploaded_by=request.user)
-            results.append(document_row(document))
+            results.append(selectors.document_json(document))
     except ApiError as exc:
         if request.headers.get("Accept") == "application/json":
             return JsonResponse({"error": exc.message, "documents": results}, status=exc.status)

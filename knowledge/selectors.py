@@ -20,6 +20,24 @@ CANDIDATES_MIN = 20
 HNSW_EF_SEARCH = 100
 
 
+def document_json(document) -> dict:
+    """A document as the API and the knowledge page show it (the page writes it as text, never HTML)."""
+    return {
+        "id": document.pk,
+        "knowledge_base": document.knowledge_base.name,
+        "name": document.name,
+        "type": document.file_type,
+        "size": document.size,
+        "sha256": document.sha256,
+        "status": document.status,
+        "error": document.error,
+        "chunks_done": document.chunks_done,
+        "chunks_total": document.chunks_total,
+        "created_at": document.created_at.isoformat(),
+        "updated_at": document.updated_at.isoformat(),
+    }
+
+
 def knowledge_bases_for(user):
     """Superusers may use every knowledge base; others their own and those shared with them."""
     if user.is_superuser:

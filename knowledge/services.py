@@ -14,14 +14,14 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, close_old_connections, transaction
 from django.http import Http404
 
-from chat.errors import Forbidden, InvalidRequest
+from llmsite import producer
+from llmsite.errors import Forbidden, InvalidRequest
 from knowledge import parsing, selectors
 from knowledge.errors import BadUpload, FileTooLarge, UnknownDocument, UnknownKnowledgeBase
 from knowledge.models import Chunk, Document, KnowledgeBase
 
 log = logging.getLogger(__name__)
 
-INGEST_TASK = "workers.ingest_document"
 EMBED_BATCH = 32
 
 
@@ -112,9 +112,7 @@ def document_create(*, knowledge_base: KnowledgeBase, name: str, data: bytes, up
 
 
 def enqueue_ingestion(document_id: int) -> None:
-    from workers.celery import app
-
-    app.send_task(INGEST_TASK, queue=settings.EMBEDDING_QUEUE, kwargs={"document_id": document_id})
+    producer.send(producer.INGEST_TASK, queue=settings.EMBEDDING_QUEUE, kwargs={"document_id": document_id})
 
 
 def document_upload(*, knowledge_base: KnowledgeBase, name: str, data: bytes, uploaded_by=None) -> tuple[Document, bool]:
@@ -148,20 +146,14 @@ def document_fail(*, document_id: int, reason: str) -> None:
 def document_ingest(
     *,
     document_id: int,
-    embed: Callable[[list[str]], list[list[float]]] | None = None,
+    embed: Callable[[list[str]], list[list[float]]],
     progress: Callable[[int, int], None] | None = None,
 ) -> Document | None:
     """Parse, split, embed and store one document; ends `ready`, or `failed` with the reason.
 
-    Runs on a worker (task workers.ingest_document) or in `manage.py ingest`; `progress(done, total)`
-    is called after each batch of embedded chunks.
+    Runs on a worker (task workers.ingest_document) or in `manage.py ingest --in-process`, each of
+    which passes its `embed(texts) -> vectors`; `progress(done, total)` is called after each batch.
     """
-    if embed is None:
-        from workers.embeddings import embed_texts
-
-        def embed(texts):
-            return embed_texts(texts)[0]
-
     document = Document.objects.select_related("knowledge_base").filter(pk=document_id).first()
     if document is None:
         log.warning("document %s is gone; nothing to ingest", document_id)

@@ -4,8 +4,8 @@ from django.conf import settings
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from chat import services as chat_services
-from chat.errors import ApiError, MethodNotAllowed
+from llmsite import auth
+from llmsite.errors import ApiError, MethodNotAllowed
 from knowledge import services
 from knowledge.errors import BadUpload, FileTooLarge, ReadOnly
 from knowledge.models import Document
@@ -16,23 +16,6 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 def _error(exc: ApiError) -> JsonResponse:
     return JsonResponse(exc.body(), status=exc.status)
-
-
-def document_json(document: Document) -> dict:
-    return {
-        "id": document.pk,
-        "knowledge_base": document.knowledge_base.name,
-        "name": document.name,
-        "type": document.file_type,
-        "size": document.size,
-        "sha256": document.sha256,
-        "status": document.status,
-        "error": document.error,
-        "chunks_done": document.chunks_done,
-        "chunks_total": document.chunks_total,
-        "created_at": document.created_at.isoformat(),
-        "updated_at": document.updated_at.isoformat(),
-    }
 
 
 def _the_file(request):
@@ -56,11 +39,11 @@ def _the_file(request):
 def documents(request, knowledge_base: str):
     """`POST /api/knowledge/<kb>/documents`: store the file, queue its ingestion, answer at once."""
     try:
-        token = chat_services.authenticate(header=request.headers.get("Authorization"))
+        token = auth.authenticate(header=request.headers.get("Authorization"))
         if request.method == "GET":
             kb = services.access_knowledge_base(user=token.user, name=knowledge_base)
             listed = kb.documents.defer("content").select_related("knowledge_base")
-            return JsonResponse({"documents": [document_json(d) for d in listed]})
+            return JsonResponse({"documents": [selectors.document_json(d) for d in listed]})
         if request.method != "POST":
             raise MethodNotAllowed(request.method)
         kb = services.access_knowledge_base(user=token.user, name=knowledge_base, change=True)
@@ -68,17 +51,17 @@ def documents(request, knowledge_base: str):
         document, created = services.document_upload(knowledge_base=kb, name=upload.name, data=upload.read(), uploaded_by=token.user)
     except ApiError as exc:
         return _error(exc)
-    return JsonResponse({**document_json(document), "duplicate": not created}, status=202 if created else 200)
+    return JsonResponse({**selectors.document_json(document), "duplicate": not created}, status=202 if created else 200)
 
 
 def document(request, knowledge_base: str, document_id: int):
     """`GET /api/knowledge/<kb>/documents/<id>`: status and progress (chunks done / total)."""
     try:
-        token = chat_services.authenticate(header=request.headers.get("Authorization"))
+        token = auth.authenticate(header=request.headers.get("Authorization"))
         if request.method != "GET":
             raise ReadOnly(request.method)
         kb = services.access_knowledge_base(user=token.user, name=knowledge_base)
         found = services.access_document(knowledge_base=kb, document_id=document_id)
     except ApiError as exc:
         return _error(exc)
-    return JsonResponse(document_json(found))
+    return JsonResponse(selectors.document_json(found))

@@ -111,31 +111,7 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
-        import django
-        from django.core.management import call_command
-
-        django.setup()
-        call_command("migrate", interactive=False, verbosity=0)
-        say("database ready (migrations applied)")
-        options = ["--model", args.model] if args.model else []
-        options += ["--model-type", args.model_type] if args.model_type else []
-        options += ["--precision", args.precision] if args.precision else []
-        options += ["--engine", args.engine] if args.engine else []
-        options += ["--trust-remote-code"] if args.trust_remote_code else []
-        call_command("setup_site", *options)
-
-        from chat.models import Deployment
-
-        served = Deployment.objects.filter(enabled=True)
-        # Statuses left by an earlier run say nothing about the worker started now.
-        served.update(status=Deployment.Status.UNKNOWN, status_detail="waiting for the worker")
-        from django.conf import settings
-
-        queues = sorted({d.queue for d in served} | {settings.EMBEDDING_QUEUE})
-        from django.db import connections
-
-        connections.close_all()
+        queues = _prepare_site(args)
         children = [
             Child("worker", worker_command(queues, concurrency=args.concurrency)),
             Child("web", web_command(args.host, args.port)),
@@ -157,6 +133,35 @@ def run(args) -> int:
             child.stop()
         services.stop()
         say("stopped")
+
+
+def _prepare_site(args) -> list[str]:
+    """Migrate, set up the default deployment as asked, and name the queues the worker serves."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", interactive=False, verbosity=0)
+    say("database ready (migrations applied)")
+    options = ["--model", args.model] if args.model else []
+    options += ["--model-type", args.model_type] if args.model_type else []
+    options += ["--precision", args.precision] if args.precision else []
+    options += ["--engine", args.engine] if args.engine else []
+    options += ["--trust-remote-code"] if args.trust_remote_code else []
+    call_command("setup_site", *options)
+
+    from django.conf import settings
+    from django.db import connections
+
+    from chat.models import Deployment
+
+    served = Deployment.objects.filter(enabled=True)
+    # Statuses left by an earlier run say nothing about the worker started now.
+    served.update(status=Deployment.Status.UNKNOWN, status_detail="waiting for the worker")
+    queues = sorted({d.queue for d in served} | {settings.EMBEDDING_QUEUE})
+    connections.close_all()
+    return queues
 
 
 def _wait_until_ready(children, args, stopping) -> bool:

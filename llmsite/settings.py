@@ -288,3 +288,19 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# The llama.cpp engine (workers/engines/llamacpp/; README, "Fast CPU engine"), read by workers only.
+# LLAMACPP_THREADS: llama.cpp's threads (unset: every core the worker may use). LLAMACPP_SEQ_TOKENS:
+# each request's room in the KV cache where the deployment sets no context_length.
+# LLAMACPP_KV_MIB: the most KV cache one deployment takes (fewer requests run at once beyond it).
+# LLAMACPP_PREFILL / LLAMACPP_DECODE: which copy of a quantized GGUF file prefills the prompts /
+# decodes the answers: "f16", "q8_0", or "file" (the file itself). LLAMACPP_PREFIX_CACHE: anything
+# but "0" keeps the prompt prefix consecutive prompts share. LLAMACPP_PROMPT_CACHE_MIB: memory for
+# finished requests' KV rows (0: off). The engine takes the counts as at least 1.
+LLAMACPP_THREADS = env.int("LLAMACPP_THREADS", default=None)
+LLAMACPP_SEQ_TOKENS = env.int("LLAMACPP_SEQ_TOKENS", default=2048)
+LLAMACPP_KV_MIB = env.int("LLAMACPP_KV_MIB", default=4096)
+LLAMACPP_PREFILL = env.str("LLAMACPP_PREFILL", default="f16")
+LLAMACPP_DECODE = env.str("LLAMACPP_DECODE", default="q8_0")
+LLAMACPP_PREFIX_CACHE = env.str("LLAMACPP_PREFIX_CACHE", default="1") != "0"
+LLAMACPP_PROMPT_CACHE_MIB = env.int("LLAMACPP_PROMPT_CACHE_MIB", default=256)

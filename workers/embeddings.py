@@ -34,3 +34,8 @@ def embed_texts(texts: list[str]) -> tuple[list[list[float]], int]:
         vectors = m.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32, show_progress_bar=False)
         tokens = sum(len(ids) for ids in m.tokenizer(texts, truncation=True)["input_ids"])
     return vectors.tolist(), tokens
+
+
+def embed_vectors(texts: list[str]) -> list[list[float]]:
+    """`embed_texts` without the token count: the `embed` that ingestion takes."""
+    return embed_texts(texts)[0]

@@ -18,6 +18,7 @@ from django.db import close_old_connections
 from chat import events
 from knowledge import services
 from knowledge.models import Document
+from workers import embeddings
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def ingest(*, document_id: int, hostname: str) -> None:
     client.set(holder_key(document_id), _me(hostname), ex=HOLD_SECONDS)
     log.info("ingestion of document %s started (attempt %d)", document_id, attempt)
     try:
-        services.document_ingest(document_id=document_id)
+        services.document_ingest(document_id=document_id, embed=embeddings.embed_vectors)
     finally:
         client.delete(holder_key(document_id), attempts_key(document_id))
 
@@ -88,7 +89,7 @@ def recover_stalled() -> list[int]:
     for document_id in Document.objects.filter(status__in=IN_PROGRESS).values_list("pk", flat=True):
         holder = _holder(client, document_id)
         if holder is None or _alive(client, holder):
-            continue  # ingested in-process (manage.py ingest), or still under way
+            continue  # ingested in-process (manage.py ingest --in-process), or still under way
         if client.getdel(holder_key(document_id)) is None:
             continue  # another worker's sweep took it first
         log.warning("the worker %s stopped while ingesting document %s: queued again", holder, document_id)

@@ -131,8 +131,9 @@ def _tell_received(sender=None, request=None, **kwargs):
     if request is None or request.name != "workers.generate":
         return
     from chat import events
+    from llmsite import contract
 
     try:
-        events.publish(request.id, {"type": "received", "worker": HOSTNAME})
+        events.publish(request.id, contract.Received(worker=HOSTNAME))
     except Exception:  # Redis away: the stream's own timeout still ends it
         log.warning("could not announce the received request %s", request.id, exc_info=True)

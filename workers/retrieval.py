@@ -4,6 +4,7 @@ knowledge base, publish the sources, and put the chunks into the prompt (as many
 from collections.abc import Callable
 
 from chat import events
+from llmsite import contract
 
 # Tokens kept free for the answer when chunks are dropped to fit the context.
 ANSWER_ROOM_TOKENS = 256
@@ -27,5 +28,5 @@ def ground(*, request_id: str, knowledge_base_id: int, messages: list[dict], fit
 
     while hits and not fits(with_context(hits)):
         hits = hits[:-1]  # the lowest-ranked chunk goes first
-    events.publish(request_id, {"type": "sources", "sources": [hit.source() for hit in hits]})
+    events.publish(request_id, contract.Sources([hit.source() for hit in hits]))
     return with_context(hits)

@@ -9,29 +9,10 @@ log = logging.getLogger(__name__)
 
 
 @shared_task(name="workers.generate", ignore_result=True)
-def generate(
-    *,
-    request_id: str,
-    deployment: str,
-    messages: list,
-    params: dict,
-    knowledge_base: int | None = None,
-    prompt_format: dict | None = None,
-    cache_scope: str = "",
-    **newer_fields,
-) -> None:
-    """Generate one answer; at most once (acknowledged on start, never retried)."""
-    if newer_fields:  # from a newer web tier: this worker answers without them
-        log.warning("generation %s: fields this worker does not know ignored: %s", request_id, sorted(newer_fields))
-    services.run_generation(
-        request_id=request_id,
-        deployment=deployment,
-        messages=messages,
-        params=params,
-        knowledge_base=knowledge_base,
-        prompt_format=prompt_format,
-        cache_scope=cache_scope,
-    )
+def generate(**request) -> None:
+    """Generate one answer for a GenerationRequest (llmsite.contract, sent as the task's kwargs);
+    at most once (acknowledged on start, never retried)."""
+    services.generate(request)
 
 
 @shared_task(name="workers.embed", ignore_result=True)

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from chat.errors import ApiError, Forbidden, InvalidRequest, RateLimited, UnknownDeployment
+from llmsite.errors import ApiError, Forbidden, InvalidRequest, RateLimited, UnknownDeployment
 from chat.generation import Conversation
 from chat.protocols.predict import PredictFields
 
@@ -254,12 +254,12 @@ class ErrorBody(BaseModel):
 # --- translation ----------------------------------------------------------------------------
 
 
-def usage(final: dict) -> Usage:
+def usage(final) -> Usage:
     """The usage of a generation's final event, with how many prompt tokens came from its engine's
     cache as OpenAI's `prompt_tokens_details.cached_tokens` (0 where the worker does not say)."""
-    counts = final.get("usage") or {}
+    counts = final.usage or {}
     prompt, completion = counts.get("prompt_tokens") or 0, counts.get("completion_tokens") or 0
-    details = PromptTokensDetails(cached_tokens=final.get("cached_tokens") or 0)
+    details = PromptTokensDetails(cached_tokens=final.cached_tokens or 0)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, prompt_tokens_details=details)
 
 

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from chat.errors import InvalidRequest
+from llmsite.errors import InvalidRequest
 
 StrictNumber = Annotated[float, Field(strict=True)]  # strict float still takes 0 and 1
 

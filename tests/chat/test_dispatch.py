@@ -9,9 +9,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from chat import services
-from chat.errors import Forbidden
+from llmsite.errors import Forbidden
 from chat.events import sync_client
-from chat.generation import Conversation, SamplingParams
+from chat.generation import Conversation
+from llmsite.contract import SamplingParams
 from chat.models import Deployment
 from chat.tokens import token_create
 from workers import loader

@@ -1,6 +1,6 @@
 """Acceptance 2: an upload answers before its embedding is done, the document reaches `ready` with
 its progress complete, the same file twice leaves one set of chunks, a corrupt PDF ends `failed`
-with a reason and the knowledge base stays usable; `manage.py ingest` does the same synchronously."""
+with a reason and the knowledge base stays usable; `manage.py ingest` waits for the same (tests/knowledge/test_ingest_command.py)."""
 
 import os
 import subprocess

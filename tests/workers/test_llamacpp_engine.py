@@ -39,7 +39,7 @@ def deployment(django_db_setup, django_db_blocker):
 
 @pytest.fixture(scope="module")
 def engine(deployment):
-    from workers.engines.llamacpp_engine import LlamaCppEngine
+    from workers.engines.llamacpp.engine import LlamaCppEngine
 
     engine = LlamaCppEngine(deployment)
     yield engine
@@ -188,7 +188,7 @@ def test_with_an_interval_the_first_piece_goes_at_once_and_the_rest_waits_for_it
 def test_each_request_has_its_own_kv_room(engine, deployment):
     """One KV stream per request (not one cache shared by all): the engine's context is a request's
     room, and every sequence id can hold a prompt of that room's size at once."""
-    from workers.engines.llamacpp_engine import DEFAULT_SEQ_TOKENS
+    from workers.engines.llamacpp.config import DEFAULT_SEQ_TOKENS
 
     assert engine.model.streams == deployment.max_batch_size
     assert engine.context_length == min(DEFAULT_SEQ_TOKENS, engine.model.n_ctx_train)
@@ -197,7 +197,7 @@ def test_each_request_has_its_own_kv_room(engine, deployment):
 
 
 def test_restream_readdresses_a_one_stream_kv_state():
-    from workers.engines.llamacpp_engine import STATE_HEADER_BYTES, one_stream, restream
+    from workers.engines.llamacpp.model import STATE_HEADER_BYTES, one_stream, restream
 
     header, cells = b"\xd8\x3c\x14\xaf\x01\x00\x00\x00", b"\x05\x00\x00\x00" + b"kv-rows"
     state = header + (1).to_bytes(4, "little") + cells
@@ -220,7 +220,7 @@ def test_requests_leaving_mid_batch_leave_no_gap_in_the_decode_call(engine):
     sequence ids, one pass over the weights each: the ids of requests that left get a throwaway row
     (forgotten after the call; a gap wider than FILL_GAP_MAX is a second pass), and the answers of
     the requests still running stay their own."""
-    from workers.engines.llamacpp_engine import FILL_GAP_MAX
+    from workers.engines.llamacpp.config import FILL_GAP_MAX
     short, long = QUESTIONS[:4], QUESTIONS[4:8]
     single = {q: ask(engine, user(q), greedy(20))[0] for q in long}
     calls, decode = [], engine.model.decode
@@ -318,7 +318,7 @@ def without_saved_prompts(engine):
 
 def forget_kept_rows(engine):
     """Nothing kept: no prefix in the prefill context, no saved prompt (the engine idle)."""
-    from workers.engines.llamacpp_engine import SavedPrompts
+    from workers.engines.llamacpp.saved import SavedPrompts
 
     assert idle(engine)
     scheduler = engine.scheduler
@@ -422,7 +422,7 @@ def test_a_long_prompt_asked_again_gets_the_same_answer_from_its_saved_rows(engi
     """Regenerate: a prompt asked again, after others, prefills only its last two tokens, and its
     answer's probabilities are the same bit for bit as the first time, for a prompt longer than
     llama.cpp's tiled attention threshold too (its last rows go in a small call, TILED_ROWS)."""
-    from workers.engines.llamacpp_engine import TILED_ROWS
+    from workers.engines.llamacpp.config import TILED_ROWS
 
     story = user("Summarise this story: " + " ".join(["A fox met an owl by the river and they talked."] * 30))
     length = len(prompt_ids(engine, deployment, story))
@@ -476,7 +476,7 @@ def prompt_ids(engine, deployment, messages):
 
 
 def test_saved_prompts_stay_within_their_budget_least_recently_used_out_first():
-    from workers.engines.llamacpp_engine import SavedPrompts
+    from workers.engines.llamacpp.saved import SavedPrompts
 
     saved = SavedPrompts(budget=30)
     saved.put([1, 2, 3], b"a" * 10)
@@ -546,7 +546,7 @@ def test_a_burst_of_unrelated_prompts_is_prefilled_a_whole_prompt_at_a_time(engi
     whole rest of as many as fit (fewer than TILED_ROWS rows), never part of one beside another
     that ends and moves out (its later rows would go into the cells freed before its earlier ones):
     every one of them has its rows in order, and is saved with its answer."""
-    from workers.engines.llamacpp_engine import TILED_ROWS
+    from workers.engines.llamacpp.config import TILED_ROWS
 
     if engine.scheduler._saved is None:
         pytest.skip("saved prompts are off (LLAMACPP_PROMPT_CACHE_MIB=0)")
@@ -567,7 +567,7 @@ def test_rows_of_a_prompt_prefilled_while_others_left_are_not_kept(engine):
     (here another sequence id's, forgotten just after its first call, in the scheduler's thread),
     its later rows may go into cells before its earlier ones, where they round differently: it is
     not kept for the prompt that waits to share it, which then prefills whole."""
-    from workers.engines.llamacpp_engine import BATCH_TOKENS
+    from workers.engines.llamacpp.config import BATCH_TOKENS
 
     words = [{"role": "system", "content": "You repeat words."}]
     long = words + user("Repeat after me:" + " word" * (3 * BATCH_TOKENS))
@@ -622,7 +622,7 @@ def test_a_prompt_that_needs_the_whole_room_pushes_the_kept_prefix_out(engine):
 def test_no_prompt_ends_with_a_prefill_call_of_one_row(engine):
     """A one-row call rounds differently from longer ones (TWO_ROWS in the engine): a prompt one
     token longer than a prefill chunk ends in two rows, a one-token prompt gets a throwaway row."""
-    from workers.engines.llamacpp_engine import BATCH_TOKENS
+    from workers.engines.llamacpp.config import BATCH_TOKENS
 
     def prompt_of(words: int) -> str:
         return render_prompt(engine.tokenizer, user("Repeat after me:" + " word" * words))
@@ -644,7 +644,8 @@ def test_no_prompt_ends_with_a_prefill_call_of_one_row(engine):
 
 
 def test_decode_rows_fill_narrow_gaps_and_leave_wide_ones_to_a_second_pass(engine):
-    from workers.engines.llamacpp_engine import FILL_GAP_MAX, _Sequence
+    from workers.engines.llamacpp.config import FILL_GAP_MAX
+    from workers.engines.llamacpp.scheduler import _Sequence
 
     wide = 3 + FILL_GAP_MAX + 2  # FILL_GAP_MAX + 1 free ids before it
     running = [_Sequence(request=None, seq=seq, last_token=7, pos=5) for seq in (0, 2, 3, wide)]

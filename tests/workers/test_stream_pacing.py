@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from chat.generation import SamplingParams
+from llmsite.contract import SamplingParams
 from workers.engines.base import GenerationResult
 from workers.engines.queued import QueuedEngine
 

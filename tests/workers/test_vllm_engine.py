@@ -10,7 +10,7 @@ from typing import TypedDict
 
 import pytest
 
-from chat.generation import SamplingParams
+from llmsite.contract import SamplingParams
 from chat.models import Deployment
 from workers.engines.base import GenerationResult
 from tests.workers import fake_vllm

@@ -5,7 +5,7 @@ from workers.engines.base import Engine, GenerationResult, LoadError
 ENGINES = {
     "transformers": "workers.engines.transformers_engine.TransformersEngine",
     "vllm": "workers.engines.vllm_engine.VLLMEngine",
-    "llamacpp": "workers.engines.llamacpp_engine.LlamaCppEngine",
+    "llamacpp": "workers.engines.llamacpp.engine.LlamaCppEngine",
 }
 
 

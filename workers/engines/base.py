@@ -75,10 +75,15 @@ class Engine:
                 self._tokenizer_files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
         return self._tokenizer_files
 
-    def count_tokens(self, text: str) -> int:
-        from chat.prompting import count_tokens
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """The prompt as token ids: given so by the worker (fitted once, chat.prompting.fit_prompt),
+        or tokenized here from a rendered text (in-process callers: tests, bench)."""
+        if isinstance(prompt, list):
+            return prompt
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-        return count_tokens(self.tokenizer, text)
+    def count_tokens(self, text: str) -> int:
+        return len(self.prompt_ids(text))
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i >= 1 (quality checks; engines that can score text)."""
@@ -93,7 +98,7 @@ class Engine:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | list[int],
         params,
         result: GenerationResult,
         cancelled: Callable[[], bool],
@@ -101,7 +106,8 @@ class Engine:
         eager_chars: int = 1,
         cache_scope: str = "",
     ) -> Iterator[str]:
-        """Yield text deltas; fill `result` by the end. Text goes at once until `eager_chars`
+        """Yield text deltas for `prompt` (token ids, or a rendered text); fill `result` by the end.
+        The request's max_new_tokens already fits the context (the worker fitted it). Text goes at once until `eager_chars`
         characters went (what the caller needs before it can show anything, such as a stop-text
         check's hold-back), then at most every `interval` seconds: what arrives meanwhile waits and
         goes as one piece. The last piece (the end, a cancel, a failure) goes at once. Tokens that

@@ -12,41 +12,14 @@ generator and stop conditions.
 from __future__ import annotations
 
 import inspect
-import logging
-import queue
-import threading
-from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-log = logging.getLogger(__name__)
+from workers.engines.scheduling import BatchRequest, Scheduler
 
-
-@dataclass
-class BatchRequest:
-    """A request inside the engine; `out` receives ("token", id) ... then ("done", reason) or ("error", msg)."""
-
-    id: str
-    prompt_ids: list[int]
-    max_new_tokens: int
-    greedy: bool
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_ids: frozenset = frozenset()
-    out: queue.Queue = field(default_factory=queue.Queue)
-    # engine state
-    generated: int = 0
-    cached_tokens: int = 0  # prompt tokens not computed (a cache had their KV rows)
-    cache_scope: str = ""  # KV rows kept for this request serve only requests of the same scope
-    cache: DynamicCache | None = None
-    prefilled: int = 0
-    generator: torch.Generator | None = None
-    processors: LogitsProcessorList | None = None
+__all__ = ["BatchRequest", "BatchingScheduler", "sample_token", "start_sampling"]
 
 
 class _Batch:
@@ -115,22 +88,15 @@ def _pad_left(tensor: torch.Tensor, amount: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, amount, 0)) if amount else tensor
 
 
-class BatchingScheduler:
-    """Runs the engine loop in one thread; `submit()` and `abort()` are safe from any thread."""
+class BatchingScheduler(Scheduler):
+    """Continuous batching of a transformers model (the thread and queueing are `Scheduler`'s)."""
 
     def __init__(self, model, *, max_batch_size: int = 32, prefill_chunk: int = 256, name: str = "engine"):
-        self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self._waiting: deque[BatchRequest] = deque()
-        self._aborted: set[str] = set()
-        self._wake = threading.Condition()
         self._batch = _Batch()
         self._prefilling: BatchRequest | None = None
-        self._stopped = False
-        self.steps = 0
         self._setup_model(model)
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        super().__init__(max_batch_size=max_batch_size, name=name)
 
     def _setup_model(self, model) -> None:
         self.model = model
@@ -146,62 +112,17 @@ class BatchingScheduler:
             # attention take any length.
             torch.backends.cuda.enable_cudnn_sdp(False)
 
-    # --- from any thread -----------------------------------------------------------------
-    def submit(self, request: BatchRequest) -> None:
-        with self._wake:
-            self._waiting.append(request)
-            self._wake.notify()
-
-    def abort(self, request_id: str) -> None:
-        with self._wake:
-            self._aborted.add(request_id)
-            self._wake.notify()
-
-    def stop(self) -> None:
-        """End the engine loop (requests still inside get a "cancelled" finish)."""
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
-        self._thread.join(30)
-
     @property
     def running(self) -> int:
         return self._batch.alive + (self._prefilling is not None)
 
     # --- the engine thread ---------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopped and not self._has_work():
-                    self._wake.wait()
-                if self._stopped:
-                    break
-                aborted, self._aborted = self._aborted, set()
-            try:
-                self._drop_aborted(aborted)
-                self.step()
-            except Exception as exc:  # a broken step fails the requests in it, not the worker
-                log.exception("engine step failed")
-                self._fail_all(f"{type(exc).__name__}: {exc}")
-        with self._wake:
-            everyone = list(self._waiting) + self._remaining()
-            self._waiting.clear()
-        for request in everyone:
-            request.out.put(("done", "cancelled"))
-
     def _has_work(self) -> bool:
         return bool(self._waiting or self._batch.alive or self._prefilling is not None)
 
     def _remaining(self) -> list[BatchRequest]:
         """The requests inside the engine (not waiting), told "cancelled" when it stops."""
         return [r for r in self._batch.requests if r is not None] + ([self._prefilling] if self._prefilling else [])
-
-    def _drop_waiting(self, aborted: set[str]) -> None:
-        """Aborted requests that never started leave the queue with a "cancelled" finish."""
-        with self._wake:
-            for request in [r for r in self._waiting if r.id in aborted]:
-                self._waiting.remove(request)
-                request.out.put(("done", "cancelled"))
 
     def _drop_aborted(self, aborted: set[str]) -> None:
         if not aborted:
@@ -249,12 +170,7 @@ class BatchingScheduler:
         return group
 
     def _start(self, request: BatchRequest) -> None:
-        request.generator = torch.Generator(device=self.device)
-        if request.seed is not None:
-            request.generator.manual_seed(request.seed)
-        else:
-            request.generator.seed()
-        request.processors = _processors(request)
+        start_sampling(request, self.device)
 
     @torch.inference_mode()
     def _prefill_group(self, group: list[BatchRequest]) -> None:
@@ -333,28 +249,30 @@ class BatchingScheduler:
     def _sample(self, request: BatchRequest, logits: torch.Tensor) -> int:
         if request.greedy:
             return int(torch.argmax(logits))
-        scores = request.processors(None, logits.float().unsqueeze(0))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=request.generator))
-
-    @staticmethod
-    def _emit(request: BatchRequest, token: int) -> bool:
-        """Hand the token to the request; True when the request is finished."""
-        if token in request.stop_ids:
-            request.out.put(("done", "stop"))
-            return True
-        request.generated += 1
-        request.out.put(("token", token))
-        if request.generated >= request.max_new_tokens:
-            request.out.put(("done", "length"))
-            return True
-        return False
+        return sample_token(request, logits)
 
     def _fail_all(self, message: str) -> None:
         for request in [r for r in self._batch.requests if r is not None] + ([self._prefilling] if self._prefilling else []):
             request.out.put(("error", message))
         self._batch = _Batch()
         self._prefilling = None
+
+
+def start_sampling(request: BatchRequest, device) -> None:
+    """The request's random generator (seeded where it names a seed) and its sampling settings."""
+    request.generator = torch.Generator(device=device)
+    if request.seed is not None:
+        request.generator.manual_seed(request.seed)
+    else:
+        request.generator.seed()
+    request.processors = _processors(request)
+
+
+def sample_token(request: BatchRequest, logits: torch.Tensor) -> int:
+    """One token drawn from a row of logits with the request's settings and generator (start_sampling)."""
+    scores = request.processors(None, logits.float().unsqueeze(0))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=request.generator))
 
 
 def _processors(request: BatchRequest) -> LogitsProcessorList:

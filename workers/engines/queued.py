@@ -7,7 +7,7 @@ import time
 import uuid
 
 from workers.engines.base import Engine, GenerationResult, Pacer
-from workers.engines.batching import BatchRequest
+from workers.engines.scheduling import BatchRequest
 
 CANCEL_POLL_SECONDS = 0.1  # how often a waiting request looks at its cancel flag
 
@@ -18,18 +18,11 @@ class QueuedEngine(Engine):
     scheduler = None
     stop_ids: frozenset = frozenset()
 
-    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
-        """Submit to the scheduler; yield text as tokens arrive; abort when cancelled; text paced
-        by `interval` and `eager_chars`, kept KV rows shared within `cache_scope`, as Engine.stream says."""
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        result.prompt_tokens = len(prompt_ids)
-        max_new = params.max_new_tokens
-        if self.context_length:
-            max_new = min(max_new, self.context_length - len(prompt_ids))
-        request = BatchRequest(
+    def _request(self, prompt_ids: list[int], params, cache_scope: str) -> BatchRequest:
+        return BatchRequest(
             id=uuid.uuid4().hex,
             prompt_ids=prompt_ids,
-            max_new_tokens=max_new,
+            max_new_tokens=params.max_new_tokens,
             greedy=params.greedy,
             temperature=params.temperature,
             top_k=params.top_k,
@@ -38,6 +31,12 @@ class QueuedEngine(Engine):
             stop_ids=self.stop_ids,
             cache_scope=cache_scope,
         )
+
+    def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
+        """Submit to the scheduler; yield text as tokens arrive; abort when cancelled; text paced
+        by `interval` and `eager_chars`, kept KV rows shared within `cache_scope`, as Engine.stream says."""
+        request = self._request(self.prompt_ids(prompt), params, cache_scope)
+        result.prompt_tokens = len(request.prompt_ids)
         self.scheduler.submit(request)
         detok = IncrementalDecoder(self.tokenizer)
         last_check = time.monotonic()

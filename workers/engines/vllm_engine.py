@@ -87,25 +87,30 @@ class VLLMEngine(Engine):
             seed=params.seed,
         )
 
+    def _inputs(self, prompt, cache_scope: str):
+        """vLLM's prompt: token ids or text, with the cache salt where this vLLM takes one."""
+        inputs = {"prompt_token_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
+        if cache_scope and self._salted:
+            return {**inputs, "cache_salt": cache_scope}
+        return prompt if isinstance(prompt, str) else inputs
+
+    async def _run(self, prompt, params, cache_scope: str, request_id: str, out: queue.Queue) -> None:
+        """vLLM's outputs for one request onto `out` (in the engine's event loop thread)."""
+        try:
+            async for output in self.engine.generate(self._inputs(prompt, cache_scope), self.sampling_params(params), request_id):
+                out.put(("output", output))
+            out.put(("end", None))
+        except asyncio.CancelledError:
+            out.put(("end", None))
+        except Exception as exc:  # reported in the caller's thread
+            out.put(("error", exc))
+
     def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
         """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says;
         `cache_scope` is vLLM's cache salt (its prefix cache is shared only within it)."""
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
-        sampling = self.sampling_params(params)
-
-        async def run():
-            try:
-                inputs = {"prompt": prompt, "cache_salt": cache_scope} if cache_scope and self._salted else prompt
-                async for output in self.engine.generate(inputs, sampling, request_id):
-                    out.put(("output", output))
-                out.put(("end", None))
-            except asyncio.CancelledError:
-                out.put(("end", None))
-            except Exception as exc:  # reported in the caller's thread
-                out.put(("error", exc))
-
-        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._run(prompt, params, cache_scope, request_id, out), self._loop)
         sent, text, finished = "", "", False  # what was yielded; the whole text so far
         pacer = Pacer(interval, eager_chars)
         last_check = time.monotonic()
@@ -135,13 +140,7 @@ class VLLMEngine(Engine):
                     finished = True
                     return
                 if kind == "output":
-                    completion = value.outputs[0]
-                    result.prompt_tokens = len(value.prompt_token_ids or [])
-                    result.cached_tokens = getattr(value, "num_cached_tokens", None) or 0  # its prefix cache's hits
-                    result.completion_tokens = len(completion.token_ids)
-                    text = completion.text
-                    if value.finished:
-                        result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
+                    text = _take_output(value, result)
                 if len(text) > len(sent) and pacer.is_due():
                     delta, sent = text[len(sent) :], text
                     pacer.went(len(delta))
@@ -150,6 +149,17 @@ class VLLMEngine(Engine):
             if not finished and not result.finish_reason:
                 self._call(self.engine.abort, request_id)
             future.cancel()
+
+
+def _take_output(output, result: GenerationResult) -> str:
+    """The whole text so far of one of vLLM's outputs; its counts and finish go into `result`."""
+    completion = output.outputs[0]
+    result.prompt_tokens = len(output.prompt_token_ids or [])
+    result.cached_tokens = getattr(output, "num_cached_tokens", None) or 0  # its prefix cache's hits
+    result.completion_tokens = len(completion.token_ids)
+    if output.finished:
+        result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
+    return completion.text
 
 
 def _takes_cache_salt(vllm) -> bool:

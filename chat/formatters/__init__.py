@@ -1,0 +1,1 @@
+"""One formatter module per wire format: how it writes a request's typed events (chat.relay)."""

@@ -1,0 +1,111 @@
+"""The one owner of a request row's state: queued -> running -> ok / cancelled / error.
+
+Both tiers change a `RequestLog` only through these functions. The web tier records a request
+(queued), fails it (it could not be queued, its stream went silent) or cancels it while still
+queued (the client left); the worker starts it, finishes it and fails it. Each transition is one
+conditional UPDATE: a transition the row's status does not allow (a second delivery of a task, a
+worker finishing a request the web tier already failed) changes nothing and is logged.
+"""
+
+import logging
+
+from django.utils import timezone
+
+from chat.models import RequestLog
+
+log = logging.getLogger(__name__)
+
+Status = RequestLog.Status
+ALLOWED_FROM = {
+    Status.RUNNING: (Status.QUEUED,),
+    Status.OK: (Status.RUNNING,),
+    Status.CANCELLED: (Status.QUEUED, Status.RUNNING),
+    Status.ERROR: (Status.QUEUED, Status.RUNNING),
+}
+
+
+def storable(value):
+    """PostgreSQL text and jsonb refuse NUL characters: the stored copy shows them as U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: storable(v) for k, v in value.items()}
+    return value
+
+
+def record(*, request_id, user, token, deployment, protocol: str, prompt: str, system_prompt: str, history, params: dict) -> RequestLog:
+    """A new request, queued."""
+    return RequestLog.objects.create(
+        id=request_id,
+        user=user,
+        token=token,
+        deployment=deployment,
+        protocol=protocol,
+        prompt=storable(prompt),
+        system_prompt=storable(system_prompt),
+        history=storable(history),
+        params=storable(params),
+    )
+
+
+def record_done(*, user, token, protocol: str, prompt: str, params: dict, prompt_tokens: int | None, error: str) -> RequestLog:
+    """A request answered at once, stored as it ended (an embeddings call: ok, or error)."""
+    now = timezone.now()
+    return RequestLog.objects.create(
+        user=user,
+        token=token,
+        protocol=protocol,
+        prompt=storable(prompt),
+        params=params,
+        prompt_tokens=prompt_tokens,
+        status=Status.ERROR if error else Status.OK,
+        error=error,
+        started_at=now,
+        finished_at=now,
+    )
+
+
+def _move(request_id, to: str, **fields) -> bool:
+    """Move the row to `to` if its status allows it; else log the refusal and change nothing."""
+    moved = RequestLog.objects.filter(id=request_id, status__in=ALLOWED_FROM[to]).update(status=to, **fields)
+    if not moved:
+        now = RequestLog.objects.filter(id=request_id).values_list("status", flat=True).first()
+        log.warning("request %s: %s -> %s refused", request_id, now or "(no row)", to)
+    return bool(moved)
+
+
+def start(request_id, *, worker: str) -> bool:
+    """A worker takes a queued request, once: a second delivery of its task finds it taken."""
+    return _move(request_id, Status.RUNNING, started_at=timezone.now(), worker=worker)
+
+
+def finish(request_id, *, response: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int, first_token_at) -> bool:
+    """A running request ended: ok, or cancelled where the engine stopped it (Stop, client gone)."""
+    return _move(
+        request_id,
+        Status.CANCELLED if finish_reason == "cancelled" else Status.OK,
+        response=response,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cached_tokens=cached_tokens,
+        first_token_at=first_token_at,
+        finished_at=timezone.now(),
+    )
+
+
+def fail(request_id, message: str, **fields) -> bool:
+    """A queued or running request failed; `fields` keep what it had (the answer so far)."""
+    return _move(request_id, Status.ERROR, error=message, finished_at=timezone.now(), **fields)
+
+
+def cancel_queued(request_id) -> bool:
+    """The client left before any worker took the request."""
+    # Only from queued: a running request is ended by its worker (not a refused transition).
+    return bool(RequestLog.objects.filter(id=request_id, status=Status.QUEUED).update(status=Status.CANCELLED, finished_at=timezone.now()))
+
+
+def status_of(request_id) -> str | None:
+    return RequestLog.objects.filter(id=request_id).values_list("status", flat=True).first()

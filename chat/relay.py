@@ -1,0 +1,93 @@
+"""One relay from a request's typed events to any wire format.
+
+A wire format is a `Formatter`: one method per event type that returns what to send for it
+(bytes, text, a dict, a response: whatever its edge sends). `relay` drives a formatter from a
+generation's events, so each protocol's module holds only how it writes things.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+
+from llmsite import contract
+from llmsite.errors import ApiError, InvalidRequest, ServerError
+
+log = logging.getLogger(__name__)
+
+
+class Formatter:
+    """How one wire format writes a request's events; each method returns the items to send."""
+
+    def begin(self) -> list:
+        """What goes out before any event (an OpenAI stream's first chunk)."""
+        return []
+
+    def on_start(self, event: contract.Start) -> list:
+        return []
+
+    def on_sources(self, event: contract.Sources) -> list:
+        return []
+
+    def on_delta(self, event: contract.Delta) -> list:
+        return []
+
+    def on_final(self, event: contract.Final) -> list:
+        return []
+
+    def on_embeddings(self, event: contract.Embeddings) -> list:
+        return []
+
+    def on_error(self, event: contract.Error) -> list:
+        return []
+
+    def feed(self, event: contract.Event) -> list:
+        return getattr(self, f"on_{event.type}")(event)
+
+
+async def relay(generation, formatter: Formatter) -> AsyncIterator:
+    """Yield what `formatter` writes for each of the generation's events, then close the
+    generation (a request still running is cancelled: the client is gone).
+
+    The final event is the truth: text it holds beyond what the deltas said goes out as one more
+    delta first, so every formatter's text ends equal to the stored answer."""
+    heard: list[str] = []
+    try:
+        for item in formatter.begin():
+            yield item
+        async for event in generation.events():
+            if isinstance(event, contract.Delta):
+                heard.append(event.text)
+            elif isinstance(event, contract.Final):
+                for item in _missing_tail(event, "".join(heard), formatter):
+                    yield item
+            for item in formatter.feed(event):
+                yield item
+    finally:
+        await generation.close()
+
+
+def _missing_tail(final: contract.Final, heard: str, formatter: Formatter) -> list:
+    if final.text == heard:
+        return []
+    if final.text.startswith(heard):
+        return formatter.on_delta(contract.Delta(final.text[len(heard) :]))
+    log.warning("a final answer does not continue its deltas (%d chars heard, %d final)", len(heard), len(final.text))
+    return []
+
+
+async def first(generation, formatter: Formatter):
+    """The first item `formatter` writes (a whole answer, a check's verdict); None if none."""
+    items = relay(generation, formatter)
+    try:
+        async for item in items:
+            return item
+        return None
+    finally:
+        await items.aclose()
+
+
+def api_error(event: contract.Error) -> ApiError:
+    """An error event as the edge's error: a refusal the worker found (a prompt over the context,
+    where the web tier could not count it) is the protocol's 400, anything else a server error."""
+    if event.kind == "invalid_request":
+        return InvalidRequest(event.message, param=event.param)
+    return ServerError(event.message)

@@ -1,0 +1,31 @@
+"""Whether a live worker consumes a queue, read from the Redis keys that workers' heartbeats renew
+(workers/heartbeat.py), for code that may import neither chat/ nor workers/ (`manage.py ingest`).
+
+The key names live here so every reader and the writer agree on them.
+"""
+
+import redis
+from django.conf import settings
+
+_client = None
+
+
+def queue_alive_key(queue: str) -> str:
+    """Renewed by every worker of the queue on each heartbeat: it expires with the last one's."""
+    return f"llmsite:queue-alive:{queue}"
+
+
+def worker_host_key(hostname: str) -> str:
+    return f"llmsite:workerhost:{hostname}"
+
+
+def _redis() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    return _client
+
+
+def queue_has_worker(queue: str) -> bool:
+    """Whether some worker beat for `queue` within the last WORKER_HEARTBEAT_TTL seconds."""
+    return bool(_redis().exists(queue_alive_key(queue)))  # one key: O(1) however many keys Redis holds
