@@ -78,7 +78,11 @@ class GenerationRequest:
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict:
-        return asdict(self)
+        """The task's kwargs, checked as the worker will check them (a sender's bug fails here,
+        before anything is queued)."""
+        wire = asdict(self)
+        GenerationRequest.from_wire(wire)
+        return wire
 
     @classmethod
     def from_wire(cls, data: dict) -> GenerationRequest:

@@ -304,3 +304,13 @@ LLAMACPP_PREFILL = env.str("LLAMACPP_PREFILL", default="f16")
 LLAMACPP_DECODE = env.str("LLAMACPP_DECODE", default="q8_0")
 LLAMACPP_PREFIX_CACHE = env.str("LLAMACPP_PREFIX_CACHE", default="1") != "0"
 LLAMACPP_PROMPT_CACHE_MIB = env.int("LLAMACPP_PROMPT_CACHE_MIB", default=256)
+
+# Watching it run (README, "Operating it"). /metrics (Prometheus' text format) answers addresses in
+# METRICS_ALLOWED_NETWORKS (comma-separated CIDRs; loopback by default) or a request with
+# `Authorization: Bearer <METRICS_TOKEN>` (none when empty); everyone else gets 403.
+# WORKER_METRICS_PORT: each worker serves its own /metrics on this port (off when unset).
+# AUDIT_LOG_DAYS: how long audit entries are kept.
+METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1/128"])
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=None)
+AUDIT_LOG_DAYS = env.int("AUDIT_LOG_DAYS", default=365)
