@@ -3,7 +3,8 @@
 Events are the typed events of llmsite.contract, one JSON object each on the request's channel.
 The web tier subscribes before it enqueues, so no event is published before anyone listens.
 Cancellation has one path: the web tier sets the request's cancel key (`cancel`), and the
-worker's one `CancelWatcher` thread sees it and calls the abort its generation registered.
+worker's one `CancelWatcher` thread sees it and sets the generation's `threading.Event`, which is
+the engine's `cancelled`.
 """
 
 import asyncio

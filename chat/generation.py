@@ -2,8 +2,6 @@
 
 from dataclasses import dataclass, field
 
-from llmsite.contract import SamplingParams, StopText  # noqa: F401  (re-exported for older imports)
-
 
 @dataclass
 class Conversation:

@@ -56,7 +56,13 @@ def count_tokens(tokenizer, text: str) -> int:
 
 
 _cache: dict[str, object] = {}
+_digests: dict[int, str] = {}  # id(tokenizer) -> the digest of the files it was built from
 _lock = threading.Lock()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """The digest of the published files an edge tokenizer was rebuilt from ("" if unknown)."""
+    return _digests.get(id(tokenizer), "")
 
 
 def files_digest(files: dict) -> str:
@@ -83,6 +89,8 @@ def edge_tokenizer(files: dict):
             log.exception("cannot rebuild the tokenizer in the web tier; the worker will check lengths")
             tokenizer = None
         _cache[digest] = tokenizer
+        if tokenizer is not None:
+            _digests[id(tokenizer)] = digest
         return tokenizer
 
 

@@ -48,7 +48,8 @@ async def relay(generation, formatter: Formatter) -> AsyncIterator:
     generation (a request still running is cancelled: the client is gone).
 
     The final event is the truth: text it holds beyond what the deltas said goes out as one more
-    delta first, so every formatter's text ends equal to the stored answer."""
+    delta first (a formatter whose objects hold the whole answer so far also sends the final text
+    when it does not continue the deltas)."""
     heard: list[str] = []
     try:
         for item in formatter.begin():

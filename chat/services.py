@@ -26,13 +26,12 @@ from llmsite.errors import (
 )
 from chat.generation import Conversation
 from chat.models import ApiToken, Deployment
-from chat.prompting import deployment_tokenizer, fit_prompt
+from chat.prompting import deployment_tokenizer, fit_prompt, tokenizer_digest
 from chat.protocols.predict import PredictFields
 from llmsite import contract, producer
 from llmsite.contract import GenerationRequest, PromptFormat, SamplingParams
 
 log = logging.getLogger(__name__)
-
 
 
 def access_deployment(*, token: ApiToken, name: str) -> Deployment:
@@ -88,14 +87,16 @@ def prompt_format_of(deployment: Deployment) -> PromptFormat:
     return PromptFormat(model_type=deployment.model_type, chat_template=deployment.chat_template, context_length=deployment.context_length)
 
 
-def fit_to_context(*, deployment: Deployment, conversation: Conversation, params: SamplingParams) -> list[int] | None:
-    """The prompt's token ids, counted and checked once here (ContextTooLong; max_new_tokens capped);
-    None while no worker has published the tokenizer: the worker fits the prompt then."""
+def fit_to_context(*, deployment: Deployment, conversation: Conversation, params: SamplingParams) -> tuple[list[int] | None, str]:
+    """The prompt's token ids, counted and checked once here (ContextTooLong; max_new_tokens capped),
+    and the digest of the tokenizer files that counted them; (None, "") while no worker has
+    published the tokenizer: the worker fits the prompt then."""
     context = deployment.effective_context_length
     tokenizer = deployment_tokenizer(deployment)
     if tokenizer is None or not context:
-        return None
-    return fit_prompt(tokenizer, conversation.messages(), prompt_format_of(deployment), params, context_length=context)
+        return None, ""
+    ids = fit_prompt(tokenizer, conversation.messages(), prompt_format_of(deployment), params, context_length=context)
+    return ids, tokenizer_digest(tokenizer)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Prepared:
     knowledge_base: int | None = None  # langchain: the knowledge base's id, searched on the worker
     user: object = None
     prompt_ids: list[int] | None = None  # counted here; None: the worker fits the prompt
+    tokenizer_digest: str = ""  # the tokenizer files that counted prompt_ids
 
 
 def prepare(
@@ -125,13 +127,14 @@ def prepare(
     """
     params = sampling_for(deployment=deployment, fields=fields)
     knowledge_base = check_retrieval(user=user or token.user, deployment=deployment, fields=fields)
-    prompt_ids = fit_to_context(deployment=deployment, conversation=conversation, params=params)
+    prompt_ids, digest = fit_to_context(deployment=deployment, conversation=conversation, params=params)
     if token is not None:
         ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
     if knowledge_base is not None:
         prompt_ids = None  # the worker adds the sources to the messages, and fits them then
-    user = user or token.user
-    return Prepared(deployment, token, conversation, params, protocol, knowledge_base=knowledge_base, user=user, prompt_ids=prompt_ids)
+    prepared = Prepared(deployment, token, conversation, params, protocol, knowledge_base=knowledge_base, user=user or token.user)
+    prepared.prompt_ids, prepared.tokenizer_digest = prompt_ids, digest
+    return prepared
 
 
 def cache_scope(user) -> str:
@@ -151,6 +154,7 @@ def generation_request(prepared: Prepared, request_id: str) -> GenerationRequest
         sampling=prepared.params,
         prompt_format=prompt_format_of(prepared.deployment),
         prompt_ids=prepared.prompt_ids,
+        tokenizer_digest=prepared.tokenizer_digest,
         knowledge_base=prepared.knowledge_base,
         cache_scope=cache_scope(prepared.user),
     )

@@ -12,7 +12,6 @@ from llmsite.errors import ApiError
 from llmsite.pages import site_page
 from knowledge import selectors, services
 from knowledge.errors import BadUpload
-from knowledge.models import Document
 
 
 def _documents(kb):

@@ -6,9 +6,8 @@ from django.views.decorators.csrf import csrf_exempt
 
 from llmsite import auth
 from llmsite.errors import ApiError, MethodNotAllowed
-from knowledge import services
+from knowledge import selectors, services
 from knowledge.errors import BadUpload, FileTooLarge, ReadOnly
-from knowledge.models import Document
 
 # Room for the multipart envelope around the file when the Content-Length is checked up front.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024

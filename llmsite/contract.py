@@ -18,8 +18,10 @@ from typing import Any, ClassVar, Union
 log = logging.getLogger(__name__)
 
 # Raised when a field is added that an older worker must not ignore; a worker refuses a request
-# of a newer version than its own with an error event instead of answering it wrongly.
-PROTOCOL_VERSION = 1
+# of a newer version than its own with an error event instead of answering it wrongly. Version 2
+# is the first typed request (before it, tasks carried `params` and no `version`: a worker and a
+# web tier of different sides of that change cannot talk; upgrade both together).
+PROTOCOL_VERSION = 2
 
 
 class ContractError(ValueError):
@@ -73,6 +75,7 @@ class GenerationRequest:
     sampling: SamplingParams
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     prompt_ids: list[int] | None = None
+    tokenizer_digest: str = ""  # which tokenizer files counted prompt_ids (the worker refits on another)
     knowledge_base: int | None = None  # langchain: the knowledge base's id, searched on the worker
     cache_scope: str = ""  # KV rows kept by the engine are shared only within one scope
     version: int = PROTOCOL_VERSION
@@ -93,37 +96,64 @@ class GenerationRequest:
         if unknown:
             log.warning("request %s: fields this worker does not know ignored: %s", data.get("request_id"), unknown)
         values = {k: v for k, v in data.items() if k in known}
-        _require(values, "request_id", str)
-        _require(values, "deployment", str)
-        _require(values, "messages", list)
-        _require(values, "sampling", dict)
+        for name in ("request_id", "deployment", "messages", "sampling"):
+            if name not in values:
+                raise ContractError(f"{name}: missing")
+        values["sampling"] = _build(SamplingParams, values["sampling"], "sampling", log_unknown=True)
+        values["prompt_format"] = _build(PromptFormat, values.get("prompt_format") or {}, "prompt_format", log_unknown=True)
+        _check_types(cls, values, "")
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in values["messages"]):
             raise ContractError("messages: each message must be an object with a 'role'")
-        values["sampling"] = _build(SamplingParams, values["sampling"], "sampling")
-        values["prompt_format"] = _build(PromptFormat, values.get("prompt_format") or {}, "prompt_format")
         ids = values.get("prompt_ids")
-        if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+        if ids is not None and not all(_is(i, int) for i in ids):
             raise ContractError("prompt_ids: must be a list of token ids")
         request = cls(**values)
-        if not isinstance(request.version, int) or request.version > PROTOCOL_VERSION:
+        if request.version > PROTOCOL_VERSION:
             raise ContractError(f"version: this worker speaks version {PROTOCOL_VERSION}, the request {request.version!r}")
         return request
 
 
-def _require(values: dict, name: str, kind: type) -> None:
-    if name not in values:
-        raise ContractError(f"{name}: missing")
-    if not isinstance(values[name], kind):
-        raise ContractError(f"{name}: expected {kind.__name__}, got {type(values[name]).__name__}")
+# The field types the contract uses, as `from __future__ import annotations` writes them.
+_TYPES: dict[str, tuple] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "dict": (dict,),
+    "list": (list,),
+    "list[str]": (list,),
+    "list[int]": (list,),
+    "list[dict]": (list,),
+    "int | None": (int, type(None)),
+    "list[int] | None": (list, type(None)),
+    "str | None": (str, type(None)),
+}
 
 
-def _build(kind: type, data: Any, where: str):
-    """A dataclass from a dict, naming the field that is missing or unknown."""
+def _is(value, kinds) -> bool:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool) and bool not in kinds:
+        return False  # JSON's true is not a count
+    return isinstance(value, kinds)
+
+
+def _check_types(kind: type, values: dict, where: str) -> None:
+    for f in dataclasses.fields(kind):
+        if f.name in values and f.type in _TYPES and not _is(values[f.name], _TYPES[f.type]):
+            raise ContractError(f"{where}{f.name}: expected {f.type}, got {type(values[f.name]).__name__}")
+
+
+def _build(kind: type, data: Any, where: str, log_unknown: bool = False):
+    """A dataclass from a dict, naming the field that is missing or mistyped."""
     if not isinstance(data, dict):
         raise ContractError(f"{where}: expected an object")
     names = {f.name for f in dataclasses.fields(kind)}
+    if log_unknown and set(data) - names:
+        log.warning("%s: fields this worker does not know ignored: %s", where, sorted(set(data) - names))
+    values = {k: v for k, v in data.items() if k in names}
+    _check_types(kind, values, f"{where}.")
     try:
-        return kind(**{k: v for k, v in data.items() if k in names})
+        return kind(**values)
     except TypeError as exc:
         raise ContractError(f"{where}: {exc}") from None
 

@@ -1,6 +1,6 @@
-"""The Celery app. `celery -A workers worker -Q <queue>` starts a worker for those queues.
+"""The workers' Celery app: `celery -A workers worker -Q <queue>` starts a worker for those queues.
 
-This module is imported by the web tier too (to send tasks by name), so it imports no model code.
+The web tier sends tasks by name through its own app (llmsite/producer.py) and never imports this.
 """
 
 import os

@@ -5,6 +5,8 @@ request's row only through chat.lifecycle.
 """
 
 import logging
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.conf import settings
 from django.db import Error as DBError, close_old_connections
@@ -13,7 +15,7 @@ from django.utils import timezone
 from chat import events, lifecycle
 from chat.chat_formats import stop_strings
 from chat.models import Deployment
-from chat.prompting import fit_prompt
+from chat.prompting import files_digest, fit_prompt
 from chat.services import release_connection
 from llmsite import contract
 from llmsite.contract import ContractError, GenerationRequest, PromptFormat, StopText
@@ -30,6 +32,16 @@ class GenerationFailed(Exception):
     def __init__(self, message: str, kind: str = "server_error", param: str | None = None):
         super().__init__(message)
         self.event = contract.Error(message, kind=kind, param=param)
+
+
+@dataclass
+class Answer:
+    """What one generation has produced so far: its text (cut at a stop string), the engine's
+    counts, and when its first token came."""
+
+    stopper: StopText = field(default_factory=lambda: StopText([]))
+    result: GenerationResult = field(default_factory=GenerationResult)
+    first_token_at: datetime | None = None
 
 
 def generate(wire: dict) -> None:
@@ -53,22 +65,22 @@ def run_generation(request: GenerationRequest) -> None:
     with events.cancel_watcher.watching(request.request_id) as cancel:  # Stop and a client gone reach the engine
         log.info("generation %s started", request.request_id)
         events.publish(request.request_id, contract.Start(worker=loader.HOSTNAME))
-        stopper, result, first_token_at = None, GenerationResult(), None
+        answer = Answer()
         try:
             target, engine = _engine(request)
             prompt_ids = _fit(request, target, engine)
             release_connection()  # back to the pool while the answer streams; the end takes one again
-            stopper = StopText([*request.sampling.stop, *stop_strings(target.model_type)])
-            first_token_at = _stream(request, engine, prompt_ids, stopper, result, cancel)
+            answer.stopper = StopText([*request.sampling.stop, *stop_strings(target.model_type)])
+            _stream(request, engine, prompt_ids, answer, cancel)
         except GenerationFailed as exc:
             _end_failed(request.request_id, exc)
             return
         except Exception as exc:
             log.exception("generation %s failed", request.request_id)
-            answer = stopper.text if stopper else ""
-            _end_failed(request.request_id, GenerationFailed(f"Generation failed: {exc}"), response=answer, first_token_at=first_token_at)
+            failure = GenerationFailed(f"Generation failed: {exc}")
+            _end_failed(request.request_id, failure, response=answer.stopper.text, first_token_at=answer.first_token_at)
             return
-        _end_finished(request.request_id, stopper, result, first_token_at)
+        _end_finished(request.request_id, answer)
 
 
 def _claim(request_id: str) -> bool:
@@ -114,10 +126,13 @@ def _prompt_target(name: str, prompt_format: PromptFormat | dict | None) -> Depl
 
 
 def _fit(request: GenerationRequest, target: Deployment, engine) -> list[int]:
-    """The prompt's token ids: as the web tier counted them, else fitted here (no tokenizer in the
-    web tier yet, or knowledge-base sources added to the messages)."""
+    """The prompt's token ids: as the web tier counted them with this engine's tokenizer files,
+    else fitted here (no tokenizer in the web tier yet, one of an earlier model of the deployment,
+    or knowledge-base sources added to the messages)."""
     if request.prompt_ids is not None:
-        return request.prompt_ids
+        if request.tokenizer_digest == _files_digest(engine):
+            return request.prompt_ids
+        log.info("generation %s refits its prompt: counted with other tokenizer files", request.request_id)
     fmt = PromptFormat(target.model_type, target.chat_template, target.context_length or engine.context_length)
     messages = request.messages
     try:
@@ -126,6 +141,14 @@ def _fit(request: GenerationRequest, target: Deployment, engine) -> list[int]:
         return fit_prompt(engine.tokenizer, messages, fmt, request.sampling)
     except ContextTooLong as exc:
         raise GenerationFailed(exc.message, kind="invalid_request", param=exc.param) from None
+
+
+def _files_digest(engine) -> str:
+    """The digest of the tokenizer files this engine published (as the web tier computes it)."""
+    digest = getattr(engine, "_files_digest", None)
+    if digest is None:
+        digest = engine._files_digest = files_digest(engine.tokenizer_files())
+    return digest
 
 
 def _ground(request: GenerationRequest, engine, fmt: PromptFormat) -> list[dict]:
@@ -141,15 +164,15 @@ def _ground(request: GenerationRequest, engine, fmt: PromptFormat) -> list[dict]
     return retrieval.ground(request_id=request.request_id, knowledge_base_id=request.knowledge_base, messages=request.messages, fits=fits)
 
 
-def _stream(request: GenerationRequest, engine, prompt_ids: list[int], stopper: StopText, result: GenerationResult, cancel):
-    """Stream the answer's text as delta events; returns when its first token came."""
-    first_token_at = None
+def _stream(request: GenerationRequest, engine, prompt_ids: list[int], answer: Answer, cancel) -> None:
+    """Stream the answer's text as delta events."""
+    stopper = answer.stopper
     # Pieces go at once until the stop-text check can show something, then every STREAM_INTERVAL_MS.
     pacing = {"interval": settings.STREAM_INTERVAL_MS / 1000, "eager_chars": stopper.hold + 1}
-    pieces = engine.stream(prompt_ids, request.sampling, result, cancel.is_set, cache_scope=request.cache_scope, **pacing)
+    pieces = engine.stream(prompt_ids, request.sampling, answer.result, cancel.is_set, cache_scope=request.cache_scope, **pacing)
     try:
         for delta in pieces:
-            first_token_at = first_token_at or timezone.now()
+            answer.first_token_at = answer.first_token_at or timezone.now()
             # A NUL character (a byte-level token that models can emit) cannot be stored in
             # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
             if ready := stopper.feed(delta.replace("\x00", "")):
@@ -160,10 +183,10 @@ def _stream(request: GenerationRequest, engine, prompt_ids: list[int], stopper: 
         pieces.close()
     if not stopper.hit and (tail := stopper.flush()):
         events.publish(request.request_id, contract.Delta(tail))
-    return first_token_at
 
 
-def _end_finished(request_id: str, stopper: StopText, result: GenerationResult, first_token_at) -> None:
+def _end_finished(request_id: str, answer: Answer) -> None:
+    stopper, result = answer.stopper, answer.result
     if stopper.hit:
         result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
@@ -175,7 +198,7 @@ def _end_finished(request_id: str, stopper: StopText, result: GenerationResult, 
             request_id,
             response=stopper.text,
             finish_reason=result.finish_reason,
-            first_token_at=first_token_at,
+            first_token_at=answer.first_token_at,
             cached_tokens=result.cached_tokens,
             **usage,
         ),

@@ -9,6 +9,7 @@ from ninja.streaming import SSE
 from chat.protocols import openai as wire
 from chat.relay import Formatter, api_error
 from llmsite import contract
+from llmsite.errors import ServerError
 
 
 def sse(item) -> str:
@@ -76,7 +77,7 @@ class OpenAIStream(Formatter):
         return [*out, sse("[DONE]")]
 
     def on_error(self, event: contract.Error) -> list:
-        return [sse(wire.error_body(api_error(event)))]
+        return [sse(wire.error_body(ServerError(event.message)))]  # the stream began: a server error
 
 
 class OpenAIAnswer(Formatter):

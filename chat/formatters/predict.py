@@ -5,6 +5,7 @@ import json
 from chat.protocols.predict import chunk, error_chunk
 from chat.relay import Formatter, api_error
 from llmsite import contract
+from llmsite.errors import ServerError
 
 
 class PredictStream(Formatter):
@@ -27,12 +28,14 @@ class PredictStream(Formatter):
         return [out]
 
     def on_final(self, event: contract.Final) -> list:
-        if self.sources is None:
+        if event.text == self.answer and self.sources is None:
             return []
-        return [chunk(event.text, self.history, self.prompt, sources=self.sources)]  # sources and no text
+        # The last object holds the whole answer: sources with no text, or a final answer that
+        # does not continue what the deltas said (the relay sends a continuation as a delta).
+        return [chunk(event.text, self.history, self.prompt, sources=self.sources)]
 
     def on_error(self, event: contract.Error) -> list:
-        return [error_chunk(api_error(event).body())]
+        return [error_chunk(ServerError(event.message).body())]  # the stream began: a server error
 
 
 class PredictAnswer(Formatter):

@@ -116,3 +116,15 @@ def test_a_transition_the_state_does_not_allow_is_refused_and_logged(user, caplo
     )
     row = RequestLog.objects.get(id=request_id)
     assert (row.status, row.worker, row.response) == (RequestLog.Status.ERROR, "w1", "")
+
+
+def test_the_worker_generates_from_the_ids_the_web_tier_counted(stack, token):
+    """The web tier's count is the one the worker uses: its tokenizer files are the worker's."""
+    import requests
+
+    question = f"What is the capital of France? ({uuid.uuid4().hex[:6]})"
+    answer = requests.post(stack.predict_url(), headers={"Authorization": token}, json={"prompt": question, "max_new_tokens": 2}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    row = RequestLog.objects.get(prompt=question)
+    assert row.status == RequestLog.Status.OK and row.prompt_tokens > 0
+    assert f"generation {row.id} refits" not in stack.worker.log_path.read_text(errors="replace")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chat.generation import SamplingParams
+from llmsite.contract import SamplingParams
 from chat.models import Deployment
 from chat.prompting import render_prompt
 from workers.engines.base import GenerationResult

@@ -107,7 +107,8 @@ class Engine:
         cache_scope: str = "",
     ) -> Iterator[str]:
         """Yield text deltas for `prompt` (token ids, or a rendered text); fill `result` by the end.
-        The request's max_new_tokens already fits the context (the worker fitted it). Text goes at once until `eager_chars`
+        The worker fitted max_new_tokens to the deployment's context; an engine caps it to its own
+        room per request too. Text goes at once until `eager_chars`
         characters went (what the caller needs before it can show anything, such as a stop-text
         check's hold-back), then at most every `interval` seconds: what arrives meanwhile waits and
         goes as one piece. The last piece (the end, a cancel, a failure) goes at once. Tokens that

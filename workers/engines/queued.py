@@ -19,10 +19,13 @@ class QueuedEngine(Engine):
     stop_ids: frozenset = frozenset()
 
     def _request(self, prompt_ids: list[int], params, cache_scope: str) -> BatchRequest:
+        max_new = params.max_new_tokens
+        if self.context_length:  # the engine's own room per request (the worker fitted the deployment's)
+            max_new = min(max_new, self.context_length - len(prompt_ids))
         return BatchRequest(
             id=uuid.uuid4().hex,
             prompt_ids=prompt_ids,
-            max_new_tokens=params.max_new_tokens,
+            max_new_tokens=max_new,
             greedy=params.greedy,
             temperature=params.temperature,
             top_k=params.top_k,
@@ -65,7 +68,6 @@ class QueuedEngine(Engine):
                     if value == "stop":
                         result.completion_tokens += 1  # the end-of-turn token was generated too
                     result.finish_reason = value
-                    result.cached_tokens = request.cached_tokens
                     text = "".join(held) + detok.flush()
                     if text:
                         yield text
@@ -81,6 +83,7 @@ class QueuedEngine(Engine):
                         pacer.went(len(text))
                         yield text
         finally:
+            result.cached_tokens = request.cached_tokens  # also when the consumer stopped early (a stop string)
             if not result.finish_reason:  # the consumer stopped early: free the slot
                 self.scheduler.abort(request.id)
 
