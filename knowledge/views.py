@@ -4,9 +4,10 @@ from django.conf import settings
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from audit import services as audit
 from llmsite import auth
 from llmsite.errors import ApiError, MethodNotAllowed
-from knowledge import services
+from knowledge import selectors, services
 from knowledge.errors import BadUpload, FileTooLarge, ReadOnly
 from knowledge.models import Document
 
@@ -51,6 +52,8 @@ def documents(request, knowledge_base: str):
         document, created = services.document_upload(knowledge_base=kb, name=upload.name, data=upload.read(), uploaded_by=token.user)
     except ApiError as exc:
         return _error(exc)
+    note = f"API token {token.prefix}…; knowledge base {kb.name}" + ("" if created else f"; already stored as {document.name}")
+    audit.record(action=audit.Action.DOCUMENT_UPLOADED, request=request, user=token.user, obj=document, note=note)
     return JsonResponse({**selectors.document_json(document), "duplicate": not created}, status=202 if created else 200)
 
 
