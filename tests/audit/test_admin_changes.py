@@ -35,6 +35,8 @@ def test_a_deployment_changed_and_deleted_in_the_admin_is_recorded_with_what_cha
     entry = only_entry(action=Action.ADMIN_CHANGED, object_type="chat.deployment", object_id=str(deployment.pk))
     assert (entry.user, entry.username, entry.address, entry.object_text) == (admin_user, admin_user.username, ip, deployment.name)
     assert entry.changes == {"enabled": [True, False], "default_temperature": [0.95, 0.5]}
+    shown = client.get(f"/admin/audit/auditentry/{entry.pk}/change/").content.decode()
+    assert "default_temperature: 0.95 → 0.5" in shown and "enabled: true → false" in shown
 
     _save(client, f"/admin/chat/deployment/{deployment.pk}/change/", "deployment_form")  # nothing changed: no entry
     assert AuditEntry.objects.filter(object_type="chat.deployment", object_id=str(deployment.pk)).count() == 1
