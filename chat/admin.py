@@ -3,13 +3,15 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Count, Sum
 
+from audit.admin_mixins import AuditedAdmin
+from audit.services import Action
 from chat import probes
 from chat.models import ApiToken, Conversation, Deployment, Message, RequestLog
-from chat.tokens import token_create
+from chat.tokens import token_create, token_revoke
 
 
 @admin.register(Deployment)
-class DeploymentAdmin(admin.ModelAdmin):
+class DeploymentAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ["name", "model_source", "model_type", "engine", "precision", "queue", "enabled", "status", "status_updated_at"]
     list_filter = ["enabled", "status", "engine"]
     search_fields = ["name", "model_source"]
@@ -44,40 +46,49 @@ class DeploymentAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ["prefix", "user", "name", "requests_per_minute", "tokens_per_minute", "created_at", "last_used_at", "revoked_at"]
     list_filter = ["revoked_at"]
     search_fields = ["user__username", "name", "prefix"]
     fields = ["user", "name", "deployments", "requests_per_minute", "tokens_per_minute", "revoked_at"]
     filter_horizontal = ["deployments"]
     actions = ["revoke"]
+    audit_added_action = None  # token_create records the new token (token_created)
 
     def save_model(self, request, obj, form, change):
         if change:
             return super().save_model(request, obj, form, change)
-        token, raw = token_create(user=obj.user, name=obj.name)
-        ApiToken.objects.filter(pk=token.pk).update(
-            requests_per_minute=obj.requests_per_minute, tokens_per_minute=obj.tokens_per_minute
+        token, raw = token_create(
+            user=obj.user,
+            name=obj.name,
+            deployments=list(form.cleaned_data.get("deployments") or []),
+            requests_per_minute=obj.requests_per_minute,
+            tokens_per_minute=obj.tokens_per_minute,
+            request=request,
         )
         obj.pk, obj.prefix, obj.digest, obj.created_at = token.pk, token.prefix, token.digest, token.created_at
         obj._state.adding = False
         messages.warning(request, f"The new token (shown only this once): {raw}")
 
+    def audit_action_for_change(self, obj, changes):
+        revoked_at = changes.get("revoked_at")
+        revoked = isinstance(revoked_at, list) and revoked_at[0] is None and revoked_at[1] is not None
+        return Action.TOKEN_REVOKED if revoked else super().audit_action_for_change(obj, changes)
+
     @admin.action(description="Revoke the selected tokens")
     def revoke(self, request, queryset):
-        from django.utils import timezone
-
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        count = token_revoke(tokens=queryset, request=request)
         self.message_user(request, f"Revoked {count} token(s).")
 
 
 @admin.register(RequestLog)
-class RequestLogAdmin(admin.ModelAdmin):
+class RequestLogAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ["id", "queued_at", "user", "deployment", "protocol", "status", "prompt_tokens", "cached_tokens", "completion_tokens"]
     list_filter = ["status", "deployment", "protocol", "user"]
     search_fields = ["id", "prompt", "response"]
     date_hierarchy = "queued_at"
     readonly_fields = [f.name for f in RequestLog._meta.fields]
+    audit_deleted_values = False  # prompts and answers do not outlive their rows in the audit log
 
     def has_add_permission(self, request):
         return False
@@ -107,10 +118,11 @@ class MessageInline(admin.TabularInline):
 
 
 @admin.register(Conversation)
-class ConversationAdmin(admin.ModelAdmin):
+class ConversationAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ["title", "user", "deployment", "created_at", "updated_at"]
     list_filter = ["deployment"]
     search_fields = ["title", "user__username"]
     readonly_fields = ["user", "deployment", "params", "created_at", "updated_at"]
     fields = ["title", "user", "deployment", "system_prompt", "params", "created_at", "updated_at"]
     inlines = [MessageInline]
+    audit_deleted_values = False  # a user's content does not outlive its row in the audit log

@@ -3,13 +3,15 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import Count
 
+from audit import services as audit
+from audit.admin_mixins import AuditedAdmin
 from llmsite.errors import ApiError
 from knowledge import services
 from knowledge.models import Document, KnowledgeBase
 
 
 @admin.register(KnowledgeBase)
-class KnowledgeBaseAdmin(admin.ModelAdmin):
+class KnowledgeBaseAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ["name", "owner", "document_count", "chunk_size", "chunk_overlap", "retrieval_k", "created_at"]
     search_fields = ["name", "owner__username"]
     filter_horizontal = ["shared_with"]
@@ -42,7 +44,7 @@ class DocumentUploadForm(forms.ModelForm):
 
 
 @admin.register(Document)
-class DocumentAdmin(admin.ModelAdmin):
+class DocumentAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ["name", "knowledge_base", "status", "progress", "error", "size", "updated_at"]
     list_filter = ["status", "knowledge_base"]
     search_fields = ["name", "sha256"]
@@ -51,6 +53,8 @@ class DocumentAdmin(admin.ModelAdmin):
         "chunks_done", "chunks_total", "uploaded_by", "created_at", "updated_at",
     ]  # fmt: skip
     actions = ["reingest"]
+    audit_added_action = None  # save_model records the upload (document_uploaded)
+    audit_deleted_action = audit.Action.DOCUMENT_DELETED
 
     def get_queryset(self, request):
         return super().get_queryset(request).defer("content")
@@ -79,6 +83,9 @@ class DocumentAdmin(admin.ModelAdmin):
         )
         obj.pk = document.pk
         obj._state.adding = False
+        kb_name = form.cleaned_data["knowledge_base"].name
+        note = f"admin; knowledge base {kb_name}" + ("" if created else f"; already stored as {document.name}")
+        audit.record(action=audit.Action.DOCUMENT_UPLOADED, request=request, obj=document, note=note)
         if not created:
             messages.warning(request, f"This file is already in the knowledge base as '{document.name}'.")
 
@@ -89,4 +96,8 @@ class DocumentAdmin(admin.ModelAdmin):
     def reingest(self, request, queryset):
         for document in queryset:
             services.document_reingest(document=document)
+            audit.record(
+                action=audit.Action.ADMIN_CHANGED, request=request, obj=document,
+                changes={"status": [document.status, "queued"]}, note="re-ingest",
+            )  # fmt: skip
         self.message_user(request, f"Queued {queryset.count()} document(s) for ingestion.")

@@ -8,6 +8,7 @@ from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
+from audit import services as audit
 from llmsite.errors import ApiError
 from llmsite.pages import site_page
 from knowledge import selectors, services
@@ -58,7 +59,9 @@ def upload(request, name):
             raise BadUpload("Choose a file to upload.")
         for upload in files:
             services.check_upload(name=upload.name or "", size=upload.size)
-            document, _ = services.document_upload(knowledge_base=kb, name=upload.name, data=upload.read(), uploaded_by=request.user)
+            document, created = services.document_upload(knowledge_base=kb, name=upload.name, data=upload.read(), uploaded_by=request.user)
+            note = f"page; knowledge base {kb.name}" + ("" if created else f"; already stored as {document.name}")
+            audit.record(action=audit.Action.DOCUMENT_UPLOADED, request=request, obj=document, note=note)
             results.append(selectors.document_json(document))
     except ApiError as exc:
         if request.headers.get("Accept") == "application/json":
@@ -75,7 +78,9 @@ def document_delete(request, name, document_id):
     kb = services.knowledge_base_for_page(user=request.user, name=name)
     try:
         document = services.access_document(knowledge_base=kb, document_id=document_id)
+        target = audit.describe(document)  # the row's id goes with it
         services.document_delete(user=request.user, document=document)
+        audit.record(action=audit.Action.DOCUMENT_DELETED, request=request, obj=target, note=f"page; knowledge base {kb.name}")
         messages.success(request, f"Deleted “{document.name}”.")
     except ApiError as exc:
         messages.error(request, exc.message)

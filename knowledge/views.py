@@ -4,6 +4,7 @@ from django.conf import settings
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from audit import services as audit
 from llmsite import auth
 from llmsite.errors import ApiError, MethodNotAllowed
 from knowledge import selectors, services
@@ -50,6 +51,8 @@ def documents(request, knowledge_base: str):
         document, created = services.document_upload(knowledge_base=kb, name=upload.name, data=upload.read(), uploaded_by=token.user)
     except ApiError as exc:
         return _error(exc)
+    note = f"API token {token.prefix}…; knowledge base {kb.name}" + ("" if created else f"; already stored as {document.name}")
+    audit.record(action=audit.Action.DOCUMENT_UPLOADED, request=request, user=token.user, obj=document, note=note)
     return JsonResponse({**selectors.document_json(document), "duplicate": not created}, status=202 if created else 200)
 
 

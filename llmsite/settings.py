@@ -97,6 +97,7 @@ INSTALLED_APPS = [
     "knowledge",
     "workers",
     "axes",
+    "audit",  # after axes: its login-failure handler has marked a locked-out attempt when audit's runs
 ]
 
 MIDDLEWARE = [
@@ -122,7 +123,12 @@ AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.float("LOGIN_LOCKOUT_MINUTES", default=15.0))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
-# The address is REMOTE_ADDR (django-ipware is not installed): X-Forwarded-For is the client's to forge.
+# The client's address, for the throttle and the audit log alike: REMOTE_ADDR, unless that is a
+# proxy in TRUSTED_PROXIES (comma-separated CIDRs; none by default), in which case it is the last
+# address in X-Forwarded-For that is not one of them. Anything else a client sends there is its own
+# to forge, so X-Forwarded-For is ignored unless the proxies in front are named here.
+TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
+AXES_CLIENT_IP_CALLABLE = "audit.services.client_address"
 
 ROOT_URLCONF = "llmsite.urls"
 
@@ -309,7 +315,7 @@ LLAMACPP_PROMPT_CACHE_MIB = env.int("LLAMACPP_PROMPT_CACHE_MIB", default=256)
 # METRICS_ALLOWED_NETWORKS (comma-separated CIDRs; loopback by default) or a request with
 # `Authorization: Bearer <METRICS_TOKEN>` (none when empty); everyone else gets 403.
 # WORKER_METRICS_PORT: each worker serves its own /metrics on this port (off when unset).
-# AUDIT_LOG_DAYS: how long audit entries are kept.
+# AUDIT_LOG_DAYS: how long audit entries are kept (0: for ever; README, "Security").
 METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1/128"])
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=None)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-APPS = ("llmsite", "chat", "knowledge", "workers")
-WEB_TIER = ("llmsite", "chat", "knowledge")
+APPS = ("llmsite", "chat", "knowledge", "workers", "audit")
+WEB_TIER = ("llmsite", "chat", "knowledge", "audit")
 HEAVY = {"torch", "llama_cpp", "vllm", "sentence_transformers"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
@@ -43,6 +43,8 @@ def broken_arrows(app: str, source: str) -> list[str]:
             broken.append(f"{line}: {app}/ imports {module} (tasks go by name through llmsite.producer)")
         if app == "knowledge" and root == "chat":
             broken.append(f"{line}: knowledge/ imports {module} (what both need lives in llmsite/)")
+        if app == "audit" and root in ("chat", "knowledge", "workers"):
+            broken.append(f"{line}: audit/ imports {module} (the apps call audit, not the other way)")
         if app in WEB_TIER and root in HEAVY:
             broken.append(f"{line}: the web tier imports {module}")
         if app in WEB_TIER and root == "transformers":
@@ -67,6 +69,8 @@ def test_the_arrows_hold_in_every_module():
         ("chat", "from transformers import AutoModelForCausalLM\n"),
         ("knowledge", "from sentence_transformers import SentenceTransformer\n"),
         ("chat", "import vllm\n"),
+        ("audit", "from chat.models import ApiToken\n"),
+        ("audit", "def f():\n    from knowledge import services\n"),
     ],
 )
 def test_the_check_finds_a_broken_arrow(app, source):
@@ -76,6 +80,8 @@ def test_the_check_finds_a_broken_arrow(app, source):
 def test_the_check_lets_the_allowed_arrows_pass():
     assert not broken_arrows("chat", "from transformers import PreTrainedTokenizerFast\nfrom knowledge import selectors\n")
     assert not broken_arrows("workers", "import torch\nfrom chat import events\nfrom knowledge import services\n")
+    assert not broken_arrows("knowledge", "from audit import services\n")
+    assert not broken_arrows("chat", "from audit.admin_mixins import AuditedAdmin\n")
 
 
 def test_no_module_is_over_the_size_limits():

@@ -26,6 +26,6 @@ class Command(BaseCommand):
             if dep is None:
                 raise CommandError(f"There is no deployment named '{dep_name}'.")
             deployments.append(dep)
-        _, raw = token_create(user=user, name=name, deployments=deployments)
+        _, raw = token_create(user=user, name=name, deployments=deployments, note="command")  # audited: the user, no address
         scope = ", ".join(deployment) if deployment else "every deployment"
         self.stdout.write(f"Created a token for {username} ({scope}). It is shown only once:\n{raw}")

@@ -20,6 +20,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
+from audit import services as audit
 from llmsite import in_process_embedding, workers_alive
 from llmsite.errors import ApiError
 from knowledge import services
@@ -86,13 +87,16 @@ class Command(BaseCommand):
         """The file stored by `store` (a service); None, with the reason on stderr, when it cannot be."""
         try:
             data = path.read_bytes()
-            document, _ = store(knowledge_base=kb, name=path.name, data=data)
+            document, created = store(knowledge_base=kb, name=path.name, data=data)
         except OSError as exc:
             self.stderr.write(f"{path}: cannot read the file: {exc.strerror or exc}")
             return None
         except (ApiError, ValidationError) as exc:
             self.stderr.write(f"{path}: {getattr(exc, 'message', exc)}")
             return None
+        # No request: the entry names the knowledge base's owner, and no address.
+        note = f"command; knowledge base {kb.name}" + ("" if created else f"; already stored as {document.name}")
+        audit.record(action=audit.Action.DOCUMENT_UPLOADED, user=kb.owner, obj=document, note=note)
         if document.status == Document.Status.READY:
             self.stdout.write(f"{path}: already ingested as document {document.pk} ({document.chunks_total} chunks)")
         return document
