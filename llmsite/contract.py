@@ -75,6 +75,7 @@ class GenerationRequest:
     prompt_ids: list[int] | None = None
     knowledge_base: int | None = None  # langchain: the knowledge base's id, searched on the worker
     cache_scope: str = ""  # KV rows kept by the engine are shared only within one scope
+    sent_at: float | None = None  # when the web tier sent it (epoch seconds): the queue time in /metrics
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict:
@@ -101,6 +102,9 @@ class GenerationRequest:
             raise ContractError("messages: each message must be an object with a 'role'")
         values["sampling"] = _build(SamplingParams, values["sampling"], "sampling")
         values["prompt_format"] = _build(PromptFormat, values.get("prompt_format") or {}, "prompt_format")
+        sent_at = values.get("sent_at")
+        if sent_at is not None and (isinstance(sent_at, bool) or not isinstance(sent_at, (int, float))):
+            raise ContractError("sent_at: must be a number (epoch seconds)")
         ids = values.get("prompt_ids")
         if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
             raise ContractError("prompt_ids: must be a list of token ids")
