@@ -37,12 +37,12 @@ def test_requests_waiting_rises_while_a_deployment_is_saturated_and_returns_to_z
 
         def saturated():
             samples = scrape(stack.worker_metrics_url)
-            return samples if value(samples, "llmsite:num_requests_waiting", deployment=name) >= 1 else None
+            return samples if value(samples, "llmsite:num_requests_waiting", deployment=name) >= 2 else None
 
-        samples = wait_until(saturated, "a request waited")
+        samples = wait_until(saturated, "two requests waited behind the running one")
         assert value(samples, "llmsite:num_requests_running", deployment=name) == 1  # its batch is full
         web = scrape(f"{stack.url}/metrics")
-        assert value(web, "llmsite:requests_in_flight", deployment=name) == 3  # the rows: queued or claimed
+        assert value(web, "llmsite:requests_in_flight", deployment=name, status="running") == 3  # all three claimed
     finally:
         for ws in sockets:
             ws.close()  # the clients leave: every request is cancelled, waiting or running
