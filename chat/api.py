@@ -12,7 +12,8 @@ from django.conf import settings
 from ninja import NinjaAPI
 from ninja.errors import HttpError, ValidationError
 
-from llmsite.errors import ApiError, BodyTooLarge, InvalidRequest, ServerError
+from llmsite import metrics
+from llmsite.errors import ApiError, BodyTooLarge, InvalidRequest, ServerError, reason_for_status
 from chat.openai_views import router as openai_router
 from chat.protocols import openai as wire
 from chat.protocols.predict import PredictFields, PredictResponse
@@ -38,7 +39,13 @@ api = SiteApi(
 api.add_router("", openai_router)
 
 
+# The generation endpoints, whose refusals /metrics counts (not /v1/models' or /v1/embeddings').
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
 def _error(request, exc: ApiError):
+    if request.path in GENERATION_PATHS:
+        metrics.refused(exc)
     response = api.create_response(request, wire.error_body(exc), status=exc.status)
     if (seconds := wire.retry_after(exc)) is not None:
         response["Retry-After"] = str(seconds)
@@ -58,7 +65,7 @@ def _http_error(request, exc: HttpError):
     if exc.status_code == 400:
         return _error(request, InvalidRequest("The body is not valid JSON.", param="body"))
     error = ApiError(exc.message)
-    error.status = exc.status_code
+    error.status, error.reason = exc.status_code, reason_for_status(exc.status_code)
     return _error(request, error)
 
 

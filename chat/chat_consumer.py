@@ -19,8 +19,8 @@ from django.http import Http404
 from chat import conversations, services
 from chat.models import Message
 from chat.relay import Formatter, relay
-from llmsite import contract
-from llmsite.errors import ApiError
+from llmsite import contract, metrics
+from llmsite.errors import ApiError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 regenerate=regenerate,
             )
         except ApiError as exc:
+            metrics.refused(exc)
             await self._say({"type": "error", "message": exc.message, "param": exc.param})
             return
         except Http404:
+            metrics.refused(InvalidRequest("No such conversation."))
             await self._say({"type": "error", "message": "No such conversation.", "param": "conversation"})
             return
         answer = self.answer = _Answer(turn)
@@ -152,6 +154,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             answer.generation = await services.dispatch(answer.turn.prepared)
         except ApiError as exc:
+            metrics.refused(exc)
             answer.error = exc.message
             return
         await database_sync_to_async(conversations.answer_link)(

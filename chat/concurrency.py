@@ -81,6 +81,7 @@ async def acquire(*, deployment) -> Slot:
             f"The deployment '{deployment.name}' is generating its limit of {limit} answers at once: "
             "retry in a moment.",
             retry_after=1,
+            reason="overloaded",
         )
     return slot
 

@@ -13,7 +13,7 @@ from chat.formatters.predict import PredictSocket
 from chat.generation import Conversation
 from chat.protocols import predict as wire
 from chat.relay import relay
-from llmsite import auth
+from llmsite import auth, metrics
 from llmsite.errors import ApiError, RateLimited, ServerError
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class PredictConsumer(AsyncWebsocketConsumer):
             self.token = await services.edge(auth.authenticate, header=header)
             self.deployment = await services.edge(services.access_deployment, token=self.token, name=self.name)
         except ApiError as exc:
+            metrics.refused(exc)
             # Accept, say why, and close with the protocol's code: clients see 4401/4403/4404.
             await self.accept()
             await self.send(text_data=json.dumps(exc.body()))
@@ -54,6 +55,7 @@ class PredictConsumer(AsyncWebsocketConsumer):
         if self.inbox.qsize() >= settings.WS_MAX_QUEUED_MESSAGES:
             limit = settings.WS_MAX_QUEUED_MESSAGES
             error = RateLimited(f"More than {limit} messages are waiting on this connection; send fewer at once.", retry_after=1)
+            metrics.refused(error, deployment=self.deployment.name)
             await self.send(text_data=json.dumps(error.body()))
             await self._shut(1008)  # "policy violation"
             return
@@ -78,6 +80,7 @@ class PredictConsumer(AsyncWebsocketConsumer):
             try:
                 self.deployment = await services.edge(self._recheck)
             except ApiError as exc:  # revoked, or the deployment disabled, while the socket was open
+                metrics.refused(exc)
                 await self.send(text_data=json.dumps(exc.body()))
                 await self.close(code=exc.ws_close_code or 4401)
                 return
@@ -86,6 +89,7 @@ class PredictConsumer(AsyncWebsocketConsumer):
             except asyncio.CancelledError:
                 raise
             except ApiError as exc:
+                metrics.refused(exc, deployment=self.deployment.name)
                 await self.send(text_data=json.dumps(exc.body(), ensure_ascii=False))
             except Exception as exc:  # one bad request never ends the connection
                 log.exception("websocket request failed")

@@ -85,6 +85,7 @@ def admit(*, token: ApiToken) -> None:
         f"This token is limited to {limit} {what} per minute and has used {int(used)}: "
         f"retry after {retry_after} seconds.",
         retry_after=retry_after,
+        reason="rate_limited" if verdict == "requests" else "quota",  # as /metrics counts it
     )
 
 

@@ -89,6 +89,6 @@ async def first(generation, formatter: Formatter):
 def api_error(event: contract.Error) -> ApiError:
     """An error event as the edge's error: a refusal the worker found (a prompt over the context,
     where the web tier could not count it) is the protocol's 400, anything else a server error."""
-    if event.kind == "invalid_request":
-        return InvalidRequest(event.message, param=event.param)
-    return ServerError(event.message)
+    error = InvalidRequest(event.message, param=event.param) if event.kind == "invalid_request" else ServerError(event.message)
+    error.counted = True  # in /metrics by the worker that ended the request (or the stream's own end)
+    return error

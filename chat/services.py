@@ -23,12 +23,13 @@ from llmsite.errors import (
     ServerError,
     Unavailable,
     UnknownDeployment,
+    concerning,
 )
 from chat.generation import Conversation
 from chat.models import ApiToken, Deployment
 from chat.prompting import deployment_tokenizer, fit_prompt, tokenizer_digest
 from chat.protocols.predict import PredictFields
-from llmsite import contract, producer
+from llmsite import contract, metrics, producer
 from llmsite.contract import GenerationRequest, PromptFormat, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def access_deployment(*, token: ApiToken, name: str) -> Deployment:
     if deployment is None:
         raise UnknownDeployment(name)
     if deployment.token_scoped and not deployment.in_token_scope:
-        raise Forbidden(f"This token may not use the deployment '{name}'.", param="deployment")
+        with concerning(name):  # it exists: /metrics may name it
+            raise Forbidden(f"This token may not use the deployment '{name}'.", param="deployment")
     return deployment
 
 
@@ -125,11 +127,12 @@ def prepare(
 
     API calls pass their token; the chat site passes the logged-in `user` and no token.
     """
-    params = sampling_for(deployment=deployment, fields=fields)
-    knowledge_base = check_retrieval(user=user or token.user, deployment=deployment, fields=fields)
-    prompt_ids, digest = fit_to_context(deployment=deployment, conversation=conversation, params=params)
-    if token is not None:
-        ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
+    with concerning(deployment.name):
+        params = sampling_for(deployment=deployment, fields=fields)
+        knowledge_base = check_retrieval(user=user or token.user, deployment=deployment, fields=fields)
+        prompt_ids, digest = fit_to_context(deployment=deployment, conversation=conversation, params=params)
+        if token is not None:
+            ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
     if knowledge_base is not None:
         prompt_ids = None  # the worker adds the sources to the messages, and fits them then
     prepared = Prepared(deployment, token, conversation, params, protocol, knowledge_base=knowledge_base, user=user or token.user)
@@ -157,6 +160,7 @@ def generation_request(prepared: Prepared, request_id: str) -> GenerationRequest
         tokenizer_digest=prepared.tokenizer_digest,
         knowledge_base=prepared.knowledge_base,
         cache_scope=cache_scope(prepared.user),
+        sent_at=time.time(),
     )
 
 
@@ -217,11 +221,13 @@ class Generation:
         subscription: events.Subscription,
         token: ApiToken | None = None,
         slot: concurrency.Slot | None = None,
+        deployment: str = "",
     ):
         self.request_id = request_id
         self.subscription = subscription
         self.token = token  # whose tokens-per-minute window the usage goes to
         self.slot = slot  # the deployment's in-flight slot, given back by close()
+        self.deployment = deployment  # its name, for /metrics
         self.finished = False
         self.closed = False
 
@@ -237,13 +243,19 @@ class Generation:
                 yield event
         except events.StreamTimeout as exc:
             self.finished = True
+            self._count_error()
             await events.cancel(self.request_id)
             await sync_to_async(lifecycle.fail)(self.request_id, str(exc))
             yield contract.Error(str(exc))
         except Exception as exc:  # Redis gone mid-stream: the client still gets an error event
             log.exception("stream %s broke", self.request_id)
             self.finished = True
+            self._count_error()
             yield contract.Error(f"The token stream broke: {exc}")
+
+    def _count_error(self) -> None:
+        """A stream the web tier ended itself (silence, a dead worker, Redis gone): no worker counts it."""
+        metrics.count(deployment=self.deployment, worker="", outcome="error")
 
     async def cancel(self) -> None:
         """Ask the worker to stop this request (the one cancellation path: the request's cancel
@@ -290,8 +302,9 @@ async def dispatch(prepared: Prepared) -> Generation:
     """Take an in-flight slot (429 over the deployment's limit), subscribe to the request's stream,
     then store and enqueue it (so no event is missed)."""
     try:
-        await wait_for_worker(prepared.deployment.queue)
-        slot = await concurrency.acquire(deployment=prepared.deployment)
+        with concerning(prepared.deployment.name):
+            await wait_for_worker(prepared.deployment.queue)
+            slot = await concurrency.acquire(deployment=prepared.deployment)
     except ApiError:
         raise
     except Exception as exc:  # Redis unreachable
@@ -307,7 +320,7 @@ async def dispatch(prepared: Prepared) -> Generation:
         if isinstance(exc, ApiError):
             raise
         raise ServerError(f"The request could not be queued: {exc}") from None
-    return Generation(request_id, subscription, prepared.token, slot=slot)
+    return Generation(request_id, subscription, prepared.token, slot=slot, deployment=prepared.deployment.name)
 
 
 async def edge(func, /, **kwargs):

@@ -10,8 +10,8 @@ from chat.formatters.predict import PredictAnswer, PredictStream
 from chat.generation import Conversation
 from chat.protocols import predict as wire
 from chat.relay import first, relay
-from llmsite import auth
-from llmsite.errors import ApiError, BodyTooLarge, MethodNotAllowed, ServerError
+from llmsite import auth, metrics
+from llmsite.errors import ApiError, BodyTooLarge, MethodNotAllowed, ServerError, concerning
 
 
 def _error(exc: ApiError) -> JsonResponse:
@@ -41,7 +41,8 @@ def _admit(request, deployment: str):
     """Who calls, may they use the deployment, what do they ask: one trip into sync code."""
     token = auth.authenticate(header=request.headers.get("Authorization"))
     target = services.access_deployment(token=token, name=deployment)
-    fields = wire.parse_http_body(_read_body(request), request.content_type or "")
+    with concerning(target.name):
+        fields = wire.parse_http_body(_read_body(request), request.content_type or "")
     conversation = Conversation(prompt=fields.prompt or "", system_prompt=fields.system_prompt or "", history=fields.pairs() or [])
     prepared = services.prepare(token=token, deployment=target, conversation=conversation, fields=fields, protocol="http")
     return fields, prepared
@@ -56,6 +57,7 @@ async def predict(request, deployment: str):
         fields, prepared = await services.edge(_admit, request=request, deployment=deployment)
         generation = await services.dispatch(prepared)
     except ApiError as exc:
+        metrics.refused(exc)
         return _error(exc)
 
     wire_args = {"history": prepared.conversation.history, "prompt": prepared.conversation.prompt}

@@ -78,6 +78,7 @@ class GenerationRequest:
     tokenizer_digest: str = ""  # which tokenizer files counted prompt_ids (the worker refits on another)
     knowledge_base: int | None = None  # langchain: the knowledge base's id, searched on the worker
     cache_scope: str = ""  # KV rows kept by the engine are shared only within one scope
+    sent_at: float | None = None  # when the web tier sent it (epoch seconds): the queue time in /metrics
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict:
@@ -104,6 +105,9 @@ class GenerationRequest:
         _check_types(cls, values, "")
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in values["messages"]):
             raise ContractError("messages: each message must be an object with a 'role'")
+        sent_at = values.get("sent_at")
+        if sent_at is not None and (isinstance(sent_at, bool) or not isinstance(sent_at, (int, float))):
+            raise ContractError("sent_at: must be a number (epoch seconds)")
         ids = values.get("prompt_ids")
         if ids is not None and not all(_is(i, int) for i in ids):
             raise ContractError("prompt_ids: must be a list of token ids")

@@ -1,10 +1,19 @@
-"""Domain errors of the API edge: one class per kind, one JSON shape (PROTOCOL.md)."""
+"""Domain errors of the API edge: one class per kind, one JSON shape (PROTOCOL.md).
+
+Each kind has a `reason`, the label a refused request is counted under in /metrics
+(`llmsite:requests_total{outcome="rejected"}`); server errors have none (outcome "error").
+"""
+
+import contextlib
 
 
 class ApiError(Exception):
     status = 400
     type = "invalid_request_error"
+    reason: str | None = "invalid_request"
     ws_close_code = None  # errors that end a WebSocket connection rather than one request
+    deployment = ""  # the deployment the refused request was for, once known (`concerning`)
+    counted = False  # counted in /metrics already (by an edge, or by the worker that sent it)
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
@@ -33,6 +42,7 @@ class ContextTooLong(InvalidRequest):
 
 class BodyTooLarge(ApiError):
     status = 413
+    reason = "too_large"
 
     def __init__(self, limit: int):
         super().__init__(f"The request body is larger than the limit of {limit} bytes.")
@@ -41,12 +51,14 @@ class BodyTooLarge(ApiError):
 class Unauthorized(ApiError):
     status = 401
     type = "authentication_error"
+    reason = "authentication"
     ws_close_code = 4401
 
 
 class Forbidden(ApiError):
     status = 403
     type = "permission_error"
+    reason = "permission"
     ws_close_code = 4403
 
 
@@ -60,14 +72,17 @@ class UnknownDeployment(ApiError):
 
 
 class RateLimited(ApiError):
-    """Over a token's requests or tokens per minute; `retry_after` seconds until it frees up."""
+    """Over a token's requests or tokens per minute, or a deployment's generations in flight;
+    `retry_after` seconds until it frees up. `reason`: "rate_limited" (requests per minute),
+    "quota" (tokens per minute) or "overloaded" (the deployment's limit)."""
 
     status = 429
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after: int):
+    def __init__(self, message: str, *, retry_after: int, reason: str = "rate_limited"):
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason
 
 
 class MethodNotAllowed(ApiError):
@@ -80,7 +95,29 @@ class MethodNotAllowed(ApiError):
 class ServerError(ApiError):
     status = 500
     type = "server_error"
+    reason = None
 
 
 class Unavailable(ServerError):
+    """503: no live worker, or the database or Redis away: the site cannot take the request now."""
+
     status = 503
+    reason = "overloaded"
+
+
+# The reason of an error known only by its HTTP status (django-ninja's own errors).
+REASON_BY_STATUS = {401: "authentication", 403: "permission", 413: "too_large", 429: "rate_limited"}
+
+
+def reason_for_status(status: int) -> str | None:
+    return None if status >= 500 else REASON_BY_STATUS.get(status, "invalid_request")
+
+
+@contextlib.contextmanager
+def concerning(deployment: str):
+    """An ApiError raised inside names `deployment` (a deployment that exists), for /metrics."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.deployment = exc.deployment or deployment
+        raise

@@ -112,6 +112,7 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         queues = _prepare_site(args)
+        os.environ["WORKER_METRICS_PORT"] = str(worker_metrics_port(args.port))
         children = [
             Child("worker", worker_command(queues, concurrency=args.concurrency)),
             Child("web", web_command(args.host, args.port)),
@@ -164,6 +165,14 @@ def _prepare_site(args) -> list[str]:
     return queues
 
 
+def worker_metrics_port(web_port: int) -> int:
+    """The port of the worker's /metrics: WORKER_METRICS_PORT, else the one after the site's, else any free one."""
+    if os.environ.get("WORKER_METRICS_PORT"):
+        return int(os.environ["WORKER_METRICS_PORT"])
+    host = os.environ.get("WORKER_METRICS_HOST") or "127.0.0.1"
+    return web_port + 1 if not port_open(host if host not in ("0.0.0.0", "::") else "127.0.0.1", web_port + 1) else embedded._free_port()
+
+
 def _wait_until_ready(children, args, stopping) -> bool:
     from chat.models import Deployment
     from django.db import close_old_connections
@@ -202,6 +211,9 @@ def _print_welcome(args, data_dir: Path) -> None:
     say(f"Log in as {login}")
     say("API token: .venv/bin/python manage.py create_token admin")
     say(f"Predict:   curl {url}/api/predict/default -H 'Authorization: <token>' --data 'Hello!'")
+    worker_host = os.environ.get("WORKER_METRICS_HOST") or "127.0.0.1"
+    worker_host = "127.0.0.1" if worker_host in ("0.0.0.0", "::") else worker_host
+    say(f"Metrics:   {url}/metrics (web), http://{worker_host}:{os.environ['WORKER_METRICS_PORT']}/metrics (worker)")
     say("Ctrl-C stops everything.")
 
 

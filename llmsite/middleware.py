@@ -34,8 +34,9 @@ class InlineCommonMiddleware(_Inline, CommonMiddleware):
     pass
 
 
-# The prefixes of the APIs that authenticate by token: no session, login, CSRF or messages.
-TOKEN_API_PREFIXES = ("/api/predict/", "/v1/")
+# The prefixes of the APIs that authenticate by token: no session, login, CSRF or messages
+# (/metrics: by METRICS_TOKEN or the caller's network).
+TOKEN_API_PREFIXES = ("/api/predict/", "/v1/", "/metrics")
 
 
 class TokenApiHandler(ASGIHandler):

@@ -79,8 +79,8 @@ SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000 if HTTPS e
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
 SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=HTTPS)
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("DJANGO_BEHIND_PROXY", default=HTTPS) else None
-# The health check stays reachable over plain HTTP for load balancers.
-SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+# The health check stays reachable over plain HTTP for load balancers, and /metrics for Prometheus.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -314,9 +314,27 @@ LLAMACPP_PROMPT_CACHE_MIB = env.int("LLAMACPP_PROMPT_CACHE_MIB", default=256)
 # Watching it run (README, "Operating it"). /metrics (Prometheus' text format) answers addresses in
 # METRICS_ALLOWED_NETWORKS (comma-separated CIDRs; loopback by default) or a request with
 # `Authorization: Bearer <METRICS_TOKEN>` (none when empty); everyone else gets 403.
-# WORKER_METRICS_PORT: each worker serves its own /metrics on this port (off when unset).
-# AUDIT_LOG_DAYS: how long audit entries are kept (0: for ever; README, "Security").
+# WORKER_METRICS_PORT: each worker serves its own /metrics on this port (off when unset), on
+# WORKER_METRICS_HOST (loopback by default: a Prometheus on another node needs 0.0.0.0, and its
+# address in METRICS_ALLOWED_NETWORKS or the token). AUDIT_LOG_DAYS: how long audit entries are kept
+# (0: for ever; README, "Security").
 METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1/128"])
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=None)
+WORKER_METRICS_HOST = env.str("WORKER_METRICS_HOST", default="127.0.0.1")
+
+
+def _check_networks(cidrs: list[str]) -> None:
+    import ipaddress
+
+    for cidr in filter(None, (c.strip() for c in cidrs)):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            from django.core.exceptions import ImproperlyConfigured
+
+            raise ImproperlyConfigured(f"METRICS_ALLOWED_NETWORKS: {cidr!r} is not a network ({exc})") from None
+
+
+_check_networks(METRICS_ALLOWED_NETWORKS)
 AUDIT_LOG_DAYS = env.int("AUDIT_LOG_DAYS", default=365)

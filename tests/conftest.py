@@ -113,8 +113,9 @@ def _db_access(django_db_setup, django_db_blocker):
 
 
 class Stack:
-    def __init__(self, worker: Process, web: Process, url: str):
+    def __init__(self, worker: Process, web: Process, url: str, worker_metrics_url: str = ""):
         self.worker, self.web, self.url = worker, web, url
+        self.worker_metrics_url = worker_metrics_url  # the worker's own /metrics (WORKER_METRICS_PORT)
 
     @property
     def ws_url(self) -> str:
@@ -134,7 +135,10 @@ def stack(django_db_setup, django_db_blocker):
 
     with django_db_blocker.unblock():
         Deployment.objects.filter(name="default").update(status=Deployment.Status.UNKNOWN)
-        worker = Process("worker", worker_command(["default", settings.EMBEDDING_QUEUE], hostname=f"test-{uuid.uuid4().hex[:6]}@%h")).start()
+        metrics_port = _free_port()
+        hostname = f"test-{uuid.uuid4().hex[:6]}@%h"
+        worker_env = {"WORKER_METRICS_PORT": str(metrics_port)}
+        worker = Process("worker", worker_command(["default", settings.EMBEDDING_QUEUE], hostname=hostname), worker_env).start()
         web, url = start_web()
         try:
             wait_ready("default", worker)
@@ -142,7 +146,7 @@ def stack(django_db_setup, django_db_blocker):
             worker.stop()
             web.stop()
             raise
-    yield Stack(worker, web, url)
+    yield Stack(worker, web, url, worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     web.stop()
     worker.stop()
 

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 # deployment name -> loaded engine, or the LoadError message when it could not load
 ENGINES: dict[str, object] = {}
 FAILED: dict[str, str] = {}
+LOADING: set[str] = set()  # deployments whose model is being loaded now (/metrics' load state)
 # (engine, model source, precision, model type, remote code) -> engine: deployments of the same model share one copy
 _BY_MODEL: dict[tuple, object] = {}
 _lock = threading.RLock()
@@ -56,6 +57,7 @@ def _load_new(deployment) -> None:
 
     _set_status(deployment, Deployment.Status.LOADING, f"loading on {HOSTNAME}")
     started = time.monotonic()
+    LOADING.add(deployment.name)
     try:
         engine = engine_class(deployment.engine)(deployment)
     except LoadError as exc:
@@ -68,6 +70,8 @@ def _load_new(deployment) -> None:
         FAILED[deployment.name] = f"{type(exc).__name__}: {exc}"
         _set_status(deployment, Deployment.Status.FAILED, FAILED[deployment.name])
         return
+    finally:
+        LOADING.discard(deployment.name)
     ENGINES[deployment.name] = engine
     _BY_MODEL[_model_key(deployment)] = engine
     FAILED.pop(deployment.name, None)
@@ -109,6 +113,9 @@ def _load_models(sender, instance, conf, **kwargs):
     """Load every deployment on this worker's queues before it takes its first task."""
     global HOSTNAME
     HOSTNAME = sender
+    from workers import metrics
+
+    metrics.start()  # before the models load, so their load state shows
     queues = set(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
     load_for_queues(queues)
     from workers import heartbeat

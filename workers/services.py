@@ -20,7 +20,7 @@ from chat.services import release_connection
 from llmsite import contract
 from llmsite.contract import ContractError, GenerationRequest, PromptFormat, StopText
 from llmsite.errors import ContextTooLong
-from workers import loader, retrieval
+from workers import loader, metrics, retrieval
 from workers.engines import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ def generate(wire: dict) -> None:
     except ContractError as exc:
         request_id = wire.get("request_id")
         log.error("generation %s refused: %s", request_id, exc)
+        deployment = wire.get("deployment")
+        metrics.count(deployment=deployment if isinstance(deployment, str) else "", outcome="error")
         if isinstance(request_id, str):
             _end_failed(request_id, GenerationFailed(f"The worker cannot take this request: {exc}"))
         return
@@ -60,8 +62,9 @@ def generate(wire: dict) -> None:
 
 def run_generation(request: GenerationRequest) -> None:
     close_old_connections()
-    if not _claim(request.request_id):
+    if not _claim(request.request_id, request.deployment):
         return
+    timing = metrics.Timing(request)
     with events.cancel_watcher.watching(request.request_id) as cancel:  # Stop and a client gone reach the engine
         log.info("generation %s started", request.request_id)
         events.publish(request.request_id, contract.Start(worker=loader.HOSTNAME))
@@ -71,23 +74,25 @@ def run_generation(request: GenerationRequest) -> None:
             prompt_ids = _fit(request, target, engine)
             release_connection()  # back to the pool while the answer streams; the end takes one again
             answer.stopper = StopText([*request.sampling.stop, *stop_strings(target.model_type)])
-            _stream(request, engine, prompt_ids, answer, cancel)
+            _stream(request, engine, prompt_ids, answer, cancel, timing)
         except GenerationFailed as exc:
-            _end_failed(request.request_id, exc)
+            _end_failed(request.request_id, exc, timing=timing, result=answer.result)
             return
         except Exception as exc:
             log.exception("generation %s failed", request.request_id)
             failure = GenerationFailed(f"Generation failed: {exc}")
-            _end_failed(request.request_id, failure, response=answer.stopper.text, first_token_at=answer.first_token_at)
+            _end_failed(
+                request.request_id, failure, timing=timing, result=answer.result, response=answer.stopper.text, first_token_at=answer.first_token_at
+            )
             return
-        _end_finished(request.request_id, answer)
+        _end_finished(request.request_id, answer, timing)
 
 
-def _claim(request_id: str) -> bool:
+def _claim(request_id: str, deployment: str) -> bool:
     """Take a queued request for this worker, once: a second delivery of its task (a broker's
     visibility timeout, a restored message after a worker died) finds it taken and does nothing.
     A request cancelled while it waited (the client left, or pressed Stop) is dropped before any
-    model work, and its stream still ends, so a listener waiting for the end hears it."""
+    model work (counted as stopped), and its stream still ends, so a listener waiting for the end hears it."""
     if events.is_cancelled(request_id):
         lifecycle.cancel_queued(request_id)
     if lifecycle.start(request_id, worker=loader.HOSTNAME):
@@ -95,6 +100,7 @@ def _claim(request_id: str) -> bool:
     status = lifecycle.status_of(request_id)
     log.warning("generation %s not run: its request is already %s", request_id, status)
     if status == lifecycle.Status.CANCELLED:
+        metrics.count(deployment=deployment, outcome="stopped")
         events.publish(request_id, contract.Final(text="", finish_reason="cancelled"))
     return False
 
@@ -164,7 +170,7 @@ def _ground(request: GenerationRequest, engine, fmt: PromptFormat) -> list[dict]
     return retrieval.ground(request_id=request.request_id, knowledge_base_id=request.knowledge_base, messages=request.messages, fits=fits)
 
 
-def _stream(request: GenerationRequest, engine, prompt_ids: list[int], answer: Answer, cancel) -> None:
+def _stream(request: GenerationRequest, engine, prompt_ids: list[int], answer: Answer, cancel, timing: metrics.Timing) -> None:
     """Stream the answer's text as delta events."""
     stopper = answer.stopper
     # Pieces go at once until the stop-text check can show something, then every STREAM_INTERVAL_MS.
@@ -172,7 +178,9 @@ def _stream(request: GenerationRequest, engine, prompt_ids: list[int], answer: A
     pieces = engine.stream(prompt_ids, request.sampling, answer.result, cancel.is_set, cache_scope=request.cache_scope, **pacing)
     try:
         for delta in pieces:
-            answer.first_token_at = answer.first_token_at or timezone.now()
+            if answer.first_token_at is None:
+                answer.first_token_at = timezone.now()
+                timing.first()
             # A NUL character (a byte-level token that models can emit) cannot be stored in
             # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
             if ready := stopper.feed(delta.replace("\x00", "")):
@@ -185,10 +193,11 @@ def _stream(request: GenerationRequest, engine, prompt_ids: list[int], answer: A
         events.publish(request.request_id, contract.Delta(tail))
 
 
-def _end_finished(request_id: str, answer: Answer) -> None:
+def _end_finished(request_id: str, answer: Answer, timing: metrics.Timing) -> None:
     stopper, result = answer.stopper, answer.result
     if stopper.hit:
         result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
+    timing.end(result, outcome="stopped" if result.finish_reason == "cancelled" else "finished")
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
     final = contract.Final(text=stopper.text, finish_reason=result.finish_reason, usage=usage, cached_tokens=result.cached_tokens)
     _end(
@@ -205,7 +214,10 @@ def _end_finished(request_id: str, answer: Answer) -> None:
     )
 
 
-def _end_failed(request_id: str, failure: GenerationFailed, **fields) -> None:
+def _end_failed(request_id: str, failure: GenerationFailed, *, timing: metrics.Timing | None = None, result=None, **fields) -> None:
+    if timing is not None:  # a refusal the worker found (a prompt over the context) is counted as one
+        refused = failure.event.kind == "invalid_request"
+        timing.end(result or GenerationResult(), outcome="rejected" if refused else "error", reason="invalid_request" if refused else "")
     _end(request_id, failure.event, lambda: lifecycle.fail(request_id, failure.event.message, **fields))
 
 

@@ -62,6 +62,7 @@ def test_a_request_from_a_newer_web_tier_is_answered_without_its_new_fields(capl
         ({"sampling": {"temperature": 0}}, "sampling"),
         ({"prompt_ids": ["a"]}, "prompt_ids"),
         ({"version": contract.PROTOCOL_VERSION + 1}, "version"),
+        ({"sent_at": "yesterday"}, "sent_at"),
     ],
 )
 def test_a_request_that_breaks_the_contract_names_the_field(changes, named):

@@ -78,6 +78,15 @@ class Scheduler:
         """How many requests are inside the engine (not waiting)."""
         raise NotImplementedError
 
+    @property
+    def waiting(self) -> int:
+        """How many requests wait to join the batch (read by /metrics from its own thread)."""
+        return len(self._waiting)
+
+    def kv_cache_usage(self) -> float | None:
+        """The share of the engine's KV cache in use, where it has a fixed one (None: it grows on demand)."""
+        return None
+
     # --- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
         while True:

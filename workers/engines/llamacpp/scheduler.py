@@ -70,6 +70,12 @@ class LlamaCppScheduler(KeptRows, Scheduler):
     def running(self) -> int:
         return len(self._running)
 
+    def kv_cache_usage(self) -> float:
+        """The decoding context's cells that running requests hold (their positions so far), as a
+        share of all of them (each request has its own stream of LLAMACPP_SEQ_TOKENS cells)."""
+        used = sum(s.pos for s in list(self._running))  # a copy: the engine thread changes the list
+        return min(1.0, used / max(1, self.llama.kv_tokens))
+
     @contextlib.contextmanager
     def exclusive(self):
         """A free sequence id and the decoding context to oneself between two steps (scoring text;
