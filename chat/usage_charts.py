@@ -1,0 +1,166 @@
+"""The usage dashboard's charts: pygal drawn to inline SVG on the server, each with the table of
+the numbers it draws (for screen readers, tests and anyone who wants the figures).
+
+pygal puts a <script> in every chart (its config, and its tooltips from a CDN unless js=[]); the
+site loads no script from elsewhere and the dashboard's content security policy allows none
+inline, so both are taken out of the SVG: the charts are plain drawings.
+"""
+
+from dataclasses import dataclass
+
+import pygal
+from django.utils.safestring import SafeString, mark_safe
+from pygal.style import Style
+
+from chat.usage import Counts, Usage
+
+TOP_USERS = 8
+STYLE = Style(
+    background="white",
+    plot_background="white",
+    font_family="system-ui, sans-serif",
+    colors=("#2f6db5", "#e08a1e", "#3b9c5a", "#c2413b", "#7a52a8", "#8c6d46", "#d16aa6", "#6f7f8c", "#b5b830", "#2bb0b8"),
+)
+OUTCOME_STYLE = Style(**(STYLE.to_dict() | {"colors": ("#3b9c5a", "#c2413b", "#8c8c8c")}))
+
+
+@dataclass
+class Chart:
+    """One chart and its numbers: `columns` head the table, `rows` and `footer` fill it."""
+
+    slug: str
+    title: str
+    svg: SafeString
+    columns: list[str]
+    rows: list[list]
+    footer: list | None = None
+
+
+def _without_scripts(root):
+    for parent in list(root.iter()):
+        for child in list(parent):
+            if isinstance(child.tag, str) and child.tag.endswith("script"):
+                parent.remove(child)
+    return root
+
+
+def _svg(chart, title: str) -> SafeString:
+    chart.add_xml_filter(_without_scripts)
+
+    def label(root):
+        root.set("role", "img")
+        root.set("aria-label", f"{title} (chart; its numbers are in the table beside it)")
+        return root
+
+    chart.add_xml_filter(label)
+    return mark_safe(chart.render(is_unicode=True))
+
+
+def _config(labels: list[str], **options) -> pygal.Config:
+    config = pygal.Config(
+        js=[],
+        disable_xml_declaration=True,
+        style=STYLE,
+        width=760,
+        height=340,
+        legend_at_bottom=True,
+        legend_at_bottom_columns=4,
+        x_label_rotation=30,
+        show_minor_x_labels=False,
+        x_labels_major_every=max(1, len(labels) // 12),
+        truncate_legend=40,
+        no_data_text="No requests",
+        value_formatter=lambda value: f"{value:,.0f}",
+    )
+    for name, value in options.items():
+        setattr(config, name, value)
+    return config
+
+
+def _daily(slug: str, title: str, kind, days, series: dict[str, list], footer=None, **options) -> Chart:
+    """A chart of values per day, one series each, and its table (a row per day)."""
+    labels = [day.isoformat() for day in days]
+    chart = kind(_config(labels, **options))
+    chart.x_labels = [label[5:] for label in labels]  # MM-DD: the years are in the table
+    for name, values in series.items():
+        chart.add(name, values)
+    rows = [[label, *(values[i] for values in series.values())] for i, label in enumerate(labels)]
+    if footer is None:
+        footer = ["Total", *(sum(v or 0 for v in values) for values in series.values())]
+    return Chart(slug, title, _svg(chart, title), ["Day (UTC)", *series], rows, footer)
+
+
+def tokens_by_deployment(report: Usage) -> Chart:
+    days = report.filters.days
+    series = {
+        report.deployment_names[d]: [report.by_day_deployment.get((day, d), Counts()).tokens for day in days]
+        for d in report.deployments()
+        if any((day, d) in report.by_day_deployment for day in days)
+    }
+    return _daily("tokens-by-deployment", "Tokens per day by deployment", pygal.StackedBar, days, series)
+
+
+def tokens_by_user(report: Usage) -> Chart:
+    """The busiest users' own series, everyone else in one."""
+    days = report.filters.days
+    top = [user for user, _ in report.busiest_users(TOP_USERS)]
+    series = {report.user_names[u]: [report.by_day_user.get((day, u), Counts()).tokens for day in days] for u in top}
+    others = [0] * len(days)
+    for (day, user), counts in report.by_day_user.items():
+        if user not in top:
+            others[(day - days[0]).days] += counts.tokens
+    if any(others):
+        series["other users"] = others
+    return _daily("tokens-by-user", "Tokens per day by user", pygal.StackedBar, days, series)
+
+
+def requests_by_outcome(report: Usage) -> Chart:
+    by_day = report.by_day()
+    days = report.filters.days
+    series = {outcome: [getattr(by_day[day], outcome) for day in days] for outcome in ("ok", "error", "cancelled")}
+    return _daily("requests-by-outcome", "Requests per day by outcome", pygal.StackedBar, days, series, style=OUTCOME_STYLE)
+
+
+def time_to_first_token(report: Usage) -> Chart:
+    """p50 and p99 per deployment per day (ms); the table's last row is the whole range."""
+    days = report.filters.days
+    series, footer = {}, ["Whole range"]
+    for d in report.deployments():
+        whole = report.ttft_by_deployment.get(d)
+        if whole is None:
+            continue
+        name = report.deployment_names[d]
+        for label, attribute in (("p50", "p50_ms"), ("p99", "p99_ms")):
+            ttft = [report.ttft.get((day, d)) for day in days]
+            series[f"{name} {label}"] = [getattr(t, attribute) if t else None for t in ttft]
+            footer.append(getattr(whole, attribute))
+    return _daily(
+        "time-to-first-token", "Time to the first token, p50 and p99 per day (ms)", pygal.Line, days, series, footer,
+        show_dots=len(days) <= 62, allow_interruptions=True, value_formatter=lambda value: f"{value:,.1f}",
+    )
+
+
+def _busiest(slug: str, title: str, named: list[tuple[str, Counts]]) -> Chart:
+    chart = pygal.HorizontalBar(_config([], height=60 + 28 * max(1, len(named)), show_legend=False))
+    chart.x_labels = [name for name, _ in reversed(named)]
+    chart.add("tokens", [counts.tokens for _, counts in reversed(named)])
+    rows = [[name, c.requests, c.prompt_tokens, c.completion_tokens, c.tokens] for name, c in named]
+    columns = ["Name", "Requests", "Prompt tokens", "Completion tokens", "Tokens"]
+    return Chart(slug, title, _svg(chart, title), columns, rows)
+
+
+def busiest_users(report: Usage) -> Chart:
+    named = [(report.user_names[u], c) for u, c in report.busiest_users()]
+    return _busiest("busiest-users", "Busiest users (tokens)", named)
+
+
+def busiest_tokens(report: Usage) -> Chart:
+    named = [(report.token_names[t], c) for t, c in report.busiest_tokens()]
+    return _busiest("busiest-tokens", "Busiest API tokens (tokens)", named)
+
+
+def charts(report: Usage) -> list[Chart]:
+    return [
+        builder(report)
+        for builder in (tokens_by_deployment, tokens_by_user, requests_by_outcome, time_to_first_token, busiest_users, busiest_tokens)
+    ]
