@@ -15,7 +15,7 @@ ENDED = ("ok", "error", "cancelled")
 BUCKETS_PER_DOUBLING = 8
 # A request's UTC day; the same expression as RequestLog's index chat_requestlog_ttft_day.
 DAY = "(queued_at AT TIME ZONE 'UTC')::date"
-TTFT_MS = "(extract(epoch FROM first_token_at - queued_at) * 1000)::float8"
+TTFT_MS = "(date_part('epoch', first_token_at - queued_at) * 1000)"  # float8: cheaper than extract's numeric
 BUCKET = f"greatest(0, floor({BUCKETS_PER_DOUBLING} * ln(greatest(1::float8, {TTFT_MS})) / ln(2::float8)))::int"
 
 _ADD = f"""

@@ -9,12 +9,14 @@ inline, so both are taken out of the SVG: the charts are plain drawings.
 from dataclasses import dataclass
 
 import pygal
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 from pygal.style import Style
 
-from chat.usage import Counts, Usage
+from chat.templatetags.usage_format import usage_number
+from chat.usage import OTHERS, TOP_USERS, Counts, Usage
 
-TOP_USERS = 8
+BAR_DAYS = 62  # longer ranges draw stacked areas: a bar per day and series is slow to draw and heavy to send
 STYLE = Style(
     background="white",
     plot_background="white",
@@ -35,17 +37,45 @@ class Chart:
     rows: list[list]
     footer: list | None = None
 
+    @property
+    def table(self) -> SafeString:
+        return table_html(self.columns, self.rows, self.footer, caption=f"{self.title}: the numbers")
 
-def _without_scripts(root):
+
+def table_html(columns: list[str], rows: list[list], footer: list | None = None, *, labels: int = 1, caption: str = "", table_id: str = "") -> SafeString:
+    """A table whose first `labels` cells in a row are text and the others numbers. Built here,
+    not in a template loop: a year's table has thousands of cells, which Django's templates render
+    a hundred times slower."""
+
+    def row(cells, tag="td"):
+        heads = format_html_join("", '<th scope="row">{}</th>', ((cell,) for cell in cells[:1]))
+        texts = format_html_join("", "<td>{}</td>", ((cell,) for cell in cells[1:labels]))
+        numbers = format_html_join("", '<td class="num">{}</td>', ((usage_number(cell),) for cell in cells[labels:]))
+        return format_html("<tr>{}{}{}</tr>", heads, texts, numbers)
+
+    head = format_html_join("", '<th scope="col"{}>{}</th>', ((mark_safe(' class="num"') if i >= labels else "", c) for i, c in enumerate(columns)))
+    return format_html(
+        '<table{}>{}<thead><tr>{}</tr></thead><tbody>{}</tbody>{}</table>',
+        format_html(' id="{}"', table_id) if table_id else "",
+        format_html('<caption class="visually-hidden">{}</caption>', caption) if caption else "",
+        head,
+        mark_safe("".join(row(cells) for cells in rows)),
+        format_html("<tfoot>{}</tfoot>", row(footer)) if footer else "",
+    )
+
+
+def _plain(root):
+    """Drop pygal's scripts, and the tooltips' texts only its script shows."""
     for parent in list(root.iter()):
         for child in list(parent):
-            if isinstance(child.tag, str) and child.tag.endswith("script"):
+            tag = child.tag if isinstance(child.tag, str) else ""
+            if tag.endswith("script") or (tag.endswith("desc") and child.get("class") in ("value", "x", "y", "x_label", "y_label")):
                 parent.remove(child)
     return root
 
 
 def _svg(chart, title: str) -> SafeString:
-    chart.add_xml_filter(_without_scripts)
+    chart.add_xml_filter(_plain)
 
     def label(root):
         root.set("role", "img")
@@ -77,8 +107,18 @@ def _config(labels: list[str], **options) -> pygal.Config:
     return config
 
 
+def _stacked(days) -> tuple:
+    """Stacked bars, or over long ranges stacked areas: the chart kind and its options."""
+    if len(days) <= BAR_DAYS:
+        return pygal.StackedBar, {}
+    return pygal.StackedLine, {"fill": True, "show_dots": False}
+
+
 def _daily(slug: str, title: str, kind, days, series: dict[str, list], footer=None, **options) -> Chart:
     """A chart of values per day, one series each, and its table (a row per day)."""
+    if kind is None:
+        kind, stacked = _stacked(days)
+        options = stacked | options
     labels = [day.isoformat() for day in days]
     chart = kind(_config(labels, **options))
     chart.x_labels = [label[5:] for label in labels]  # MM-DD: the years are in the table
@@ -97,28 +137,27 @@ def tokens_by_deployment(report: Usage) -> Chart:
         for d in report.deployments()
         if any((day, d) in report.by_day_deployment for day in days)
     }
-    return _daily("tokens-by-deployment", "Tokens per day by deployment", pygal.StackedBar, days, series)
+    return _daily("tokens-by-deployment", "Tokens per day by deployment", None, days, series)
 
 
 def tokens_by_user(report: Usage) -> Chart:
     """The busiest users' own series, everyone else in one."""
     days = report.filters.days
-    top = [user for user, _ in report.busiest_users(TOP_USERS)]
-    series = {report.user_names[u]: [report.by_day_user.get((day, u), Counts()).tokens for day in days] for u in top}
-    others = [0] * len(days)
-    for (day, user), counts in report.by_day_user.items():
-        if user not in top:
-            others[(day - days[0]).days] += counts.tokens
+    series = {
+        report.user_names[u]: [report.tokens_by_day_user.get((day, u), 0) for day in days]
+        for u, _ in report.busiest_users(TOP_USERS)
+    }
+    others = [report.tokens_by_day_user.get((day, OTHERS), 0) for day in days]
     if any(others):
         series["other users"] = others
-    return _daily("tokens-by-user", "Tokens per day by user", pygal.StackedBar, days, series)
+    return _daily("tokens-by-user", "Tokens per day by user", None, days, series)
 
 
 def requests_by_outcome(report: Usage) -> Chart:
     by_day = report.by_day()
     days = report.filters.days
     series = {outcome: [getattr(by_day[day], outcome) for day in days] for outcome in ("ok", "error", "cancelled")}
-    return _daily("requests-by-outcome", "Requests per day by outcome", pygal.StackedBar, days, series, style=OUTCOME_STYLE)
+    return _daily("requests-by-outcome", "Requests per day by outcome", None, days, series, style=OUTCOME_STYLE)
 
 
 def time_to_first_token(report: Usage) -> Chart:
@@ -136,7 +175,7 @@ def time_to_first_token(report: Usage) -> Chart:
             footer.append(getattr(whole, attribute))
     return _daily(
         "time-to-first-token", "Time to the first token, p50 and p99 per day (ms)", pygal.Line, days, series, footer,
-        show_dots=len(days) <= 62, allow_interruptions=True, value_formatter=lambda value: f"{value:,.1f}",
+        show_dots=len(days) <= BAR_DAYS, allow_interruptions=True, value_formatter=lambda value: f"{value:,.1f}",
     )
 
 

@@ -12,7 +12,7 @@ from django.db import migrations, models, transaction
 
 # chat/rollup.py's rebuild as it was when the tables were made (a migration keeps its own copy).
 DAY = "(queued_at AT TIME ZONE 'UTC')::date"
-TTFT_MS = "(extract(epoch FROM first_token_at - queued_at) * 1000)::float8"
+TTFT_MS = "(date_part('epoch', first_token_at - queued_at) * 1000)"
 BUCKET = f"greatest(0, floor(8 * ln(greatest(1::float8, {TTFT_MS})) / ln(2::float8)))::int"
 ENDED = "('ok', 'error', 'cancelled')"
 BACKFILL = [
