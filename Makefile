@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(wildcard requirements/*.txt)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean bench bench-conversation
+.PHONY: run test install clean bench bench-conversation bench-dashboard
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -60,3 +60,8 @@ bench: $(STAMP)
 # Time to the first token along one conversation, saved prompts on and off; writes bench/results/conversation.json.
 bench-conversation: $(STAMP)
 	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/conversation.py
+
+# The admin's usage dashboard rendered over 10,000 and 1,000,000 stored requests, on its own database;
+# writes bench/results/dashboard.json.
+bench-dashboard: $(STAMP)
+	LLMSITE_DATA_DIR=var/bench-dashboard $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/dashboard.py

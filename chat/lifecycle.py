@@ -5,12 +5,16 @@ Both tiers change a `RequestLog` only through these functions. The web tier reco
 queued (the client left); the worker starts it, finishes it and fails it. Each transition is one
 conditional UPDATE: a transition the row's status does not allow (a second delivery of a task, a
 worker finishing a request the web tier already failed) changes nothing and is logged.
+A move to an end state also counts the request in the daily usage rollup (chat/rollup.py), in the
+same transaction, so the rollup counts each ended request exactly once.
 """
 
 import logging
 
+from django.db import transaction
 from django.utils import timezone
 
+from chat import rollup
 from chat.models import RequestLog
 
 log = logging.getLogger(__name__)
@@ -53,18 +57,21 @@ def record(*, request_id, user, token, deployment, protocol: str, prompt: str, s
 def record_done(*, user, token, protocol: str, prompt: str, params: dict, prompt_tokens: int | None, error: str) -> RequestLog:
     """A request answered at once, stored as it ended (an embeddings call: ok, or error)."""
     now = timezone.now()
-    return RequestLog.objects.create(
-        user=user,
-        token=token,
-        protocol=protocol,
-        prompt=storable(prompt),
-        params=params,
-        prompt_tokens=prompt_tokens,
-        status=Status.ERROR if error else Status.OK,
-        error=error,
-        started_at=now,
-        finished_at=now,
-    )
+    with transaction.atomic():
+        row = RequestLog.objects.create(
+            user=user,
+            token=token,
+            protocol=protocol,
+            prompt=storable(prompt),
+            params=params,
+            prompt_tokens=prompt_tokens,
+            status=Status.ERROR if error else Status.OK,
+            error=error,
+            started_at=now,
+            finished_at=now,
+        )
+        rollup.add(row.id)
+    return row
 
 
 def _move(request_id, to: str, **fields) -> bool:
@@ -76,6 +83,15 @@ def _move(request_id, to: str, **fields) -> bool:
     return bool(moved)
 
 
+def _end(request_id, to: str, **fields) -> bool:
+    """`_move` to an end state, counted in the usage rollup in the same transaction."""
+    with transaction.atomic():
+        moved = _move(request_id, to, **fields)
+        if moved:
+            rollup.add(request_id)
+    return moved
+
+
 def start(request_id, *, worker: str) -> bool:
     """A worker takes a queued request, once: a second delivery of its task finds it taken."""
     return _move(request_id, Status.RUNNING, started_at=timezone.now(), worker=worker)
@@ -83,7 +99,7 @@ def start(request_id, *, worker: str) -> bool:
 
 def finish(request_id, *, response: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int, first_token_at) -> bool:
     """A running request ended: ok, or cancelled where the engine stopped it (Stop, client gone)."""
-    return _move(
+    return _end(
         request_id,
         Status.CANCELLED if finish_reason == "cancelled" else Status.OK,
         response=response,
@@ -98,13 +114,17 @@ def finish(request_id, *, response: str, finish_reason: str, prompt_tokens: int,
 
 def fail(request_id, message: str, **fields) -> bool:
     """A queued or running request failed; `fields` keep what it had (the answer so far)."""
-    return _move(request_id, Status.ERROR, error=message, finished_at=timezone.now(), **fields)
+    return _end(request_id, Status.ERROR, error=message, finished_at=timezone.now(), **fields)
 
 
 def cancel_queued(request_id) -> bool:
     """The client left before any worker took the request."""
     # Only from queued: a running request is ended by its worker (not a refused transition).
-    return bool(RequestLog.objects.filter(id=request_id, status=Status.QUEUED).update(status=Status.CANCELLED, finished_at=timezone.now()))
+    with transaction.atomic():
+        moved = RequestLog.objects.filter(id=request_id, status=Status.QUEUED).update(status=Status.CANCELLED, finished_at=timezone.now())
+        if moved:
+            rollup.add(request_id)
+    return bool(moved)
 
 
 def status_of(request_id) -> str | None:

@@ -1,3 +1,4 @@
+import datetime
 import hashlib
 import secrets
 import uuid
@@ -5,6 +6,8 @@ import uuid
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+from django.db.models import Q
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from chat.chat_formats import MODEL_TYPE_CHOICES
@@ -190,10 +193,66 @@ class RequestLog(models.Model):
 
     class Meta:
         ordering = ["-queued_at"]
-        indexes = [models.Index(fields=["deployment", "-queued_at"]), models.Index(fields=["user", "-queued_at"])]
+        indexes = [
+            models.Index(fields=["deployment", "-queued_at"]),
+            models.Index(fields=["user", "-queued_at"]),
+            # The usage dashboard's exact time-to-first-token percentiles (chat/usage.py): the rows of
+            # a range of UTC days, in (day, deployment) order, read from the index alone.
+            models.Index(
+                TruncDate("queued_at", tzinfo=datetime.UTC),
+                "deployment",
+                name="chat_requestlog_ttft_day",
+                include=["queued_at", "first_token_at", "user"],
+                condition=Q(first_token_at__isnull=False),
+            ),
+        ]
 
     def __str__(self):
         return str(self.id)
+
+
+class DailyUsage(models.Model):
+    """The rollup the usage dashboard reads: ended requests counted per UTC day (of `queued_at`),
+    deployment, user, API token and outcome. chat/lifecycle.py adds each request as it ends;
+    `manage.py rebuild_usage` rebuilds it from the rows (chat/rollup.py).
+
+    Its keys are plain ids, with no foreign-key constraints and no indexes of their own (the key's
+    unique index, day first, serves every read): a deleted user or deployment keeps its history
+    here (the requests' rows lose the link; a rebuild then counts them under none).
+    """
+
+    day = models.DateField()
+    deployment = models.ForeignKey(Deployment, null=True, on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+")
+    token = models.ForeignKey(ApiToken, null=True, on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+")
+    status = models.CharField(max_length=16, choices=RequestLog.Status.choices)
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["day", "deployment", "user", "token", "status"], name="chat_dailyusage_key", nulls_distinct=False
+            )
+        ]
+
+
+class DailyTtft(models.Model):
+    """Per-day histograms of the time to the first token, per deployment: the dashboard's
+    percentiles for ranges over 31 days. Bucket b holds times in [2^(b/8), 2^((b+1)/8)) ms
+    (bucket 0 everything under 2^(1/8) ms), so a percentile read from it is within 4.5%."""
+
+    day = models.DateField()
+    deployment = models.ForeignKey(Deployment, null=True, on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+")
+    bucket = models.PositiveSmallIntegerField()
+    requests = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["day", "deployment", "bucket"], name="chat_dailyttft_key", nulls_distinct=False)
+        ]
 
 
 class Conversation(models.Model):
