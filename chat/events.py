@@ -13,12 +13,11 @@ import logging
 import threading
 import time
 
-import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
 from llmsite import contract
-from llmsite.workers_alive import queue_alive_key, worker_host_key  # noqa: F401  (the key names live there)
+from llmsite.workers_alive import queue_alive_key, sync_client, worker_host_key  # noqa: F401  (the key names and the client live there)
 
 CANCEL_TTL_SECONDS = 3600
 
@@ -34,15 +33,6 @@ def cancel_key(request_id) -> str:
 
 
 # --- worker side (sync) ---------------------------------------------------------------------
-
-_sync_client = None
-
-
-def sync_client() -> redis.Redis:
-    global _sync_client
-    if _sync_client is None:
-        _sync_client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
-    return _sync_client
 
 
 def publish(request_id, event: contract.Event) -> None:

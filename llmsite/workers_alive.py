@@ -19,7 +19,8 @@ def worker_host_key(hostname: str) -> str:
     return f"llmsite:workerhost:{hostname}"
 
 
-def _redis() -> redis.Redis:
+def sync_client() -> redis.Redis:
+    """The process's one synchronous Redis client (chat.events uses it too)."""
     global _client
     if _client is None:
         _client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
@@ -28,4 +29,4 @@ def _redis() -> redis.Redis:
 
 def queue_has_worker(queue: str) -> bool:
     """Whether some worker beat for `queue` within the last WORKER_HEARTBEAT_TTL seconds."""
-    return bool(_redis().exists(queue_alive_key(queue)))  # one key: O(1) however many keys Redis holds
+    return bool(sync_client().exists(queue_alive_key(queue)))  # one key: O(1) however many keys Redis holds

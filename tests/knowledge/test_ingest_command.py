@@ -89,7 +89,7 @@ def test_ingest_command_stops_waiting_when_the_time_is_up(stack, user, tmp_path)
     name = f"cli-{uuid.uuid4().hex[:8]}"
     queue = queue_without_worker()
     # A worker that beats for this queue but never takes anything from it.
-    workers_alive._redis().set(workers_alive.queue_alive_key(queue), "hung@nowhere", ex=120)
+    workers_alive.sync_client().set(workers_alive.queue_alive_key(queue), "hung@nowhere", ex=120)
 
     result = ingest(name, str(path), "--owner", user.username, "--timeout", "1", env={"EMBEDDING_QUEUE": queue})
 
@@ -105,7 +105,7 @@ def test_ingest_command_stops_waiting_when_no_worker_is_left(stack, user, tmp_pa
     name = f"cli-{uuid.uuid4().hex[:8]}"
     queue = queue_without_worker()
     alive = workers_alive.queue_alive_key(queue)
-    workers_alive._redis().set(alive, "leaving@nowhere", ex=120)  # a worker that takes nothing...
+    workers_alive.sync_client().set(alive, "leaving@nowhere", ex=120)  # a worker that takes nothing...
     command = [sys.executable, "manage.py", "ingest", name, str(path), "--owner", user.username]
     env = {**os.environ, "EMBEDDING_QUEUE": queue}
     with subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
@@ -113,7 +113,7 @@ def test_ingest_command_stops_waiting_when_no_worker_is_left(stack, user, tmp_pa
         while not Document.objects.filter(knowledge_base__name=name).exists():
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.1)
-        workers_alive._redis().delete(alive)  # ...and then is gone
+        workers_alive.sync_client().delete(alive)  # ...and then is gone
         stdout, stderr = process.communicate(timeout=120)
 
     assert process.returncode != 0
