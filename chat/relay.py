@@ -21,6 +21,10 @@ class Formatter:
         """What goes out before any event (an OpenAI stream's first chunk)."""
         return []
 
+    def on_queued(self, event: contract.Queued) -> list:
+        """The request waits its turn (only the chat page shows it; other wire formats say nothing)."""
+        return []
+
     def on_start(self, event: contract.Start) -> list:
         return []
 

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 # of a newer version than its own with an error event instead of answering it wrongly. Version 2
 # is the first typed request (before it, tasks carried `params` and no `version`: a worker and a
 # web tier of different sides of that change cannot talk; upgrade both together).
-PROTOCOL_VERSION = 2
+# Version 3 added the decoding fields (penalties, logit_bias, logprobs, n, grammar) and `tools`:
+# a version-2 worker would ignore a grammar and answer unconstrained, so it refuses them.
+PROTOCOL_VERSION = 3
 
 
 class ContractError(ValueError):
@@ -42,6 +44,19 @@ class SamplingParams:
     use_cache: bool = True
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # the answer ends before the first of these
+    # OpenAI's penalties: subtracted from a token's logit per occurrence in the answer so far
+    # (frequency) and once if it occurred at all (presence); repetition_penalty (transformers'
+    # and vLLM's) divides positive / multiplies negative logits of tokens in prompt and answer.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict = field(default_factory=dict)  # token id (a string: JSON keys) -> added to its logit
+    logprobs: bool = False  # report each chosen token's raw log-probability (before any processing)
+    top_logprobs: int = 0  # and this many most likely tokens at each step, most likely first
+    n: int = 1  # independent answers to the one prompt (Delta.index names which)
+    # An llguidance grammar (its JSON "top-level grammar" text, as chat.structured compiles it in
+    # the web tier) the answer must match, enforced by masking logits at every step; "" for none.
+    grammar: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -78,6 +93,7 @@ class GenerationRequest:
     tokenizer_digest: str = ""  # which tokenizer files counted prompt_ids (the worker refits on another)
     knowledge_base: int | None = None  # langchain: the knowledge base's id, searched on the worker
     cache_scope: str = ""  # KV rows kept by the engine are shared only within one scope
+    tools: list[dict] = field(default_factory=list)  # OpenAI function tools, for the chat template's `tools=`
     sent_at: float | None = None  # when the web tier sent it (epoch seconds): the queue time in /metrics
     version: int = PROTOCOL_VERSION
 
@@ -131,6 +147,8 @@ _TYPES: dict[str, tuple] = {
     "int | None": (int, type(None)),
     "list[int] | None": (list, type(None)),
     "str | None": (str, type(None)),
+    "list | None": (list, type(None)),
+    "float | None": (int, float, type(None)),
 }
 
 
@@ -174,6 +192,16 @@ class Received:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """The request waits for its turn: `position` requests start before it (0: it is next), and
+    `wait_seconds` estimates when it starts (None where nothing yet tells)."""
+
+    position: int
+    wait_seconds: float | None = None
+    type: ClassVar[str] = "queued"
+
+
+@dataclass(frozen=True)
 class Start:
     """A worker took the request and started on it."""
 
@@ -191,9 +219,13 @@ class Sources:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of the answer."""
+    """New text of answer `index` (0 unless the request asked for n > 1), with the log-probabilities
+    of its tokens where the request asked for them: one {"token", "logprob", "bytes",
+    "top_logprobs": [{"token", "logprob", "bytes"}, ...]} per token, as OpenAI's chat logprobs."""
 
     text: str
+    index: int = 0
+    logprobs: list | None = None
     type: ClassVar[str] = "delta"
 
 
@@ -206,6 +238,10 @@ class Final:
     finish_reason: str
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     cached_tokens: int = 0
+    logprobs: list | None = None  # every token's entry (as Delta's), where the request asked
+    # n > 1: one {"index", "text", "finish_reason", "logprobs"} per answer; `text` and
+    # `finish_reason` above are answer 0's, `usage` counts all of them.
+    choices: list | None = None
     type: ClassVar[str] = "final"
 
     @property
@@ -234,8 +270,10 @@ class Error:
     type: ClassVar[str] = "error"
 
 
-Event = Union[Received, Start, Sources, Delta, Final, Embeddings, Error]
-EVENT_TYPES: dict[str, type] = {cls.type: cls for cls in (Received, Start, Sources, Delta, Final, Embeddings, Error)}
+Event = Union[Received, Queued, Start, Sources, Delta, Final, Embeddings, Error]
+EVENT_TYPES: dict[str, type] = {
+    cls.type: cls for cls in (Received, Queued, Start, Sources, Delta, Final, Embeddings, Error)
+}
 TERMINAL = (Final, Embeddings, Error)  # every stream ends with exactly one of these
 
 
