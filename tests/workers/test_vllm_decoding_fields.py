@@ -1,15 +1,32 @@
 """The vLLM adapter maps contract v3's decoding fields to vLLM's own (SamplingParams and
 StructuredOutputsParams), checked against the stand-in of the vLLM calls it makes."""
 
+import sys
+
 import pytest
 
+from chat.models import Deployment
+
 from tests.workers import fake_vllm
-from tests.workers.test_vllm_engine import fake_vllm_engine, params  # noqa: F401  (the fixture)
+from tests.workers.test_vllm_engine import params
 from workers.engines.base import GenerationResult
 from workers.engines.sampling import PolicyError
 from workers.engines.vllm_engine import structured_outputs
 
 llguidance = pytest.importorskip("llguidance")
+
+
+@pytest.fixture
+def fake_vllm_engine(monkeypatch, django_db_setup, django_db_blocker):
+    """The adapter over the stand-in (as test_vllm_engine's fixture)."""
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    fake_vllm.calls.clear()
+    from workers.engines.vllm_engine import VLLMEngine
+
+    with django_db_blocker.unblock():
+        deployment = Deployment.objects.get(name="default")
+    deployment.engine, deployment.precision = "vllm", "bf16"
+    return VLLMEngine(deployment)
 SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 5}}, "required": ["a"]}
 
 
@@ -19,7 +36,7 @@ def sent(engine, sampling):
     return [c[2] for c in fake_vllm.calls if c[0] == "generate"][-1], text, result
 
 
-def test_penalties_logit_bias_and_logprobs_map_to_vllm(fake_vllm_engine):  # noqa: F811
+def test_penalties_logit_bias_and_logprobs_map_to_vllm(fake_vllm_engine):
     sampling = params(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=1.2, logit_bias={"17": -100},
                       logprobs=True, top_logprobs=2)
     vllm_params, text, result = sent(fake_vllm_engine, sampling)
@@ -31,13 +48,13 @@ def test_penalties_logit_bias_and_logprobs_map_to_vllm(fake_vllm_engine):  # noq
         assert entry["logprob"] == -1.0 and [t["token"] for t in entry["top_logprobs"]] == ["w1", entry["token"]]
 
 
-def test_a_plain_request_sends_no_new_fields(fake_vllm_engine):  # noqa: F811
+def test_a_plain_request_sends_no_new_fields(fake_vllm_engine):
     vllm_params, _, result = sent(fake_vllm_engine, params())
     assert vllm_params.logprobs is None and vllm_params.logit_bias is None and vllm_params.structured_outputs is None
     assert result.logprobs == []
 
 
-def test_a_json_schema_grammar_goes_to_vllm_as_its_schema_with_llguidance_options(fake_vllm_engine):  # noqa: F811
+def test_a_json_schema_grammar_goes_to_vllm_as_its_schema_with_llguidance_options(fake_vllm_engine):
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
     vllm_params, _, _ = sent(fake_vllm_engine, params(grammar=grammar))
     schema = vllm_params.structured_outputs.json
