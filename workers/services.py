@@ -4,6 +4,7 @@ Every step publishes typed events (llmsite.contract) on the request's stream and
 request's row only through chat.lifecycle.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,7 @@ from llmsite.contract import ContractError, GenerationRequest, PromptFormat, Sto
 from llmsite.errors import ContextTooLong
 from workers import loader, metrics, retrieval
 from workers.engines import GenerationResult
+from workers.engines.sampling import PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,14 @@ class GenerationFailed(Exception):
 
 @dataclass
 class Answer:
-    """What one generation has produced so far: its text (cut at a stop string), the engine's
-    counts, and when its first token came."""
+    """What one answer has produced so far: its text (cut at a stop string), the engine's
+    counts, and when its first token came; `index` is which of the request's n answers it is."""
 
     stopper: StopText = field(default_factory=lambda: StopText([]))
     result: GenerationResult = field(default_factory=GenerationResult)
     first_token_at: datetime | None = None
+    index: int = 0
+    logprobs_sent: int = 0  # result.logprobs entries already published with a delta
 
 
 def generate(wire: dict) -> None:
@@ -68,14 +72,18 @@ def run_generation(request: GenerationRequest) -> None:
     with events.cancel_watcher.watching(request.request_id) as cancel:  # Stop and a client gone reach the engine
         log.info("generation %s started", request.request_id)
         events.publish(request.request_id, contract.Start(worker=loader.HOSTNAME))
-        answer = Answer()
+        answers = [Answer(index=i) for i in range(max(1, request.sampling.n))]
+        answer = answers[0]
         try:
             target, engine = _engine(request)
             prompt_ids = _fit(request, target, engine)
             release_connection()  # back to the pool while the answer streams; the end takes one again
-            answer.stopper = StopText([*request.sampling.stop, *stop_strings(target.model_type)])
-            _stream(request, engine, prompt_ids, answer, cancel, timing)
-        except GenerationFailed as exc:
+            for each in answers:
+                each.stopper = StopText([*request.sampling.stop, *stop_strings(target.model_type)])
+            _stream(request, engine, prompt_ids, answers, cancel, timing)
+        except (GenerationFailed, PolicyError) as exc:
+            if isinstance(exc, PolicyError):  # decoding fields the engine cannot take (a grammar that does not build)
+                exc = GenerationFailed(str(exc), kind="invalid_request", param=exc.param)
             _end_failed(request.request_id, exc, timing=timing, result=answer.result)
             return
         except Exception as exc:
@@ -85,7 +93,7 @@ def run_generation(request: GenerationRequest) -> None:
                 request.request_id, failure, timing=timing, result=answer.result, response=answer.stopper.text, first_token_at=answer.first_token_at
             )
             return
-        _end_finished(request.request_id, answer, timing)
+        _end_finished(request, answers, timing)
 
 
 def _claim(request_id: str, deployment: str) -> bool:
@@ -170,44 +178,104 @@ def _ground(request: GenerationRequest, engine, fmt: PromptFormat) -> list[dict]
     return retrieval.ground(request_id=request.request_id, knowledge_base_id=request.knowledge_base, messages=request.messages, fits=fits)
 
 
-def _stream(request: GenerationRequest, engine, prompt_ids: list[int], answer: Answer, cancel, timing: metrics.Timing) -> None:
-    """Stream the answer's text as delta events."""
-    stopper = answer.stopper
+def _stream(request: GenerationRequest, engine, prompt_ids: list[int], answers: list[Answer], cancel, timing: metrics.Timing) -> None:
+    """Stream the answers' text as delta events: each answer is its own engine request (for n > 1,
+    seeds seed, seed + 1, ... where the request names one), and their pieces are taken in turn."""
     # Pieces go at once until the stop-text check can show something, then every STREAM_INTERVAL_MS.
-    pacing = {"interval": settings.STREAM_INTERVAL_MS / 1000, "eager_chars": stopper.hold + 1}
-    pieces = engine.stream(prompt_ids, request.sampling, answer.result, cancel.is_set, cache_scope=request.cache_scope, **pacing)
+    pacing = {"interval": settings.STREAM_INTERVAL_MS / 1000, "eager_chars": answers[0].stopper.hold + 1}
+    streams = [
+        (answer, engine.stream(prompt_ids, _answer_params(request.sampling, answer.index), answer.result, cancel.is_set,
+                               cache_scope=request.cache_scope, **pacing))
+        for answer in answers
+    ]
+    live = list(streams)
     try:
-        for delta in pieces:
-            if answer.first_token_at is None:
-                answer.first_token_at = timezone.now()
-                timing.first()
-            # A NUL character (a byte-level token that models can emit) cannot be stored in
-            # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
-            if ready := stopper.feed(delta.replace("\x00", "")):
-                events.publish(request.request_id, contract.Delta(ready))
-            if stopper.hit:
-                break  # the engine's request is aborted as the stream closes
+        while live:
+            for item in list(live):
+                answer, pieces = item
+                delta = next(pieces, None)
+                if delta is None or _publish(request, answer, delta, timing):
+                    live.remove(item)
+                    pieces.close()  # an answer cut at a stop string: its engine request is aborted
     finally:
-        pieces.close()
-    if not stopper.hit and (tail := stopper.flush()):
-        events.publish(request.request_id, contract.Delta(tail))
+        for _, pieces in streams:
+            pieces.close()
+    for answer in answers:
+        tail = "" if answer.stopper.hit else answer.stopper.flush()
+        logprobs = _unsent_logprobs(request, answer)
+        if tail or logprobs:
+            events.publish(request.request_id, contract.Delta(tail, index=answer.index, logprobs=logprobs))
 
 
-def _end_finished(request_id: str, answer: Answer, timing: metrics.Timing) -> None:
-    stopper, result = answer.stopper, answer.result
-    if stopper.hit:
-        result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
+def _answer_params(sampling: contract.SamplingParams, index: int) -> contract.SamplingParams:
+    """Answer `index`'s sampling settings: the request's, with seed + index where it names a seed."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=sampling.seed + index)
+
+
+def _publish(request: GenerationRequest, answer: Answer, delta: str, timing: metrics.Timing) -> bool:
+    """Publish what of `delta` is safe to show; True when the answer hit a stop string."""
+    if answer.first_token_at is None:
+        answer.first_token_at = timezone.now()
+        if answer.index == 0:
+            timing.first()
+    # A NUL character (a byte-level token that models can emit) cannot be stored in
+    # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
+    ready = answer.stopper.feed(delta.replace("\x00", ""))
+    logprobs = _unsent_logprobs(request, answer)
+    if ready or logprobs:
+        events.publish(request.request_id, contract.Delta(ready, index=answer.index, logprobs=logprobs))
+    return answer.stopper.hit
+
+
+def _unsent_logprobs(request: GenerationRequest, answer: Answer) -> list | None:
+    """The answer's token entries not yet published, where the request asked for logprobs."""
+    if not request.sampling.logprobs:
+        return None
+    entries = _kept_logprobs(answer)[answer.logprobs_sent :]
+    answer.logprobs_sent += len(entries)
+    return entries or None
+
+
+def _kept_logprobs(answer: Answer) -> list:
+    """The answer's token entries, without those past a stop string that cut it."""
+    entries = answer.result.logprobs
+    if not answer.stopper.hit:
+        return entries
+    kept, length = [], 0
+    for entry in entries:
+        if length >= len(answer.stopper.text):
+            break
+        kept.append(entry)
+        length += len(entry["token"])
+    return kept
+
+
+def _end_finished(request: GenerationRequest, answers: list[Answer], timing: metrics.Timing) -> None:
+    for answer in answers:
+        if answer.stopper.hit:
+            answer.result.finish_reason = "stop"  # the engine stopped because a stop sequence appeared
+    first, request_id = answers[0], request.request_id
+    result = dataclasses.replace(first.result, completion_tokens=sum(a.result.completion_tokens for a in answers))
     timing.end(result, outcome="stopped" if result.finish_reason == "cancelled" else "finished")
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
-    final = contract.Final(text=stopper.text, finish_reason=result.finish_reason, usage=usage, cached_tokens=result.cached_tokens)
+    logprobs = _kept_logprobs if request.sampling.logprobs else (lambda answer: None)
+    choices = [
+        {"index": a.index, "text": a.stopper.text, "finish_reason": a.result.finish_reason, "logprobs": logprobs(a)} for a in answers
+    ]
+    final = contract.Final(
+        text=first.stopper.text, finish_reason=result.finish_reason, usage=usage, cached_tokens=result.cached_tokens,
+        logprobs=logprobs(first), choices=choices if len(answers) > 1 else None,
+    )
     _end(
         request_id,
         final,
         lambda: lifecycle.finish(
             request_id,
-            response=stopper.text,
+            response=first.stopper.text,
             finish_reason=result.finish_reason,
-            first_token_at=answer.first_token_at,
+            first_token_at=first.first_token_at,
             cached_tokens=result.cached_tokens,
             **usage,
         ),

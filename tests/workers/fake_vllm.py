@@ -41,6 +41,28 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict | None = None
+    logprobs: int | None = None
+    structured_outputs: object = None
+
+
+@dataclass
+class StructuredOutputsParams:  # vllm.sampling_params.StructuredOutputsParams (0.12 on), the fields the adapter sets
+    json: object = None
+    grammar: str | None = None
+
+
+sampling_params = SimpleNamespace(StructuredOutputsParams=StructuredOutputsParams)
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -48,6 +70,7 @@ class _Completion:
     text: str = ""
     token_ids: list = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list | None = None  # where asked: per position {token id: Logprob}, the top ones and the chosen one
 
 
 class AsyncLLMEngine:
@@ -73,11 +96,14 @@ class AsyncLLMEngine:
                 return
             completion.token_ids.append(i)
             completion.text += ("" if i == 0 else " ") + words[i]
+            if sampling_params.logprobs is not None:  # the chosen word ranks 2nd: rank 1 is another
+                top = {1000 + r: Logprob(-0.5 * r, r, f"w{r}") for r in range(1, sampling_params.logprobs + 2) if r != 2}
+                completion.logprobs = (completion.logprobs or []) + [{**top, i: Logprob(-1.0, 2, words[i])}]
             last = i + 1 == sampling_params.max_tokens or ("natural" in prompt and i + 1 == len(WORDS))
             if last:
                 completion.finish_reason = "length" if i + 1 == sampling_params.max_tokens else "stop"
             # a snapshot per step, as vLLM's outputs are: a slow reader must not see later text early
-            snapshot = _Completion(completion.text, list(completion.token_ids), completion.finish_reason)
+            snapshot = _Completion(completion.text, list(completion.token_ids), completion.finish_reason, completion.logprobs)
             yield SimpleNamespace(request_id=request_id, prompt_token_ids=[1, 2, 3], outputs=[snapshot], finished=last)
             if last:
                 return

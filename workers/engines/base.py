@@ -1,6 +1,6 @@
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def cached_copy(path, suffix: str = ""):
@@ -52,6 +52,7 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV rows came from a cache instead of being computed
+    logprobs: list = field(default_factory=list)  # each generated token's entry, where the request asked (Delta.logprobs)
 
 
 class Engine:
@@ -81,6 +82,10 @@ class Engine:
         if isinstance(prompt, list):
             return prompt
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def vocab_width(self) -> int:
+        """How many logits a step gives (the model's vocabulary, padding included)."""
+        return len(self.tokenizer)
 
     def count_tokens(self, text: str) -> int:
         return len(self.prompt_ids(text))

@@ -242,11 +242,14 @@ class BatchingScheduler(Scheduler):
         greedy = any(request is not None and request.greedy for request in requests)
         tokens = logits.argmax(-1).tolist() if greedy else [0] * len(requests)
         for row, request in enumerate(requests):
-            if request is not None and not request.greedy:
+            if request is not None and (not request.greedy or request.policy is not None):
                 tokens[row] = self._sample(request, logits[row])
         return tokens
 
     def _sample(self, request: BatchRequest, logits: torch.Tensor) -> int:
+        if request.policy is not None:  # penalties, logit_bias, logprobs, a grammar (sampling.py)
+            draw = None if request.greedy else lambda scores: sample_token(request, torch.from_numpy(scores).to(logits.device))
+            return request.policy.choose(logits.float().cpu().numpy(), draw)
         if request.greedy:
             return int(torch.argmax(logits))
         return sample_token(request, logits)

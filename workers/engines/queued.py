@@ -7,6 +7,7 @@ import time
 import uuid
 
 from workers.engines.base import Engine, GenerationResult, Pacer
+from workers.engines.sampling import build_policy, logprob_entry
 from workers.engines.scheduling import BatchRequest
 
 CANCEL_POLL_SECONDS = 0.1  # how often a waiting request looks at its cancel flag
@@ -33,6 +34,7 @@ class QueuedEngine(Engine):
             seed=params.seed,
             stop_ids=self.stop_ids,
             cache_scope=cache_scope,
+            policy=build_policy(self, params, prompt_ids),
         )
 
     def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
@@ -60,6 +62,8 @@ class QueuedEngine(Engine):
                 while kind == "token":
                     result.completion_tokens += 1
                     held.append(detok.add(value))
+                    if request.policy is not None and request.policy.logprobs:
+                        result.logprobs.append(logprob_entry(self, request.policy.entries[result.completion_tokens - 1]))
                     try:
                         kind, value = request.out.get_nowait()
                     except queue.Empty:
@@ -67,7 +71,7 @@ class QueuedEngine(Engine):
                 if kind == "done":
                     if value == "stop":
                         result.completion_tokens += 1  # the end-of-turn token was generated too
-                    result.finish_reason = value
+                    result.finish_reason = "stop" if value == "grammar" else value
                     text = "".join(held) + detok.flush()
                     if text:
                         yield text

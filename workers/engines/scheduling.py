@@ -37,6 +37,7 @@ class BatchRequest:
     prefilled: int = 0
     generator: Any = None  # a torch.Generator, made where the request is sampled (not greedy)
     processors: Any = None  # transformers' LogitsProcessorList of its sampling settings
+    policy: Any = None  # its sampling.TokenPolicy (penalties, logit_bias, logprobs, grammar); None: none of them
 
 
 class Scheduler:
@@ -142,6 +143,9 @@ class Scheduler:
             return True
         request.generated += 1
         request.out.put(("token", token))
+        if request.policy is not None and request.policy.ended:
+            request.out.put(("done", "grammar"))  # the grammar is complete: a "stop" without an end token
+            return True
         if request.generated >= request.max_new_tokens:
             request.out.put(("done", "length"))
             return True

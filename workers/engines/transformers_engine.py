@@ -160,6 +160,10 @@ class TransformersEngine(QueuedEngine):
             self.model, max_batch_size=deployment.max_batch_size, name=f"engine-{deployment.name}"
         )
 
+    def vocab_width(self) -> int:
+        head = self.model.get_output_embeddings()
+        return head.weight.shape[0] if head is not None else self.model.config.vocab_size
+
     @torch.inference_mode()
     def token_logprobs(self, ids: list[int]) -> list[float]:
         logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1].float()

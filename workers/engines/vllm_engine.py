@@ -3,11 +3,14 @@
 Imported only when a deployment names it, so vLLM is needed only on the nodes that run it. The
 adapter uses vLLM's documented engine API and nothing else: `AsyncEngineArgs`,
 `AsyncLLMEngine.from_engine_args`, `engine.generate(prompt, sampling_params, request_id)` (an
-async iterator of RequestOutput with cumulative `outputs[0].text`), `engine.abort(request_id)`
-and `SamplingParams`.
+async iterator of RequestOutput with cumulative `outputs[0].text`), `engine.abort(request_id)`,
+`SamplingParams` and `sampling_params.StructuredOutputsParams` (vLLM 0.12 on). vLLM does the
+contract's decoding fields itself: its penalties and logit_bias, its raw log-probabilities (its
+default logprobs mode) and its structured outputs for the request's llguidance grammar.
 """
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -17,6 +20,7 @@ import uuid
 from packaging.version import InvalidVersion, Version
 
 from workers.engines.base import Engine, GenerationResult, LoadError, Pacer
+from workers.engines.sampling import PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,14 @@ class VLLMEngine(Engine):
         return asyncio.run_coroutine_threadsafe(coroutine_fn(*args), self._loop).result()
 
     def sampling_params(self, params):
+        """vLLM's SamplingParams for one answer (the worker sends n answers as n requests)."""
+        extra = {}
+        if params.logit_bias:
+            extra["logit_bias"] = {int(token): float(bias) for token, bias in params.logit_bias.items()}
+        if params.logprobs:
+            extra["logprobs"] = params.top_logprobs  # the chosen token's, and this many most likely
+        if params.grammar:
+            extra["structured_outputs"] = self._vllm.sampling_params.StructuredOutputsParams(**structured_outputs(params.grammar))
         return self._vllm.SamplingParams(
             n=1,
             max_tokens=params.max_new_tokens,
@@ -85,6 +97,10 @@ class VLLMEngine(Engine):
             top_p=1.0 if params.greedy else params.top_p,
             top_k=-1 if params.greedy or not params.top_k else params.top_k,  # -1 turns top-k off
             seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            **extra,
         )
 
     def _inputs(self, prompt, cache_scope: str):
@@ -108,6 +124,7 @@ class VLLMEngine(Engine):
     def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
         """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says;
         `cache_scope` is vLLM's cache salt (its prefix cache is shared only within it)."""
+        self.sampling_params(params)  # a grammar vLLM cannot take is refused here, before vLLM has the request
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
         future = asyncio.run_coroutine_threadsafe(self._run(prompt, params, cache_scope, request_id, out), self._loop)
@@ -140,7 +157,7 @@ class VLLMEngine(Engine):
                     finished = True
                     return
                 if kind == "output":
-                    text = _take_output(value, result)
+                    text = _take_output(value, result, params.top_logprobs)
                 if len(text) > len(sent) and pacer.is_due():
                     delta, sent = text[len(sent) :], text
                     pacer.went(len(delta))
@@ -151,15 +168,47 @@ class VLLMEngine(Engine):
             future.cancel()
 
 
-def _take_output(output, result: GenerationResult) -> str:
-    """The whole text so far of one of vLLM's outputs; its counts and finish go into `result`."""
+def _take_output(output, result: GenerationResult, top: int = 0) -> str:
+    """The whole text so far of one of vLLM's outputs; its counts, its tokens' log-probabilities
+    (with `top` most likely ones, where the request asked) and its finish go into `result`."""
     completion = output.outputs[0]
     result.prompt_tokens = len(output.prompt_token_ids or [])
     result.cached_tokens = getattr(output, "num_cached_tokens", None) or 0  # its prefix cache's hits
     result.completion_tokens = len(completion.token_ids)
+    for position in range(len(result.logprobs), len(getattr(completion, "logprobs", None) or [])):
+        result.logprobs.append(_logprob_entry(completion.logprobs[position], completion.token_ids[position], top))
     if output.finished:
         result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
     return completion.text
+
+
+def structured_outputs(grammar: str) -> dict:
+    """StructuredOutputsParams' fields for a contract grammar (llguidance's top-level grammar):
+    its one JSON schema as `json` (whose "x-guidance" options vLLM's guidance backend keeps), its
+    one Lark grammar as `grammar`; anything else vLLM cannot take is refused."""
+    try:
+        top = json.loads(grammar)
+    except ValueError:
+        return {"grammar": grammar}  # a grammar's text, not llguidance's JSON
+    grammars = top.get("grammars") if isinstance(top, dict) else None
+    if isinstance(grammars, list) and len(grammars) == 1 and isinstance(grammars[0], dict):
+        if grammars[0].get("json_schema") is not None:
+            return {"json": grammars[0]["json_schema"]}
+        if grammars[0].get("lark_grammar"):
+            return {"grammar": grammars[0]["lark_grammar"]}
+    raise PolicyError("response_format: the vllm engine takes one JSON schema or one Lark grammar", "response_format")
+
+
+def _logprob_entry(candidates: dict, token: int, top: int) -> dict:
+    """One token's entry (as OpenAI's chat logprobs) from vLLM's {token id: Logprob} of a position:
+    the chosen token's, and the `top` most likely ones (ranks 1 to top; the chosen one is there
+    too when it ranks lower)."""
+    def entry(logprob) -> dict:
+        text = logprob.decoded_token or ""
+        return {"token": text, "logprob": logprob.logprob, "bytes": list(text.encode())}
+
+    ranked = sorted((lp for lp in candidates.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank)
+    return {**entry(candidates[token]), "top_logprobs": [entry(lp) for lp in ranked]}
 
 
 def _takes_cache_salt(vllm) -> bool:

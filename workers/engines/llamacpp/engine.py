@@ -100,6 +100,9 @@ class LlamaCppEngine(QueuedEngine):
             self.load_notes.append(f"saved prompts: up to {saved_mib} MiB of finished requests' KV rows ({saved_mib * 2**20 // kv_bytes} tokens)")
         return saved
 
+    def vocab_width(self) -> int:
+        return self.model.n_vocab
+
     def token_logprobs(self, ids: list[int]) -> list[float]:
         with self.scheduler.exclusive() as seq:
             return self.model.token_logprobs(ids, seq)

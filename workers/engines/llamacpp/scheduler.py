@@ -4,6 +4,7 @@ context for prompts), one llama_decode call per step for every running request."
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
@@ -183,7 +184,7 @@ class LlamaCppScheduler(KeptRows, Scheduler):
                 greedy = np.argmax(logits, axis=1).tolist() if any(s.request.greedy for s in decoding) else None
                 for row, sequence in enumerate(decoding):
                     sequence.pos += 1
-                    if sequence.request.greedy:
+                    if sequence.request.greedy and sequence.request.policy is None:
                         self._take(sequence, greedy[row], finished)
                     else:
                         self._next(sequence, logits[row], finished)
@@ -279,9 +280,12 @@ class LlamaCppScheduler(KeptRows, Scheduler):
             finished.append(sequence)
 
     def _sample(self, request: BatchRequest, logits: np.ndarray) -> int:
-        if request.greedy:
+        draw = None if request.greedy else functools.partial(_sample_with_torch, request)
+        if request.policy is not None:  # penalties, logit_bias, logprobs, a grammar (sampling.py)
+            return request.policy.choose(logits, draw)
+        if draw is None:
             return int(np.argmax(logits))  # torch.argmax's choice too: the first of equal maxima
-        return _sample_with_torch(request, logits)
+        return draw(logits)
 
     def _fail_all(self, message: str) -> None:
         for sequence in list(self._running):
