@@ -7,6 +7,8 @@ import uuid
 import pytest
 import requests
 from openai import BadRequestError, NotFoundError, OpenAI
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from chat.models import RequestLog, StoredResponse
 from chat.tokens import token_create
@@ -48,6 +50,7 @@ def test_create_answers_stores_and_retrieves_the_response(client, user):
 
     again = client.responses.retrieve(response.id)
     assert again.model_dump() == response.model_dump()
+    Response.model_validate(again.to_dict())  # every field the client's own types require, typed as they say
 
 
 def test_stream_sends_the_events_in_the_reference_order_and_stores_the_answer(client):
@@ -59,6 +62,8 @@ def test_stream_sends_the_events_in_the_reference_order_and_stores_the_answer(cl
     final = events[-1].response
     assert collapsed == [*STREAM_ORDER, f"response.{final.status}"] and final.status in ("completed", "incomplete")
     assert [event.sequence_number for event in events] == list(range(len(events)))
+    for event in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(event.to_dict())
 
     text = "".join(deltas)
     done = next(event for event in events if event.type == "response.output_text.done")
@@ -193,3 +198,15 @@ def test_unknown_previous_response_id_is_a_404_naming_the_field(client, user):
 def test_schema_describes_the_responses_endpoints(stack):
     paths = requests.get(f"{stack.url}/api/schema/", timeout=30).json()["paths"]
     assert {"post"} <= set(paths["/v1/responses"]) and {"get", "delete"} <= set(paths["/v1/responses/{response_id}"])
+
+
+def test_the_admin_lists_and_shows_stored_responses_read_only(client, db_user_factory):
+    from django.test import Client
+
+    response = client.responses.create(input="Say hello.", **ASK)
+    admin = Client()
+    admin.force_login(db_user_factory(is_staff=True, is_superuser=True))
+    listing = admin.get("/admin/chat/storedresponse/")
+    assert listing.status_code == 200 and response.id in listing.content.decode()
+    page = admin.get(f"/admin/chat/storedresponse/{response.id}/change/")
+    assert page.status_code == 200 and response.id in page.content.decode() and b'name="_save"' not in page.content
