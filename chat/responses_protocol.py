@@ -122,7 +122,8 @@ OutputItem = Annotated[OutputMessage | FunctionCall, Field(discriminator="type")
 
 
 class InputTokensDetails(BaseModel):
-    cached_tokens: int = 0
+    cached_tokens: int = Field(0, description="Input tokens whose KV cache rows the engine had kept (as chat completions' cached_tokens).")
+    cache_write_tokens: int = 0
 
 
 class OutputTokensDetails(BaseModel):
