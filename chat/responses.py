@@ -85,8 +85,6 @@ def chat_tools(body: rp.ResponsesRequest) -> dict:
         choice = {"type": "function", "function": {"name": choice["name"]}}
     if choice is not None:
         fields["tool_choice"] = choice
-    if body.parallel_tool_calls is not None:
-        fields["parallel_tool_calls"] = body.parallel_tool_calls
     form = body.text.format if body.text else None
     if form is not None and form.type == "json_schema":
         schema = {"name": form.name or "response", "schema": form.schema_ or {}, "strict": form.strict}
@@ -111,6 +109,8 @@ def chat_request(body: rp.ResponsesRequest, history: list[dict]) -> wire.ChatCom
         if name not in wire.ChatCompletionRequest.model_fields:
             where = "input" if name not in fields else _FIELD_NAMES.get(name, name)
             raise InvalidRequest(f"{where}: this server does not support {name} yet.", param=where)
+    if body.parallel_tool_calls is not None and "parallel_tool_calls" in wire.ChatCompletionRequest.model_fields:
+        fields["parallel_tool_calls"] = body.parallel_tool_calls  # a hint: dropped where chat completions has none
     try:
         return wire.ChatCompletionRequest(
             model=body.model, messages=messages, max_completion_tokens=body.max_output_tokens, stream=body.stream, **fields

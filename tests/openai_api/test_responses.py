@@ -2,6 +2,7 @@
 delete, previous_response_id chains (also across a restart of the web and worker processes),
 store: false, another user's ids, and bad input."""
 
+import json
 import uuid
 
 import pytest
@@ -11,6 +12,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from chat.models import RequestLog, StoredResponse
+from chat.protocols.openai import ChatCompletionRequest
 from chat.tokens import token_create
 from llmsite.launcher import worker_command
 from tests.chat.test_stream_failures import deployment_on_queue
@@ -147,8 +149,8 @@ def test_a_chain_survives_a_restart_of_the_web_and_worker_processes(stack, token
 
 
 def test_store_false_keeps_nothing_and_cannot_be_continued(client):
-    response = client.responses.create(input="Say hello.", store=False, **ASK)
-    assert response.output_text
+    response = client.responses.create(input="Say hello.", store=False, text={"format": {"type": "text"}}, **ASK)
+    assert response.output_text and response.text.format.type == "text"
     assert not StoredResponse.objects.filter(pk=response.id).exists()
     with pytest.raises(NotFoundError):
         client.responses.retrieve(response.id)
@@ -210,3 +212,51 @@ def test_the_admin_lists_and_shows_stored_responses_read_only(client, db_user_fa
     assert listing.status_code == 200 and response.id in listing.content.decode()
     page = admin.get(f"/admin/chat/storedresponse/{response.id}/change/")
     assert page.status_code == 200 and response.id in page.content.decode() and b'name="_save"' not in page.content
+
+
+# --- after the "structured" and "tools" branches merge: text.format and tools, through chat completions
+
+needs_structured = pytest.mark.skipif(
+    "response_format" not in ChatCompletionRequest.model_fields, reason="chat completions has no response_format yet"
+)
+needs_tools = pytest.mark.skipif("tools" not in ChatCompletionRequest.model_fields, reason="chat completions has no tools yet")
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False}
+WEATHER = [{"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": CITY, "strict": True}]
+
+
+@needs_structured
+def test_text_format_json_schema_gives_json_valid_against_the_schema(client):
+    answer = client.responses.create(
+        model="default", input="Which city is the capital of France? Answer in JSON.", temperature=0, max_output_tokens=64,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": CITY, "strict": True}},
+    )  # fmt: skip
+    assert answer.status == "completed"
+    assert set(json.loads(answer.output_text)) == {"city"} and isinstance(json.loads(answer.output_text)["city"], str)
+
+
+@needs_tools
+def test_a_named_tool_choice_gives_a_function_call_item_streamed_and_not(client):
+    ask = {"model": "default", "input": "What is the weather in Paris?", "tools": WEATHER, "temperature": 0, "max_output_tokens": 64}
+    answer = client.responses.create(tool_choice={"type": "function", "name": "get_weather"}, **ask)
+    calls = [item for item in answer.output if item.type == "function_call"]
+    assert calls and all(call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"} for call in calls)
+
+    events = list(client.responses.create(tool_choice={"type": "function", "name": "get_weather"}, stream=True, **ask))
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    start = kinds.index("response.function_call_arguments.delta") - 1
+    assert kinds[start] == "response.output_item.added" and "response.function_call_arguments.done" in kinds[start:]
+    streamed = [item for item in events[-1].response.output if item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+    for event in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(event.to_dict())
+
+
+@needs_tools
+def test_a_function_call_output_continues_the_stored_response(client):
+    ask = {"model": "default", "tools": WEATHER, "temperature": 0, "max_output_tokens": 32}
+    called = client.responses.create(input="What is the weather in Paris?", tool_choice="required", **ask)
+    call = next(item for item in called.output if item.type == "function_call")
+    output = [{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 degrees."}]
+    answer = client.responses.create(input=output, previous_response_id=called.id, tool_choice="none", **ask)
+    assert answer.output_text and StoredResponse.objects.get(pk=answer.id).input[0]["role"] == "tool"
