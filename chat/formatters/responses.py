@@ -6,12 +6,13 @@ response.created, response.in_progress, then per output item response.output_ite
 response.content_part.done, (a function call) response.function_call_arguments.delta/.done, then
 response.output_item.done; last response.completed (or .incomplete, or .failed).
 
-The answer's items come from the chat completions shape (chat/formatters/openai.py's ChatShape),
-so tool calls read out of an answer there are function_call items here.
+The answer's items come from chat completions' whole-answer formatter (chat/formatters/openai.py),
+fed the same events: tool calls read out of an answer there are function_call items here.
 """
 
 import json
 
+from chat.formatters.openai import OpenAIAnswer
 from chat.relay import Formatter
 from chat.responses import Draft
 from llmsite import contract
@@ -24,7 +25,8 @@ class ResponsesStream(Formatter):
     message's text goes out as one delta at the end; otherwise piece by piece."""
 
     def __init__(self, draft: Draft, shape, *, whole_text: bool):
-        self.draft, self.shape, self.whole_text = draft, shape, whole_text
+        self.draft, self.whole_text = draft, whole_text
+        self.chat = OpenAIAnswer(shape)  # the answer as chat completions gives it
         self.message_id = f"msg_{draft.item_id}"
         self.sequence = 0
         self.opened = False  # the message item was announced
@@ -53,11 +55,15 @@ class ResponsesStream(Formatter):
         where = {"item_id": self.message_id, "output_index": index, "content_index": 0}
         return self.event("response.output_text.delta", **where, delta=text, logprobs=[])
 
+    def on_sources(self, event: contract.Sources) -> list:
+        return self.chat.on_sources(event)
+
     def on_delta(self, event: contract.Delta) -> list:
+        self.chat.on_delta(event)
         return [self._text(event.text, 0)] if event.text and not self.whole_text else []
 
     def on_final(self, event: contract.Final) -> list:
-        self.draft.finish(self.shape.answer(event, None))
+        self.draft.finish(self.chat.on_final(event)[0])
         out: list = []
         for index, item in enumerate(self.draft.output):
             out += self._message(item, index) if item["type"] == "message" else self._call(item, index)
