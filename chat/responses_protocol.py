@@ -7,7 +7,7 @@ both share one validation, dispatch and token stream. Unknown request fields are
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from chat.protocols.openai import MaxTokens, Request, Temperature, TopP
 
@@ -57,7 +57,6 @@ class FunctionTool(Request):
 class TextFormat(Request):
     """`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "name", "schema", "strict"}`."""
 
-    model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
     schema_: dict | None = Field(default=None, alias="schema")
