@@ -6,7 +6,6 @@ module only translates, stores and reads.
 """
 
 import datetime
-import uuid
 
 import pydantic
 
@@ -25,10 +24,6 @@ class ResponseNotFound(ApiError):
         super().__init__(f"No response with id '{response_id}' was found.", param=param)
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
 # --- the request, as chat completions --------------------------------------------------------
 
 # Where a chat completions field's error points, in the Responses request's names.
@@ -45,11 +40,7 @@ def input_messages(body: rp.ResponsesRequest) -> list[dict]:
         if isinstance(item, rp.InputMessage):
             messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, rp.FunctionCallInput):
-            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
-            if messages and messages[-1]["role"] == "assistant" and "tool_calls" in messages[-1]:
-                messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            _add_call(messages, call_id=item.call_id, name=item.name, arguments=item.arguments)
         else:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
     return messages
@@ -62,14 +53,18 @@ def output_messages(output: list[dict]) -> list[dict]:
         if item["type"] == "message":
             messages.append({"role": "assistant", "content": "".join(part["text"] for part in item["content"])})
         elif item["type"] == "function_call":
-            call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
-            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls") is not None:
-                messages[-1]["tool_calls"].append(call)
-            elif messages and messages[-1]["role"] == "assistant":
-                messages[-1]["tool_calls"] = [call]
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            _add_call(messages, call_id=item["call_id"], name=item["name"], arguments=item["arguments"])
     return messages
+
+
+def _add_call(messages: list[dict], *, call_id: str, name: str, arguments: str) -> None:
+    """A function call joins the assistant turn just before it (its text, parallel calls), or
+    makes one."""
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    if messages and messages[-1]["role"] == "assistant":
+        messages[-1].setdefault("tool_calls", []).append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
 def chat_tools(body: rp.ResponsesRequest) -> dict:
