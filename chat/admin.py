@@ -6,7 +6,7 @@ from django.db.models import Count, Sum
 from audit.admin_mixins import AuditedAdmin
 from audit.services import Action
 from chat import probes
-from chat.models import ApiToken, Conversation, Deployment, Message, RequestLog
+from chat.models import ApiToken, Conversation, Deployment, Message, RequestLog, StoredResponse
 from chat.tokens import token_create, token_revoke
 
 
@@ -126,3 +126,21 @@ class ConversationAdmin(AuditedAdmin, admin.ModelAdmin):
     fields = ["title", "user", "deployment", "system_prompt", "params", "created_at", "updated_at"]
     inlines = [MessageInline]
     audit_deleted_values = False  # a user's content does not outlive its row in the audit log
+
+
+@admin.register(StoredResponse)
+class StoredResponseAdmin(AuditedAdmin, admin.ModelAdmin):
+    """The Responses API's stored responses (read-only: they are the users' own)."""
+
+    list_display = ["id", "user", "model", "status", "previous_response_id", "created_at"]
+    list_filter = ["status", "model"]
+    search_fields = ["id", "user__username", "previous_response_id"]
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in StoredResponse._meta.fields]
+    audit_deleted_values = False  # a user's content does not outlive its row in the audit log
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

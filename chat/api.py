@@ -15,6 +15,7 @@ from ninja.errors import HttpError, ValidationError
 from llmsite import metrics
 from llmsite.errors import ApiError, BodyTooLarge, InvalidRequest, ServerError, reason_for_status
 from chat.openai_views import router as openai_router
+from chat.responses_views import router as responses_router
 from chat.protocols import openai as wire
 from chat.protocols.predict import PredictFields, PredictResponse
 
@@ -37,10 +38,11 @@ api = SiteApi(
     urls_namespace="api",
 )
 api.add_router("", openai_router)
+api.add_router("", responses_router)
 
 
 # The generation endpoints, whose refusals /metrics counts (not /v1/models' or /v1/embeddings').
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def _error(request, exc: ApiError):

@@ -308,3 +308,28 @@ class Message(models.Model):
 
     def __str__(self):
         return f"{self.role}: {self.content[:40]}"
+
+
+class StoredResponse(models.Model):
+    """A Responses API answer (`/v1/responses`), kept per user so `previous_response_id` can
+    continue it from any web process, after restarts too; `store: false` keeps none."""
+
+    id = models.CharField(primary_key=True, max_length=64)  # "resp_<hex>"
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    model = models.CharField(max_length=64)  # the deployment's name as the request gave it
+    status = models.CharField(max_length=16)  # "completed", "incomplete" or "failed"
+    instructions = models.TextField(blank=True)  # this request's own (not carried to the next one)
+    history = models.JSONField(default=list, blank=True)  # chat messages of the chain before this input
+    input = models.JSONField(default=list, blank=True)  # this request's input as chat messages
+    output = models.JSONField(default=list, blank=True)  # the Responses output items
+    usage = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    params = models.JSONField(default=dict, blank=True)  # temperature, top_p, tools, text... as asked
+    previous_response_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["user", "-created_at"])]
+
+    def __str__(self):
+        return self.id

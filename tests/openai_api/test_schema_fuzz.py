@@ -48,7 +48,7 @@ def api_schema(stack, capped):
     for variant in embedding["input"]["anyOf"]:
         if variant.get("type") == "array":
             variant["maxItems"] = 8  # 2048 texts per request are allowed; the run need not embed them
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    for name in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest"):
         raw["components"]["schemas"][name]["properties"]["model"] = names
     for path, operations in raw["paths"].items():
         for operation in operations.values():
