@@ -283,7 +283,7 @@ _CODES = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_larg
 def error_body(exc: ApiError) -> dict:
     """OpenAI's error shape: `model` is the parameter that names a deployment here."""
     param = "model" if isinstance(exc, (UnknownDeployment, Forbidden)) and exc.param == "deployment" else exc.param
-    code = _CODES.get(exc.status)
+    code = getattr(exc, "code", None) or _CODES.get(exc.status)  # QuotaExceeded: insufficient_quota
     return ErrorBody(error=ErrorDetail(message=exc.message, type=exc.type, param=param, code=code)).model_dump()
 
 
