@@ -6,6 +6,7 @@ import datetime
 import json
 import re
 import struct
+import uuid
 
 import pytest
 import requests
@@ -159,3 +160,18 @@ def test_the_monthly_count_is_the_same_in_a_fresh_web_process_and_after_a_rebuil
     call_command("rebuild_usage", verbosity=0)  # the rollup counted again from the stored rows
     with pytest.raises(QuotaExceeded, match=re.escape(expected)):
         quotas.check(user=user)
+
+
+def test_the_admin_adds_a_group_quota_and_refuses_one_for_a_user_and_a_group(db_user_factory):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(db_user_factory(is_staff=True, is_superuser=True), backend="django.contrib.auth.backends.ModelBackend")
+    member, group = db_user_factory(), Group.objects.create(name=f"students-{uuid.uuid4().hex[:8]}")
+    member.groups.add(group)
+    both = client.post("/admin/chat/quota/add/", {"user": member.pk, "group": group.pk, "tokens_per_day": 10, "tokens_per_month": ""})
+    assert both.status_code == 200 and "A quota is for one user or for one group." in both.content.decode()
+    added = client.post("/admin/chat/quota/add/", {"user": "", "group": group.pk, "tokens_per_day": 10, "tokens_per_month": ""})
+    assert added.status_code == 302
+    assert quotas.limits_for(member) == (10, 0)
+    assert client.get("/admin/chat/quota/").status_code == 200
