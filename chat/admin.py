@@ -6,7 +6,7 @@ from django.db.models import Count, Sum
 from audit.admin_mixins import AuditedAdmin
 from audit.services import Action
 from chat import probes
-from chat.models import ApiToken, Conversation, Deployment, Message, RequestLog, StoredResponse
+from chat.models import ApiToken, Conversation, Deployment, Message, Quota, RequestLog, StoredResponse
 from chat.tokens import token_create, token_revoke
 
 
@@ -144,3 +144,15 @@ class StoredResponseAdmin(AuditedAdmin, admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(Quota)
+class QuotaAdmin(AuditedAdmin, admin.ModelAdmin):
+    """Token budgets per user or per group; blank falls through (user, groups, the site's
+    QUOTA_TOKENS_PER_DAY / _MONTH), 0 is no limit; of several groups the most generous counts."""
+
+    list_display = ["__str__", "user", "group", "tokens_per_day", "tokens_per_month"]
+    list_filter = ["group"]
+    search_fields = ["user__username", "group__name"]
+    fields = ["user", "group", "tokens_per_day", "tokens_per_month"]
+    autocomplete_fields = ["user", "group"]

@@ -4,7 +4,9 @@ Client messages: {"type": "send", "conversation": id or null, "deployment", "pro
 "system_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "knowledge_base"};
 {"type": "regenerate", ...the same without prompt}; {"type": "stop"}. Server messages: "turn" (the
 stored rows), "sources" (the knowledge base's chunks, before the answer), "delta" (new text),
-"done" (status ok/cancelled/error and the stored text), "error" (nothing was started).
+"done" (status ok/cancelled/error and the stored text), "error" (nothing was started; "code":
+"insufficient_quota" when the user's token budget is used up), "usage" (after each turn: the
+user's tokens today and this month against their budgets, chat/quotas.py).
 """
 
 import asyncio
@@ -16,11 +18,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
-from chat import conversations, services
+from chat import conversations, quotas, services
 from chat.models import Message
 from chat.relay import Formatter, relay
 from llmsite import contract, metrics
-from llmsite.errors import ApiError, InvalidRequest
+from llmsite.errors import ApiError, InvalidRequest, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 data=content,
                 regenerate=regenerate,
             )
+        except QuotaExceeded as exc:
+            metrics.refused(exc)
+            await self._say({"type": "error", "message": exc.message, "param": exc.param, "code": exc.code})
+            await self._usage()
+            return
         except ApiError as exc:
             metrics.refused(exc)
             await self._say({"type": "error", "message": exc.message, "param": exc.param})
@@ -149,6 +156,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         finally:
             await self._finish(answer)
             self.answer = None
+        await self._usage()
+
+    async def _usage(self) -> None:
+        """The user's tokens against their budgets, for the line under the sampling controls."""
+        try:
+            usage = await database_sync_to_async(quotas.summary)(self.user)
+        except Exception:  # the database away: the line keeps its last value
+            log.warning("could not read the token usage of user %s", self.user.pk, exc_info=True)
+            return
+        await self._say({"type": "usage", **usage})
 
     async def _generate(self, answer: _Answer) -> None:
         try:

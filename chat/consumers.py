@@ -14,7 +14,7 @@ from chat.generation import Conversation
 from chat.protocols import predict as wire
 from chat.relay import relay
 from llmsite import auth, metrics
-from llmsite.errors import ApiError, RateLimited, ServerError
+from llmsite.errors import ApiError, QuotaExceeded, RateLimited, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class PredictConsumer(AsyncWebsocketConsumer):
                 await self._answer(message)
             except asyncio.CancelledError:
                 raise
+            except QuotaExceeded as exc:  # the user's budget is used up: later messages would be refused too
+                metrics.refused(exc, deployment=self.deployment.name)
+                await self.send(text_data=json.dumps(exc.body(), ensure_ascii=False))
+                await self.close(code=exc.ws_close_code)
+                return
             except ApiError as exc:
                 metrics.refused(exc, deployment=self.deployment.name)
                 await self.send(text_data=json.dumps(exc.body(), ensure_ascii=False))

@@ -237,6 +237,37 @@ class DailyUsage(models.Model):
                 fields=["day", "deployment", "user", "token", "status"], name="chat_dailyusage_key", nulls_distinct=False
             )
         ]
+        # A user's token budget (chat/quotas.py): their rows of this month, without the other users'.
+        indexes = [models.Index(fields=["user", "day"], name="chat_dailyusage_user_day")]
+
+
+class Quota(models.Model):
+    """A token budget (prompt plus answer tokens) per UTC calendar day and month, for one user or
+    for the members of one group (chat/quotas.py). A blank limit falls through (user, then groups,
+    then the QUOTA_TOKENS_PER_DAY / QUOTA_TOKENS_PER_MONTH settings); 0 means no limit."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="quota"
+    )
+    group = models.OneToOneField("auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="quota")
+    tokens_per_day = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Tokens per UTC day; 0: no limit; blank: the group's or the site's."
+    )
+    tokens_per_month = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Tokens per UTC calendar month; 0: no limit; blank: the group's or the site's."
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(user__isnull=False, group__isnull=True) | Q(user__isnull=True, group__isnull=False),
+                name="chat_quota_user_or_group",
+                violation_error_message="A quota is for one user or for one group.",
+            )
+        ]
+
+    def __str__(self):
+        return f"quota of {self.user or self.group}"
 
 
 class DailyTtft(models.Model):

@@ -6,7 +6,7 @@ from ninja import Router
 from ninja.security import APIKeyHeader
 from ninja.streaming import SSE
 
-from chat import embeddings, ratelimits, selectors, services
+from chat import embeddings, quotas, ratelimits, selectors, services
 from chat.formatters.openai import ChatShape, CompletionShape, OpenAIAnswer, OpenAIStream
 from chat.protocols import openai as wire
 from chat.relay import first, relay
@@ -109,6 +109,7 @@ async def create_embeddings(request, body: wire.EmbeddingRequest):
             f"dimensions: the model '{name}' gives {settings.EMBEDDING_DIMENSIONS} dimensions only.", param="dimensions"
         )
     texts = body.texts()
+    await services.edge(lambda: quotas.check(user=request.auth.user))  # embeddings' tokens count too
     await services.edge(ratelimits.admit, token=request.auth)
     try:
         vectors, tokens = await embeddings.embed(texts)

@@ -7,7 +7,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from chat import conversations
+from chat import conversations, quotas
 from llmsite.errors import InvalidRequest
 from llmsite.pages import site_page
 from knowledge import selectors as knowledge_selectors
@@ -45,6 +45,7 @@ def _chat_page(request, conversation):
         "defaults": {d.name: conversations.deployment_defaults(d) for d in deployments},
         "recent": conversations.conversations_for(user=request.user)[:30],
         "knowledge_bases": knowledge_selectors.knowledge_bases_for(request.user).order_by("name"),
+        "usage": quotas.summary(request.user),
     }
     return render(request, "chat/chat.html", context)
 

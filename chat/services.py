@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django.db.models import Exists, OuterRef
 
-from chat import concurrency, events, lifecycle, ratelimits
+from chat import concurrency, events, lifecycle, quotas, ratelimits
 from llmsite.errors import (
     ApiError,
     Forbidden,
@@ -131,6 +131,7 @@ def prepare(
         params = sampling_for(deployment=deployment, fields=fields)
         knowledge_base = check_retrieval(user=user or token.user, deployment=deployment, fields=fields)
         prompt_ids, digest = fit_to_context(deployment=deployment, conversation=conversation, params=params)
+        quotas.check(user=user or token.user)  # the user's daily and monthly token budgets (429)
         if token is not None:
             ratelimits.admit(token=token)  # last: a refused request does not use up the token's quota
     if knowledge_base is not None:

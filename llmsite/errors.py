@@ -85,6 +85,18 @@ class RateLimited(ApiError):
         self.reason = reason
 
 
+class QuotaExceeded(RateLimited):
+    """Over the user's token budget for the UTC day or month (chat/quotas.py): 429 with
+    `insufficient_quota` (OpenAI's type and code), and close code 4429 on the predict WebSocket."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+    ws_close_code = 4429
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message, retry_after=retry_after, reason="quota")
+
+
 class MethodNotAllowed(ApiError):
     status = 405
 

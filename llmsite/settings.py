@@ -220,6 +220,10 @@ if KV_CACHE_SCOPE not in ("user", "deployment"):
     from django.core.exceptions import ImproperlyConfigured
 
     raise ImproperlyConfigured(f"KV_CACHE_SCOPE must be 'user' or 'deployment', not {KV_CACHE_SCOPE!r}")
+# Token budgets per user (prompt plus answer tokens) per UTC calendar day and month; 0: no limit.
+# The site-wide defaults: the admin's Quotas override them per group and per user (chat/quotas.py).
+QUOTA_TOKENS_PER_DAY = env.int("QUOTA_TOKENS_PER_DAY", default=0)
+QUOTA_TOKENS_PER_MONTH = env.int("QUOTA_TOKENS_PER_MONTH", default=0)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # A generation's slot in its deployment's in-flight count (max_concurrent_generations) is a lease,

@@ -146,6 +146,7 @@ function handle(message) {
   else if (message.type === "sources" && state.answer) showSources(state.answer.turn, message.sources);
   else if (message.type === "done") onDone(message);
   else if (message.type === "error") onError(message);
+  else if (message.type === "usage") $("token-usage").textContent = message.text;
 }
 
 function onTurn(message) {
@@ -202,8 +203,20 @@ function onError(message) {
     messagesEl.append(state.replacedAnswer);
     state.replacedAnswer = null;
   }
-  showError(message.message);
+  if (message.code === "insufficient_quota") showQuotaNotice(message.message);
+  else showError(message.message);
   if (!state.answer) finishRequest();
+}
+
+// The token budget is used up: the message stands where the answer would have been (not stored).
+function showQuotaNotice(text) {
+  const turn = document.createElement("div");
+  turn.className = "turn turn-notice";
+  turn.setAttribute("role", "alert");
+  setNote(turn, text, true);
+  $("empty-hint").hidden = true;
+  messagesEl.append(turn);
+  scrollDown();
 }
 
 function finishRequest() {
@@ -251,6 +264,7 @@ $("composer").addEventListener("submit", (event) => {
   const prompt = messageBox.value;
   if (state.streaming || !prompt.trim()) return;
   showError("");
+  for (const notice of messagesEl.querySelectorAll(".turn-notice")) notice.remove();
   state.streaming = true;
   state.stopped = false;
   state.pendingQuestion = turnElement("user", prompt);
