@@ -35,8 +35,10 @@ def grammar_for(kind: str, schema: dict | None = None) -> str:
 def compile_schema(schema, where: str = "schema") -> str:
     """A JSON schema as a checked llguidance grammar (JSON_OPTIONS unless the schema's own
     `x-guidance` says otherwise)."""
-    if not isinstance(schema, (dict, bool)):
-        raise InvalidRequest(f"{PARAM}.{where}: must be a JSON schema object", param=PARAM)
+    if schema is True:
+        schema = {}  # any JSON
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"{PARAM}.{where}: must be a JSON schema object (`false` matches nothing)", param=PARAM)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
     except ValueError as exc:
