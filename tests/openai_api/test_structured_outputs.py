@@ -4,13 +4,14 @@ makes the JSON valid: the prompts here do not even ask for JSON."""
 
 import enum
 import json
+import uuid
 from typing import Annotated, Literal
 
 import pytest
 import requests
 from pydantic import BaseModel, Field
 
-from chat.models import RequestLog
+from chat.models import Deployment, RequestLog
 
 
 class Difficulty(str, enum.Enum):
@@ -51,10 +52,25 @@ def post(stack, token, body: dict, path="/v1/chat/completions") -> requests.Resp
     return requests.post(f"{stack.url}{path}", headers={"Authorization": f"Bearer {token}"}, json=body, timeout=180)
 
 
-def test_twenty_sampled_recipes_all_parse_against_the_schema(client):
+@pytest.fixture(params=["llamacpp", "transformers"])
+def engine_model(request, stack):
+    """The default model on each engine: `default` itself (llama.cpp), or a copy of it on the
+    transformers engine, served by the same worker (it loads the copy on first use)."""
+    default = Deployment.objects.get(name="default")
+    if default.engine == request.param:
+        yield default.name
+        return
+    copy = Deployment.objects.get(name="default")
+    copy.pk, copy.name, copy.engine = None, f"{request.param}-{uuid.uuid4().hex[:8]}", request.param
+    copy.save()
+    yield copy.name
+    Deployment.objects.filter(pk=copy.pk).update(enabled=False)
+
+
+def test_twenty_sampled_recipes_all_parse_against_the_schema(client, engine_model):
     for seed, dish in enumerate(DISHES):
         completion = client.chat.completions.parse(
-            model="default",
+            model=engine_model,
             messages=[{"role": "user", "content": f"How do I make {dish}?"}],
             response_format=Recipe,
             temperature=1.0,
