@@ -1,7 +1,7 @@
 """The chat page's WebSocket (session login): one answer at a time, streamed, stoppable.
 
 Client messages: {"type": "send", "conversation": id or null, "deployment", "prompt",
-"system_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "knowledge_base"};
+"system_prompt", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "knowledge_base"};
 {"type": "regenerate", ...the same without prompt}; {"type": "stop"}. Server messages: "turn" (the
 stored rows), "sources" (the knowledge base's chunks, before the answer), "delta" (new text),
 "done" (status ok/cancelled/error and the stored text), "error" (nothing was started; "code":

@@ -23,7 +23,7 @@ from chat.protocols.predict import PredictFields, fields_from_object
 TITLE_MAX = Conversation._meta.get_field("title").max_length
 TITLE_FROM_PROMPT = 60
 # The sampling fields the chat page sends, stored per conversation.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -70,6 +70,7 @@ def deployment_defaults(deployment: Deployment) -> dict:
         "temperature": deployment.default_temperature,
         "top_p": deployment.default_top_p,
         "top_k": deployment.default_top_k,
+        "repetition_penalty": 1.0,  # off: a deployment has no default of its own
         "max_new_tokens": deployment.default_max_new_tokens,
     }
 

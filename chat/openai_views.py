@@ -1,5 +1,7 @@
 """The OpenAI-compatible API (`/v1/...`): thin async views over the same services as predict."""
 
+import dataclasses
+
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from ninja import Router
@@ -7,6 +9,7 @@ from ninja.security import APIKeyHeader
 from ninja.streaming import SSE
 
 from chat import embeddings, quotas, ratelimits, selectors, services
+from chat.decoding import check_decoding
 from chat.formatters.openai import ChatShape, CompletionShape, OpenAIAnswer, OpenAIStream
 from chat.protocols import openai as wire
 from chat.relay import first, relay
@@ -49,6 +52,7 @@ async def retrieve_model(request, model: str):
 async def _start(request, body: wire.Sampling):
     """Validate and dispatch a completion request; every refusal is raised before model work."""
     target = await services.edge(services.access_deployment, token=request.auth, name=body.model)
+    decoding = await services.edge(_decoding, body=body, deployment=target) if body.uses_decoding() else {}
     prepared = await services.edge(
         services.prepare,
         token=request.auth,
@@ -59,7 +63,16 @@ async def _start(request, body: wire.Sampling):
     )
     prepared.params.stop = body.stops()
     prepared.params.seed = body.seed
+    prepared.params = dataclasses.replace(prepared.params, **decoding)
     return await services.dispatch(prepared)
+
+
+def _decoding(*, body: wire.Sampling, deployment) -> dict:
+    """The request's decoding fields as SamplingParams values (response_format compiled to its
+    grammar), checked against the deployment's engine and vocabulary."""
+    values = body.decoding()
+    check_decoding(deployment=deployment, values=values)
+    return values
 
 
 def _sse_response(stream) -> StreamingHttpResponse:

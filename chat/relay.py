@@ -54,15 +54,17 @@ async def relay(generation, formatter: Formatter) -> AsyncIterator:
     The final event is the truth: text it holds beyond what the deltas said goes out as one more
     delta first (a formatter whose objects hold the whole answer so far also sends the final text
     when it does not continue the deltas)."""
-    heard: list[str] = []
+    heard: dict[int, list] = {}  # per answer (Delta.index): [its texts, how many logprob entries]
     try:
         for item in formatter.begin():
             yield item
         async for event in generation.events():
             if isinstance(event, contract.Delta):
-                heard.append(event.text)
+                texts, _ = heard.setdefault(event.index, [[], 0])
+                texts.append(event.text)
+                heard[event.index][1] += len(event.logprobs or ())
             elif isinstance(event, contract.Final):
-                for item in _missing_tail(event, "".join(heard), formatter):
+                for item in _missing_tails(event, heard, formatter):
                     yield item
             for item in formatter.feed(event):
                 yield item
@@ -70,12 +72,24 @@ async def relay(generation, formatter: Formatter) -> AsyncIterator:
         await generation.close()
 
 
-def _missing_tail(final: contract.Final, heard: str, formatter: Formatter) -> list:
-    if final.text == heard:
+def _missing_tails(final: contract.Final, heard: dict, formatter: Formatter) -> list:
+    """For each answer, its text (and logprob entries) beyond what its deltas said."""
+    answers = final.choices or [{"index": 0, "text": final.text, "logprobs": final.logprobs}]
+    out = []
+    for answer in answers:
+        index = answer.get("index", 0)
+        texts, entries = heard.get(index, [[], 0])
+        out += _missing_tail(answer["text"], answer.get("logprobs"), index, "".join(texts), entries, formatter)
+    return out
+
+
+def _missing_tail(text: str, logprobs, index: int, heard: str, entries: int, formatter: Formatter) -> list:
+    if text == heard:
         return []
-    if final.text.startswith(heard):
-        return formatter.on_delta(contract.Delta(final.text[len(heard) :]))
-    log.warning("a final answer does not continue its deltas (%d chars heard, %d final)", len(heard), len(final.text))
+    if text.startswith(heard):
+        rest = logprobs[entries:] if logprobs else None
+        return formatter.on_delta(contract.Delta(text[len(heard) :], index=index, logprobs=rest or None))
+    log.warning("a final answer does not continue its deltas (%d chars heard, %d final)", len(heard), len(text))
     return []
 
 

@@ -65,6 +65,7 @@ def sampling_for(*, deployment: Deployment, fields: PredictFields) -> SamplingPa
         top_p=float(pick(fields.top_p, deployment.default_top_p)),
         do_sample=pick(fields.do_sample, deployment.default_do_sample),
         use_cache=pick(fields.use_cache, True),
+        repetition_penalty=float(pick(fields.repetition_penalty, 1.0)),
     )
 
 

@@ -202,6 +202,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = PREDICT_MAX_BODY_BYTES
 # One predict WebSocket answers in order; more messages than this waiting on it is a flood: the
 # client gets an error and the socket is closed (1008). A message over PREDICT_MAX_BODY_BYTES: 1009.
 WS_MAX_QUEUED_MESSAGES = env.int("WS_MAX_QUEUED_MESSAGES", default=64)
+# The OpenAI API: the most answers one request may ask for (`n`); more is a 400 naming `n`.
+OPENAI_MAX_N = env.int("OPENAI_MAX_N", default=8)
 # A reply to a client waits while more than this many bytes of its connection are still unsent
 # (a slow reader holds back its own stream, not the web process's memory); 0 turns the bound off.
 WEB_SEND_BUFFER_BYTES = env.int("WEB_SEND_BUFFER_BYTES", default=256 * 1024)

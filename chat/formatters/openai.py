@@ -7,6 +7,7 @@ import json
 from ninja.streaming import SSE
 
 from chat.protocols import openai as wire
+from chat.protocols import openai_decoding as decoding
 from chat.relay import Formatter, api_error
 from llmsite import contract
 from llmsite.errors import ServerError
@@ -17,24 +18,39 @@ def sse(item) -> str:
     return SSE.format_chunk(data)
 
 
+def answers(final: contract.Final) -> list[dict]:
+    """A final event's answers: its `choices` (n > 1), or its one answer as one choice."""
+    if final.choices:
+        return sorted(final.choices, key=lambda c: c.get("index", 0))
+    return [{"index": 0, "text": final.text, "finish_reason": final.finish_reason, "logprobs": final.logprobs}]
+
+
 class ChatShape:
     prefix = "chatcmpl-"
 
     def __init__(self, meta: dict, body: wire.ChatCompletionRequest):
         self.meta = meta
+        self.n = getattr(body, "n", None) or 1
 
-    def chunk(self, text: str | None = None, finish=None, usage=None, *, role=None, choices=True) -> dict:
+    def chunk(self, text: str | None = None, finish=None, usage=None, *, role=None, choices=True, index=0, logprobs=None) -> dict:
         delta = wire.Delta(role=role, content=text) if role or text else wire.Delta()
-        choice = wire.ChatChunkChoice(delta=delta, finish_reason=finish)
+        choice = wire.ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=decoding.chat_logprobs(logprobs))
         return wire.ChatCompletionChunk(**self.meta, choices=[choice] if choices else [], usage=usage).model_dump()
 
-    def first(self) -> dict | None:
-        return self.chunk("", role="assistant")
+    def first(self, index: int = 0) -> dict | None:
+        return self.chunk("", role="assistant", index=index)
 
     def answer(self, final: contract.Final, sources) -> wire.ChatCompletion:
-        message = wire.AssistantMessage(content=final.text)
-        choice = wire.ChatChoice(message=message, finish_reason=wire.finish_reason(final.finish_reason))
-        return wire.ChatCompletion(**self.meta, choices=[choice], usage=wire.usage(final), sources=sources)
+        choices = [
+            wire.ChatChoice(
+                index=a["index"],
+                message=wire.AssistantMessage(content=a["text"]),
+                finish_reason=wire.finish_reason(a["finish_reason"]),
+                logprobs=decoding.chat_logprobs(a.get("logprobs")),
+            )
+            for a in answers(final)
+        ]
+        return wire.ChatCompletion(**self.meta, choices=choices, usage=wire.usage(final), sources=sources)
 
 
 class CompletionShape:
@@ -42,18 +58,32 @@ class CompletionShape:
 
     def __init__(self, meta: dict, body: wire.CompletionRequest):
         self.meta = meta
+        self.n = body.n or 1
         self.echo = body.text() if body.echo else ""
+        self.offsets: dict[int, int] = {}  # per answer: where the next streamed token starts (legacy logprobs)
 
-    def chunk(self, text: str | None = None, finish=None, usage=None, *, choices=True) -> dict:
-        choice = wire.CompletionChoice(text=text or "", finish_reason=finish)
+    def chunk(self, text: str | None = None, finish=None, usage=None, *, choices=True, index=0, logprobs=None) -> dict:
+        offset = self.offsets.get(index, len(self.echo))
+        legacy = decoding.completion_logprobs(logprobs, offset)
+        if legacy is not None:
+            self.offsets[index] = offset + sum(len(t) for t in legacy.tokens)
+        choice = wire.CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=legacy)
         return wire.Completion(**self.meta, choices=[choice] if choices else [], usage=usage).model_dump()
 
-    def first(self) -> dict | None:
-        return self.chunk(self.echo) if self.echo else None
+    def first(self, index: int = 0) -> dict | None:
+        return self.chunk(self.echo, index=index) if self.echo else None
 
     def answer(self, final: contract.Final, sources) -> wire.Completion:
-        choice = wire.CompletionChoice(text=self.echo + final.text, finish_reason=wire.finish_reason(final.finish_reason))
-        return wire.Completion(**self.meta, choices=[choice], usage=wire.usage(final))
+        choices = [
+            wire.CompletionChoice(
+                index=a["index"],
+                text=self.echo + a["text"],
+                finish_reason=wire.finish_reason(a["finish_reason"]),
+                logprobs=decoding.completion_logprobs(a.get("logprobs"), len(self.echo)),
+            )
+            for a in answers(final)
+        ]
+        return wire.Completion(**self.meta, choices=choices, usage=wire.usage(final))
 
 
 class OpenAIStream(Formatter):
@@ -64,14 +94,16 @@ class OpenAIStream(Formatter):
         self.shape, self.include_usage = shape, include_usage
 
     def begin(self) -> list:
-        first = self.shape.first()
-        return [sse(first)] if first is not None else []
+        firsts = [self.shape.first(index) for index in range(getattr(self.shape, "n", 1))]
+        return [sse(first) for first in firsts if first is not None]
 
     def on_delta(self, event: contract.Delta) -> list:
-        return [sse(self.shape.chunk(event.text))] if event.text else []
+        if not event.text and not event.logprobs:
+            return []
+        return [sse(self.shape.chunk(event.text, index=event.index, logprobs=event.logprobs))]
 
     def on_final(self, event: contract.Final) -> list:
-        out = [sse(self.shape.chunk(None, wire.finish_reason(event.finish_reason)))]
+        out = [sse(self.shape.chunk(None, wire.finish_reason(a["finish_reason"]), index=a["index"])) for a in answers(event)]
         if self.include_usage:
             out.append(sse(self.shape.chunk(None, usage=wire.usage(event), choices=False)))
         return [*out, sse("[DONE]")]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmsite.errors import ApiError, Forbidden, InvalidRequest, RateLimited, UnknownDeployment
 from chat.generation import Conversation
+from chat.protocols.openai_decoding import ChatLogprobFields, ChatLogprobs, CompletionLogprobFields, CompletionLogprobs
 from chat.protocols.predict import PredictFields
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
@@ -56,7 +57,6 @@ class Sampling(Request):
     max_tokens: MaxTokens | None = None
     stop: Stop | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1, description="Only 1 is supported.")] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -78,7 +78,7 @@ class Sampling(Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(Sampling):
+class ChatCompletionRequest(ChatLogprobFields, Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     knowledge_base: str | None = Field(
@@ -97,7 +97,7 @@ class ChatCompletionRequest(Sampling):
         return Conversation(prompt=last_user, system_prompt=system, history=messages[:-1], raw_messages=messages)
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(CompletionLogprobFields, Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     echo: bool = False
 
@@ -158,7 +158,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -180,7 +180,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -196,7 +196,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

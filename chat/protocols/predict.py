@@ -22,6 +22,7 @@ class PredictFields(BaseModel):
     temperature: Annotated[StrictNumber, Field(ge=0, le=2)] | None = None
     top_k: Annotated[StrictInt, Field(ge=0)] | None = None
     top_p: Annotated[StrictNumber, Field(gt=0, le=1)] | None = None
+    repetition_penalty: Annotated[StrictNumber, Field(gt=0)] | None = None  # > 1 discourages repeats; 1 is off
     do_sample: StrictBool | None = None
     use_cache: StrictBool | None = None
     use_stream_chat: StrictBool | None = None

@@ -141,7 +141,7 @@ def test_text_completion(client):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("temperature", 3), ("top_p", 1.5), ("max_tokens", 0), ("n", 2), ("messages", []), ("stop", ["a", "b", "c", "d", "e"])],
+    [("temperature", 3), ("top_p", 1.5), ("max_tokens", 0), ("n", 9), ("messages", []), ("stop", ["a", "b", "c", "d", "e"])],
 )
 def test_bad_field_is_400_in_openai_shape(stack, token, field, value):
     body = {"model": "default", "messages": MESSAGES, field: value}
