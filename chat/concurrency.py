@@ -122,12 +122,17 @@ def enqueue(*, deployment, user_id, request_id: str, body: dict) -> None:
     announce(deployment.name)
 
 
-def announce(deployment: str) -> None:
-    """A `queued` event for each waiting request whose place in line improved."""
-    for request_id, position, wait in admission.line_moves(deployment):
+def announce(deployment: str, *, everyone: bool = False) -> None:
+    """A `queued` event for each waiting request whose place in line improved (`everyone`: for
+    each waiting request, which also keeps its stream's watchdog from taking a long wait for a
+    silent worker)."""
+    for request_id, position, wait in admission.line_moves(deployment, everyone=everyone):
         events.publish(request_id, contract.Queued(position=position, wait_seconds=wait))
 
 
 def withdraw(deployment: str, request_id: str) -> bool:
     """Take a request out of its line (the client left, or pressed Stop); True when it was still waiting."""
-    return admission.done(deployment=deployment, request_id=request_id) == 2
+    if admission.done(deployment=deployment, request_id=request_id) != 2:
+        return False
+    announce(deployment)
+    return True

@@ -89,7 +89,8 @@ return 2
 """
 
 # The waiting ids in the order they would start if nothing else came (the same rule as _NEXT);
-# returns {running, avg, id1, pos1, ...} for the ids whose position went down since last told.
+# returns {running, avg, id1, pos1, ...} for the ids whose position went down since last told (all
+# of them with ARGV[2] = '1': a reminder that keeps a long wait from looking like a silent worker).
 _LINE = """
 local p = ARGV[1]
 local ring = redis.call('LRANGE', p .. ':ring', 0, -1)
@@ -110,7 +111,7 @@ while #ring > 0 do
   if #lines[best] > 0 then table.insert(ring, best) end
   runs[best] = runs[best] + 1
   local last = tonumber(redis.call('HGET', p .. ':pos', rid) or '-1')
-  if last < 0 or position < last then
+  if last < 0 or position < last or ARGV[2] == '1' then
     redis.call('HSET', p .. ':pos', rid, position)
     table.insert(out, rid)
     table.insert(out, position)
@@ -170,10 +171,11 @@ def done(*, deployment: str, request_id: str, seconds: float | None = None) -> i
     return int(sync_client().eval(_DONE, 0, prefix(deployment), request_id, "" if seconds is None else f"{seconds:.3f}"))
 
 
-def line_moves(deployment: str) -> list[tuple[str, int, float | None]]:
+def line_moves(deployment: str, *, everyone: bool = False) -> list[tuple[str, int, float | None]]:
     """(id, position, estimated seconds) for each waiting request whose place improved since it
-    was last told (a newcomer that goes ahead never makes a told position grow)."""
-    found = sync_client().eval(_LINE, 0, prefix(deployment))
+    was last told (a newcomer that goes ahead never makes a told position grow); `everyone`: for
+    every waiting request."""
+    found = sync_client().eval(_LINE, 0, prefix(deployment), "1" if everyone else "0")
     running, avg = int(found[0]), float(found[1]) if found[1] else None
     moves = []
     for rid, position in zip(found[2::2], found[3::2]):

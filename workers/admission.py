@@ -19,6 +19,7 @@ from workers import services
 log = logging.getLogger(__name__)
 
 BELL_TIMEOUT_SECONDS = 0.5  # a worker also looks this often (a bell another worker took)
+REMIND_SECONDS = 10.0  # every waiting request hears its place this often (well within STREAM_TIMEOUT_SECONDS)
 
 
 class Admitter:
@@ -34,10 +35,16 @@ class Admitter:
 
     def _loop(self) -> None:
         bells = [admission.bell(queue) for queue in self.queues]
+        reminded = time.monotonic()
         while True:
             try:
+                remind = time.monotonic() - reminded >= REMIND_SECONDS
                 for deployment in admission.deployments_of(self.queues):
                     self.pump(deployment)
+                    if remind and admission.has_waiting(deployment):
+                        concurrency.announce(deployment, everyone=True)
+                if remind:
+                    reminded = time.monotonic()
                 admission.sync_client().blpop(bells, timeout=BELL_TIMEOUT_SECONDS)
             except Exception:  # Redis away: look again in a moment, never give up
                 log.warning("admission: cannot read the waiting lines", exc_info=True)
