@@ -23,7 +23,7 @@ from django.core.management import call_command  # noqa: E402
 from chat.models import Deployment, RequestLog  # noqa: E402
 
 WAITING = 16
-A_BODY = {"prompt": "Count from 1 to 500, writing each number on its own line.", "temperature": 0, "max_new_tokens": 400, "use_stream_chat": True}
+A_BODY = {"prompt": "Count from 1 to 500, writing each number on its own line.", "temperature": 0, "max_new_tokens": 200, "use_stream_chat": True}
 B_BODY = {"prompt": "Write a short paragraph about owls.", "temperature": 0, "max_new_tokens": 16, "use_stream_chat": True}
 
 
@@ -38,17 +38,17 @@ def ttft(url, token) -> float:
 
 
 def fill(url, token, count) -> list:
-    """`count` of A's long streams, open at once."""
+    """`count` of A's long streams, sent at once (a waiting one's response begins with its first
+    token: each is read on its own thread; the stack's end closes them)."""
     streams = [None] * count
 
     def send(i):
         streams[i] = requests.post(url, headers={"Authorization": token}, json=A_BODY, stream=True, timeout=600)
+        for _ in streams[i].iter_content(chunk_size=None):
+            pass
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
+    for i in range(count):
+        threading.Thread(target=send, args=(i,), daemon=True).start()
     return streams
 
 
@@ -74,14 +74,13 @@ def main():
         ttft(stack.url, b_token)  # warm-up
         idle = ttft(stack.url, b_token)
         print(f"fairness: A fills the deployment ({slots} running) with {WAITING} more waiting, then B asks…", flush=True)
-        streams = fill(stack.url, a_token, slots + WAITING)
+        fill(stack.url, a_token, slots + WAITING)
         mine = RequestLog.objects.filter(user=a)
+        wait_for(lambda: mine.count() == slots + WAITING, "A's rows")
         wait_for(lambda: mine.filter(status="running").count() == slots, f"{slots} of A's answers running")
         busy = ttft(stack.url, b_token)
         b_started = RequestLog.objects.filter(user=b).latest("queued_at").started_at
         ahead = mine.filter(started_at__lt=b_started).count() - slots
-        for stream in streams:
-            stream.close()
     finally:
         stack.stop()
     results = {
