@@ -67,14 +67,14 @@ return {rid, body}
 # ARGV: prefix, id, seconds it ran (or ''). Returns 1: it had started; 2: it left the line; 0: neither.
 _DONE = """
 local p, rid = ARGV[1], ARGV[2]
+if ARGV[3] ~= '' then
+  local avg = tonumber(redis.call('GET', p .. ':avg') or ARGV[3])
+  redis.call('SET', p .. ':avg', 0.8 * avg + 0.2 * tonumber(ARGV[3]))
+end
 local user = redis.call('HGET', p .. ':running', rid)
 if user then
   redis.call('HDEL', p .. ':running', rid)
   if redis.call('HINCRBY', p .. ':runs', user, -1) <= 0 then redis.call('HDEL', p .. ':runs', user) end
-  if ARGV[3] ~= '' then
-    local avg = tonumber(redis.call('GET', p .. ':avg') or ARGV[3])
-    redis.call('SET', p .. ':avg', 0.8 * avg + 0.2 * tonumber(ARGV[3]))
-  end
   return 1
 end
 user = redis.call('HGET', p .. ':who', rid)
