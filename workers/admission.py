@@ -12,6 +12,8 @@ import threading
 import time
 from collections import Counter
 
+from celery.signals import worker_shutdown, worker_shutting_down
+
 from chat import concurrency
 from llmsite import admission
 from workers import services
@@ -19,6 +21,7 @@ from workers import services
 log = logging.getLogger(__name__)
 
 BELL_TIMEOUT_SECONDS = 0.5  # a worker also looks this often (a bell another worker took)
+DRAIN_SECONDS = 60.0  # a worker that stops lets its running answers end for this long (as Celery's warm shutdown did)
 REMIND_SECONDS = 10.0  # every waiting request hears its place this often (well within STREAM_TIMEOUT_SECONDS)
 
 
@@ -26,6 +29,7 @@ class Admitter:
     def __init__(self, queues):
         self.queues = sorted(queues)
         self.running: Counter = Counter()  # deployment -> answers running here
+        self.closing = False  # the worker is stopping: it takes nothing more (others will)
         self._lock = threading.Lock()
 
     def start(self) -> threading.Thread:
@@ -54,7 +58,7 @@ class Admitter:
         """Start waiting requests of `deployment` while this worker has room for them."""
         started = 0
         with self._lock:
-            while found := admission.next_request(deployment=deployment, running_here=self.running[deployment]):
+            while not self.closing and (found := admission.next_request(deployment=deployment, running_here=self.running[deployment])):
                 self.running[deployment] += 1
                 started += 1
                 threading.Thread(target=self._run, args=(deployment, *found), name=f"generate-{found[0][:8]}", daemon=True).start()
@@ -77,7 +81,30 @@ class Admitter:
                 log.warning("admission: could not end %s's turn", request_id, exc_info=True)
 
 
+    def drain(self, timeout: float) -> None:
+        """Wait for the answers running here to end (the waiting ones stay in line for other workers)."""
+        deadline = time.monotonic() + timeout
+        while sum(self.running.values()) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+_admitters: list[Admitter] = []
+
+
 def start(queues) -> Admitter:
     admitter = Admitter(queues)
     admitter.start()
+    _admitters.append(admitter)
     return admitter
+
+
+@worker_shutting_down.connect
+def _stop_taking(**kwargs):
+    for admitter in _admitters:
+        admitter.closing = True
+
+
+@worker_shutdown.connect
+def _drain(**kwargs):
+    for admitter in _admitters:
+        admitter.drain(DRAIN_SECONDS)
