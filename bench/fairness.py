@@ -43,8 +43,11 @@ def fill(url, token, count) -> list:
     streams = [None] * count
 
     def send(i):
-        streams[i] = requests.post(url, headers={"Authorization": token}, json=A_BODY, stream=True, timeout=600)
-        for _ in streams[i].iter_content(chunk_size=None):
+        try:
+            streams[i] = requests.post(url, headers={"Authorization": token}, json=A_BODY, stream=True, timeout=600)
+            for _ in streams[i].iter_content(chunk_size=None):
+                pass
+        except requests.RequestException:  # the stack stopped under it: the bench is over
             pass
 
     for i in range(count):
@@ -82,6 +85,8 @@ def main():
         b_started = RequestLog.objects.filter(user=b).latest("queued_at").started_at
         ahead = mine.filter(started_at__lt=b_started).count() - slots
     finally:
+        stack.web.terminate()  # A's clients go; the worker takes no more and lets what runs end (DRAIN_SECONDS)
+        stack.web.wait(30)
         stack.stop()
     results = {
         "ttft_b_idle_ms": round(1000 * idle, 1),

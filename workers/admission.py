@@ -21,7 +21,7 @@ from workers import services
 log = logging.getLogger(__name__)
 
 BELL_TIMEOUT_SECONDS = 0.5  # a worker also looks this often (a bell another worker took)
-DRAIN_SECONDS = 60.0  # a worker that stops lets its running answers end for this long (as Celery's warm shutdown did)
+DRAIN_SECONDS = 20.0  # a worker that stops lets its running answers end for this long (as Celery's warm shutdown did)
 REMIND_SECONDS = 10.0  # every waiting request hears its place this often (well within STREAM_TIMEOUT_SECONDS)
 
 
