@@ -53,9 +53,11 @@ test: $(STAMP) $(CHROMIUM)
 clean:
 	rm -rf $(VENV) var
 
-# Throughput and overhead as ratios measured in one run; writes bench/results/latest.json.
+# Throughput and overhead as ratios measured in one run; writes bench/results/latest.json; then fair
+# turns under load (B's time to the first token behind A's full deployment); bench/results/fairness.json.
 bench: $(STAMP)
 	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/pipeline.py
+	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/fairness.py
 
 # Time to the first token along one conversation, saved prompts on and off; writes bench/results/conversation.json.
 bench-conversation: $(STAMP)

@@ -18,7 +18,7 @@ class DeploymentAdmin(AuditedAdmin, admin.ModelAdmin):
     readonly_fields = ["status", "status_detail", "status_updated_at", "model_context_length", "created_at", "updated_at"]
     fieldsets = [
         (None, {"fields": ["name", "enabled", "model_source", "model_type", "chat_template"]}),
-        ("Serving", {"fields": ["engine", "precision", "trust_remote_code", "context_length", "queue", "max_batch_size", "max_concurrent_generations"]}),
+        ("Serving", {"fields": ["engine", "precision", "trust_remote_code", "context_length", "queue", "max_batch_size", "max_concurrent_generations", "max_waiting_per_user"]}),
         ("Answers from documents (langchain: true)", {"fields": ["default_knowledge_base"]}),
         (
             "Default sampling",

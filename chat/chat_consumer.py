@@ -3,10 +3,11 @@
 Client messages: {"type": "send", "conversation": id or null, "deployment", "prompt",
 "system_prompt", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "knowledge_base"};
 {"type": "regenerate", ...the same without prompt}; {"type": "stop"}. Server messages: "turn" (the
-stored rows), "sources" (the knowledge base's chunks, before the answer), "delta" (new text),
-"done" (status ok/cancelled/error and the stored text), "error" (nothing was started; "code":
-"insufficient_quota" when the user's token budget is used up), "usage" (after each turn: the
-user's tokens today and this month against their budgets, chat/quotas.py).
+stored rows), "queued" (position, wait_seconds: its place in line while it waits), "sources" (the
+knowledge base's chunks, before the answer), "delta" (new text), "done" (status ok/cancelled/error
+and the stored text), "error" (nothing was started; "code": "insufficient_quota" when the user's
+token budget is used up), "usage" (after each turn: the user's tokens today and this month against
+their budgets, chat/quotas.py).
 """
 
 import asyncio
@@ -51,6 +52,10 @@ class _Answer(Formatter):
             return []
         self.text += event.text
         return [{"type": "delta", "text": event.text}]
+
+    def on_queued(self, event: contract.Queued) -> list:
+        """The place in line, shown in place of the answer until its first token."""
+        return [{"type": "queued", "position": event.position, "wait_seconds": event.wait_seconds}]
 
     def on_sources(self, event: contract.Sources) -> list:
         self.sources = event.sources

@@ -12,9 +12,11 @@ import logging
 import time
 import uuid
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chat import events
+from llmsite import admission, contract
 from llmsite.errors import RateLimited
 
 log = logging.getLogger(__name__)
@@ -85,3 +87,52 @@ async def acquire(*, deployment) -> Slot:
         )
     return slot
 
+
+
+# --- fair turns (llmsite/admission.py): each user's waiting line -------------------------------
+
+
+def too_many_waiting(deployment, user_id) -> RateLimited:
+    return RateLimited(
+        f"You have {deployment.max_waiting_per_user} requests waiting for the deployment '{deployment.name}' "
+        "(its max_waiting_per_user): retry when one has started.",
+        retry_after=1,
+        reason="overloaded",
+    )
+
+
+async def check_waiting(*, deployment, user_id) -> None:
+    """429 at once when the user has their limit waiting (`enqueue` checks again, atomically)."""
+    if await sync_to_async(admission.waiting_of)(deployment.name, admission.user_key(user_id)) >= deployment.max_waiting_per_user:
+        raise too_many_waiting(deployment, user_id)
+
+
+def enqueue(*, deployment, user_id, request_id: str, body: dict) -> None:
+    """Put a stored request in its user's line for the workers, and tell it its place."""
+    if not admission.enqueue(
+        deployment=deployment.name,
+        queue=deployment.queue,
+        user=admission.user_key(user_id),
+        request_id=request_id,
+        body=body,
+        max_waiting=deployment.max_waiting_per_user,
+        capacity=deployment.max_batch_size,
+    ):
+        raise too_many_waiting(deployment, user_id)
+    announce(deployment.name)
+
+
+def announce(deployment: str, *, everyone: bool = False) -> None:
+    """A `queued` event for each waiting request whose place in line improved (`everyone`: for
+    each waiting request, which also keeps its stream's watchdog from taking a long wait for a
+    silent worker)."""
+    for request_id, position, wait in admission.line_moves(deployment, everyone=everyone):
+        events.publish(request_id, contract.Queued(position=position, wait_seconds=wait))
+
+
+def withdraw(deployment: str, request_id: str) -> bool:
+    """Take a request out of its line (the client left, or pressed Stop); True when it was still waiting."""
+    if admission.done(deployment=deployment, request_id=request_id) != 2:
+        return False
+    announce(deployment)
+    return True

@@ -69,6 +69,11 @@ class Deployment(models.Model):
         validators=[MinValueValidator(1)],
         help_text="Generations in flight at once over all workers; more get 429 at once instead of waiting in a queue.",
     )
+    max_waiting_per_user = models.PositiveIntegerField(
+        default=16,
+        validators=[MinValueValidator(1)],
+        help_text="Requests one user may have waiting for their turn (beyond those running); more get 429 at once.",
+    )
     default_knowledge_base = models.ForeignKey(
         "knowledge.KnowledgeBase",
         null=True,

@@ -20,6 +20,7 @@ from llmsite.errors import (
     ApiError,
     Forbidden,
     InvalidRequest,
+    RateLimited,
     ServerError,
     Unavailable,
     UnknownDeployment,
@@ -29,7 +30,7 @@ from chat.generation import Conversation
 from chat.models import ApiToken, Deployment
 from chat.prompting import deployment_tokenizer, fit_prompt, tokenizer_digest
 from chat.protocols.predict import PredictFields
-from llmsite import contract, metrics, producer
+from llmsite import contract, metrics
 from llmsite.contract import GenerationRequest, PromptFormat, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -167,15 +168,9 @@ def generation_request(prepared: Prepared, request_id: str) -> GenerationRequest
 
 
 def _enqueue(prepared: Prepared, request_id: str) -> None:
-    # The message's headers and the worker's log name the request, not its whole text (Celery
-    # would write a copy of the conversation there, and spend ~0.45 ms doing it).
-    producer.send(
-        producer.GENERATE_TASK,
-        task_id=request_id,
-        queue=prepared.deployment.queue,
-        kwargs=generation_request(prepared, request_id).to_wire(),
-        kwargsrepr=f"{{'request_id': '{request_id}'}}",
-    )
+    """Into its user's line for the deployment's workers (fair turns: chat/concurrency.py)."""
+    body = generation_request(prepared, request_id).to_wire()
+    concurrency.enqueue(deployment=prepared.deployment, user_id=prepared.user.pk, request_id=request_id, body=body)
 
 
 def store_and_enqueue(prepared: Prepared, request_id: str) -> None:
@@ -201,9 +196,11 @@ def store_and_enqueue(prepared: Prepared, request_id: str) -> None:
         _enqueue(prepared, request_id)
     except Exception as exc:
         try:
-            lifecycle.fail(request_id, f"could not enqueue: {exc}")
+            lifecycle.fail(request_id, exc.message if isinstance(exc, RateLimited) else f"could not enqueue: {exc}")
         except DatabaseError:
             log.exception("could not mark %s failed", request_id)
+        if isinstance(exc, RateLimited):
+            raise
         raise ServerError(f"The request could not be queued: {exc}") from None
 
 
@@ -235,7 +232,7 @@ class Generation:
 
     async def events(self):
         try:
-            async for event in self.subscription.events():
+            async for event in self._in_line(self.subscription.events()):
                 if self.slot is not None:
                     await self.slot.renew()
                 if isinstance(event, contract.TERMINAL):
@@ -255,14 +252,32 @@ class Generation:
             self._count_error()
             yield contract.Error(f"The token stream broke: {exc}")
 
+    async def _in_line(self, stream):
+        """The events with the place in line kept honest: no `queued` after the start, and a last
+        position 0 before it (a place told before the start was an estimate)."""
+        told, started = None, False
+        async for event in stream:
+            if isinstance(event, contract.Queued):
+                if started or (told is not None and event.position > told):
+                    continue
+                told = event.position
+            elif not started and isinstance(event, (contract.Start, contract.Delta, *contract.TERMINAL)):
+                started = True
+                if told:
+                    yield contract.Queued(position=0, wait_seconds=0.0)
+            yield event
+
     def _count_error(self) -> None:
         """A stream the web tier ended itself (silence, a dead worker, Redis gone): no worker counts it."""
         metrics.count(deployment=self.deployment, worker="", outcome="error")
 
     async def cancel(self) -> None:
         """Ask the worker to stop this request (the one cancellation path: the request's cancel
-        key, which the worker's cancel watcher reads); its final event still ends the stream."""
+        key, which the worker's cancel watcher reads); its final event still ends the stream.
+        A request still waiting leaves its line, and its stream ends here."""
         await events.cancel(self.request_id)
+        if self.deployment and await sync_to_async(concurrency.withdraw)(self.deployment, self.request_id):
+            await sync_to_async(_cancelled_waiting)(self.request_id)
 
     async def close(self) -> None:
         """Stop listening; a request still running is cancelled on the worker (client gone)."""
@@ -276,7 +291,16 @@ class Generation:
                 await sync_to_async(lifecycle.cancel_queued)(self.request_id)
             except Exception:
                 log.exception("could not cancel %s", self.request_id)
+        try:
+            await sync_to_async(concurrency.withdraw)(self.deployment, self.request_id)  # its line, or its turn
+        except Exception:
+            log.warning("could not take %s out of the line", self.request_id, exc_info=True)
         await _release(self.slot)
+
+
+def _cancelled_waiting(request_id: str) -> None:
+    lifecycle.cancel_queued(request_id)
+    events.publish(request_id, contract.Final(text="", finish_reason="cancelled"))
 
 
 async def _release(slot: concurrency.Slot | None) -> None:
@@ -306,6 +330,7 @@ async def dispatch(prepared: Prepared) -> Generation:
     try:
         with concerning(prepared.deployment.name):
             await wait_for_worker(prepared.deployment.queue)
+            await concurrency.check_waiting(deployment=prepared.deployment, user_id=prepared.user.pk)
             slot = await concurrency.acquire(deployment=prepared.deployment)
     except ApiError:
         raise

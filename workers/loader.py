@@ -121,6 +121,9 @@ def _load_models(sender, instance, conf, **kwargs):
     from workers import heartbeat
 
     heartbeat.start(hostname=HOSTNAME, queues=sorted(queues))
+    from workers import admission
+
+    admission.start(queues)  # fair turns: this worker takes waiting requests only when it has room
     from django.conf import settings
 
     if settings.EMBEDDING_QUEUE in queues:

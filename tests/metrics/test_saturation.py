@@ -1,5 +1,7 @@
-"""Requests waiting for a place in an engine's batch show in the worker's
-`llmsite:num_requests_waiting` while the deployment is saturated, and it returns to 0 after."""
+"""Requests waiting for their turn while a deployment is saturated show in the web tier's
+`llmsite:requests_in_flight{status="queued"}` (they wait in the deployment's line in Redis, not in
+a worker: llmsite/admission.py), the engine's batch is full and nothing waits inside it; all
+return to 0 after."""
 
 import json
 
@@ -36,13 +38,14 @@ def test_requests_waiting_rises_while_a_deployment_is_saturated_and_returns_to_z
             sockets.append(ws)
 
         def saturated():
-            samples = scrape(stack.worker_metrics_url)
-            return samples if value(samples, "llmsite:num_requests_waiting", deployment=name) >= 2 else None
+            web = scrape(f"{stack.url}/metrics")
+            return web if value(web, "llmsite:requests_in_flight", deployment=name, status="queued") == 2 else None
 
-        samples = wait_until(saturated, "two requests waited behind the running one")
+        web = wait_until(saturated, "two requests waited behind the running one")
+        assert value(web, "llmsite:requests_in_flight", deployment=name, status="running") == 1  # only one taken
+        samples = scrape(stack.worker_metrics_url)
         assert value(samples, "llmsite:num_requests_running", deployment=name) == 1  # its batch is full
-        web = scrape(f"{stack.url}/metrics")
-        assert value(web, "llmsite:requests_in_flight", deployment=name, status="running") == 3  # all three claimed
+        assert value(samples, "llmsite:num_requests_waiting", deployment=name) == 0  # the worker holds none waiting
     finally:
         for ws in sockets:
             ws.close()  # the clients leave: every request is cancelled, waiting or running

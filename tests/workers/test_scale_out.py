@@ -5,7 +5,7 @@ import uuid
 
 import requests
 
-from chat.models import RequestLog
+from chat.models import Deployment, RequestLog
 from llmsite.launcher import worker_command
 from tests.chat.test_stream_failures import deployment_on_queue
 from tests.conftest import Process, wait_for_log, wait_ready
@@ -14,6 +14,9 @@ from tests.conftest import Process, wait_for_log, wait_ready
 def test_two_workers_on_one_queue_both_serve_under_concurrent_load(stack, token, user):
     queue = f"shared-{uuid.uuid4().hex[:6]}"
     deployment = deployment_on_queue(queue)
+    # Room for 4 answers a worker: a worker takes waiting requests only while it has room, so the
+    # 12 requests cannot all go to whichever worker hears of them first.
+    Deployment.objects.filter(pk=deployment.pk).update(max_batch_size=4)
     workers = [
         Process(f"worker-{queue}-{n}", worker_command([queue], hostname=f"{n}-{queue}@%h", concurrency=4)).start()
         for n in ("a", "b")

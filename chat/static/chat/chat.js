@@ -143,6 +143,7 @@ function send(message) {
 function handle(message) {
   if (message.type === "turn") onTurn(message);
   else if (message.type === "delta") onDelta(message);
+  else if (message.type === "queued") onQueued(message);
   else if (message.type === "sources" && state.answer) showSources(state.answer.turn, message.sources);
   else if (message.type === "done") onDone(message);
   else if (message.type === "error") onError(message);
@@ -170,6 +171,21 @@ function onTurn(message) {
   if (state.stopped) send({ type: "stop" }); // Stop was pressed before the answer existed
   scrollDown();
   updateButtons();
+}
+
+// The place in line, shown in place of the answer until its first token.
+export function waitingText(position, waitSeconds) {
+  const ahead = position === 0 ? "you are next" : `${position} ahead of you`;
+  const estimate = waitSeconds == null ? "" : ` (about ${Math.max(1, Math.round(waitSeconds))} s)`;
+  return `Waiting: ${ahead}${estimate}`;
+}
+
+function onQueued(message) {
+  if (!state.answer || state.answer.text) return;
+  const waiting = document.createElement("p");
+  waiting.className = "waiting";
+  waiting.textContent = waitingText(message.position, message.wait_seconds);
+  state.answer.article.replaceChildren(waiting);
 }
 
 function onDelta(message) {

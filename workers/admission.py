@@ -1,0 +1,110 @@
+"""The worker's side of fair turns (llmsite/admission.py): it takes a waiting request only when
+its engine has room, so it never holds work another worker could start.
+
+One thread per worker waits for a queued request (its queues' bells) and starts the next ones by
+fair order while this worker runs fewer of a deployment's answers than the deployment's
+`max_batch_size`; each answer runs on its own thread, and when it ends that thread takes the
+next one. Each start and each end tells the waiting requests their new places.
+"""
+
+import logging
+import threading
+import time
+from collections import Counter
+
+from celery.signals import worker_shutdown, worker_shutting_down
+
+from chat import concurrency
+from llmsite import admission
+from workers import services
+
+log = logging.getLogger(__name__)
+
+BELL_TIMEOUT_SECONDS = 0.5  # a worker also looks this often (a bell another worker took)
+DRAIN_SECONDS = 20.0  # a worker that stops lets its running answers end for this long (as Celery's warm shutdown did)
+REMIND_SECONDS = 10.0  # every waiting request hears its place this often (well within STREAM_TIMEOUT_SECONDS)
+
+
+class Admitter:
+    def __init__(self, queues):
+        self.queues = sorted(queues)
+        self.running: Counter = Counter()  # deployment -> answers running here
+        self.closing = False  # the worker is stopping: it takes nothing more (others will)
+        self._lock = threading.Lock()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, name="admission", daemon=True)
+        thread.start()
+        return thread
+
+    def _loop(self) -> None:
+        bells = [admission.bell(queue) for queue in self.queues]
+        reminded = time.monotonic()
+        while True:
+            try:
+                remind = time.monotonic() - reminded >= REMIND_SECONDS
+                for deployment in admission.deployments_of(self.queues):
+                    self.pump(deployment)
+                    if remind and admission.has_waiting(deployment):
+                        concurrency.announce(deployment, everyone=True)
+                if remind:
+                    reminded = time.monotonic()
+                admission.sync_client().blpop(bells, timeout=BELL_TIMEOUT_SECONDS)
+            except Exception:  # Redis away: look again in a moment, never give up
+                log.warning("admission: cannot read the waiting lines", exc_info=True)
+                time.sleep(1)
+
+    def pump(self, deployment: str) -> None:
+        """Start waiting requests of `deployment` while this worker has room for them."""
+        started = 0
+        with self._lock:
+            while not self.closing and (found := admission.next_request(deployment=deployment, running_here=self.running[deployment])):
+                self.running[deployment] += 1
+                started += 1
+                threading.Thread(target=self._run, args=(deployment, *found), name=f"generate-{found[0][:8]}", daemon=True).start()
+        if started:
+            concurrency.announce(deployment)
+
+    def _run(self, deployment: str, request_id: str, body: dict) -> None:
+        began = time.monotonic()
+        try:
+            services.generate(body)
+        except Exception:
+            log.exception("generation %s broke", request_id)
+        finally:
+            with self._lock:
+                self.running[deployment] -= 1
+            try:
+                admission.done(deployment=deployment, request_id=request_id, seconds=time.monotonic() - began)
+                self.pump(deployment)
+            except Exception:
+                log.warning("admission: could not end %s's turn", request_id, exc_info=True)
+
+
+    def drain(self, timeout: float) -> None:
+        """Wait for the answers running here to end (the waiting ones stay in line for other workers)."""
+        deadline = time.monotonic() + timeout
+        while sum(self.running.values()) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+_admitters: list[Admitter] = []
+
+
+def start(queues) -> Admitter:
+    admitter = Admitter(queues)
+    admitter.start()
+    _admitters.append(admitter)
+    return admitter
+
+
+@worker_shutting_down.connect
+def _stop_taking(**kwargs):
+    for admitter in _admitters:
+        admitter.closing = True
+
+
+@worker_shutdown.connect
+def _drain(**kwargs):
+    for admitter in _admitters:
+        admitter.drain(DRAIN_SECONDS)
