@@ -245,6 +245,10 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
     if found.status != Message.Status.STREAMING:  # it ended (and was stored) meanwhile
         await consumer._say(_done_message(found.pk, found.status, found.content, found.error))
         return
+    ended = await database_sync_to_async(resume.stored_end)(found.request_id)
+    if ended is not None:  # its socket's process died before storing it, and the events are gone
+        await consumer._say(_done_message(found.pk, ended.status, ended.response, ended.error))
+        return
     view = consumer.answer = _View(found.pk, after)
     view.generation = await resume.follow(request_id, after="0")  # from the start: the final's missing tail is known
     view.reader = asyncio.current_task()

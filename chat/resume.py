@@ -35,6 +35,15 @@ def answer_of(*, user, request_id) -> Message | None:
     return Message.objects.filter(request_id=key, conversation__user=user, role=Message.Role.ASSISTANT).first()
 
 
+def stored_end(request_id) -> RequestLog | None:
+    """The row of a request that ended and whose events are no longer kept (a page left streaming
+    by a web process that died); None while its events can still be read."""
+    row = RequestLog.objects.filter(pk=request_id).only("status", "response", "error").first()
+    if row is None or row.status not in ENDED or events.sync_client().exists(events.channel(row.pk)):
+        return None
+    return row
+
+
 async def follow(request_id: str, *, after: str = "0") -> services.Generation:
     """A listener of the request's events after `after`: the Generation to relay, then close."""
     subscription = await events.Subscription(request_id, after=after, listen=True).open()
