@@ -2,12 +2,15 @@
 
 Client messages: {"type": "send", "conversation": id or null, "deployment", "prompt",
 "system_prompt", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "knowledge_base"};
-{"type": "regenerate", ...the same without prompt}; {"type": "stop"}. Server messages: "turn" (the
-stored rows), "queued" (position, wait_seconds: its place in line while it waits), "sources" (the
-knowledge base's chunks, before the answer), "delta" (new text), "done" (status ok/cancelled/error
-and the stored text), "error" (nothing was started; "code": "insufficient_quota" when the user's
-token budget is used up), "usage" (after each turn: the user's tokens today and this month against
-their budgets, chat/quotas.py).
+{"type": "regenerate", ...the same without prompt}; {"type": "stop"}; {"type": "resume",
+"request": id, "last_event": id or "0"} (after a reconnect or a reload). Server messages: "turn"
+(the stored rows), "request" (the answer's request id, to resume it), "queued" (position,
+wait_seconds: its place in line while it waits), "sources" (the knowledge base's chunks, before
+the answer), "delta" (new text), "done" (status ok/cancelled/error and the text), "error" (nothing
+was started; "code": "insufficient_quota" when the user's token budget is used up), "usage" (after
+each turn: the user's tokens today and this month against their budgets, chat/quotas.py).
+"sources" and "delta" carry the event's "id"; a resume sends exactly the events after
+"last_event". Details: docs/chat-site.md.
 """
 
 import asyncio
@@ -19,7 +22,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
-from chat import conversations, quotas, services
+from chat import conversations, events, quotas, resume, services
 from chat.models import Message
 from chat.relay import Formatter, relay
 from llmsite import contract, metrics
@@ -37,8 +40,9 @@ class _Answer(Formatter):
     """One answer on the page: what the page was shown (deltas stop at Stop) and how it ended;
     the chat socket's formatter of the request's events."""
 
-    def __init__(self, turn):
+    def __init__(self, turn, after: str = "0"):
         self.turn = turn
+        self.after = after  # a resume: events up to this id were sent before
         self.text = ""
         self.final: contract.Final | None = None
         self.error = ""
@@ -47,11 +51,17 @@ class _Answer(Formatter):
         self.generation = None
         self.reader: asyncio.Task | None = None
 
+    def _new(self) -> str | None:
+        """The current event's id if the page has not had it yet, else None."""
+        event_id = self.generation.event_id
+        return event_id if events.id_after(event_id, self.after) else None
+
     def on_delta(self, event: contract.Delta) -> list:
         if self.stopped:
             return []
         self.text += event.text
-        return [{"type": "delta", "text": event.text}]
+        event_id = self._new()
+        return [{"type": "delta", "text": event.text, "id": event_id}] if event_id else []
 
     def on_queued(self, event: contract.Queued) -> list:
         """The place in line, shown in place of the answer until its first token."""
@@ -59,7 +69,8 @@ class _Answer(Formatter):
 
     def on_sources(self, event: contract.Sources) -> list:
         self.sources = event.sources
-        return [{"type": "sources", "sources": event.sources}]
+        event_id = self._new()
+        return [{"type": "sources", "sources": event.sources, "id": event_id}] if event_id else []
 
     def on_final(self, event: contract.Final) -> list:
         self.final = event
@@ -94,22 +105,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "stop":
             await self._stop()
-        elif kind in ("send", "regenerate"):
+        elif kind in ("send", "regenerate", "resume"):
             if self.task is not None and not self.task.done():
                 await self._say({"type": "error", "message": "An answer is still streaming: stop it first."})
                 return
-            self.task = asyncio.create_task(self._turn(content, regenerate=kind == "regenerate"))
+            if kind == "resume":
+                self.task = asyncio.create_task(self._resume(content))
+            else:
+                self.task = asyncio.create_task(self._turn(content, regenerate=kind == "regenerate"))
         else:
             await self._say({"type": "error", "message": f"Unknown message type {kind!r}.", "param": "type"})
 
     async def disconnect(self, code):
-        # The page went away: stop the answer on the worker, but let it be stored as it ended.
+        # The page went away: the answer runs on for the grace period (a reload or a reconnect
+        # resumes it; else it is cancelled then) and is stored as it ended. A resumed view just ends.
         self.gone = True
-        task = getattr(self, "task", None)
-        if task is not None and not task.done():
-            _detached.add(task)
-            task.add_done_callback(_detached.discard)
-            await self._stop()
+        task, answer = getattr(self, "task", None), getattr(self, "answer", None)
+        if task is None or task.done():
+            return
+        if isinstance(answer, _View):
+            task.cancel()
+            return
+        _detached.add(task)
+        task.add_done_callback(_detached.discard)
+        if answer is not None and answer.generation is not None:
+            answer.generation.detach()
 
     async def _say(self, message: dict) -> None:
         if self.gone:
@@ -179,9 +199,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             metrics.refused(exc)
             answer.error = exc.message
             return
+        if self.gone:  # the page left while the request was being queued
+            answer.generation.detach()
         await database_sync_to_async(conversations.answer_link)(
             answer=answer.turn.answer, request_id=answer.generation.request_id
         )
+        await self._say({"type": "request", "request": answer.generation.request_id})
         answer.reader = asyncio.create_task(self._relay(answer))
         if answer.stopped:  # Stop arrived while the request was being queued
             await self._cancel(answer)
@@ -218,9 +241,56 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except Exception:
             log.exception("could not store the answer %s", answer.turn.answer.pk)
             return
-        await self._say(
-            {"type": "done", "message_id": stored.pk, "status": stored.status, "content": stored.content, "error": stored.error}
-        )
+        await self._say(_done_message(stored.pk, stored.status, stored.content, stored.error))
+
+    async def _resume(self, content: dict) -> None:
+        await _resume_view(self, content)
+
+
+class _View(_Answer):
+    """A resumed answer: the events after the page's last one; the answer's own turn stores it."""
+
+    def __init__(self, message_id: int, after: str):
+        super().__init__(None, after)
+        self.message_id = message_id
+
+
+async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
+    request_id, after = content.get("request"), content.get("last_event") or "0"
+    if not events.valid_event_id(after):
+        await consumer._say({"type": "error", "message": "'last_event' must be an event id.", "param": "last_event"})
+        return
+    found = await database_sync_to_async(resume.answer_of)(user=consumer.user, request_id=request_id)
+    if found is None:
+        await consumer._say({"type": "error", "message": "No such answer to resume.", "param": "request"})
+        return
+    if found.status != Message.Status.STREAMING:  # it ended (and was stored) meanwhile
+        await consumer._say(_done_message(found.pk, found.status, found.content, found.error))
+        return
+    ended = await database_sync_to_async(resume.stored_end)(found.request_id)
+    if ended is not None:  # its socket's process died before storing it, and the events are gone
+        await consumer._say(_done_message(found.pk, ended.status, ended.response, ended.error))
+        return
+    view = consumer.answer = _View(found.pk, after)
+    view.generation = await resume.follow(request_id, after="0")  # from the start: the final's missing tail is known
+    view.reader = asyncio.current_task()
+    if view.stopped:
+        await consumer._cancel(view)
+    try:
+        await consumer._relay(view)
+    finally:
+        consumer.answer = None
+        await view.generation.close()
+    final = view.final
+    if final is not None:
+        status = Message.Status.CANCELLED if final.finish_reason == "cancelled" else Message.Status.OK
+        await consumer._say(_done_message(found.pk, status, final.text, ""))
+    else:
+        await consumer._say(_done_message(found.pk, Message.Status.ERROR, view.text, view.error))
+
+
+def _done_message(message_id, status, content, error) -> dict:
+    return {"type": "done", "message_id": message_id, "status": status, "content": content, "error": error}
 
 
 def _turn_message(turn) -> dict:

@@ -1,10 +1,17 @@
-"""The per-request token stream over Redis pub/sub, and the cancel flag a worker watches.
+"""The per-request event stream in a Redis Stream, the listeners' lease, and the cancel flag a
+worker watches.
 
-Events are the typed events of llmsite.contract, one JSON object each on the request's channel.
-The web tier subscribes before it enqueues, so no event is published before anyone listens.
-Cancellation has one path: the web tier sets the request's cancel key (`cancel`), and the
-worker's one `CancelWatcher` thread sees it and sets the generation's `threading.Event`, which is
-the engine's `cancelled`.
+Events are the typed events of llmsite.contract, one JSON object each, appended (`XADD`, capped at
+RESUME_MAX_EVENTS) to the request's stream, which expires RESUME_KEEP_SECONDS after its last
+event. Readers read it from any id (0: from the start), so a reader that comes late, or comes back
+after a dropped connection (the chat socket's resume, `/api/requests/<id>/events`), misses nothing
+and sees nothing twice; the stream's ids are the events' ids.
+
+Every reader of a generation renews its listen key (`listened`, a lease of RESUME_GRACE_SECONDS);
+when the last one leaves, the key lapses, and a generation nobody listens to is cancelled (see
+`chat.services.Generation.detach`). Cancellation has one path: the web tier sets the request's
+cancel key (`cancel`), and the worker's one `CancelWatcher` thread sees it and sets the
+generation's `threading.Event`, which is the engine's `cancelled`.
 """
 
 import asyncio
@@ -25,7 +32,12 @@ log = logging.getLogger(__name__)
 
 
 def channel(request_id) -> str:
+    """The request's Redis Stream (the pub/sub channel's name before streams)."""
     return f"llmsite:stream:{request_id}"
+
+
+def listened_key(request_id) -> str:
+    return f"llmsite:listened:{request_id}"
 
 
 def cancel_key(request_id) -> str:
@@ -36,7 +48,12 @@ def cancel_key(request_id) -> str:
 
 
 def publish(request_id, event: contract.Event) -> None:
-    sync_client().publish(channel(request_id), contract.encode(event))
+    """Append `event` to the request's stream; the stream expires RESUME_KEEP_SECONDS after its last event."""
+    key = channel(request_id)
+    pipe = sync_client().pipeline(transaction=False)
+    pipe.xadd(key, {"e": contract.encode(event)}, maxlen=settings.RESUME_MAX_EVENTS, approximate=True)
+    pipe.expire(key, settings.RESUME_KEEP_SECONDS)
+    pipe.execute()
 
 
 def is_cancelled(request_id) -> bool:
@@ -129,6 +146,33 @@ async def worker_alive(hostname: str) -> bool:
     return bool(await async_client().exists(worker_host_key(hostname)))
 
 
+async def renew_listen(request_id) -> None:
+    """One listener is here: the generation counts as listened to for RESUME_GRACE_SECONDS more."""
+    await async_client().set(listened_key(request_id), b"1", px=max(1, int(settings.RESUME_GRACE_SECONDS * 1000)))
+
+
+async def listened(request_id) -> bool:
+    return bool(await async_client().exists(listened_key(request_id)))
+
+
+def id_after(event_id: str, last: str) -> bool:
+    """Whether the stream id `event_id` comes after `last` ("0": before everything)."""
+
+    def parts(value: str) -> tuple[int, int]:
+        ms, _, seq = str(value).partition("-")
+        return int(ms), int(seq or 0)
+
+    return parts(event_id) > parts(last)
+
+
+def valid_event_id(value) -> bool:
+    try:
+        id_after(value, "0")
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class StreamTimeout(Exception):
     pass
 
@@ -138,15 +182,38 @@ class WorkerLost(StreamTimeout):
 
 
 class Subscription:
-    """A subscription to one request's events; iterate it, then `close()`."""
+    """A reader of one request's events from `after` on ("0": all of them); iterate it, then
+    `close()`. A listener (`listen=True`) renews the request's listen key while it reads, until
+    `detach()` or `close()`. `last_id` is the id of the event last yielded."""
 
-    def __init__(self, request_id):
+    def __init__(self, request_id, after: str = "0", listen: bool = False):
         self.request_id = request_id
-        self.pubsub = async_client().pubsub()
+        self.last_id = after
+        self.listening = listen
+        self._renewed_at = 0.0
 
     async def open(self) -> "Subscription":
-        await self.pubsub.subscribe(channel(self.request_id))
+        await self._renew(force=True)
         return self
+
+    async def _renew(self, force: bool = False) -> None:
+        if not self.listening:
+            return
+        if force or time.monotonic() - self._renewed_at >= _renew_interval():
+            self._renewed_at = time.monotonic()
+            try:
+                await renew_listen(self.request_id)
+            except Exception:  # a Redis blip must not end a stream that is still flowing
+                log.warning("could not renew the listen key of %s", self.request_id, exc_info=True)
+
+    def detach(self) -> None:
+        """Keep reading but stop counting as a listener (the page went away)."""
+        self.listening = False
+
+    async def _read(self, wait: float) -> list:
+        block = max(1, int(min(wait, 1.0, _renew_interval()) * 1000))
+        found = await async_client().xread({channel(self.request_id): self.last_id}, block=block)
+        return found[0][1] if found else []
 
     async def events(self, timeout: float | None = None):
         """Yield typed events until a terminal one (final, embeddings, error); raise StreamTimeout after `timeout` s of
@@ -162,22 +229,22 @@ class Subscription:
                 next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
                 if not await worker_alive(worker):
                     raise WorkerLost(f"The model worker {worker} stopped while generating this answer.")
-            message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 1.0))
-            if message is None or message["type"] != "message":
-                continue
-            deadline = time.monotonic() + timeout
-            event = contract.decode(message["data"])
-            if isinstance(event, (contract.Received, contract.Start)):
-                worker = event.worker
-            if isinstance(event, contract.Received):
-                continue  # a worker holds the request: watch it, but clients hear of it only at start
-            yield event
-            if isinstance(event, contract.TERMINAL):
-                return
+            await self._renew()
+            for entry_id, fields in await self._read(left):
+                deadline = time.monotonic() + timeout
+                self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                event = contract.decode(fields[b"e"])
+                if isinstance(event, (contract.Received, contract.Start)):
+                    worker = event.worker
+                if isinstance(event, contract.Received):
+                    continue  # a worker holds the request: watch it, but clients hear of it only at start
+                yield event
+                if isinstance(event, contract.TERMINAL):
+                    return
 
     async def close(self) -> None:
-        try:
-            await self.pubsub.unsubscribe()
-            await self.pubsub.aclose()
-        except Exception:  # closing a broken connection must not hide the real outcome
-            pass
+        self.listening = False
+
+
+def _renew_interval() -> float:
+    return max(0.05, settings.RESUME_GRACE_SECONDS / 3)

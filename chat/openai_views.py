@@ -3,7 +3,7 @@
 import dataclasses
 
 from django.conf import settings
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from ninja import Router
 from ninja.security import APIKeyHeader
 from ninja.streaming import SSE
@@ -82,12 +82,16 @@ def _sse_response(stream) -> StreamingHttpResponse:
     return response
 
 
-async def _complete(request, body: wire.Sampling, shape_class):
-    """A chat or text completion: dispatch, then the whole answer or its server-sent events."""
+async def _complete(request, response: HttpResponse, body: wire.Sampling, shape_class):
+    """A chat or text completion: dispatch, then the whole answer or its server-sent events; both
+    carry the stored request's id (`X-Request-Id`: resume it at /api/requests/<id>/events)."""
     generation = await _start(request, body)
     shape = shape_class({"id": f"{shape_class.prefix}{generation.request_id}", "created": wire.now(), "model": body.model}, body)
+    response["X-Request-Id"] = generation.request_id
     if body.stream:
-        return _sse_response(relay(generation, OpenAIStream(shape, include_usage=body.include_usage)))
+        streamed = _sse_response(relay(generation, OpenAIStream(shape, include_usage=body.include_usage)))
+        streamed["X-Request-Id"] = generation.request_id
+        return streamed
     answer = await first(generation, OpenAIAnswer(shape))
     if answer is None or isinstance(answer, ApiError):
         raise answer or ServerError("The stream ended without an answer.")
@@ -100,8 +104,8 @@ async def _complete(request, body: wire.Sampling, shape_class):
     summary="Chat completion",
     openapi_extra=_sse_doc(wire.ChatCompletionChunk),
 )
-async def chat_completions(request, body: wire.ChatCompletionRequest):
-    return await _complete(request, body, ChatShape)
+async def chat_completions(request, response: HttpResponse, body: wire.ChatCompletionRequest):
+    return await _complete(request, response, body, ChatShape)
 
 
 @router.post(
@@ -110,8 +114,8 @@ async def chat_completions(request, body: wire.ChatCompletionRequest):
     summary="Text completion (the prompt is one user turn of the deployment's chat template)",
     openapi_extra=_sse_doc(wire.Completion),
 )
-async def completions(request, body: wire.CompletionRequest):
-    return await _complete(request, body, CompletionShape)
+async def completions(request, response: HttpResponse, body: wire.CompletionRequest):
+    return await _complete(request, response, body, CompletionShape)
 
 
 @router.post("/v1/embeddings", response={200: wire.EmbeddingList, **ERRORS}, summary="Embeddings")

@@ -276,31 +276,70 @@ class Generation:
         key, which the worker's cancel watcher reads); its final event still ends the stream.
         A request still waiting leaves its line, and its stream ends here."""
         await events.cancel(self.request_id)
-        if self.deployment and await sync_to_async(concurrency.withdraw)(self.deployment, self.request_id):
+        if await _withdraw(self.deployment, self.request_id):
             await sync_to_async(_cancelled_waiting)(self.request_id)
 
+    @property
+    def event_id(self) -> str:
+        """The stream id of the event `events()` yielded last."""
+        return self.subscription.last_id
+
+    def detach(self) -> None:
+        """Stop counting as a listener (the client went away): once no listener is left for
+        RESUME_GRACE_SECONDS, the request is cancelled, unless it ended or someone resumed it."""
+        if self.subscription.listening and not self.finished:
+            self.subscription.detach()
+            cancel_when_unheard(self.request_id, self.deployment)
+
     async def close(self) -> None:
-        """Stop listening; a request still running is cancelled on the worker (client gone)."""
+        """Stop listening (a request still running is cancelled after the grace period if nobody
+        resumes it) and give the slot back."""
         if self.closed:
             return
         self.closed = True
+        self.detach()
         await self.subscription.close()
-        if not self.finished:
-            try:
-                await self.cancel()
-                await sync_to_async(lifecycle.cancel_queued)(self.request_id)
-            except Exception:
-                log.exception("could not cancel %s", self.request_id)
-        try:
-            await sync_to_async(concurrency.withdraw)(self.deployment, self.request_id)  # its line, or its turn
-        except Exception:
-            log.warning("could not take %s out of the line", self.request_id, exc_info=True)
+        if self.finished:
+            await _withdraw(self.deployment, self.request_id)  # its turn, if its worker died
         await _release(self.slot)
+
+
+async def _withdraw(deployment: str, request_id: str) -> bool:
+    """Take the request out of its line or end its turn there; True when it was still waiting."""
+    try:
+        return bool(deployment) and await sync_to_async(concurrency.withdraw)(deployment, request_id)
+    except Exception:
+        log.warning("could not take %s out of the line", request_id, exc_info=True)
+        return False
 
 
 def _cancelled_waiting(request_id: str) -> None:
     lifecycle.cancel_queued(request_id)
     events.publish(request_id, contract.Final(text="", finish_reason="cancelled"))
+
+
+_unheard_checks: set[asyncio.Task] = set()
+
+
+def cancel_when_unheard(request_id: str, deployment: str = "") -> None:
+    """Cancel the request once its listen key lapsed (no listener renewed it for the grace period)."""
+    task = asyncio.get_running_loop().create_task(_cancel_if_unheard(request_id, deployment))
+    _unheard_checks.add(task)
+    task.add_done_callback(_unheard_checks.discard)
+
+
+async def _cancel_if_unheard(request_id: str, deployment: str) -> None:
+    await asyncio.sleep(settings.RESUME_GRACE_SECONDS + 0.1)
+    try:
+        if await events.listened(request_id):
+            return  # someone resumed it: their leaving checks again
+        await events.cancel(request_id)
+        if await _withdraw(deployment, request_id):  # still waiting: it leaves the line and ends here
+            await sync_to_async(_cancelled_waiting)(request_id)
+        else:
+            await sync_to_async(lifecycle.cancel_queued)(request_id)
+    except Exception:
+        log.exception("could not cancel %s", request_id)
 
 
 async def _release(slot: concurrency.Slot | None) -> None:
@@ -325,8 +364,8 @@ async def wait_for_worker(queue: str) -> None:
 
 
 async def dispatch(prepared: Prepared) -> Generation:
-    """Take an in-flight slot (429 over the deployment's limit), subscribe to the request's stream,
-    then store and enqueue it (so no event is missed)."""
+    """Take an in-flight slot (429 over the deployment's limit), take the request's listen lease,
+    then store and enqueue it; its events are read from the stream's start."""
     try:
         with concerning(prepared.deployment.name):
             await wait_for_worker(prepared.deployment.queue)
@@ -337,7 +376,7 @@ async def dispatch(prepared: Prepared) -> Generation:
     except Exception as exc:  # Redis unreachable
         raise Unavailable(f"Redis is unavailable: {exc}") from None
     request_id = str(uuid.uuid4())
-    subscription = events.Subscription(request_id)
+    subscription = events.Subscription(request_id, listen=True)
     try:
         await subscription.open()
         await sync_to_async(store_and_enqueue)(prepared, request_id)

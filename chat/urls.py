@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chat import pages, views
+from chat import pages, resume, views
 
 app_name = "chat"
 
@@ -13,4 +13,5 @@ urlpatterns = [
     path("healthz", views.health, name="health"),
     path("api/health", views.deployments_health, name="deployments-health"),
     path("api/predict/<str:deployment>", views.predict, name="predict"),
+    path("api/requests/<str:request_id>/events", resume.request_events, name="request-events"),
 ]

@@ -61,6 +61,12 @@ async def predict(request, deployment: str):
         return _error(exc)
 
     wire_args = {"history": prepared.conversation.history, "prompt": prepared.conversation.prompt}
+    response = await _answer(generation, fields, wire_args)
+    response["X-Request-Id"] = generation.request_id  # what a client resumes (/api/requests/<id>/events)
+    return response
+
+
+async def _answer(generation, fields, wire_args):
     if fields.use_stream_chat:
         stream = relay(generation, PredictStream(**wire_args))
         return StreamingHttpResponse(stream, content_type="text/plain; charset=utf-8")

@@ -226,6 +226,12 @@ if KV_CACHE_SCOPE not in ("user", "deployment"):
 # The site-wide defaults: the admin's Quotas override them per group and per user (chat/quotas.py).
 QUOTA_TOKENS_PER_DAY = env.int("QUOTA_TOKENS_PER_DAY", default=0)
 QUOTA_TOKENS_PER_MONTH = env.int("QUOTA_TOKENS_PER_MONTH", default=0)
+# Resumable answers: each answer's events stay in its Redis Stream this long after its last event
+# (a reload or a reconnect replays them), capped at this many events; a generation whose every
+# listener went away runs on this long, then is cancelled unless someone resumes it (Stop: at once).
+RESUME_KEEP_SECONDS = env.int("RESUME_KEEP_SECONDS", default=600)
+RESUME_MAX_EVENTS = env.int("RESUME_MAX_EVENTS", default=100_000)
+RESUME_GRACE_SECONDS = env.float("RESUME_GRACE_SECONDS", default=10.0)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # A generation's slot in its deployment's in-flight count (max_concurrent_generations) is a lease,

@@ -19,6 +19,9 @@ from llmsite.launcher import port_open, web_command, worker_command
 from llmsite.embedded import _free_port
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# The stack's processes (started from here) cancel a generation nobody listens to after 1 s, not
+# 10: the tests of a client leaving keep their meaning without waiting the default grace period.
+os.environ.setdefault("RESUME_GRACE_SECONDS", "1")
 READY_TIMEOUT = 600  # a first run de-quantizes the GGUF model once (about 30 s on 2 cores)
 
 if settings.NOT_CONFIGURED:

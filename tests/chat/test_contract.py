@@ -84,19 +84,14 @@ def test_the_worker_answers_a_request_missing_a_field_with_an_error_event(stack,
         request_id=request_id, user=user, token=None, deployment=Deployment.objects.get(name="default"),
         protocol="http", prompt="x", system_prompt="", history=[], params={},
     )
-    pubsub = events.sync_client().pubsub()
-    pubsub.subscribe(events.channel(request_id))
-    try:
-        producer.send(producer.GENERATE_TASK, task_id=request_id, queue="default", kwargs=wire)
-        heard = []
-        deadline = time.monotonic() + 60
-        while not any(isinstance(e, contract.TERMINAL) for e in heard):
-            assert time.monotonic() < deadline, f"no end heard: {heard}"
-            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message and message["type"] == "message":
-                heard.append(contract.decode(message["data"]))
-    finally:
-        pubsub.close()
+    producer.send(producer.GENERATE_TASK, task_id=request_id, queue="default", kwargs=wire)
+    heard, last = [], "0"
+    deadline = time.monotonic() + 60
+    while not any(isinstance(e, contract.TERMINAL) for e in heard):
+        assert time.monotonic() < deadline, f"no end heard: {heard}"
+        for _, entries in events.sync_client().xread({events.channel(request_id): last}, block=1000) or []:
+            for last, fields in entries:
+                heard.append(contract.decode(fields[b"e"]))
     assert isinstance(heard[-1], contract.Error) and "sampling: missing" in heard[-1].message
     assert RequestLog.objects.get(id=request_id).status == RequestLog.Status.ERROR
 

@@ -20,7 +20,7 @@ const state = {
   stopped: false,
   pendingQuestion: null, // the question shown before the server stored it
   replacedAnswer: null, // the answer Regenerate took off the page, put back if nothing starts
-  answer: null, // {turn, article, text} of the answer being streamed
+  answer: null, // {turn, article, text, request, lastEvent} of the answer being streamed
   renderQueued: false,
 };
 
@@ -127,7 +127,10 @@ function connect() {
       showError("Your session ended: log in again.");
       return;
     }
-    if (state.streaming) {
+    if (state.streaming && state.answer && state.answer.request) {
+      // The answer runs on for a grace period: the next connection resumes it after the last event seen.
+      state.outbox.unshift({ type: "resume", request: state.answer.request, last_event: state.answer.lastEvent });
+    } else if (state.streaming) {
       if (state.answer) setNote(state.answer.turn, "The connection dropped; reload to see the stored answer.", true);
       finishRequest();
     }
@@ -142,9 +145,13 @@ function send(message) {
 
 function handle(message) {
   if (message.type === "turn") onTurn(message);
+  else if (message.type === "request" && state.answer) state.answer.request = message.request;
   else if (message.type === "delta") onDelta(message);
   else if (message.type === "queued") onQueued(message);
-  else if (message.type === "sources" && state.answer) showSources(state.answer.turn, message.sources);
+  else if (message.type === "sources" && state.answer) {
+    state.answer.lastEvent = message.id;
+    showSources(state.answer.turn, message.sources);
+  }
   else if (message.type === "done") onDone(message);
   else if (message.type === "error") onError(message);
   else if (message.type === "usage") $("token-usage").textContent = message.text;
@@ -167,7 +174,7 @@ function onTurn(message) {
   turn.dataset.messageId = message.answer.id;
   turn.dataset.status = "streaming";
   turn.classList.add("streaming");
-  state.answer = { turn, article: turn.querySelector("article"), text: "" };
+  state.answer = { turn, article: turn.querySelector("article"), text: "", request: null, lastEvent: "0" };
   if (state.stopped) send({ type: "stop" }); // Stop was pressed before the answer existed
   scrollDown();
   updateButtons();
@@ -191,6 +198,7 @@ function onQueued(message) {
 function onDelta(message) {
   if (!state.answer || state.stopped) return;
   state.answer.text += message.text;
+  state.answer.lastEvent = message.id;
   queueRender();
 }
 
@@ -221,7 +229,22 @@ function onError(message) {
   }
   if (message.code === "insufficient_quota") showQuotaNotice(message.message);
   else showError(message.message);
-  if (!state.answer) finishRequest();
+  if (!state.answer || message.param === "request" || message.param === "last_event") finishRequest();
+}
+
+// An answer still being written when the page loaded (a reload, a second tab): show it from its
+// first event on and follow it to the end.
+function resumeStreamingAnswer() {
+  const turns = messagesEl.querySelectorAll(".turn-assistant[data-request-id]");
+  const turn = turns[turns.length - 1];
+  if (!turn || turn.dataset.status !== "streaming") return;
+  turn.querySelector(".note")?.remove();
+  turn.classList.add("streaming");
+  const article = turn.querySelector("article");
+  article.replaceChildren();
+  state.answer = { turn, article, text: "", request: turn.dataset.requestId, lastEvent: "0" };
+  state.streaming = true;
+  send({ type: "resume", request: state.answer.request, last_event: "0" });
 }
 
 // The token budget is used up: the message stands where the answer would have been (not stored).
@@ -323,6 +346,7 @@ $("use-defaults").addEventListener("click", fillDefaults);
 for (const article of messagesEl.querySelectorAll('article[data-role="assistant"]')) {
   renderMarkdown(article, article.textContent);
 }
+resumeStreamingAnswer();
 scrollDown();
 updateButtons();
 connect();
