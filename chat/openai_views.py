@@ -6,8 +6,9 @@ from ninja import Router
 from ninja.security import APIKeyHeader
 from ninja.streaming import SSE
 
-from chat import embeddings, ratelimits, selectors, services
+from chat import embeddings, ratelimits, selectors, services, tools
 from chat.formatters.openai import ChatShape, CompletionShape, OpenAIAnswer, OpenAIStream
+from chat.formatters.tool_calls import ToolCallAnswer, ToolCallStream
 from chat.protocols import openai as wire
 from chat.relay import first, relay
 from llmsite import auth
@@ -49,6 +50,7 @@ async def retrieve_model(request, model: str):
 async def _start(request, body: wire.Sampling):
     """Validate and dispatch a completion request; every refusal is raised before model work."""
     target = await services.edge(services.access_deployment, token=request.auth, name=body.model)
+    plan = await services.edge(tools.plan_request, deployment=target, body=body) if isinstance(body, wire.ChatCompletionRequest) else None
     prepared = await services.edge(
         services.prepare,
         token=request.auth,
@@ -59,6 +61,8 @@ async def _start(request, body: wire.Sampling):
     )
     prepared.params.stop = body.stops()
     prepared.params.seed = body.seed
+    if plan is not None and plan.grammar:
+        prepared.params.grammar = plan.grammar  # tool_choice required or named: constrained calls
     return await services.dispatch(prepared)
 
 
@@ -73,9 +77,11 @@ async def _complete(request, body: wire.Sampling, shape_class):
     """A chat or text completion: dispatch, then the whole answer or its server-sent events."""
     generation = await _start(request, body)
     shape = shape_class({"id": f"{shape_class.prefix}{generation.request_id}", "created": wire.now(), "model": body.model}, body)
+    plan = getattr(body, "tool_plan", None)
     if body.stream:
-        return _sse_response(relay(generation, OpenAIStream(shape, include_usage=body.include_usage)))
-    answer = await first(generation, OpenAIAnswer(shape))
+        stream = ToolCallStream(shape, plan, include_usage=body.include_usage) if plan and plan.active else None
+        return _sse_response(relay(generation, stream or OpenAIStream(shape, include_usage=body.include_usage)))
+    answer = await first(generation, ToolCallAnswer(shape, plan) if plan and plan.active else OpenAIAnswer(shape))
     if answer is None or isinstance(answer, ApiError):
         raise answer or ServerError("The stream ended without an answer.")
     return answer
