@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from llmsite.errors import ApiError, Forbidden, InvalidRequest, RateLimited, UnknownDeployment
-from chat import tools
+from chat.tools import ToolPlan, plan_tools, template_messages
 from chat.protocols.openai_tools import NamedToolChoice, Tool, ToolCall
 from chat.generation import Conversation
 from chat.protocols.predict import PredictFields
@@ -95,10 +95,10 @@ class ChatCompletionRequest(Sampling):
         "whose chat template has a tool format. Default: `auto` with tools, else `none`.",
     )
     parallel_tool_calls: bool | None = None
-    _tool_plan: tools.ToolPlan | None = PrivateAttr(default=None)  # set by plan_tools
+    _tool_plan: ToolPlan | None = PrivateAttr(default=None)  # set by plan_tools
 
     @property
-    def tool_plan(self) -> tools.ToolPlan | None:
+    def tool_plan(self) -> ToolPlan | None:
         return self._tool_plan
 
     def fields(self) -> PredictFields:
@@ -107,16 +107,16 @@ class ChatCompletionRequest(Sampling):
 
     def conversation(self) -> Conversation:
         """All messages as given (two system messages in a row, or a trailing assistant turn, are fine)."""
-        messages = tools.template_messages([_message(m) for m in self.messages])
+        messages = template_messages([_message(m) for m in self.messages])
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         conversation = Conversation(prompt=last_user, system_prompt=system, history=messages[:-1], raw_messages=messages)
         conversation.tools = self.tool_plan.tools if self.tool_plan else []
         return conversation
 
-    def plan_tools(self, template: str | None) -> tools.ToolPlan:
+    def plan_tools(self, template: str | None) -> ToolPlan:
         """How this request uses its tools (checked: a 400 naming the field), kept for its answer."""
-        self._tool_plan = tools.plan_tools(
+        self._tool_plan = plan_tools(
             tools=[t.model_dump(exclude_none=True) for t in self.tools or []],
             tool_choice=self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice,
             parallel=self.parallel_tool_calls,
