@@ -153,9 +153,9 @@ def compile_grammar(schema: dict, *, param: str) -> str:
 
     try:
         grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    except Exception as exc:  # the compiler's own refusal of what a client sent, whatever its kind
         raise InvalidRequest(f"{param}: not a JSON schema the server can enforce: {exc}", param=param) from None
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         raise InvalidRequest(f"{param}: not a JSON schema the server can enforce: {messages[0]}", param=param)
     return grammar

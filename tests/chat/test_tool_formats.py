@@ -3,6 +3,7 @@ chat template (vendored in chat/chat_formats/qwen2.5.jinja), the families' call 
 from recorded answers into tool_calls, what a stream may send before it knows, and the checks
 that refuse bad tools, tool_choice and tool turns (each naming its field)."""
 
+import asyncio
 import json
 
 import pytest
@@ -11,9 +12,13 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from chat.chat_formats import vendored_template
+from chat.formatters.openai import ChatShape
+from chat.formatters.tool_calls import ToolCallAnswer, ToolCallStream
 from chat.prompting import render_prompt
+from chat.relay import first, relay
 from chat.tool_calls import HeldText, parse_answer
 from chat.tools import plan_tools, template_messages, tool_syntax
+from llmsite import contract
 from llmsite.errors import InvalidRequest
 
 SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's chat_template: ChatML with no tool format
@@ -201,3 +206,59 @@ def test_tool_turns_that_answer_no_call_are_refused(messages, param):
     with pytest.raises(InvalidRequest) as refused:
         template_messages(messages)
     assert refused.value.param == param
+
+
+class _Events:
+    """A request's events as its subscription would give them."""
+
+    def __init__(self, *deltas):
+        usage = {"prompt_tokens": 5, "completion_tokens": 3}
+        self._events = [contract.Start(worker="w"), *(contract.Delta(d) for d in deltas), contract.Final("".join(deltas), "stop", usage)]
+
+    async def events(self):
+        for event in self._events:
+            yield event
+
+    async def close(self):
+        pass
+
+
+def _events(*deltas):
+    return _Events(*deltas)
+
+
+def test_calls_are_streamed_as_openai_streams_them_and_agree_with_the_whole_answer():
+    meta = {"id": "chatcmpl-1", "created": 0, "model": "m"}
+    pieces = ["Checking. <tool", '_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n<tool_call>\n', '{"name": "get_time", "arguments": {}}\n</tool_call>']
+    auto = plan("auto", template=vendored_template("qwen2.5"))
+    stream = asyncio.run(_collect(_events(*pieces), ToolCallStream(ChatShape(meta, None), auto, include_usage=False)))
+    chunks = [json.loads(item[6:]) for item in stream[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking. "
+    calls = [call for d in deltas for call in d.get("tool_calls") or []]
+    firsts = [c for c in calls if "id" in c]
+    assert [(c["index"], c["type"], c["function"]["name"], c["function"]["arguments"]) for c in firsts] == [(0, "function", "get_weather", ""), (1, "function", "get_time", "")]
+    arguments = {i: "".join(c["function"].get("arguments", "") for c in calls if c["index"] == i) for i in (0, 1)}
+    assert arguments == {0: '{"city": "Oslo"}', 1: "{}"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and stream[-1] == "data: [DONE]\n\n"
+
+    whole = asyncio.run(first(_events(*pieces), ToolCallAnswer(ChatShape(meta, None), auto)))
+    message = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls" and message.content == "Checking."
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("get_weather", '{"city": "Oslo"}'), ("get_time", "{}")]
+    assert [c["id"] for c in firsts] != [c.id for c in message.tool_calls] and all(c["id"].startswith("call_") for c in firsts)
+
+
+def test_an_answer_with_no_call_streams_as_plain_text():
+    meta = {"id": "chatcmpl-1", "created": 0, "model": "m"}
+    auto = plan("auto", template=vendored_template("qwen2.5"))
+    stream = asyncio.run(_collect(_events("It is ", "sunny <3"), ToolCallStream(ChatShape(meta, None), auto, include_usage=False)))
+    chunks = [json.loads(item[6:]) for item in stream[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "It is sunny <3"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    whole = asyncio.run(first(_events("It is sunny."), ToolCallAnswer(ChatShape(meta, None), auto)))
+    assert whole.choices[0].message.content == "It is sunny." and whole.choices[0].message.tool_calls is None
+
+
+async def _collect(generation, formatter) -> list:
+    return [item async for item in relay(generation, formatter)]
