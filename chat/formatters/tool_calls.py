@@ -33,7 +33,7 @@ class ToolCallStream(OpenAIStream):
 
     def _calls_chunk(self, deltas: list[ToolCallDelta]) -> dict:
         chunk = self.shape.chunk(None)
-        chunk["choices"][0]["delta"] = {"tool_calls": [d.model_dump(exclude_none=True) for d in deltas]}
+        chunk["choices"][0]["delta"] = {"tool_calls": [d.model_dump(exclude_none=True) for d in deltas]}  # as wire.Delta's
         return chunk
 
 

@@ -11,11 +11,11 @@ import time
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer
 
 from llmsite.errors import ApiError, Forbidden, InvalidRequest, RateLimited, UnknownDeployment
 from chat.tools import ToolPlan, plan_tools, template_messages
-from chat.protocols.openai_tools import NamedToolChoice, Tool, ToolCall
+from chat.protocols.openai_tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta
 from chat.generation import Conversation
 from chat.protocols.predict import PredictFields
 
@@ -213,6 +213,14 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler):
+        out = handler(self)  # chunks that carry no calls say nothing of them, as OpenAI's
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChunkChoice(BaseModel):
