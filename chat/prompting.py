@@ -35,7 +35,7 @@ def render_prompt(tokenizer, messages: list[dict], chat_template: str = "", mode
         if tool_syntax(template or getattr(tokenizer, "chat_template", None)):
             extra = {"tools": tools} if tools else {}
         else:
-            messages = plain_messages(messages)
+            messages = plain_messages(messages, tools)
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True, **extra)
     except TemplateError as exc:  # e.g. a family whose format needs user and assistant turns to alternate

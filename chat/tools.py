@@ -75,7 +75,9 @@ def plan_tools(*, tools: list[dict], tool_choice, parallel: bool | None, templat
     choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
     if choice == "none":
         return ToolPlan()
-    plan = ToolPlan(tools=tools, parallel=parallel is not False)
+    # Constrained calls come one at a time unless the client asks for parallel ones: a small model
+    # would otherwise repeat its call (auto reads as many calls as the family's format holds).
+    plan = ToolPlan(tools=tools, parallel=parallel is True)
     if isinstance(choice, dict):
         name = choice["function"]["name"]
         if name not in plan.names:
@@ -196,17 +198,26 @@ def _template_call(call: dict, where: str) -> dict:
     return {"id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": parsed}}
 
 
-def plain_messages(messages: list[dict]) -> list[dict]:
+def plain_messages(messages: list[dict], tools: list[dict] | None = None) -> list[dict]:
     """The messages for a chat template with no tool format: calls written into the assistant's
-    text as JSON, tool results as turns of role "tool" (ChatML-style templates render any role)."""
-    out = []
+    text as JSON, tool results as turns of role "tool" (ChatML-style templates render any role),
+    and the tools (only constrained modes get here with tools) listed in the system prompt."""
+    out = [{"role": "system", "content": _tools_hint(tools)}] if tools else []
     for message in messages:
         content = message.get("content") or ""
         if message.get("tool_calls"):
             calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in message["tool_calls"]]
             content = (content + "\n" if content else "") + json.dumps(calls, ensure_ascii=False)
+        if out and out[-1]["role"] == "system" and message["role"] == "system" and len(out) == 1 and tools:
+            out[0]["content"] = content + "\n\n" + out[0]["content"]  # the client's system prompt first
+            continue
         out.append({"role": message["role"], "content": content})
     return out
+
+
+def _tools_hint(tools: list[dict]) -> str:
+    lines = [json.dumps(tool["function"], ensure_ascii=False) for tool in tools]
+    return "You call functions. They are, as JSON schemas:\n" + "\n".join(lines) + "\nAnswer with the call's arguments as JSON."
 
 
 def plan_request(*, deployment, body) -> ToolPlan | None:

@@ -34,7 +34,7 @@ class TestChatOpenAIOnTheSite(ChatModelIntegrationTests):
         """The suite's model, with room for a call's or a structured answer's JSON where the test makes one."""
         params = {**self.standard_chat_model_params, **self.chat_model_params, **(getattr(request, "param", None) or {})}
         if any(word in request.node.name for word in ("tool", "structured", "agent")):
-            params["max_tokens"] = 200
+            params["max_tokens"] = 400
         return self.chat_model_class(**params)
 
     @property

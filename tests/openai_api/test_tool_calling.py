@@ -126,10 +126,10 @@ def test_bad_tool_input_is_refused_naming_the_field_before_any_worker(client, us
 def test_the_required_grammar_admits_valid_calls_only(stack):
     """What the workers are sent for `required`, checked with llguidance and the default model's tokenizer."""
     tokenizer = edge_tokenizer(Deployment.objects.get(name="default").tokenizer_files)
-    grammar = plan_tools(tools=TOOLS, tool_choice="required", parallel=None, template=None, model="default").grammar
     lltok = llguidance.hf.from_tokenizer(tokenizer)
 
-    def admits(text: str) -> bool:
+    def admits(text: str, parallel: bool | None = True) -> bool:
+        grammar = plan_tools(tools=TOOLS, tool_choice="required", parallel=parallel, template=None, model="default").grammar
         matcher = LLMatcher(lltok, grammar)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return matcher.consume_tokens(ids) and not matcher.is_error() and matcher.is_accepting()
@@ -139,3 +139,6 @@ def test_the_required_grammar_admits_valid_calls_only(stack):
     assert not admits('[{"name":"get_weather","arguments":{"city":"Oslo","unit":"kelvin","days":3}}]')
     assert not admits('[{"name":"launch_rocket","arguments":{}}]')
     assert not admits("[]")
+    # Without parallel_tool_calls: true, one call (a small model would repeat its call otherwise).
+    assert admits('[{"name":"get_time","arguments":{"timezone":"UTC"}}]', parallel=None)
+    assert not admits('[{"name":"get_time","arguments":{"timezone":"UTC"}},{"name":"get_time","arguments":{"timezone":"CET"}}]', parallel=None)
