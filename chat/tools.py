@@ -15,6 +15,10 @@ from llmsite.errors import InvalidRequest
 # model may otherwise keep adding calls until its tokens run out).
 MAX_PARALLEL_CALLS = 4
 
+# A string the schema leaves unbounded is cut at this many characters (the call stays valid against
+# the schema): a small model can otherwise go on inside a string until its tokens run out.
+MAX_STRING_CHARS = 256
+
 # Compact JSON: whitespace a model could add without end is not allowed between tokens.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -134,8 +138,9 @@ def calls_schema(tools: list[dict], *, parallel: bool) -> dict:
 
 def closed(schema):
     """The schema with `additionalProperties: false` on objects that list their properties and
-    say nothing of others: every answer it allows is valid against the original, and a small
-    model cannot wander off into properties nobody asked for."""
+    say nothing of others, and unbounded strings bounded: every answer it allows is valid against
+    the original, and a small model cannot wander off into properties nobody asked for or ramble
+    inside a string until its tokens run out."""
     if isinstance(schema, list):
         return [closed(s) for s in schema]
     if not isinstance(schema, dict):
@@ -143,6 +148,8 @@ def closed(schema):
     out = {k: (v if k in ("const", "enum", "default", "examples") else closed(v)) for k, v in schema.items()}
     if "properties" in schema and "additionalProperties" not in schema:
         out["additionalProperties"] = False
+    if schema.get("type") == "string" and not {"maxLength", "enum", "const", "pattern", "format"} & set(schema):
+        out["maxLength"] = MAX_STRING_CHARS
     if isinstance(schema.get("properties"), dict):
         out["properties"] = {name: closed(s) for name, s in schema["properties"].items()}
     return out
