@@ -12,6 +12,7 @@ class Conversation:
     history: list = field(default_factory=list)
     # A full message list (OpenAI protocol: any order of roles) that replaces the fields above.
     raw_messages: list[dict] | None = None
+    tools: list[dict] = field(default_factory=list)  # OpenAI function tools, for the chat template's `tools=`
 
     def messages(self) -> list[dict]:
         if self.raw_messages is not None:

@@ -8,9 +8,10 @@ from ninja import Router
 from ninja.security import APIKeyHeader
 from ninja.streaming import SSE
 
-from chat import embeddings, quotas, ratelimits, selectors, services
+from chat import embeddings, quotas, ratelimits, selectors, services, tools
 from chat.decoding import check_decoding
 from chat.formatters.openai import ChatShape, CompletionShape, OpenAIAnswer, OpenAIStream
+from chat.formatters.tool_calls import ToolCallAnswer, ToolCallStream
 from chat.protocols import openai as wire
 from chat.relay import first, relay
 from llmsite import auth
@@ -53,6 +54,11 @@ async def _start(request, body: wire.Sampling):
     """Validate and dispatch a completion request; every refusal is raised before model work."""
     target = await services.edge(services.access_deployment, token=request.auth, name=body.model)
     decoding = await services.edge(_decoding, body=body, deployment=target) if body.uses_decoding() else {}
+    plan = await services.edge(tools.plan_request, deployment=target, body=body) if isinstance(body, wire.ChatCompletionRequest) else None
+    if plan is not None and plan.grammar and decoding.get("grammar"):
+        raise InvalidRequest(
+            "response_format cannot be combined with tool_choice 'required' or a named function: "
+            "both constrain the whole answer", param="response_format")
     prepared = await services.edge(
         services.prepare,
         token=request.auth,
@@ -64,6 +70,8 @@ async def _start(request, body: wire.Sampling):
     prepared.params.stop = body.stops()
     prepared.params.seed = body.seed
     prepared.params = dataclasses.replace(prepared.params, **decoding)
+    if plan is not None and plan.grammar:
+        prepared.params.grammar = plan.grammar  # tool_choice required or named: constrained calls
     return await services.dispatch(prepared)
 
 
@@ -88,11 +96,13 @@ async def _complete(request, response: HttpResponse, body: wire.Sampling, shape_
     generation = await _start(request, body)
     shape = shape_class({"id": f"{shape_class.prefix}{generation.request_id}", "created": wire.now(), "model": body.model}, body)
     response["X-Request-Id"] = generation.request_id
+    plan = getattr(body, "tool_plan", None)
     if body.stream:
-        streamed = _sse_response(relay(generation, OpenAIStream(shape, include_usage=body.include_usage)))
+        stream = ToolCallStream(shape, plan, include_usage=body.include_usage) if plan and plan.active else None
+        streamed = _sse_response(relay(generation, stream or OpenAIStream(shape, include_usage=body.include_usage)))
         streamed["X-Request-Id"] = generation.request_id
         return streamed
-    answer = await first(generation, OpenAIAnswer(shape))
+    answer = await first(generation, ToolCallAnswer(shape, plan) if plan and plan.active else OpenAIAnswer(shape))
     if answer is None or isinstance(answer, ApiError):
         raise answer or ServerError("The stream ended without an answer.")
     return answer

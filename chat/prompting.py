@@ -18,29 +18,37 @@ from django.conf import settings
 log = logging.getLogger(__name__)
 
 
-def render_prompt(tokenizer, messages: list[dict], chat_template: str = "", model_type: str = "auto") -> str:
+def render_prompt(tokenizer, messages: list[dict], chat_template: str = "", model_type: str = "auto", tools: list[dict] | None = None) -> str:
     """The model's prompt text for these messages, ready for the assistant's answer: rendered with
-    the deployment's own template, else its model type's family template, else the tokenizer's."""
+    the deployment's own template, else its model type's family template, else the tokenizer's.
+    Tools (OpenAI function tools) and tool turns go through the template's own tool format where
+    it has one; a template with none gets the calls as JSON text and no tool list."""
     from jinja2 import TemplateError
 
     from chat.chat_formats import template_for
+    from chat.tools import plain_messages, tool_syntax
     from llmsite.errors import InvalidRequest
 
+    template = template_for(model_type, chat_template)
+    extra = {}
+    if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+        if tool_syntax(template or getattr(tokenizer, "chat_template", None)):
+            extra = {"tools": tools} if tools else {}
+        else:
+            messages = plain_messages(messages, tools)
     try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template_for(model_type, chat_template), tokenize=False, add_generation_prompt=True
-        )
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True, **extra)
     except TemplateError as exc:  # e.g. a family whose format needs user and assistant turns to alternate
         raise InvalidRequest(f"The messages do not fit the model's chat format: {exc}", param="messages") from None
 
 
-def fit_prompt(tokenizer, messages: list[dict], prompt_format, sampling, context_length: int | None = None) -> list[int]:
+def fit_prompt(tokenizer, messages: list[dict], prompt_format, sampling, context_length: int | None = None, tools: list[dict] | None = None) -> list[int]:
     """The prompt's token ids; ContextTooLong where the context cannot hold them, and
     `sampling.max_new_tokens` capped to the room left after them. `context_length`: where the
     prompt format names none (the model's own)."""
     from llmsite.errors import ContextTooLong
 
-    text = render_prompt(tokenizer, messages, prompt_format.chat_template, prompt_format.model_type)
+    text = render_prompt(tokenizer, messages, prompt_format.chat_template, prompt_format.model_type, tools=tools)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any BOS it wants
     context = prompt_format.context_length or context_length
     if context:

@@ -99,7 +99,7 @@ def fit_to_context(*, deployment: Deployment, conversation: Conversation, params
     tokenizer = deployment_tokenizer(deployment)
     if tokenizer is None or not context:
         return None, ""
-    ids = fit_prompt(tokenizer, conversation.messages(), prompt_format_of(deployment), params, context_length=context)
+    ids = fit_prompt(tokenizer, conversation.messages(), prompt_format_of(deployment), params, context_length=context, tools=conversation.tools)
     return ids, tokenizer_digest(tokenizer)
 
 
@@ -163,6 +163,7 @@ def generation_request(prepared: Prepared, request_id: str) -> GenerationRequest
         tokenizer_digest=prepared.tokenizer_digest,
         knowledge_base=prepared.knowledge_base,
         cache_scope=cache_scope(prepared.user),
+        tools=prepared.conversation.tools,
         sent_at=time.time(),
     )
 

@@ -152,7 +152,7 @@ def _fit(request: GenerationRequest, target: Deployment, engine) -> list[int]:
     try:
         if request.knowledge_base is not None:
             messages = _ground(request, engine, fmt)
-        return fit_prompt(engine.tokenizer, messages, fmt, request.sampling)
+        return fit_prompt(engine.tokenizer, messages, fmt, request.sampling, tools=request.tools)
     except ContextTooLong as exc:
         raise GenerationFailed(exc.message, kind="invalid_request", param=exc.param) from None
 
@@ -173,7 +173,7 @@ def _ground(request: GenerationRequest, engine, fmt: PromptFormat) -> list[dict]
         if not fmt.context_length:
             return True
         trial = PromptFormat(fmt.model_type, fmt.chat_template, None)
-        return len(fit_prompt(engine.tokenizer, candidate, trial, request.sampling)) + room < fmt.context_length
+        return len(fit_prompt(engine.tokenizer, candidate, trial, request.sampling, tools=request.tools)) + room < fmt.context_length
 
     return retrieval.ground(request_id=request.request_id, knowledge_base_id=request.knowledge_base, messages=request.messages, fits=fits)
 

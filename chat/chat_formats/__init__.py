@@ -48,6 +48,19 @@ FORMATS = {
     ]
 }
 
+# Templates kept for their tool formats, not model types of their own (a Qwen2.5 deployment's
+# tokenizer ships this template: `auto` renders with it): the tests render tools through them.
+# qwen2.5.jinja is the chat_template of Qwen/Qwen2.5-0.5B-Instruct's published tokenizer_config.json
+# (the same in every Qwen2.5 Instruct size), byte for byte.
+VENDORED = ("qwen2.5",)
+
+
+def vendored_template(name: str) -> str:
+    if name not in VENDORED:
+        raise KeyError(name)
+    return _read(name)
+
+
 MODEL_TYPE_CHOICES = [(AUTO, "auto: the tokenizer's own chat template")] + [(f.name, f.label) for f in FORMATS.values()]
 MODEL_TYPES = [name for name, _ in MODEL_TYPE_CHOICES]
 

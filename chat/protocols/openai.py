@@ -11,9 +11,11 @@ import time
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer
 
 from llmsite.errors import ApiError, Forbidden, InvalidRequest, RateLimited, UnknownDeployment
+from chat.tools import ToolPlan, plan_tools, template_messages
+from chat.protocols.openai_tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta
 from chat.generation import Conversation
 from chat.protocols.openai_decoding import ChatLogprobFields, ChatLogprobs, CompletionLogprobFields, CompletionLogprobs
 from chat.protocols.predict import PredictFields
@@ -38,9 +40,11 @@ class TextPart(Request):
 
 
 class ChatMessage(Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None  # accepted and not used: the chat template has no place for it
+    tool_calls: list[ToolCall] | None = Field(default=None, description="An assistant turn's calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool turn: the call it answers.")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -84,6 +88,18 @@ class ChatCompletionRequest(ChatLogprobFields, Sampling):
     knowledge_base: str | None = Field(
         default=None, description="Extension: answer from this knowledge base (as predict's `langchain: true`)."
     )
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="`required` and a named function are constrained (always valid calls); `auto` needs a model "
+        "whose chat template has a tool format. Default: `auto` with tools, else `none`.",
+    )
+    parallel_tool_calls: bool | None = None
+    _tool_plan: ToolPlan | None = PrivateAttr(default=None)  # set by plan_tools
+
+    @property
+    def tool_plan(self) -> ToolPlan | None:
+        return self._tool_plan
 
     def fields(self) -> PredictFields:
         extra = {"langchain": True, "knowledge_base": self.knowledge_base} if self.knowledge_base else {}
@@ -91,10 +107,32 @@ class ChatCompletionRequest(ChatLogprobFields, Sampling):
 
     def conversation(self) -> Conversation:
         """All messages as given (two system messages in a row, or a trailing assistant turn, are fine)."""
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        messages = template_messages([_message(m) for m in self.messages])
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-        return Conversation(prompt=last_user, system_prompt=system, history=messages[:-1], raw_messages=messages)
+        conversation = Conversation(prompt=last_user, system_prompt=system, history=messages[:-1], raw_messages=messages)
+        conversation.tools = self.tool_plan.tools if self.tool_plan else []
+        return conversation
+
+    def plan_tools(self, template: str | None) -> ToolPlan:
+        """How this request uses its tools (checked: a 400 naming the field), kept for its answer."""
+        self._tool_plan = plan_tools(
+            tools=[t.model_dump(exclude_none=True) for t in self.tools or []],
+            tool_choice=self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice,
+            parallel=self.parallel_tool_calls,
+            template=template,
+            model=self.model,
+        )
+        return self._tool_plan
+
+
+def _message(m: ChatMessage) -> dict:
+    message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+    if m.role == "tool":
+        message["tool_call_id"] = m.tool_call_id
+    return message
 
 
 class CompletionRequest(CompletionLogprobFields, Sampling):
@@ -128,7 +166,7 @@ class EmbeddingRequest(Request):
 
 # --- responses ------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(BaseModel):
@@ -151,7 +189,8 @@ class Source(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -174,6 +213,14 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler):
+        out = handler(self)  # chunks that carry no calls say nothing of them, as OpenAI's
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChunkChoice(BaseModel):
@@ -264,7 +311,7 @@ def usage(final) -> Usage:
 
 
 def finish_reason(reason: str) -> FinishReason:
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 def now() -> int:
