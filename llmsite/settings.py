@@ -220,6 +220,9 @@ if KV_CACHE_SCOPE not in ("user", "deployment"):
     from django.core.exceptions import ImproperlyConfigured
 
     raise ImproperlyConfigured(f"KV_CACHE_SCOPE must be 'user' or 'deployment', not {KV_CACHE_SCOPE!r}")
+# Workers: the vllm engine skips vLLM's compilation (its `enforce_eager`): starts in seconds
+# instead of minutes, decodes somewhat slower; for tiny models and tests.
+VLLM_ENFORCE_EAGER = env.bool("LLMSITE_VLLM_ENFORCE_EAGER", default=False)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # A generation's slot in its deployment's in-flight count (max_concurrent_generations) is a lease,
