@@ -32,6 +32,8 @@ class AsyncEngineArgs:
     max_num_seqs: int = 256
     trust_remote_code: bool = False
     enforce_eager: bool = False
+    load_format: str = "auto"
+    kv_cache_memory_bytes: int | None = None
 
 
 @dataclass
@@ -111,6 +113,9 @@ class AsyncLLMEngine:
             yield SimpleNamespace(request_id=request_id, prompt_token_ids=[1, 2, 3], outputs=[snapshot], finished=last)
             if last:
                 return
+
+    def shutdown(self, timeout=None):
+        calls.append(("shutdown",))
 
     async def abort(self, request_id):
         calls.append(("abort", request_id))

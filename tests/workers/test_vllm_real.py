@@ -68,7 +68,12 @@ def stop_worker(worker: Process) -> None:
             child.terminate()
         except psutil.Error:
             pass
-    psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=20)
+    for child in alive:  # the resource tracker ignores SIGTERM
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
 
 
 def _bad_folder(root: Path, source: str) -> Path:
@@ -292,3 +297,77 @@ def test_a_kv_cache_larger_than_the_machine_is_refused_by_vllm(vllm_stack, tmp_p
         stop_worker(worker)
         Deployment.objects.filter(name=name).update(enabled=False)
     assert "less than requested memory for kv" in deployment.status_detail, deployment.status_detail
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20}, "big": {"type": "boolean"}},
+    "required": ["city", "big"],
+    "additionalProperties": False,
+}
+
+
+def _run_on_worker(user, name: str, question: str, sampling) -> list:
+    """One GenerationRequest sent straight to the deployment's queue; every event of its stream."""
+    from chat import events, lifecycle
+    from llmsite import contract, producer
+    from llmsite.contract import GenerationRequest
+
+    request = GenerationRequest(request_id=str(uuid.uuid4()), deployment=name, messages=[{"role": "user", "content": question}], sampling=sampling)
+    lifecycle.record(
+        request_id=request.request_id, user=user, token=None, deployment=Deployment.objects.get(name=name),
+        protocol="http", prompt=question, system_prompt="", history=[], params={},
+    )
+    pubsub = events.sync_client().pubsub()
+    pubsub.subscribe(events.channel(request.request_id))
+    heard = []
+    try:
+        producer.send(producer.GENERATE_TASK, task_id=request.request_id, queue=name, kwargs=request.to_wire())
+        deadline = time.monotonic() + 300  # bounds the wait; no speed is asserted
+        while not any(isinstance(e, contract.TERMINAL) for e in heard):
+            assert time.monotonic() < deadline, f"no end heard: {heard}"
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message and message["type"] == "message":
+                heard.append(contract.decode(message["data"]))
+    finally:
+        pubsub.close()
+    return heard
+
+
+def test_a_json_schema_grammar_with_logprobs_and_two_answers_goes_through_vllm(vllm_stack, user):
+    """The contract's llguidance grammar reaches vLLM as its structured outputs (the schema), and
+    its log-probabilities and n answers come back as the other engines give them."""
+    llguidance = pytest.importorskip("llguidance")
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    from llmsite import contract
+    from llmsite.contract import SamplingParams
+
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+    sampling = SamplingParams(max_new_tokens=60, temperature=1.0, top_k=0, top_p=1.0, do_sample=True, seed=11, n=2,
+                              grammar=grammar, logprobs=True, top_logprobs=2)
+    heard = _run_on_worker(user, vllm_stack.name, "What is the capital of France?", sampling)
+    final = heard[-1]
+    assert isinstance(final, contract.Final), heard
+    assert [c["index"] for c in final.choices] == [0, 1]
+    validator = jsonschema_rs.validator_for(SCHEMA)
+    for choice in final.choices:
+        assert validator.is_valid(json.loads(choice["text"])), choice
+        assert choice["logprobs"] and all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in choice["logprobs"])
+
+
+def test_a_vllm_worker_killed_mid_stream_gives_the_client_the_error_event(vllm_stack, token, user):
+    """Last in the module: it kills the module's vLLM worker (its engine processes go with it)."""
+    import signal
+    import threading
+
+    from tests.chat.clients import Received
+
+    received = Received()
+    reader = threading.Thread(target=predict_ws_stream, args=(vllm_stack.predict_ws_url, token, {"prompt": STORY, "max_new_tokens": 400}, received))
+    reader.start()
+    _wait(lambda: received.pieces, "the first piece")
+    os.kill(vllm_stack.worker.popen.pid, signal.SIGKILL)
+    reader.join(300)
+    assert received.error is not None, f"no error event ({len(received.pieces)} pieces)"
+    assert received.error["type"] == "server_error" and "stopped" in received.error["message"], received.error
+    assert _ended_row(user, vllm_stack.name).status == RequestLog.Status.ERROR

@@ -16,6 +16,7 @@ model loading (never at import time), on an event loop thread of its own.
 """
 
 import asyncio
+import atexit
 import json
 import logging
 import queue
@@ -58,6 +59,8 @@ class VLLMEngine(Engine):
             )
         folder = model_folder(deployment.model_source)
         settings = engine_args(deployment, folder)
+        if settings["load_format"] == "dummy":
+            self._note(deployment, "random weights: the folder's config.json asks for them (llmsite_random_weights)")
         extra, notes = cpu_settings(deployment, folder, settings["dtype"])
         for note in notes:
             self._note(deployment, note)
@@ -71,10 +74,18 @@ class VLLMEngine(Engine):
                 self.engine = self._call(self._create, args)
         except Exception as exc:
             raise LoadError(f"vLLM could not load {deployment.model_source}: {tail.reason() or _reason(exc)}") from exc
+        atexit.register(self.shut_down)  # vLLM's engine processes outlive a worker that exits without it
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
         self.context_length = self.engine.model_config.max_model_len
+
+    def shut_down(self) -> None:
+        """Stop vLLM's engine processes (at the worker's exit)."""
+        try:
+            self.engine.shutdown(timeout=10)
+        except Exception:  # already gone, or never fully started
+            log.warning("vLLM's engine did not shut down cleanly", exc_info=True)
 
     def _note(self, deployment, note: str) -> None:
         log.warning("%s: %s", deployment.name, note)

@@ -43,7 +43,17 @@ def engine_args(deployment, folder: str) -> dict:
         max_num_seqs=deployment.max_batch_size,
         trust_remote_code=bool(getattr(deployment, "trust_remote_code", False)),
         enforce_eager=bool(getattr(settings, "VLLM_ENFORCE_EAGER", False)),
+        load_format="dummy" if random_weights(folder) else "auto",
     )
+
+
+def random_weights(folder: str) -> bool:
+    """Whether the folder's config.json asks for random weights (`"llmsite_random_weights": true`,
+    vLLM's load_format "dummy"): tiny test models of an architecture whose weights nobody needs."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("llmsite_random_weights") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cpu_settings(deployment, folder: str, dtype: str) -> tuple[dict, list[str]]:
