@@ -55,13 +55,17 @@ def vllm_worker(name: str, queues: list[str], env: dict | None = None) -> tuple[
     return Process(name, command, worker_env).start(), f"http://127.0.0.1:{port}/metrics"
 
 
-def stop_worker(worker: Process) -> None:
+def descendants(worker: Process) -> list:
+    try:
+        return psutil.Process(worker.popen.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def stop_worker(worker: Process, children: list | None = None) -> None:
     """Stop a vLLM worker and whatever vLLM started under it (its engine processes, and the
     multiprocessing resource tracker, which outlives a terminated parent)."""
-    try:
-        children = psutil.Process(worker.popen.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
+    children = descendants(worker) if children is None else children
     worker.stop(60)
     for child in children:
         try:
@@ -366,8 +370,10 @@ def test_a_vllm_worker_killed_mid_stream_gives_the_client_the_error_event(vllm_s
     reader = threading.Thread(target=predict_ws_stream, args=(vllm_stack.predict_ws_url, token, {"prompt": STORY, "max_new_tokens": 400}, received))
     reader.start()
     _wait(lambda: received.pieces, "the first piece")
+    orphans = descendants(vllm_stack.worker)  # vLLM's engine processes outlive a killed worker
     os.kill(vllm_stack.worker.popen.pid, signal.SIGKILL)
     reader.join(300)
+    stop_worker(vllm_stack.worker, orphans)
     assert received.error is not None, f"no error event ({len(received.pieces)} pieces)"
     assert received.error["type"] == "server_error" and "stopped" in received.error["message"], received.error
     assert _ended_row(user, vllm_stack.name).status == RequestLog.Status.ERROR

@@ -16,7 +16,6 @@ model loading (never at import time), on an event loop thread of its own.
 """
 
 import asyncio
-import atexit
 import json
 import logging
 import queue
@@ -74,14 +73,14 @@ class VLLMEngine(Engine):
                 self.engine = self._call(self._create, args)
         except Exception as exc:
             raise LoadError(f"vLLM could not load {deployment.model_source}: {tail.reason() or _reason(exc)}") from exc
-        atexit.register(self.shut_down)  # vLLM's engine processes outlive a worker that exits without it
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
         self.context_length = self.engine.model_config.max_model_len
 
     def shut_down(self) -> None:
-        """Stop vLLM's engine processes (at the worker's exit)."""
+        """Stop vLLM's engine processes (the worker's shutdown: they would outlive it, and its exit
+        would wait on vLLM's threads)."""
         try:
             self.engine.shutdown(timeout=10)
         except Exception:  # already gone, or never fully started
