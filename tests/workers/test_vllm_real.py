@@ -11,6 +11,7 @@ instead of minutes, and eager bf16 answers as fp32 does. Nothing here asserts on
 import json
 import os
 import platform
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -80,23 +81,51 @@ def stop_worker(worker: Process, children: list | None = None) -> None:
             pass
 
 
-def _bad_folder(root: Path, source: str) -> Path:
-    """A model folder with a config and the default model's tokenizer, whose weights are not a
-    safetensors file: vLLM's engine process fails reading them."""
+def _tokenizer_files(root: Path, source: str) -> Path:
+    """The default model's tokenizer, saved as files (the tiny and bad folders use it)."""
     from transformers import AutoTokenizer
 
     from workers.engines.transformers_engine import resolve_source
 
     folder, gguf_file = resolve_source(source)
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(root)
+    return root
+
+
+def _folder(root: Path, tokenizer: Path, config: dict) -> Path:
+    root.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, root / name)
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def _bad_folder(root: Path, tokenizer: Path) -> Path:
+    """A config and the default model's tokenizer, with weights that are not a safetensors file:
+    vLLM's engine process fails reading them."""
     config = dict(
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
         max_position_embeddings=512, torch_dtype="float32",
     )
-    (root / "config.json").write_text(json.dumps(config))
-    (root / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
-    return root
+    folder = _folder(root, tokenizer, config)
+    (folder / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
+    return folder
+
+
+def _tiny_chatglm(root: Path, tokenizer: Path) -> Path:
+    """A tiny ChatGLM (2/3 architecture, vLLM's own implementation and config: no remote code)
+    with random weights (vLLM's dummy load format), with the default model's tokenizer. Its heads
+    are 64 wide: vLLM's CPU attention has no kernel for narrower ones."""
+    config = {
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 2, "padded_vocab_size": 49152,
+        "hidden_size": 128, "ffn_hidden_size": 256, "kv_channels": 64, "num_attention_heads": 2, "seq_length": 512,
+        "multi_query_attention": True, "multi_query_group_num": 2, "add_qkv_bias": True, "add_bias_linear": False,
+        "rmsnorm": True, "original_rope": True, "tie_word_embeddings": False, "post_layer_norm": True,
+        "apply_residual_connection_post_layernorm": False, "layernorm_epsilon": 1e-5, "torch_dtype": "bfloat16",
+        "eos_token_id": 2, "pad_token_id": 2, "llmsite_random_weights": True,
+    }
+    return _folder(root, tokenizer, config)
 
 
 class VLLMStack:
@@ -128,15 +157,20 @@ def vllm_stack(django_db_setup, django_db_blocker, tmp_path_factory):
         name = f"vllm-{uuid.uuid4().hex[:6]}"
         common = dict(engine=Deployment.Engine.VLLM, precision=Deployment.Precision.BF16, default_temperature=0, default_max_new_tokens=24)
         Deployment.objects.create(name=name, model_source=source, context_length=2048, max_batch_size=8, **common)
-        bad = Deployment.objects.create(
-            name=f"{name}-bad", model_source=str(_bad_folder(tmp_path_factory.mktemp("vllm") / "bad", source)), **common
+        root = tmp_path_factory.mktemp("vllm")
+        tokenizer = _tokenizer_files(root / "tokenizer", source)
+        bad = Deployment.objects.create(name=f"{name}-bad", model_source=str(_bad_folder(root / "bad", tokenizer)), **common)
+        chatglm = Deployment.objects.create(
+            name=f"{name}-chatglm3", model_source=str(_tiny_chatglm(root / "chatglm", tokenizer)), model_type="chatglm3",
+            max_batch_size=4, **common,
         )
-        worker, metrics_url = vllm_worker(f"worker-{name}", [name, bad.name])
+        worker, metrics_url = vllm_worker(f"worker-{name}", [name, bad.name, chatglm.name])
         web, url = start_web()
         try:
             wait_ready(name, worker)
-            _wait(lambda: Deployment.objects.get(pk=bad.pk).status == Deployment.Status.FAILED or not worker.alive(),
-                  "the bad folder's load ended", FAILED_TIMEOUT)  # the worker takes tasks once every load ended
+            ended = (Deployment.Status.READY, Deployment.Status.FAILED)
+            _wait(lambda: not worker.alive() or not Deployment.objects.filter(pk__in=[bad.pk, chatglm.pk]).exclude(status__in=ended).exists(),
+                  "every load ended", FAILED_TIMEOUT)  # the worker takes tasks once every load ended
         except Exception:
             stop_worker(worker)
             web.stop()
@@ -357,6 +391,20 @@ def test_a_json_schema_grammar_with_logprobs_and_two_answers_goes_through_vllm(v
     for choice in final.choices:
         assert validator.is_valid(json.loads(choice["text"])), choice
         assert choice["logprobs"] and all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in choice["logprobs"])
+
+
+def test_a_tiny_chatglm_loads_in_vllm_and_streams_in_its_chat_format(vllm_stack, token, user):
+    """ChatGLM (2, 3), which transformers 5 cannot load (its code is for transformers 4), runs in
+    vLLM's own implementation; the deployment's chat format (chatglm3) renders its prompt."""
+    deployment = Deployment.objects.get(name=f"{vllm_stack.name}-chatglm3")
+    assert deployment.status == Deployment.Status.READY, deployment.status_detail
+    assert "random weights" in deployment.status_detail
+    url = f"{vllm_stack.url}/api/predict/{deployment.name}"
+    received = predict_http_stream(url, token, {"prompt": "Hello there", "system_prompt": "Be brief.", "max_new_tokens": 8})
+    assert received.error is None and len(received.pieces) >= 2, received
+    row = RequestLog.objects.get(user=user, deployment=deployment)
+    assert row.status == RequestLog.Status.OK and row.response == received.pieces[-1]
+    assert row.prompt_tokens > 0 and 2 <= row.completion_tokens <= 8
 
 
 def test_a_vllm_worker_killed_mid_stream_gives_the_client_the_error_event(vllm_stack, token, user):

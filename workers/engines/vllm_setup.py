@@ -82,9 +82,11 @@ def kv_cache_bytes(folder: str, dtype: str, sequences: int, context: int | None)
         config = json.loads((Path(folder) / "config.json").read_text())
         config = config.get("text_config", config)
         heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
-        context = context or config.get("max_position_embeddings") or 2048
+        head_dim = config.get("head_dim") or config.get("kv_channels") or config["hidden_size"] // heads
+        layers = config.get("num_hidden_layers") or config["num_layers"]  # num_layers: ChatGLM's name
+        grouped = config.get("multi_query_group_num") if config.get("multi_query_attention") else None
+        per_token = 2 * layers * (config.get("num_key_value_heads") or grouped or heads) * head_dim
+        context = context or config.get("max_position_embeddings") or config.get("seq_length") or 2048
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         return 4 * 2**30  # vLLM's old CPU default, where the config does not tell
     need = per_token * DTYPE_BYTES.get(dtype, 2) * sequences * context
