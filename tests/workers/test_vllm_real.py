@@ -145,8 +145,9 @@ class VLLMStack:
         return f"ws{self.url[4:]}"
 
     def running(self) -> float:
-        """vLLM's own count of the requests it is running now."""
-        return value(scrape(self.metrics_url), "vllm:num_requests_running")
+        """vLLM's own count of the requests it has not finished (its front end's), as the worker's
+        /metrics reports it."""
+        return value(scrape(self.metrics_url), "llmsite:num_requests_running", deployment=self.name)
 
 
 @pytest.fixture(scope="session")

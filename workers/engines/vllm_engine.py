@@ -77,6 +77,7 @@ class VLLMEngine(Engine):
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
         self.context_length = self.engine.model_config.max_model_len
+        self.scheduler = Requests(self.engine, deployment.max_batch_size)  # what workers.metrics reads
 
     def shut_down(self) -> None:
         """Stop vLLM's engine processes (the worker's shutdown: they would outlive it, and its exit
@@ -181,6 +182,24 @@ class VLLMEngine(Engine):
             if not finished and not result.finish_reason:
                 self._call(self.engine.abort, request_id)
             future.cancel()
+
+
+class Requests:
+    """The batch figures workers.metrics reads of an engine, from vLLM's own bookkeeping: the
+    requests its front end has not finished (running or waiting in vLLM's scheduler). vLLM's own
+    `vllm:*` gauges cannot tell: each engine a process starts replaces the previous one's."""
+
+    waiting = 0  # vLLM queues them itself: they count as running here
+
+    def __init__(self, engine, max_batch_size: int):
+        self._engine, self.max_batch_size = engine, max_batch_size
+
+    @property
+    def running(self) -> int:
+        return self._engine.output_processor.get_num_unfinished_requests()
+
+    def kv_cache_usage(self):
+        return None
 
 
 def _take_output(output, result: GenerationResult, top: int = 0) -> str:
