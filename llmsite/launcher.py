@@ -69,13 +69,13 @@ def port_open(host: str, port: int) -> bool:
 class Child:
     """A supervised child process, restarted if it dies while the site runs."""
 
-    def __init__(self, name: str, command: list[str]):
-        self.name, self.command = name, command
+    def __init__(self, name: str, command: list[str], env: dict | None = None):
+        self.name, self.command, self.env = name, command, env or {}
         self.process: subprocess.Popen | None = None
         self.restarts = 0
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, cwd=BASE_DIR, env=os.environ.copy())
+        self.process = subprocess.Popen(self.command, cwd=BASE_DIR, env={**os.environ, **self.env})
 
     def check(self) -> None:
         if self.process is not None and self.process.poll() is not None:
@@ -111,12 +111,9 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        queues = _prepare_site(args)
+        queues, vllm_queues = _prepare_site(args)
         os.environ["WORKER_METRICS_PORT"] = str(worker_metrics_port(args.port))
-        children = [
-            Child("worker", worker_command(queues, concurrency=args.concurrency)),
-            Child("web", web_command(args.host, args.port)),
-        ]
+        children = [*worker_children(queues, vllm_queues, args.concurrency), Child("web", web_command(args.host, args.port))]
         for child in children:
             child.start()
 
@@ -136,8 +133,35 @@ def run(args) -> int:
         say("stopped")
 
 
-def _prepare_site(args) -> list[str]:
-    """Migrate, set up the default deployment as asked, and name the queues the worker serves."""
+def vllm_python() -> str | None:
+    """The Python of the vLLM workers' own environment (.venv-vllm, `make vllm-venv`), where this
+    environment has no vLLM (vLLM pins an older transformers than the site); None where it has."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return None
+    path = BASE_DIR / ".venv-vllm" / "bin" / "python"
+    return str(path) if path.exists() else None
+
+
+def worker_children(queues: list[str], vllm_queues: list[str], concurrency: int | None) -> list[Child]:
+    """One worker for every queue; where vLLM lives in an environment of its own, the queues of vllm
+    deployments get a worker run by that environment's Python (its /metrics on a port of its own)."""
+    python = vllm_python()
+    if not vllm_queues or python is None:
+        return [Child("worker", worker_command(queues, concurrency=concurrency))]
+    rest = [q for q in queues if q not in vllm_queues]
+    vllm_command = [python, *worker_command(vllm_queues, hostname="vllm@%h", concurrency=concurrency)[1:]]
+    say(f"the vllm deployments' queues ({', '.join(vllm_queues)}) get a worker of {python}")
+    return [
+        Child("worker", worker_command(rest, concurrency=concurrency)),
+        Child("worker-vllm", vllm_command, {"WORKER_METRICS_PORT": str(embedded._free_port())}),
+    ]
+
+
+def _prepare_site(args) -> tuple[list[str], list[str]]:
+    """Migrate, set up the default deployment as asked, and name the queues the workers serve (all,
+    and those of vllm deployments)."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
     import django
     from django.core.management import call_command
@@ -161,8 +185,9 @@ def _prepare_site(args) -> list[str]:
     # Statuses left by an earlier run say nothing about the worker started now.
     served.update(status=Deployment.Status.UNKNOWN, status_detail="waiting for the worker")
     queues = sorted({d.queue for d in served} | {settings.EMBEDDING_QUEUE})
+    vllm_queues = sorted({d.queue for d in served if d.engine == Deployment.Engine.VLLM} - {settings.EMBEDDING_QUEUE})
     connections.close_all()
-    return queues
+    return queues, vllm_queues
 
 
 def worker_metrics_port(web_port: int) -> int:

@@ -232,6 +232,9 @@ QUOTA_TOKENS_PER_MONTH = env.int("QUOTA_TOKENS_PER_MONTH", default=0)
 RESUME_KEEP_SECONDS = env.int("RESUME_KEEP_SECONDS", default=600)
 RESUME_MAX_EVENTS = env.int("RESUME_MAX_EVENTS", default=100_000)
 RESUME_GRACE_SECONDS = env.float("RESUME_GRACE_SECONDS", default=10.0)
+# Workers: the vllm engine skips vLLM's compilation (its `enforce_eager`): starts in seconds
+# instead of minutes, decodes somewhat slower; for tiny models and tests.
+VLLM_ENFORCE_EAGER = env.bool("LLMSITE_VLLM_ENFORCE_EAGER", default=False)
 # A stream with no event from the worker for this long ends with an error (never hangs).
 STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # A generation's slot in its deployment's in-flight count (max_concurrent_generations) is a lease,

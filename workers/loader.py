@@ -4,7 +4,7 @@ import logging
 import threading
 import time
 
-from celery.signals import celeryd_after_setup, task_received
+from celery.signals import celeryd_after_setup, task_received, worker_shutdown
 from django.db import close_old_connections
 from django.utils import timezone
 
@@ -147,3 +147,11 @@ def _tell_received(sender=None, request=None, **kwargs):
         events.publish(request.id, contract.Received(worker=HOSTNAME))
     except Exception:  # Redis away: the stream's own timeout still ends it
         log.warning("could not announce the received request %s", request.id, exc_info=True)
+
+
+@worker_shutdown.connect
+def _shut_down_engines(**kwargs):
+    """Engines that run processes of their own (vLLM's) stop them before the worker exits."""
+    for engine in {id(e): e for e in _BY_MODEL.values()}.values():
+        if hasattr(engine, "shut_down"):
+            engine.shut_down()

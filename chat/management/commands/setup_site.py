@@ -22,10 +22,12 @@ class Command(BaseCommand):
 
     def handle(self, *args, model, model_type, precision, engine, trust_remote_code, no_admin, **options):
         source = model or settings.DEFAULT_MODEL_SOURCE
+        given = engine
         deployment, created = Deployment.objects.get_or_create(
             name="default", defaults={"model_source": source, "engine": engine or default_engine(source)}
         )
-        if not engine and deployment.model_source != source:
+        model_changed = not created and deployment.model_source != source
+        if not engine and model_changed:
             engine = default_engine(source)  # a new model gets the engine that fits it
         changed = []
         # A newly named model never inherits the earlier model's family or trust in its remote code.
@@ -46,6 +48,7 @@ class Command(BaseCommand):
             deployment.status = Deployment.Status.UNKNOWN
             deployment.save()
         self.stdout.write(f"Deployment 'default': {deployment.model_source} ({'created' if created else 'kept'})")
+        self.stdout.write(f"Deployment 'default' runs the {deployment.engine} engine: {engine_reason(given, created, model_changed)}")
 
         if no_admin:
             return
@@ -58,3 +61,15 @@ class Command(BaseCommand):
         password_file.write_text(password + "\n")
         password_file.chmod(0o600)
         self.stdout.write(f"Created the superuser 'admin'; its password is in {password_file}")
+
+
+def engine_reason(given: str, created: bool, model_changed: bool) -> str:
+    """Why the default deployment runs the engine it runs (`make run` prints it)."""
+    if given:
+        return "given now (ENGINE= / --engine); it stays stored with the deployment for later runs"
+    if created or model_changed:
+        return "the default for this model on this machine (llama.cpp for a GGUF file where it is installed)"
+    return (
+        "stored with the deployment (chosen in the admin, or by an earlier ENGINE=); "
+        "`make run ENGINE=llamacpp|transformers|vllm` changes it"
+    )
