@@ -1,5 +1,5 @@
-"""What the web tier does on the way to the first token: few database round trips, and a task
-message that carries what the worker needs (and not a copy of the conversation in its headers)."""
+"""What the web tier does on the way to the first token: few database round trips, and a line
+entry that carries what the worker needs."""
 
 import json
 import uuid
@@ -12,6 +12,7 @@ from chat import services
 from llmsite.errors import Forbidden
 from chat.events import sync_client
 from chat.generation import Conversation
+from llmsite import admission
 from llmsite.contract import SamplingParams
 from chat.models import Deployment
 from chat.tokens import token_create
@@ -44,28 +45,24 @@ def test_a_deployment_and_the_tokens_scope_are_one_query(user, deployment):
         services.access_deployment(token=scoped, name=other.name)
 
 
-def test_the_task_carries_the_prompt_format_and_names_the_request_not_its_text(user, deployment):
+def test_the_line_carries_the_prompt_format_and_the_request_and_no_celery_message_is_sent(user, deployment):
+    """Generation waits in the deployment's fair line in Redis (llmsite/admission.py), not as a
+    Celery message: the line holds the request as the worker will read it."""
     token, _ = token_create(user=user)
     secret = f"my private question {uuid.uuid4().hex}"
     prepared = services.Prepared(deployment, token, Conversation(prompt=secret), SamplingParams(max_new_tokens=8, temperature=0, top_k=0, top_p=1.0, do_sample=False), "http", user=user)
     request_id = str(uuid.uuid4())
     services._enqueue(prepared, request_id)
     try:
-        (raw,) = sync_client().lrange(deployment.queue, 0, -1)
+        raw = sync_client().hget(f"{admission.prefix(deployment.name)}:body", request_id)
+        assert sync_client().llen(deployment.queue) == 0
     finally:
-        sync_client().delete(deployment.queue)
-    message = json.loads(raw)
-    assert request_id in message["headers"]["kwargsrepr"] and secret not in json.dumps(message["headers"])
-    kwargs = json.loads(task_body(message))[1]
+        admission.done(deployment=deployment.name, request_id=request_id)
+    assert sync_client().hget(f"{admission.prefix(deployment.name)}:body", request_id) is None
+    kwargs = json.loads(raw)
+    assert kwargs["request_id"] == request_id
     assert kwargs["prompt_format"] == {"model_type": "qwen", "chat_template": "{{ messages[0]['content'] }}", "context_length": 512}
     assert kwargs["messages"][-1]["content"] == secret
-
-
-def task_body(message) -> str:
-    import base64
-
-    body = message["body"]
-    return base64.b64decode(body).decode() if message["properties"].get("body_encoding") == "base64" else body
 
 
 def test_the_worker_takes_the_prompt_format_from_the_task_when_its_engine_is_loaded(deployment, monkeypatch):
