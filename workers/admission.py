@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 from celery.signals import worker_shutdown, worker_shutting_down
+from django import db
 
 from chat import concurrency
 from llmsite import admission
@@ -69,9 +70,16 @@ class Admitter:
         began = time.monotonic()
         try:
             services.generate(body)
-        except Exception:
+        except Exception as exc:
             log.exception("generation %s broke", request_id)
+            try:  # the client hears the end now, not after the stream's watchdog
+                services.end_broken(request_id, exc)
+            except Exception:
+                log.exception("generation %s: could not report its failure", request_id)
         finally:
+            # This thread's database connection back to the pool (Celery did so after each task;
+            # a thread per answer that kept its own drained the pool after ~20 answers).
+            db.connections.close_all()
             with self._lock:
                 self.running[deployment] -= 1
             try:

@@ -282,6 +282,12 @@ def _end_finished(request: GenerationRequest, answers: list[Answer], timing: met
     )
 
 
+def end_broken(request_id: str, exc: Exception) -> None:
+    """A generation that raised outside its own handling (the database gone at its claim): the row
+    failed and the stream ended with an error event."""
+    _end_failed(request_id, GenerationFailed(f"The worker failed on this request: {exc}"))
+
+
 def _end_failed(request_id: str, failure: GenerationFailed, *, timing: metrics.Timing | None = None, result=None, **fields) -> None:
     if timing is not None:  # a refusal the worker found (a prompt over the context) is counted as one
         refused = failure.event.kind == "invalid_request"
