@@ -11,6 +11,7 @@ import threading
 import time
 
 import psutil
+import pytest
 import websocket
 
 from tests.chat import clients
@@ -58,7 +59,19 @@ def answer_pings(sockets, stop: threading.Event) -> None:
             by_fd[fd].recv_data_frame(True)  # a ping is answered with a pong inside
 
 
-def test_200_open_sockets_with_50_streaming_each_get_their_own_answer_and_memory_stays_flat(stack, token):
+@pytest.fixture
+def one_user_may_wait_for_all(stack):
+    """All 50 streams are one user's: beyond the engine's batch they wait in that user's line,
+    which `max_waiting_per_user` (default 16) would cap (that limit has its own tests)."""
+    from chat.models import Deployment
+
+    before = Deployment.objects.get(name="default").max_waiting_per_user
+    Deployment.objects.filter(name="default").update(max_waiting_per_user=STREAMING)
+    yield
+    Deployment.objects.filter(name="default").update(max_waiting_per_user=before)
+
+
+def test_200_open_sockets_with_50_streaming_each_get_their_own_answer_and_memory_stays_flat(stack, token, one_user_may_wait_for_all):
     web, url = start_web()
     daphne = psutil.Process(web.popen.pid)
     ws_url = "ws" + url.removeprefix("http") + "/api/predict/default"
