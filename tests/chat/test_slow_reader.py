@@ -1,7 +1,7 @@
 """A client that reads its stream slowly, or not at all, holds back only its own stream: the web
 process's memory stays bounded and another client's answer streams to its end meanwhile.
 
-The flood comes from a stand-in for the worker that publishes on the request's Redis channel as a
+The flood comes from a stand-in for the worker that appends to the request's Redis Stream as a
 worker does, only far faster: the default model on 2 CPU cores cannot produce megabytes quickly,
 and the web tier sees the same events either way. The concurrent normal answer comes from the real
 worker and model.
@@ -33,29 +33,22 @@ def rss(process: psutil.Process) -> int:
     return process.memory_info().rss
 
 
-def wait_for_listener(request_id: str) -> None:
-    deadline = time.monotonic() + 60
-    while not events.sync_client().pubsub_numsub(events.channel(request_id))[0][1]:
-        assert time.monotonic() < deadline, "the web tier never subscribed"
-        time.sleep(0.05)
-
-
 def flood(user, count: int) -> None:
     """Publish `count` deltas and the final event for `user`'s request, as fast as Redis takes them."""
     deadline = time.monotonic() + 60
     while not (row := RequestLog.objects.filter(user=user).first()):
         assert time.monotonic() < deadline, "the request was never stored"
         time.sleep(0.05)
-    request_id = str(row.id)
-    wait_for_listener(request_id)
+    key = events.channel(str(row.id))  # the request's stream: its reader starts from its first event
     pipe = events.sync_client().pipeline(transaction=False)
-    pipe.publish(events.channel(request_id), json.dumps({"type": "start"}))
+    pipe.xadd(key, {"e": json.dumps({"type": "start"})})
     for n in range(count):
-        pipe.publish(events.channel(request_id), json.dumps({"type": "delta", "text": PIECE}))
+        pipe.xadd(key, {"e": json.dumps({"type": "delta", "text": PIECE})})
         if n % 500 == 499:
             pipe.execute()
     usage = {"prompt_tokens": 1, "completion_tokens": count}
-    pipe.publish(events.channel(request_id), json.dumps({"type": "final", "text": PIECE * count, "finish_reason": "length", "usage": usage}))
+    pipe.xadd(key, {"e": json.dumps({"type": "final", "text": PIECE * count, "finish_reason": "length", "usage": usage})})
+    pipe.expire(key, 600)
     pipe.execute()
 
 
