@@ -10,8 +10,8 @@ from ninja.streaming import SSE
 
 from chat import embeddings, quotas, ratelimits, selectors, services, tools
 from chat.decoding import check_decoding
-from chat.formatters.openai import ChatShape, CompletionShape, OpenAIAnswer, OpenAIStream
-from chat.formatters.tool_calls import ToolCallAnswer, ToolCallStream
+from chat.formatters.openai import ChatShape, CompletionShape, OpenAIStream
+from chat.formatters.tool_calls import ToolCallStream, whole_answer
 from chat.protocols import openai as wire
 from chat.relay import first, relay
 from llmsite import auth
@@ -102,7 +102,7 @@ async def _complete(request, response: HttpResponse, body: wire.Sampling, shape_
         streamed = _sse_response(relay(generation, stream or OpenAIStream(shape, include_usage=body.include_usage)))
         streamed["X-Request-Id"] = generation.request_id
         return streamed
-    answer = await first(generation, ToolCallAnswer(shape, plan) if plan and plan.active else OpenAIAnswer(shape))
+    answer = await first(generation, whole_answer(shape, body))
     if answer is None or isinstance(answer, ApiError):
         raise answer or ServerError("The stream ended without an answer.")
     return answer

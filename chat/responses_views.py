@@ -5,7 +5,8 @@ from ninja import Router
 
 from chat import responses, services
 from chat import responses_protocol as rp
-from chat.formatters.openai import ChatShape, OpenAIAnswer
+from chat.formatters.openai import ChatShape
+from chat.formatters.tool_calls import whole_answer
 from chat.formatters.responses import FINISHED, ResponsesStream
 from chat.openai_views import ERRORS, TokenAuth, _sse_response, _start
 from chat.relay import first, relay
@@ -45,7 +46,7 @@ async def _dispatch(request, body: rp.ResponsesRequest):
         raise
     draft = responses.Draft(body, item_id=generation.request_id.replace("-", ""), history=history, user_id=user_id)
     shape = ChatShape({"id": f"chatcmpl-{generation.request_id}", "created": draft.created_at, "model": body.model}, chat)
-    return generation, draft, shape
+    return generation, draft, shape, whole_answer(shape, chat)
 
 
 async def _events(generation, formatter: ResponsesStream, draft: responses.Draft):
@@ -63,10 +64,10 @@ async def _events(generation, formatter: ResponsesStream, draft: responses.Draft
 
 @router.post("/v1/responses", response={200: rp.ResponseObject, **ERRORS}, summary="Create a response", openapi_extra=_STREAM_DOC)
 async def create_response(request, body: rp.ResponsesRequest):
-    generation, draft, shape = await _dispatch(request, body)
+    generation, draft, shape, answer = await _dispatch(request, body)
     if body.stream:
-        return _sse_response(_events(generation, ResponsesStream(draft, shape, whole_text=bool(body.tools)), draft))
-    completion = await first(generation, OpenAIAnswer(shape))
+        return _sse_response(_events(generation, ResponsesStream(draft, shape, answer, whole_text=bool(body.tools)), draft))
+    completion = await first(generation, answer)
     if completion is None or isinstance(completion, ApiError):
         raise completion or ServerError("The stream ended without an answer.")
     draft.finish(completion)

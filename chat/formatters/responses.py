@@ -24,9 +24,9 @@ class ResponsesStream(Formatter):
     """With `whole_text` (a request with tools: a call is known only once the answer ends) the
     message's text goes out as one delta at the end; otherwise piece by piece."""
 
-    def __init__(self, draft: Draft, shape, *, whole_text: bool):
+    def __init__(self, draft: Draft, shape, chat: OpenAIAnswer, *, whole_text: bool):
         self.draft, self.whole_text = draft, whole_text
-        self.chat = OpenAIAnswer(shape)  # the answer as chat completions gives it
+        self.chat = chat  # the answer as chat completions gives it (formatters.tool_calls.whole_answer)
         self.message_id = f"msg_{draft.item_id}"
         self.sequence = 0
         self.opened = False  # the message item was announced

@@ -52,6 +52,13 @@ class ToolCallAnswer(OpenAIAnswer):
         return [answer]
 
 
+def whole_answer(shape, body) -> OpenAIAnswer:
+    """Chat completions' whole-answer formatter for `body`, reading tool calls out of the answer
+    where tools are in play (the Responses API builds its output items from it too)."""
+    plan = getattr(body, "tool_plan", None)
+    return ToolCallAnswer(shape, plan) if plan and plan.active else OpenAIAnswer(shape)
+
+
 def _as_tool_calls(final: contract.Final) -> contract.Final:
     """The final event as the formatters' finish: a complete answer of calls ends "tool_calls"."""
     return contract.Final(final.text, "tool_calls", final.usage, final.cached_tokens, final.logprobs, final.choices)

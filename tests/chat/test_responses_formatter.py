@@ -10,6 +10,7 @@ from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from chat.formatters.openai import ChatShape
+from chat.formatters.tool_calls import whole_answer
 from chat.formatters.responses import FINISHED, ResponsesStream
 from chat.protocols import openai as wire
 from chat.relay import relay
@@ -43,7 +44,8 @@ def formatter(shape=None, **fields) -> ResponsesStream:
     body = ResponsesRequest(model="default", input="hi", **fields)
     draft = Draft(body, item_id="abc", history=[], user_id=1)
     chat = wire.ChatCompletionRequest(model="default", messages=[{"role": "user", "content": "hi"}])
-    return ResponsesStream(draft, shape or ChatShape({"id": "chatcmpl-x", "created": 0, "model": "default"}, chat), whole_text=bool(fields.get("tools")))
+    shape = shape or ChatShape({"id": "chatcmpl-x", "created": 0, "model": "default"}, chat)
+    return ResponsesStream(draft, shape, whole_answer(shape, chat), whole_text=bool(fields.get("tools")))
 
 
 def test_a_failed_answer_ends_with_response_failed_naming_the_error():
