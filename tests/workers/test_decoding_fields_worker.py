@@ -1,16 +1,15 @@
 """Contract v3's decoding fields through the real worker: a GenerationRequest sent to its queue,
-its events read from the request's stream."""
+its events read from the request's stream (tests/workers/direct.py)."""
 
 import json
-import time
 import uuid
 
 import pytest
 
-from chat import events, lifecycle
-from chat.models import Deployment, RequestLog
-from llmsite import contract, producer
+from chat.models import RequestLog
+from llmsite import contract
 from llmsite.contract import GenerationRequest, SamplingParams
+from tests.workers.direct import run_on_worker
 
 llguidance = pytest.importorskip("llguidance")
 jsonschema_rs = pytest.importorskip("jsonschema_rs")
@@ -24,27 +23,11 @@ SCHEMA = {
 
 
 def run(user, sampling: SamplingParams, question="What is the capital of France?") -> tuple[str, list]:
-    """Send one request straight to the worker's queue; its id and every event of its stream, in order."""
+    """One request handed to the worker (as the web tier does); its id and every event of its stream, in order."""
     request = GenerationRequest(
         request_id=str(uuid.uuid4()), deployment="default", messages=[{"role": "user", "content": question}], sampling=sampling
     )
-    lifecycle.record(
-        request_id=request.request_id, user=user, token=None, deployment=Deployment.objects.get(name="default"),
-        protocol="http", prompt=question, system_prompt="", history=[], params={},
-    )
-    pubsub = events.sync_client().pubsub()
-    pubsub.subscribe(events.channel(request.request_id))
-    heard = []
-    try:
-        producer.send(producer.GENERATE_TASK, task_id=request.request_id, queue="default", kwargs=request.to_wire())
-        deadline = time.monotonic() + 120
-        while not any(isinstance(e, contract.TERMINAL) for e in heard):
-            assert time.monotonic() < deadline, f"no end heard: {heard}"
-            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message and message["type"] == "message":
-                heard.append(contract.decode(message["data"]))
-    finally:
-        pubsub.close()
+    heard = run_on_worker(user, request)
     return request.request_id, heard
 
 

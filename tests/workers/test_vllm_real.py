@@ -347,29 +347,12 @@ SCHEMA = {
 
 
 def _run_on_worker(user, name: str, question: str, sampling) -> list:
-    """One GenerationRequest sent straight to the deployment's queue; every event of its stream."""
-    from chat import events, lifecycle
-    from llmsite import contract, producer
+    """One GenerationRequest handed to the deployment's workers (as the web tier does); every event of its stream."""
     from llmsite.contract import GenerationRequest
+    from tests.workers.direct import run_on_worker
 
     request = GenerationRequest(request_id=str(uuid.uuid4()), deployment=name, messages=[{"role": "user", "content": question}], sampling=sampling)
-    lifecycle.record(
-        request_id=request.request_id, user=user, token=None, deployment=Deployment.objects.get(name=name),
-        protocol="http", prompt=question, system_prompt="", history=[], params={},
-    )
-    pubsub = events.sync_client().pubsub()
-    pubsub.subscribe(events.channel(request.request_id))
-    heard = []
-    try:
-        producer.send(producer.GENERATE_TASK, task_id=request.request_id, queue=name, kwargs=request.to_wire())
-        deadline = time.monotonic() + 300  # bounds the wait; no speed is asserted
-        while not any(isinstance(e, contract.TERMINAL) for e in heard):
-            assert time.monotonic() < deadline, f"no end heard: {heard}"
-            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message and message["type"] == "message":
-                heard.append(contract.decode(message["data"]))
-    finally:
-        pubsub.close()
+    heard = run_on_worker(user, request, timeout=300)
     return heard
 
 
