@@ -4,7 +4,6 @@ streaming to its end, on the same web process or on a second one."""
 import re
 
 import pytest
-from playwright.sync_api import expect
 
 from chat.models import Message
 from tests.conftest import start_web
@@ -24,6 +23,14 @@ WATCH_LOAD = """document.addEventListener("DOMContentLoaded", () => {
 });"""
 
 
+# The last answer shows its first words (not "Waiting: N ahead of you", which a busy worker shows first).
+ANSWER_BEGUN = """() => {
+  const turns = document.querySelectorAll(".turn-assistant");
+  const article = turns.length ? turns[turns.length - 1].querySelector("article") : null;
+  return article !== null && !article.querySelector(".waiting") && article.textContent.trim().length > 0;
+}"""
+
+
 def words(text: str) -> list[str]:
     return re.findall(r"\w+", text)
 
@@ -37,7 +44,7 @@ def second_web():
 
 def reload_mid_answer(page, chat_user, go_back):
     ask(page, LONG, Temperature=0, **{"Max new tokens": 300})
-    expect(last_answer(page)).not_to_be_empty(timeout=ANSWER_TIMEOUT_MS)
+    page.wait_for_function(ANSWER_BEGUN, timeout=ANSWER_TIMEOUT_MS)  # its first words, not its place in line
     before = words(last_answer(page).inner_text())
     assert page.locator(".turn-assistant").last.get_attribute("data-status") == "streaming"
     page.add_init_script(WATCH_LOAD)
