@@ -68,7 +68,8 @@ def test_counters_and_histograms_grow_by_exactly_the_requests_sent(stack, user, 
     invalid = requests.post(f"{stack.url}/api/predict/{name}", headers={"Authorization": token}, json={"prompt": "Hi", "temperature": 5}, timeout=60)
     assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "temperature", invalid.text
     # Stopped: the client leaves once the first piece arrived.
-    response, pieces = stream(stack.url, token, name, LONG_PROMPT, 400)
+    # (a greedy answer that loops until max_new_tokens, so it outlasts the disconnect grace, RESUME_GRACE_SECONDS)
+    response, pieces = stream(stack.url, token, name, "Write a very long story about a lighthouse keeper", 1000)
     assert next(p for p in pieces if p)
     response.close()
     wait_rows_ended(deployment)

@@ -125,3 +125,16 @@ def create_conversation(user, title, turns=(), **fields):
         Message.objects.create(conversation=conversation, role=Message.Role.USER, content=question)
         Message.objects.create(conversation=conversation, role=Message.Role.ASSISTANT, content=answer)
     return conversation
+
+
+# The last answer shows its first words (not "Waiting: N ahead of you", which a busy worker shows first).
+ANSWER_BEGUN = """() => {
+  const turns = document.querySelectorAll(".turn-assistant");
+  const article = turns.length ? turns[turns.length - 1].querySelector("article") : null;
+  return article !== null && !article.querySelector(".waiting") && article.textContent.trim().length > 0;
+}"""
+
+
+def wait_answer_begun(page) -> None:
+    """Until the last answer's first words show (its place in line does not count)."""
+    page.wait_for_function(ANSWER_BEGUN, timeout=ANSWER_TIMEOUT_MS)

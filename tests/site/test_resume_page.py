@@ -7,7 +7,7 @@ import pytest
 
 from chat.models import Message
 from tests.conftest import start_web
-from tests.site.conftest import ANSWER_TIMEOUT_MS, ask, last_answer, wait_answered
+from tests.site.conftest import ask, last_answer, wait_answer_begun, wait_answered
 
 LONG = "Write a very long story about a dragon who learns to bake bread."
 
@@ -23,14 +23,6 @@ WATCH_LOAD = """document.addEventListener("DOMContentLoaded", () => {
 });"""
 
 
-# The last answer shows its first words (not "Waiting: N ahead of you", which a busy worker shows first).
-ANSWER_BEGUN = """() => {
-  const turns = document.querySelectorAll(".turn-assistant");
-  const article = turns.length ? turns[turns.length - 1].querySelector("article") : null;
-  return article !== null && !article.querySelector(".waiting") && article.textContent.trim().length > 0;
-}"""
-
-
 def words(text: str) -> list[str]:
     return re.findall(r"\w+", text)
 
@@ -44,7 +36,7 @@ def second_web():
 
 def reload_mid_answer(page, chat_user, go_back):
     ask(page, LONG, Temperature=0, **{"Max new tokens": 300})
-    page.wait_for_function(ANSWER_BEGUN, timeout=ANSWER_TIMEOUT_MS)  # its first words, not its place in line
+    wait_answer_begun(page)  # its first words, not its place in line
     before = words(last_answer(page).inner_text())
     assert page.locator(".turn-assistant").last.get_attribute("data-status") == "streaming"
     page.add_init_script(WATCH_LOAD)
