@@ -1,11 +1,7 @@
 """The vLLM adapter maps contract v3's decoding fields to vLLM's own (SamplingParams and
 StructuredOutputsParams), checked against the stand-in of the vLLM calls it makes."""
 
-import sys
-
 import pytest
-
-from chat.models import Deployment
 
 from tests.workers import fake_vllm
 from tests.workers.test_vllm_engine import params
@@ -15,18 +11,6 @@ from workers.engines.vllm_engine import structured_outputs
 
 llguidance = pytest.importorskip("llguidance")
 
-
-@pytest.fixture
-def fake_vllm_engine(monkeypatch, django_db_setup, django_db_blocker):
-    """The adapter over the stand-in (as test_vllm_engine's fixture)."""
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
-    fake_vllm.calls.clear()
-    from workers.engines.vllm_engine import VLLMEngine
-
-    with django_db_blocker.unblock():
-        deployment = Deployment.objects.get(name="default")
-    deployment.engine, deployment.precision = "vllm", "bf16"
-    return VLLMEngine(deployment)
 SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 5}}, "required": ["a"]}
 
 

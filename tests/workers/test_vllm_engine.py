@@ -8,24 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TypedDict
 
-import pytest
 
 from llmsite.contract import SamplingParams
 from chat.models import Deployment
 from workers.engines.base import GenerationResult
 from tests.workers import fake_vllm
-
-
-@pytest.fixture
-def fake_vllm_engine(monkeypatch, django_db_setup, django_db_blocker):
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
-    fake_vllm.calls.clear()
-    from workers.engines.vllm_engine import VLLMEngine
-
-    with django_db_blocker.unblock():
-        deployment = Deployment.objects.get(name="default")
-    deployment.engine, deployment.precision, deployment.max_batch_size = "vllm", "bf16", 8
-    return VLLMEngine(deployment)
 
 
 def params(**overrides):
