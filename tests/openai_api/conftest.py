@@ -12,7 +12,8 @@ def client(stack, token):
 # model's chat template has no tool format, so a request that binds tools without a tool_choice
 # (`auto`) gets the site's 400 saying so: those fail every time (strict). SmolLM2-135M makes a
 # valid, schema-constrained call in `test_tool_calling` but fills in the wrong value, which a
-# seedless sample could in principle get right (not strict).
+# seedless sample could in principle get right (not strict); likewise the Japanese name that
+# `test_unicode_tool_call_integration` asks it to copy into its call.
 _TOOLS_AUTO = "tools bound without tool_choice ('auto'): SmolLM2's chat template has no tool format, so the site answers 400"
 LANGCHAIN_KNOWN_FAILURES = {
     "test_tool_message_histories_string_content": (_TOOLS_AUTO, True),
@@ -21,6 +22,11 @@ LANGCHAIN_KNOWN_FAILURES = {
     "test_agent_loop": (_TOOLS_AUTO, True),
     "test_tool_calling": ("a 135M model's call is valid against the schema but its argument value is wrong", False),
     "test_tool_calling_async": ("a 135M model's call is valid against the schema but its argument value is wrong", False),
+    "test_unicode_tool_call_integration": (
+        "a 135M model copies the Chinese name into its (schema-valid) call, but not the Japanese one: "
+        "it writes 'アマティッカー' for 'こんにちは株式会社'",
+        False,
+    ),
 }
 
 
