@@ -17,24 +17,36 @@ def default_tokenizer_files() -> dict:
     return files
 
 
-def build_tiny_model(folder: Path, architecture: str, tokenizer_files: dict) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# vLLM's CPU attention has kernels for heads 32 wide and more (64 here), not for the 16 above
+VLLM_SIZES = dict(hidden_size=128, num_attention_heads=2)
+
+
+def tiny_config(folder: Path, architecture: str, tokenizer_files: dict, **sizes):
+    """The tiny config of an architecture (transformers'), with the tokenizer files written beside
+    it; `sizes` override the default sizes."""
+    from transformers import AutoConfig, AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in tokenizer_files.items():
         (folder / name).write_text(text)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+    defaults = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
     if architecture != "falcon":
-        sizes.update(intermediate_size=128, num_key_value_heads=2)
-    config = AutoConfig.for_model(
+        defaults.update(intermediate_size=128, num_key_value_heads=2)
+    return AutoConfig.for_model(
         architecture,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **sizes,
+        **{**defaults, **sizes},
     )
+
+
+def build_tiny_model(folder: Path, architecture: str, tokenizer_files: dict, **sizes) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(folder, architecture, tokenizer_files, **sizes)
     torch.manual_seed(0)  # the same weights every run
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder

@@ -50,6 +50,8 @@ class SamplingParams:
     logit_bias: dict | None = None
     logprobs: int | None = None
     structured_outputs: object = None
+    stop: list | None = None
+    stop_token_ids: list | None = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from tests.chat.clients import openai_sse_stream, predict_http_stream, predict_w
 from tests.chat.test_chat_socket import chat_socket, until_done
 from tests.conftest import BASE_DIR, Process, start_web, wait_ready
 from tests.metrics.conftest import scrape, value
+from tests.tiny_models import VLLM_SIZES, always_emitting, build_tiny_model, tiny_config
 
 VLLM_PYTHON = Path(os.environ.get("LLMSITE_VLLM_PYTHON") or BASE_DIR / ".venv-vllm" / "bin" / "python")
 FAILED_TIMEOUT = 900  # a refusal comes after vLLM started (and, for the KV cache, loaded the model)
@@ -113,24 +114,54 @@ def _bad_folder(root: Path, tokenizer: Path) -> Path:
     return folder
 
 
-def _tiny_chatglm(root: Path, tokenizer: Path) -> Path:
-    """A tiny ChatGLM (2/3 architecture, vLLM's own implementation and config: no remote code)
-    with random weights (vLLM's dummy load format), with the default model's tokenizer. Its heads
-    are 64 wide: vLLM's CPU attention has no kernel for narrower ones."""
-    config = {
-        "architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 2, "padded_vocab_size": 49152,
-        "hidden_size": 128, "ffn_hidden_size": 256, "kv_channels": 64, "num_attention_heads": 2, "seq_length": 512,
-        "multi_query_attention": True, "multi_query_group_num": 2, "add_qkv_bias": True, "add_bias_linear": False,
-        "rmsnorm": True, "original_rope": True, "tie_word_embeddings": False, "post_layer_norm": True,
-        "apply_residual_connection_post_layernorm": False, "layernorm_epsilon": 1e-5, "torch_dtype": "bfloat16",
-        "eos_token_id": 2, "pad_token_id": 2, "llmsite_random_weights": True,
-    }
-    return _folder(root, tokenizer, config)
+# The seed's families vLLM implements itself (no remote code): deployment suffix -> (architecture,
+# model type, the chat format). vLLM 0.32 dropped Baichuan and the first Qwen (QWenLMHeadModel);
+# Yi's current config is the Llama architecture.
+FAMILIES = {
+    "qwen2": ("Qwen2ForCausalLM", "qwen"), "llama2": ("LlamaForCausalLM", "llama2"), "mistral": ("MistralForCausalLM", "mistral"),
+    "falcon": ("FalconForCausalLM", "falcon"), "yi": ("LlamaForCausalLM", "yi"), "chatglm3": ("ChatGLMModel", "chatglm3"),
+}
+# ChatGLM (2/3) as vLLM's own config reads it (transformers 5 has no ChatGLM config)
+CHATGLM = {
+    "architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 2, "padded_vocab_size": 49152,
+    "hidden_size": 128, "ffn_hidden_size": 256, "kv_channels": 64, "num_attention_heads": 2, "seq_length": 512,
+    "multi_query_attention": True, "multi_query_group_num": 2, "add_qkv_bias": True, "add_bias_linear": False,
+    "rmsnorm": True, "original_rope": True, "tie_word_embeddings": False, "post_layer_norm": True,
+    "apply_residual_connection_post_layernorm": False, "layernorm_epsilon": 1e-5, "eos_token_id": 2, "pad_token_id": 2,
+}
+
+
+def _tokenizer_texts(tokenizer: Path) -> dict:
+    return {name: (tokenizer / name).read_text() for name in ("tokenizer.json", "tokenizer_config.json")}
+
+
+def _tiny_family(root: Path, tokenizer: Path, architecture: str) -> Path:
+    """A tiny model of one of vLLM's architectures with random weights (vLLM's dummy load format:
+    the config asks for it) and the default model's tokenizer. Its heads are 64 wide: vLLM's CPU
+    attention has no kernel for narrower ones."""
+    if architecture == "ChatGLMModel":
+        config = dict(CHATGLM)
+        _folder(root, tokenizer, config)
+    else:
+        model_type = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "FalconForCausalLM": "falcon"}
+        config = tiny_config(root, model_type[architecture], _tokenizer_texts(tokenizer), **VLLM_SIZES).to_dict()
+    config.update(architectures=[architecture], torch_dtype="bfloat16", llmsite_random_weights=True)
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+STOP_TOKEN = "<|im_start|>"  # one of the Qwen family's (ChatML) stop strings; not the tokenizer's end of text
+
+
+def _always_stopping(root: Path, tokenizer: Path) -> Path:
+    """A tiny Llama (real weights) that emits STOP_TOKEN whatever the prompt."""
+    return always_emitting(build_tiny_model(root, "llama", _tokenizer_texts(tokenizer), **VLLM_SIZES), STOP_TOKEN)
 
 
 class VLLMStack:
-    def __init__(self, name, worker, metrics_url, web, url):
+    def __init__(self, name, worker, metrics_url, web, url, tokenizer):
         self.name, self.worker, self.metrics_url, self.web, self.url = name, worker, metrics_url, web, url
+        self.tokenizer = tokenizer  # the default model's tokenizer files (the tiny models use them)
 
     @property
     def predict_url(self) -> str:
@@ -150,33 +181,46 @@ class VLLMStack:
         return value(scrape(self.metrics_url), "llmsite:num_requests_running", deployment=self.name)
 
 
+def _deployments(name: str, source: str, root: Path, tokenizer: Path) -> list:
+    """The suite's vllm deployments: the default model in bf16 and in fp32, every family's tiny
+    model, the always-stopping one, and a folder vLLM cannot load."""
+    common = dict(engine=Deployment.Engine.VLLM, precision=Deployment.Precision.BF16, default_temperature=0, default_max_new_tokens=24)
+    tiny = dict(common, max_batch_size=2, context_length=512)
+    made = [
+        Deployment.objects.create(name=name, model_source=source, context_length=2048, max_batch_size=8, **common),
+        Deployment.objects.create(name=f"{name}-fp32", model_source=source, context_length=1024, max_batch_size=2,
+                                  **dict(common, precision=Deployment.Precision.FP32)),
+        Deployment.objects.create(name=f"{name}-bad", model_source=str(_bad_folder(root / "bad", tokenizer)), **common),
+        Deployment.objects.create(name=f"{name}-stops", model_source=str(_always_stopping(root / "stops", tokenizer)),
+                                  model_type="qwen", **tiny),
+    ]
+    for family, (architecture, model_type) in FAMILIES.items():
+        folder = _tiny_family(root / family, tokenizer, architecture)
+        made.append(Deployment.objects.create(name=f"{name}-{family}", model_source=str(folder), model_type=model_type, **tiny))
+    return made
+
+
 @pytest.fixture(scope="session")
 def vllm_stack(django_db_setup, django_db_blocker, tmp_path_factory):
-    """A vllm deployment of the default model (and one of a bad folder), one vLLM worker for both."""
+    """The vllm deployments (`_deployments`), one vLLM worker for all of them."""
     with django_db_blocker.unblock():
         source = Deployment.objects.get(name="default").model_source
         name = f"vllm-{uuid.uuid4().hex[:6]}"
-        common = dict(engine=Deployment.Engine.VLLM, precision=Deployment.Precision.BF16, default_temperature=0, default_max_new_tokens=24)
-        Deployment.objects.create(name=name, model_source=source, context_length=2048, max_batch_size=8, **common)
         root = tmp_path_factory.mktemp("vllm")
         tokenizer = _tokenizer_files(root / "tokenizer", source)
-        bad = Deployment.objects.create(name=f"{name}-bad", model_source=str(_bad_folder(root / "bad", tokenizer)), **common)
-        chatglm = Deployment.objects.create(
-            name=f"{name}-chatglm3", model_source=str(_tiny_chatglm(root / "chatglm", tokenizer)), model_type="chatglm3",
-            max_batch_size=4, **common,
-        )
-        worker, metrics_url = vllm_worker(f"worker-{name}", [name, bad.name, chatglm.name])
+        made = _deployments(name, source, root, tokenizer)
+        worker, metrics_url = vllm_worker(f"worker-{name}", [d.name for d in made])
         web, url = start_web()
         try:
             wait_ready(name, worker)
             ended = (Deployment.Status.READY, Deployment.Status.FAILED)
-            _wait(lambda: not worker.alive() or not Deployment.objects.filter(pk__in=[bad.pk, chatglm.pk]).exclude(status__in=ended).exists(),
+            _wait(lambda: not worker.alive() or not Deployment.objects.filter(pk__in=[d.pk for d in made]).exclude(status__in=ended).exists(),
                   "every load ended", FAILED_TIMEOUT)  # the worker takes tasks once every load ended
         except Exception:
             stop_worker(worker)
             web.stop()
             raise
-    yield VLLMStack(name, worker, metrics_url, web, url)
+    yield VLLMStack(name, worker, metrics_url, web, url, tokenizer)
     web.stop()
     stop_worker(worker)
     with django_db_blocker.unblock():
@@ -348,10 +392,12 @@ SCHEMA = {
 
 def _run_on_worker(user, name: str, question: str, sampling) -> list:
     """One GenerationRequest handed to the deployment's workers (as the web tier does); every event of its stream."""
+    from chat.services import prompt_format_of
     from llmsite.contract import GenerationRequest
     from tests.workers.direct import run_on_worker
 
-    request = GenerationRequest(request_id=str(uuid.uuid4()), deployment=name, messages=[{"role": "user", "content": question}], sampling=sampling)
+    request = GenerationRequest(request_id=str(uuid.uuid4()), deployment=name, messages=[{"role": "user", "content": question}],
+                                sampling=sampling, prompt_format=prompt_format_of(Deployment.objects.get(name=name)))
     heard = run_on_worker(user, request, timeout=300)
     return heard
 
@@ -377,18 +423,70 @@ def test_a_json_schema_grammar_with_logprobs_and_two_answers_goes_through_vllm(v
         assert choice["logprobs"] and all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in choice["logprobs"])
 
 
-def test_a_tiny_chatglm_loads_in_vllm_and_streams_in_its_chat_format(vllm_stack, token, user):
-    """ChatGLM (2, 3), which transformers 5 cannot load (its code is for transformers 4), runs in
-    vLLM's own implementation; the deployment's chat format (chatglm3) renders its prompt."""
-    deployment = Deployment.objects.get(name=f"{vllm_stack.name}-chatglm3")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_tiny_model_of_each_family_loads_in_vllm_and_streams_in_its_chat_format(vllm_stack, token, user, family):
+    """vLLM's own implementation of each family's architecture loads (ChatGLM too, which transformers
+    5 cannot: its code is for transformers 4) and streams; the prompt vLLM counted is the one the
+    family's chat format (chat/chat_formats) renders."""
+    from transformers import AutoTokenizer
+
+    from chat.prompting import count_tokens, render_prompt
+
+    deployment = Deployment.objects.get(name=f"{vllm_stack.name}-{family}")
     assert deployment.status == Deployment.Status.READY, deployment.status_detail
     assert "random weights" in deployment.status_detail
     url = f"{vllm_stack.url}/api/predict/{deployment.name}"
-    received = predict_http_stream(url, token, {"prompt": "Hello there", "system_prompt": "Be brief.", "max_new_tokens": 8})
+    # vLLM's random weights are nearly uniform: greedy decoding picks token 0 (<|endoftext|>, no text) every time
+    ask_tiny = {"prompt": "Hello there", "system_prompt": "Be brief.", "max_new_tokens": 8, "temperature": 1.0}
+    received = predict_http_stream(url, token, ask_tiny)
     assert received.error is None and len(received.pieces) >= 2, received
     row = RequestLog.objects.get(user=user, deployment=deployment)
     assert row.status == RequestLog.Status.OK and row.response == received.pieces[-1]
-    assert row.prompt_tokens > 0 and 2 <= row.completion_tokens <= 8
+    assert 2 <= row.completion_tokens <= 8
+    tokenizer = AutoTokenizer.from_pretrained(vllm_stack.tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    assert row.prompt_tokens == count_tokens(tokenizer, render_prompt(tokenizer, messages, model_type=deployment.model_type))
+
+
+def test_the_familys_stop_token_ends_the_answer_in_vllm(vllm_stack, user):
+    """A model that emits <|im_start|> whatever the prompt, served as a Qwen (ChatML, whose stop
+    strings include it): vLLM gets it as a stop token id and ends the answer after that one token.
+    It is not the tokenizer's end of text, so without the family's stops vLLM would run to the limit."""
+    from transformers import AutoTokenizer
+
+    from llmsite import contract
+    from llmsite.contract import SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_stack.tokenizer)
+    assert tokenizer.convert_tokens_to_ids(STOP_TOKEN) != tokenizer.eos_token_id
+    sampling = SamplingParams(max_new_tokens=8, temperature=0, top_k=0, top_p=1.0, do_sample=False)
+    final = _run_on_worker(user, f"{vllm_stack.name}-stops", "Hello there", sampling)[-1]
+    assert isinstance(final, contract.Final), final
+    assert final.finish_reason == "stop" and final.usage["completion_tokens"] == 1 and final.text == "", final
+
+
+def test_a_requests_stop_string_ends_the_answer_in_vllm(vllm_stack, token):
+    def answer(**extra) -> dict:
+        body = {"model": vllm_stack.name, "messages": [{"role": "user", "content": "What is the capital of Egypt?"}],
+                "temperature": 0, "max_tokens": 24, **extra}
+        response = requests.post(f"{vllm_stack.url}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"}, json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    whole = answer()["choices"][0]["message"]["content"]
+    assert "Cairo" in whole
+    cut = answer(stop=["Cairo"])
+    assert cut["choices"][0]["message"]["content"] == whole[: whole.index("Cairo")], cut
+    assert cut["choices"][0]["finish_reason"] == "stop" and cut["usage"]["completion_tokens"] < 24
+
+
+def test_the_default_model_in_fp32_answers_france_right(vllm_stack, token):
+    """Compiled bf16 once answered France wrong (see the README); eager bf16 and fp32 answer right."""
+    deployment = Deployment.objects.get(name=f"{vllm_stack.name}-fp32")
+    assert deployment.status == Deployment.Status.READY, deployment.status_detail
+    received = predict_http_stream(f"{vllm_stack.url}/api/predict/{deployment.name}", token, ask("What is the capital of France?"))
+    assert received.error is None and len(received.pieces) >= 2
+    assert "Paris" in received.pieces[-1], received.pieces[-1]
 
 
 def test_a_vllm_worker_killed_mid_stream_gives_the_client_the_error_event(vllm_stack, token, user):

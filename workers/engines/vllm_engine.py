@@ -76,6 +76,7 @@ class VLLMEngine(Engine):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+        self.family_stop = family_stops(self.tokenizer, deployment.model_type)
         self.context_length = self.engine.model_config.max_model_len
         self.scheduler = Requests(self.engine, deployment.max_batch_size)  # what workers.metrics reads
 
@@ -98,7 +99,11 @@ class VLLMEngine(Engine):
         return asyncio.run_coroutine_threadsafe(coroutine_fn(*args), self._loop).result()
 
     def sampling_params(self, params):
-        """vLLM's SamplingParams for one answer (the worker sends n answers as n requests)."""
+        """vLLM's SamplingParams for one answer (the worker sends n answers as n requests). The
+        family's stop strings that are single tokens of the vocabulary stop it as token ids (vLLM
+        matches `stop` on the text it decodes, which leaves special tokens out); the others and the
+        request's own stop strings as `stop`."""
+        stop_ids, stop_texts = self.family_stop
         extra = {}
         if params.logit_bias:
             extra["logit_bias"] = {int(token): float(bias) for token, bias in params.logit_bias.items()}
@@ -116,6 +121,8 @@ class VLLMEngine(Engine):
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
+            stop=[*params.stop, *stop_texts] or None,
+            stop_token_ids=list(stop_ids) or None,
             **extra,
         )
 
@@ -214,6 +221,16 @@ def _take_output(output, result: GenerationResult, top: int = 0) -> str:
     if output.finished:
         result.finish_reason = FINISH_REASONS.get(completion.finish_reason, "stop")
     return completion.text
+
+
+def family_stops(tokenizer, model_type: str) -> tuple[list[int], list[str]]:
+    """The model family's stop strings (chat.chat_formats): (ids of those that are single tokens of
+    this vocabulary, the others)."""
+    from chat.chat_formats import stop_strings
+    from workers.engines.transformers_engine import family_stop_ids
+
+    ids = family_stop_ids(tokenizer, model_type)
+    return ids, [text for text in stop_strings(model_type) if tokenizer.convert_tokens_to_ids(text) not in ids]
 
 
 def structured_outputs(grammar: str) -> dict:
