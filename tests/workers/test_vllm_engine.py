@@ -11,7 +11,8 @@ from typing import TypedDict
 
 from llmsite.contract import SamplingParams
 from chat.models import Deployment
-from workers.engines.base import GenerationResult
+from workers.engines import base, vllm_setup
+from workers.engines.base import GenerationResult, cpu_has_bf16
 from tests.workers import fake_vllm
 
 
@@ -21,9 +22,21 @@ def params(**overrides):
 
 def test_engine_args_come_from_the_deployment(fake_vllm_engine):
     (_, args), = [c for c in fake_vllm.calls if c[0] == "from_engine_args"]
-    assert args.dtype == "bfloat16" and args.max_num_seqs == 8
+    assert args.dtype == ("bfloat16" if cpu_has_bf16() else "float32") and args.max_num_seqs == 8
     assert (Path(args.model) / "config.json").is_file()  # the GGUF reaches vLLM as a safetensors folder
     assert fake_vllm_engine.context_length == 2048
+
+
+def test_a_cpu_without_bf16_instructions_runs_vllm_in_fp32(monkeypatch):
+    monkeypatch.setattr(vllm_setup, "gpu_count", lambda cuda_only=False: 0)
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: False)
+    assert vllm_setup.cpu_dtype("bfloat16") == ("float32", "bfloat16 asked, but this CPU has no bf16 instructions: vLLM runs float32")
+    assert vllm_setup.cpu_dtype("float16")[0] == "float32" and vllm_setup.cpu_dtype("float32") == ("float32", None)
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: True)
+    assert vllm_setup.cpu_dtype("bfloat16") == ("bfloat16", None)
+    assert vllm_setup.cpu_dtype("float16") == ("bfloat16", "float16 asked, but this CPU has no fast float16: vLLM runs bfloat16")
+    monkeypatch.setattr(vllm_setup, "gpu_count", lambda cuda_only=False: 1)  # a CUDA GPU runs what was asked
+    assert vllm_setup.cpu_dtype("float16") == ("float16", None)
 
 
 def test_the_cache_scope_goes_to_vllm_as_its_cache_salt(fake_vllm_engine):

@@ -3,6 +3,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX): where it has none, bf16
+    and fp16 run as fp32."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cached_copy(path, suffix: str = ""):
     """Where a converted copy of the model file `path` is kept in the model cache (a de-quantized
     folder, an f16 GGUF, ...): named by the file and keyed by its path, size and mtime."""

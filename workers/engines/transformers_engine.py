@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.engines.base import LoadError, cached_copy
+from workers.engines.base import LoadError, cached_copy, cpu_has_bf16
 from workers.engines.batching import BatchingScheduler
 from workers.engines.queued import QueuedEngine
 
@@ -85,11 +85,7 @@ def check_loadable(folder: str, *, trust_remote_code: bool) -> None:
 
 def cpu_dtype_for_fp16() -> torch.dtype:
     """What a CPU runs instead of fp16: bf16 where it has bf16 instructions, else fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -27,7 +27,7 @@ from packaging.version import InvalidVersion, Version
 
 from workers.engines.base import Engine, GenerationResult, LoadError, Pacer
 from workers.engines.sampling import PolicyError
-from workers.engines.vllm_setup import OutputTail, cpu_settings, engine_args, model_folder
+from workers.engines.vllm_setup import OutputTail, cpu_dtype, cpu_settings, engine_args, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class VLLMEngine(Engine):
             )
         folder = model_folder(deployment.model_source)
         settings = engine_args(deployment, folder)
+        settings["dtype"], dtype_note = cpu_dtype(settings["dtype"])
+        if dtype_note:
+            self._note(deployment, dtype_note)
         if settings["load_format"] == "dummy":
             self._note(deployment, "random weights: the folder's config.json asks for them (llmsite_random_weights)")
         extra, notes = cpu_settings(deployment, folder, settings["dtype"])

@@ -47,6 +47,20 @@ def engine_args(deployment, folder: str) -> dict:
     )
 
 
+def cpu_dtype(dtype: str) -> tuple[str, str | None]:
+    """The dtype vLLM runs a deployment's precision in, and a note where it is not the one asked:
+    on a CPU, fp16 runs as bf16 where the CPU has bf16 instructions and bf16 or fp16 as fp32 where
+    it has none (as the transformers engine does); a CUDA GPU runs what was asked."""
+    from workers.engines.base import cpu_has_bf16
+
+    if dtype == "float32" or gpu_count(cuda_only=True):
+        return dtype, None
+    runs = "bfloat16" if cpu_has_bf16() else "float32"
+    if runs == dtype:
+        return dtype, None
+    return runs, f"{dtype} asked, but this CPU has {'no bf16 instructions' if runs == 'float32' else 'no fast float16'}: vLLM runs {runs}"
+
+
 def random_weights(folder: str) -> bool:
     """Whether the folder's config.json asks for random weights (`"llmsite_random_weights": true`,
     vLLM's load_format "dummy"): tiny test models of an architecture whose weights nobody needs."""
