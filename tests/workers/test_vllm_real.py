@@ -282,6 +282,15 @@ def test_the_chat_socket_streams_an_answer(vllm_stack, user):
     assert len(deltas) >= 2 and "Moscow" in "".join(m["text"] for m in deltas)
 
 
+def test_bad_input_gets_the_web_tiers_400_and_never_reaches_vllm(vllm_stack, token, user):
+    bad = requests.post(vllm_stack.predict_url, headers={"Authorization": token}, json=ask("Hello", temperature=5), timeout=60)
+    assert bad.status_code == 400 and "temperature" in bad.text, bad.text
+    body = {"model": vllm_stack.name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": -1}
+    bad = requests.post(f"{vllm_stack.url}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"}, json=body, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens", bad.text
+    assert not RequestLog.objects.filter(user=user).exists()  # no request was made of any worker
+
+
 STORY = "Write a very long story about a lighthouse keeper and the sea."
 
 
