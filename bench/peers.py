@@ -468,7 +468,7 @@ def print_tables(results: dict) -> None:
         f = sides.get(side)
         if f and "error" not in f:
             print(f"| {LABELS[side]} | {f['single_tok_s']} | {f['aggregate_32_tok_s']} | {f['ttft_ms_p50']} | {f['ttft_32_ms_p50']} "
-                  f"| {f['peak_rss_mib']} | {f['ready_s']} | {f['foreign_cpu_cores']} |")
+                  f"| {f['peak_rss_mib']} | {f['ready_s']} | {f.get('foreign_cpu_cores', '—')} |")
         elif f:
             print(f"| {LABELS[side]} | failed: {f['error']} | | | | | | |")
 
