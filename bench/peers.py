@@ -63,6 +63,8 @@ OUT = BASE_DIR / "bench" / "results" / "latest.json"
 QUIET_CORES = float(os.environ.get("BENCH_QUIET_CORES", "0.25"))
 QUIET_WAIT_S = float(os.environ.get("BENCH_QUIET_WAIT_S", "300"))
 TRIES = int(os.environ.get("BENCH_TRIES", "3"))
+# More loads to measure (aggregate tok/s only), e.g. BENCH_EXTRA_STREAMS=4,8,16: where engines cross.
+EXTRA_STREAMS = [int(n) for n in os.environ.get("BENCH_EXTRA_STREAMS", "").split(",") if n.strip()]
 SITE_SIDES = ("site-llamacpp", "site-transformers", "site-vllm")
 PEER_SIDES = ("llama-server", "vllm-server")
 ORDER = ("llama-server", "site-llamacpp", "site-transformers", "vllm-server", "site-vllm")  # peers beside their engine
@@ -245,9 +247,9 @@ def one_stream(url: str, headers: dict, model: str, i: int) -> tuple[float | Non
     return first, tokens, time.perf_counter() - started
 
 
-def concurrent(url: str, headers: dict, model: str, pids: list[int]) -> dict:
-    """STREAMS answers at once: their aggregate tok/s, TTFT p50, failures, and the peak RSS meanwhile."""
-    results: list = [None] * STREAMS
+def concurrent(url: str, headers: dict, model: str, pids: list[int], streams: int = STREAMS) -> dict:
+    """`streams` answers at once: their aggregate tok/s, TTFT p50, failures, and the peak RSS meanwhile."""
+    results: list = [None] * streams
 
     def run(i):
         try:
@@ -255,7 +257,7 @@ def concurrent(url: str, headers: dict, model: str, pids: list[int]) -> dict:
         except (requests.RequestException, ValueError) as exc:
             results[i] = exc
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(STREAMS)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
     with PeakRss(pids) as peak:
         started = time.perf_counter()
         for thread in threads:
@@ -267,7 +269,7 @@ def concurrent(url: str, headers: dict, model: str, pids: list[int]) -> dict:
     return {
         "aggregate_32_tok_s": round(sum(t for _, t, _ in done) / wall, 2),
         "ttft_32_ms_p50": round(statistics.median(f for f, _, _ in done if f is not None) * 1000, 1),
-        "failed_32": STREAMS - len(done),
+        "failed_32": streams - len(done),
         "peak_rss_mib": round(peak.bytes / 2**20, 1),
     }
 
@@ -292,10 +294,13 @@ def measure(url: str, headers: dict, model: str, pids: list[int]) -> dict:
 
 
 def measure_once(url: str, headers: dict, model: str, pids: list[int]) -> dict:
-    """A warm-up, one stream (SINGLE_REQUESTS one after another), then STREAMS concurrent streams."""
+    """A warm-up, one stream (SINGLE_REQUESTS one after another), each of EXTRA_STREAMS concurrent
+    streams (aggregate tok/s only: where the engines cross), then STREAMS concurrent streams."""
     one_stream(url, headers, model, 0)
     singles = [one_stream(url, headers, model, i) for i in range(SINGLE_REQUESTS)]
+    extra = {str(n): concurrent(url, headers, model, pids, n)["aggregate_32_tok_s"] for n in EXTRA_STREAMS}
     return {
+        **({"aggregate_tok_s_at": extra} if extra else {}),
         "single_tok_s": round(sum(t for _, t, _ in singles) / sum(s for _, _, s in singles), 2),
         "ttft_ms_p50": round(statistics.median(f for f, _, _ in singles if f is not None) * 1000, 1),
         "idle_rss_mib": round(tree_rss(pids) / 2**20, 1),
