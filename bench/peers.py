@@ -57,7 +57,7 @@ STREAMS = 32
 VLLM_CONTEXT = 2048
 TOPICS = ["rivers", "volcanoes", "bread", "chess", "owls", "glaciers", "trains", "tea", "bees", "comets"]
 LOGS = Path(os.environ.get("LLMSITE_DATA_DIR", BASE_DIR / "var" / "bench-peers")) / "logs"
-OUT = BASE_DIR / "bench" / "results" / "latest.json"
+OUT = Path(os.environ.get("BENCH_PEERS_OUT") or BASE_DIR / "bench" / "results" / "latest.json")
 # This machine may be shared: a side is measured once other processes use under QUIET_CORES (waiting
 # up to QUIET_WAIT_S), and again (TRIES in all) where they used more while it was measured.
 QUIET_CORES = float(os.environ.get("BENCH_QUIET_CORES", "0.25"))
