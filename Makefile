@@ -114,8 +114,9 @@ bench-peers: $(STAMP) $(LLAMA_SERVER) $(VLLM_FOR_BENCH)
 	$(BENCH_PEERS)
 
 # Only our pipeline on the vllm engine against vLLM's own OpenAI server.
+bench-vllm: PEERS = vllm-server,site-vllm
 bench-vllm: $(STAMP) $(VLLM_STAMP)
-	$(MAKE) bench-peers PEERS=vllm-server,site-vllm
+	$(BENCH_PEERS)
 
 # llama.cpp's own server, the bench's peer, built once from the llama.cpp source that the pinned
 # llama-cpp-python compiles (its source package's vendor/llama.cpp) with the same CPU flags
