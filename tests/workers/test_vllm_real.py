@@ -490,7 +490,8 @@ def test_a_requests_stop_string_ends_the_answer_in_vllm(vllm_stack, token):
 
 
 def test_the_default_model_in_fp32_answers_france_right(vllm_stack, token):
-    """Compiled bf16 once answered France wrong (see the README); eager bf16 and fp32 answer right."""
+    """Issue 19 saw compiled bf16 answer France wrong ("L'Étoile, la Marseillaise, ..."), and fp32
+    and eager bf16 answer it right: fp32 is checked here."""
     deployment = Deployment.objects.get(name=f"{vllm_stack.name}-fp32")
     assert deployment.status == Deployment.Status.READY, deployment.status_detail
     received = predict_http_stream(f"{vllm_stack.url}/api/predict/{deployment.name}", token, ask("What is the capital of France?"))
