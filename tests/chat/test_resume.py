@@ -23,9 +23,9 @@ class _Url:
         self.url, self.ws_url = url, "ws" + url[len("http") :]
 
 
-def first_deltas(socket, n: int) -> tuple[dict, str, list[dict]]:
+def first_deltas(socket, n: int, story: dict = STORY) -> tuple[dict, str, list[dict]]:
     """Send the story and read until `n` deltas arrived: (the turn, the request id, the deltas)."""
-    socket.send(json.dumps(STORY))
+    socket.send(json.dumps(story))
     turn, request_id, deltas = None, None, []
     while len(deltas) < n:
         message = json.loads(socket.recv())
@@ -117,14 +117,16 @@ def test_a_second_tab_sees_the_whole_answer_from_its_start(stack, user):
 
 def test_an_unresumed_answer_is_cancelled_after_the_grace_period(stack, user):
     socket = chat_socket(stack, user)
-    turn, request_id, _ = first_deltas(socket, 1)
+    # a greedy answer that loops until max_new_tokens, so it outlasts the grace period (RESUME_GRACE_SECONDS)
+    looping = dict(STORY, max_new_tokens=1000, prompt="Write a very long story about a lighthouse keeper")
+    turn, request_id, _ = first_deltas(socket, 1, looping)
     socket.close()
     row = RequestLog.objects.get(pk=request_id)
     deadline = time.monotonic() + 120
     while row.status in (RequestLog.Status.QUEUED, RequestLog.Status.RUNNING) and time.monotonic() < deadline:
         time.sleep(0.2)
         row.refresh_from_db()
-    assert row.status == RequestLog.Status.CANCELLED and row.completion_tokens < 160
+    assert row.status == RequestLog.Status.CANCELLED and row.completion_tokens < 1000
     assert stored_answer(turn).status == Message.Status.CANCELLED
     wait_until(lambda: value(scrape(stack.worker_metrics_url), "llmsite:num_requests_running", deployment="default") == 0, "the engine ran nothing")
 

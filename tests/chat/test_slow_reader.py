@@ -116,7 +116,9 @@ def test_a_client_that_does_not_read_holds_back_only_its_own_stream(stack, db_us
             f"{before / 2**20:.0f} MiB before, +{grown:.1f} MiB at peak (bound {settings.WEB_SEND_BUFFER_BYTES // 1024} KiB unsent per connection)"
         )
         assert normal.error is None and normal.ended and "Paris" in "".join(normal.pieces)
-        assert grown < 40, f"the web process grew by {grown:.0f} MiB for clients that read nothing"
+        # Buffering all of it would take about 100 MiB; the process's own growth meanwhile (the
+        # normal client's answer, the allocator keeping freed pages) reached 59 MiB on a busy machine.
+        assert grown < 70, f"the web process grew by {grown:.0f} MiB for clients that read nothing"
         assert web.alive()
         slow_http.close()
     finally:
