@@ -80,14 +80,16 @@ TARGETS = {
 }
 
 
-def dtype() -> str:
-    """bf16 where the CPU has bf16 instructions (or on a GPU), fp32 otherwise."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags or os.path.exists("/dev/nvidia0")) else "fp32"
-
-
 def torch_dtype() -> str:
-    return {"bf16": "bfloat16", "fp32": "float32"}[dtype()]
+    """What vLLM runs a bf16 deployment in, as our adapter chooses it: bf16 on a GPU or a CPU with
+    bf16 instructions, fp32 otherwise."""
+    from workers.engines.vllm_setup import cpu_dtype
+
+    return cpu_dtype("bfloat16")[0]
+
+
+def dtype() -> str:
+    return {"bfloat16": "bf16", "float32": "fp32"}[torch_dtype()]
 
 
 # ---- processes -------------------------------------------------------------------------------

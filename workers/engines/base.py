@@ -14,6 +14,21 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def family_stops(tokenizer, model_type: str) -> tuple[list[int], list[str]]:
+    """The model family's stop strings (chat.chat_formats), split: (the ids of those that are single
+    tokens of this vocabulary, the others as text)."""
+    from chat.chat_formats import stop_strings
+
+    ids, texts = [], []
+    for text in stop_strings(model_type):
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.append(token_id)
+        else:
+            texts.append(text)
+    return ids, texts
+
+
 def cached_copy(path, suffix: str = ""):
     """Where a converted copy of the model file `path` is kept in the model cache (a de-quantized
     folder, an f16 GGUF, ...): named by the file and keyed by its path, size and mtime."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.engines.base import LoadError, cached_copy, cpu_has_bf16
+from workers.engines.base import LoadError, cached_copy, cpu_has_bf16, family_stops
 from workers.engines.batching import BatchingScheduler
 from workers.engines.queued import QueuedEngine
 
@@ -93,18 +93,6 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "can't allocate memory" in text
 
 
-def family_stop_ids(tokenizer, model_type: str) -> list[int]:
-    """The ids of the model family's stop strings that are single tokens of this vocabulary."""
-    from chat.chat_formats import stop_strings
-
-    ids = []
-    for text in stop_strings(model_type):
-        token_id = tokenizer.convert_tokens_to_ids(text)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.append(token_id)
-    return ids
-
-
 class TransformersEngine(QueuedEngine):
     def __init__(self, deployment):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,7 +138,7 @@ class TransformersEngine(QueuedEngine):
         stop = list(self.eos_token_ids) if isinstance(self.eos_token_ids, list) else [self.eos_token_ids]
         if self.tokenizer.eos_token_id is not None:
             stop.append(self.tokenizer.eos_token_id)
-        stop += family_stop_ids(self.tokenizer, deployment.model_type)
+        stop += family_stops(self.tokenizer, deployment.model_type)[0]
         self.stop_ids = frozenset(t for t in stop if t is not None)
         self.scheduler = BatchingScheduler(
             self.model, max_batch_size=deployment.max_batch_size, name=f"engine-{deployment.name}"

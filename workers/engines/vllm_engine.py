@@ -25,7 +25,7 @@ import uuid
 
 from packaging.version import InvalidVersion, Version
 
-from workers.engines.base import Engine, GenerationResult, LoadError, Pacer
+from workers.engines.base import Engine, GenerationResult, LoadError, Pacer, family_stops
 from workers.engines.sampling import PolicyError
 from workers.engines.vllm_setup import OutputTail, cpu_dtype, cpu_settings, engine_args, model_folder
 
@@ -224,16 +224,6 @@ def _take_output(output, result: GenerationResult, top: int = 0) -> str:
     if output.finished:
         result.finish_reason = FINISH_REASONS.get(completion.finish_reason, "stop")
     return completion.text
-
-
-def family_stops(tokenizer, model_type: str) -> tuple[list[int], list[str]]:
-    """The model family's stop strings (chat.chat_formats): (ids of those that are single tokens of
-    this vocabulary, the others)."""
-    from chat.chat_formats import stop_strings
-    from workers.engines.transformers_engine import family_stop_ids
-
-    ids = family_stop_ids(tokenizer, model_type)
-    return ids, [text for text in stop_strings(model_type) if tokenizer.convert_tokens_to_ids(text) not in ids]
 
 
 def structured_outputs(grammar: str) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from workers.engines.base import LoadError
+from workers.engines.base import LoadError, family_stops
 from workers.engines.llamacpp.config import MAX_SEQUENCES, count_setting, setting
 from workers.engines.llamacpp.model import CONVERSIONS, LlamaCppModel, converted_copy
 from workers.engines.llamacpp.saved import SavedPrompts
@@ -29,7 +29,7 @@ class LlamaCppEngine(QueuedEngine):
     def __init__(self, deployment):
         from transformers import AutoTokenizer
 
-        from workers.engines.transformers_engine import family_stop_ids, resolve_source
+        from workers.engines.transformers_engine import resolve_source
 
         folder, gguf_file = resolve_source(deployment.model_source)
         if not gguf_file:
@@ -47,7 +47,7 @@ class LlamaCppEngine(QueuedEngine):
         probe.close()
         seq_tokens, size = self._kv_room(deployment, train_context, kv_bytes)
         self._load_contexts(path, quantized, seq_tokens, size)
-        stop = set(self.model.end_of_generation_ids()) | set(family_stop_ids(self.tokenizer, deployment.model_type))
+        stop = set(self.model.end_of_generation_ids()) | set(family_stops(self.tokenizer, deployment.model_type)[0])
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
         self.stop_ids = frozenset(stop)
