@@ -1,25 +1,39 @@
 """Continuous batching for Hugging Face causal LMs: one forward pass per decode step for every
 running request; requests join (after their prefill) and leave between steps.
 
-The running requests share one left-padded KV cache (`DynamicCache`). Joining requests with short
-prompts are prefilled together in one padded pass; a long prompt is prefilled alone, a chunk per
-step, so it never stalls the running streams for long. The new cache rows are padded on the left
-and stacked onto the batch's. A request that leaves is marked dead and compacted away later with
-others (a compaction copies the cache). Each request keeps its own sampling settings, random
-generator and stop conditions.
+Joining requests with short prompts are prefilled together in one padded pass; a long prompt is
+prefilled alone, a chunk per step, so it never stalls the running streams for long. Then the
+request's KV rows join the running ones, in one of two layouts:
+
+- slots (slots.py; transformers' own models with full attention): one row per request, written
+  in place at the request's own column; the decode step is a CUDA graph on a GPU. A request that
+  leaves hands its row to the last one.
+- a shared left-padded `DynamicCache` (models with their own modelling code or a sliding window):
+  the new rows are padded on the left and stacked onto the batch's; a request that leaves is
+  marked dead and compacted away later with others (a compaction copies the cache).
+
+Each request keeps its own sampling settings, random generator and stop conditions. Greedy and
+top-k/top-p rows are chosen together on the device with one copy of the tokens to the host per
+step (`sample_rows`); rows with penalties, logit_bias, logprobs or a grammar go through their
+TokenPolicy (sampling.py) on the host.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from workers.engines.scheduling import BatchRequest, Scheduler
+from workers.engines.slots import SlotDecoder, cuda_graphs_wanted, slot_support
 
-__all__ = ["BatchRequest", "BatchingScheduler", "sample_token", "start_sampling"]
+__all__ = ["BatchRequest", "BatchingScheduler", "sample_rows", "sample_token", "start_sampling"]
+
+log = logging.getLogger(__name__)
 
 
 class _Batch:
@@ -88,17 +102,88 @@ def _pad_left(tensor: torch.Tensor, amount: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, amount, 0)) if amount else tensor
 
 
+class _SlotBatch:
+    """The running requests on slots: row i of the decoder's SlotCache belongs to requests[i],
+    whose next input token (last_tokens[i]) goes at column positions[i] (its length so far)."""
+
+    def __init__(self, decoder: SlotDecoder):
+        self.decoder = decoder
+        self.requests: list[BatchRequest | None] = []
+        self.positions: list[int] = []
+        self.last_tokens: list[int] = []
+
+    @property
+    def alive(self) -> int:
+        return sum(r is not None for r in self.requests)
+
+    @property
+    def dead(self) -> int:
+        return len(self.requests) - self.alive
+
+    def add_group(self, cache: DynamicCache, pads: list[int], requests: list[BatchRequest], first_tokens: list[int]) -> None:
+        """A prefilled group (its own left-padded cache): each request's rows into the next slot."""
+        self.compact()
+        width = cache.get_seq_length()
+        for row, (request, pad, first) in enumerate(zip(requests, pads, first_tokens)):
+            self.decoder.store(len(self.requests), cache, row, pad, width)
+            self.requests.append(request)
+            self.positions.append(width - pad)
+            self.last_tokens.append(first)
+
+    def finish(self, rows: list[int]) -> None:
+        for row in rows:
+            self.requests[row] = None
+
+    def compact(self) -> None:
+        """Fill each finished row with the last running one (one row's copy each), so the running
+        rows stay 0..n-1 (the rows a decode step, and its batch bucket, covers)."""
+        while True:
+            while self.requests and self.requests[-1] is None:
+                self._pop()
+            if None not in self.requests:
+                return
+            hole, last = self.requests.index(None), len(self.requests) - 1
+            self.decoder.cache.move(last, hole, self.positions[last])
+            self.requests[hole], self.positions[hole], self.last_tokens[hole] = (
+                self.requests[last], self.positions[last], self.last_tokens[last]
+            )
+            self._pop()
+
+    def _pop(self) -> None:
+        self.requests.pop()
+        self.positions.pop()
+        self.last_tokens.pop()
+
+    def decode(self) -> torch.Tensor:
+        """One step of every running row: their logits [rows, vocab]."""
+        self.compact()
+        logits = self.decoder.decode(self.last_tokens, self.positions)
+        self.positions = [p + 1 for p in self.positions]
+        return logits
+
+
 class BatchingScheduler(Scheduler):
     """Continuous batching of a transformers model (the thread and queueing are `Scheduler`'s)."""
 
     def __init__(self, model, *, max_batch_size: int = 32, prefill_chunk: int = 256, name: str = "engine"):
         self.prefill_chunk = prefill_chunk
-        self._batch = _Batch()
         self._prefilling: BatchRequest | None = None
-        self._setup_model(model)
+        self._setup_model(model, max_batch_size)
+        self._batch = self._new_batch()
         super().__init__(max_batch_size=max_batch_size, name=name)
 
-    def _setup_model(self, model) -> None:
+    def _new_batch(self):
+        return _SlotBatch(self.decoder) if self.decoder is not None else _Batch()
+
+    @property
+    def decode_mode(self) -> str:
+        """How decode steps run, for the deployment's status and the GPU bench."""
+        if self.decoder is None:
+            return f"padded cache ({self.slot_note})"
+        graphs = {True: ", CUDA graphs", "emulate": ", static buffers (CUDA graphs emulated)"}.get(self.decoder.graphs, "")
+        return f"slots{graphs}"
+
+    def _setup_model(self, model, max_batch_size: int) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         # transformers 5.24 renamed `past_key_values` to `cache`; remote-code models keep the old name
@@ -111,6 +196,33 @@ class BatchingScheduler(Scheduler):
             # step built 30 new graphs (bf16 ran 4x slower than fp32). Flash and memory-efficient
             # attention take any length.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        self.decoder, self.slot_note = None, slot_support(model)
+        if os.environ.get("LLMSITE_SLOTS", "1").strip().lower() in ("0", "false", "no", "off"):
+            self.slot_note = "LLMSITE_SLOTS=0"
+        if self.slot_note is None:
+            self.decoder = self._checked_decoder(model, max_batch_size)
+
+    def _checked_decoder(self, model, max_batch_size: int) -> SlotDecoder | None:
+        """The slot decoder, if its step gives the plain forward's logits on these weights."""
+        dtype = next(model.parameters()).dtype
+        decoder = SlotDecoder(
+            model, cache_arg=self._cache_arg, last_only=self._last_only, max_rows=max_batch_size,
+            graphs=cuda_graphs_wanted(self.device),
+        )
+        vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+        probe = [(7 * i + 3) % vocab for i in range(1, 12)]
+        try:
+            difference = decoder.check(probe)
+        except Exception as exc:  # a forward the slot cache does not fit: the padded cache serves it
+            log.warning("slot decoding off: its check failed", exc_info=True)
+            self.slot_note = f"the slot step's check failed: {type(exc).__name__}: {exc}"
+            return None
+        allowed = 1e-3 if dtype == torch.float32 else 5e-2
+        if not difference <= allowed:
+            self.slot_note = f"the slot step's logits differ from the plain forward's by {difference:.3g} (allowed {allowed})"
+            log.warning("slot decoding off: %s", self.slot_note)
+            return None
+        return decoder
 
     @property
     def running(self) -> int:
@@ -216,16 +328,7 @@ class BatchingScheduler(Scheduler):
     @torch.inference_mode()
     def _decode(self) -> None:
         batch = self._batch
-        width = batch.width
-        ids = torch.tensor(batch.last_tokens, device=self.device).unsqueeze(1)
-        # Built in one piece: on a GPU every small op is a kernel launch, and a decode step of a
-        # small model is bound by launches, not by the GPU's arithmetic.
-        pads = torch.tensor(batch.pads, device=self.device).unsqueeze(1)
-        mask = (torch.arange(width + 1, device=self.device) >= pads).long()
-        positions = width - pads
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: batch.cache}
-        ).logits[:, -1, :]
+        logits = batch.decode() if isinstance(batch, _SlotBatch) else self._decode_padded(batch)
         finished = []
         tokens = self._sample_rows(batch.requests, logits)
         for row, (request, token) in enumerate(zip(batch.requests, tokens)):
@@ -236,15 +339,33 @@ class BatchingScheduler(Scheduler):
                 finished.append(row)
         batch.finish(finished)
 
+    def _decode_padded(self, batch: _Batch) -> torch.Tensor:
+        width = batch.width
+        ids = torch.tensor(batch.last_tokens, device=self.device).unsqueeze(1)
+        # Built in one piece: on a GPU every small op is a kernel launch, and a decode step of a
+        # small model is bound by launches, not by the GPU's arithmetic.
+        pads = torch.tensor(batch.pads, device=self.device).unsqueeze(1)
+        mask = (torch.arange(width + 1, device=self.device) >= pads).long()
+        positions = width - pads
+        return self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: batch.cache}
+        ).logits[:, -1, :]
+
     def _sample_rows(self, requests: list[BatchRequest | None], logits: torch.Tensor) -> list[int]:
-        """The next token of every row: greedy rows by one argmax and one copy to the host (one
-        device sync per step, not one per row), the others each with its own settings and generator."""
-        greedy = any(request is not None and request.greedy for request in requests)
-        tokens = logits.argmax(-1).tolist() if greedy else [0] * len(requests)
+        """The next token of every row: greedy and top-k/top-p rows on the device with one copy to
+        the host (sample_rows); rows with a TokenPolicy then each on the host."""
+        tokens = sample_rows(requests, logits, self._generator())
         for row, request in enumerate(requests):
-            if request is not None and (not request.greedy or request.policy is not None):
+            if request is not None and request.policy is not None:
                 tokens[row] = self._sample(request, logits[row])
         return tokens
+
+    def _generator(self) -> torch.Generator:
+        """The engine's generator for sampled rows that name no seed."""
+        if getattr(self, "_unseeded", None) is None:
+            self._unseeded = torch.Generator(device=self.device)
+            self._unseeded.seed()
+        return self._unseeded
 
     def _sample(self, request: BatchRequest, logits: torch.Tensor) -> int:
         if request.policy is not None:  # penalties, logit_bias, logprobs, a grammar (sampling.py)
@@ -257,8 +378,43 @@ class BatchingScheduler(Scheduler):
     def _fail_all(self, message: str) -> None:
         for request in [r for r in self._batch.requests if r is not None] + ([self._prefilling] if self._prefilling else []):
             request.out.put(("error", message))
-        self._batch = _Batch()
+        self._batch = self._new_batch()
         self._prefilling = None
+
+
+def sample_rows(requests: list[BatchRequest | None], logits: torch.Tensor, generator: torch.Generator) -> list[int]:
+    """The next token of every row, with one copy to the host: the argmax for greedy rows, and for
+    sampled rows (temperature, top-k, top-p, each its own) one draw in one batch: the exponential
+    race argmax(p / E), E ~ Exp(1), which picks token t with probability p[t]. A row with a seed
+    draws its E from its own generator (its answer does not depend on its neighbours); the others
+    share `generator`. Rows with a TokenPolicy (or None) get the argmax here; the caller redoes them."""
+    tokens = logits.argmax(-1)
+    rows = [i for i, r in enumerate(requests) if r is not None and not r.greedy and r.policy is None]
+    if rows:
+        tokens[torch.tensor(rows, device=logits.device)] = _draw([requests[i] for i in rows], logits[rows], generator)
+    return tokens.tolist()
+
+
+def _draw(requests: list[BatchRequest], logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([r.temperature or 1.0 for r in requests], device=device).unsqueeze(1)
+    scores = logits.float() / temperature
+    order = None
+    if any(0 < r.top_k < vocab or r.top_p < 1.0 for r in requests):
+        scores, order = scores.sort(dim=-1, descending=True)
+        top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in requests], device=device).unsqueeze(1)
+        scores = scores.masked_fill(torch.arange(vocab, device=device) >= top_k, float("-inf"))
+        probs = scores.softmax(-1)
+        top_p = torch.tensor([r.top_p if r.top_p < 1.0 else 2.0 for r in requests], device=device).unsqueeze(1)
+        # keep the fewest best tokens whose mass reaches top_p (the best one always)
+        scores = scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    probs = scores.softmax(-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    for row, request in enumerate(requests):
+        if request.seed is not None:
+            race[row].exponential_(generator=request.generator)
+    choice = (probs / race.clamp_(min=1e-20)).argmax(-1)
+    return choice if order is None else order.gather(1, choice.unsqueeze(1)).squeeze(1)
 
 
 def start_sampling(request: BatchRequest, device) -> None:

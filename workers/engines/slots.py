@@ -1,0 +1,288 @@
+"""The decode step of the transformers engine over a KV cache with one row (slot) per running
+request, written in place, and on a CUDA GPU replayed as a captured CUDA graph.
+
+Each running request owns row `slot` of every layer's key and value buffers and writes its next
+key/value at its own column (its length so far): nothing is copied per step, and requests of any
+length join without padding the others. The buffers grow (rows and columns, by doubling) when a
+step needs more, between steps.
+
+On CUDA a decode step of a small model is bound by the host launching kernels (one step of
+SmolLM2-135M: ~16 ms of launches against ~0.06 ms of weight reads on an H200). There the step is
+captured once per (batch bucket, width bucket) as a CUDA graph over static input buffers and
+replayed: one copy in, one replay, and the sampled tokens' one copy out. Buckets bound the
+captures: a run sees at most len(BATCH_BUCKETS) x (doublings of the width) of them, never one per
+new sequence length. A step that cannot be captured runs eagerly (logged, counted).
+
+On CPU the same step runs eagerly with exact shapes (no buckets: padded rows and columns would
+cost real arithmetic there). `graphs="emulate"` runs the bucketed, static-buffer path on any device
+without capturing, which is how the tests check its bookkeeping without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_WIDTH = 256  # widths round up to powers of two from here (graphs) or to multiples of 16 (eager)
+
+
+def batch_bucket(rows: int, most: int) -> int:
+    """The captured batch size that holds `rows` rows: the next bucket, or `most` past the last one below it."""
+    for size in BATCH_BUCKETS:
+        if size >= rows:
+            return min(size, max(most, rows))
+    return rows
+
+
+def width_bucket(width: int) -> int:
+    """The captured number of key columns that holds `width`: a power of two, at least MIN_WIDTH."""
+    size = MIN_WIDTH
+    while size < width:
+        size *= 2
+    return size
+
+
+def slot_support(model) -> str | None:
+    """Why `model` cannot run on slots (None: it can). The forward must be transformers' own
+    (remote code keeps its own cache format), with full attention in every layer (a sliding window
+    needs its own mask) and an attention that takes a 4D mask (sdpa or eager). `SlotDecoder.check`
+    then compares the slot step with the plain one on the real weights."""
+    if not type(model).__module__.startswith("transformers.models."):
+        return "its modelling code ships with the model"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return "sliding-window or mixed attention layers"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"a sliding window of {config.sliding_window}"
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention implementation {config._attn_implementation!r}"
+    if getattr(config, "num_hidden_layers", None) is None or getattr(config, "num_attention_heads", None) is None:
+        return "its config names no layer or head counts"
+    return None
+
+
+def cuda_graphs_wanted(device: torch.device) -> bool | str:
+    """CUDA graphs on a CUDA device unless LLMSITE_CUDA_GRAPHS=0; LLMSITE_CUDA_GRAPHS=emulate runs
+    the bucketed static path without capturing (any device)."""
+    setting = os.environ.get("LLMSITE_CUDA_GRAPHS", "1").strip().lower()
+    if setting == "emulate":
+        return "emulate"
+    return device.type == "cuda" and setting not in ("0", "false", "no", "off")
+
+
+class SlotCache:
+    """The key and value buffers of every layer, [rows, kv heads, columns, head dim], read by the
+    model's attention through `update` (the part of transformers' Cache API a forward uses)."""
+
+    is_compileable = False
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.layers = config.num_hidden_layers
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.device, self.dtype = device, dtype
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.rows = self.columns = 0
+        self.generation = 0  # bumped when the buffers move: graphs captured over the old ones are void
+        self._write_rows = self._write_at = None
+        self._width = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @torch.inference_mode()
+    def ensure(self, rows: int, columns: int) -> bool:
+        """Grow the buffers (doubling) to hold `rows` x `columns`; True when they moved."""
+        if rows <= self.rows and columns <= self.columns:
+            return False
+        new_rows, new_columns = max(self.rows, 1), max(self.columns, 16)
+        while new_rows < rows:
+            new_rows *= 2
+        while new_columns < columns:
+            new_columns *= 2
+        shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
+        for buffers in (self.keys, self.values):
+            for layer in range(self.layers):
+                grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if buffers[layer:]:
+                    old = buffers[layer]
+                    grown[: old.shape[0], :, : old.shape[2]] = old
+                    buffers[layer] = grown
+                else:
+                    buffers.append(grown)
+        self.rows, self.columns = new_rows, new_columns
+        self.generation += 1
+        return True
+
+    @torch.inference_mode()
+    def store(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A prefilled request's rows ([kv heads, length, head dim]) into its slot, from column 0."""
+        length = keys.shape[1]
+        self.keys[layer][slot, :, :length] = keys
+        self.values[layer][slot, :, :length] = values
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int, length: int) -> None:
+        """Slot `source`'s first `length` columns to slot `target` (a request moving down a row)."""
+        for buffers in (self.keys, self.values):
+            for layer in buffers:
+                layer[target, :, :length] = layer[source, :, :length]
+
+    def bind(self, write_rows: torch.Tensor, write_at: torch.Tensor, width: int) -> None:
+        """What the next forward writes (row i's new key at column write_at[i]) and reads (`width` columns)."""
+        self._write_rows, self._write_at, self._width = write_rows, write_at, width
+
+    # --- what the model's forward calls -----------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows = key_states.shape[0]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[self._write_rows, :, self._write_at] = key_states[:, :, -1]
+        values[self._write_rows, :, self._write_at] = value_states[:, :, -1]
+        return keys[:rows, :, : self._width], values[:rows, :, : self._width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._width
+
+    def __len__(self) -> int:
+        return self.layers
+
+
+class SlotDecoder:
+    """One decode step of the running rows over a SlotCache: eager with exact shapes, or
+    bucketed over static buffers and replayed as CUDA graphs (see the module's docstring)."""
+
+    def __init__(self, model, *, cache_arg: str, last_only: dict, max_rows: int, graphs: bool | str = False):
+        self.model = model
+        self.last_only = last_only  # {"logits_to_keep": 1} where the forward takes it
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache = SlotCache(model, self.device, self.dtype)
+        self.cache_arg = cache_arg
+        self.max_rows = max_rows
+        self.graphs = graphs  # False, True (capture on CUDA) or "emulate"
+        self.captures = 0  # graphs captured (or, emulated, recorded) in this engine's life
+        self.capture_failures = 0
+        self._graphs: dict[tuple[int, int, int], object] = {}
+        self._static = None  # [2, rows]: input ids, then each row's write column (its position)
+        self._host = None
+        self._pool = None
+        self._mask_value = torch.finfo(self.dtype).min
+
+    # --- the step ------------------------------------------------------------------------
+    def decode(self, ids: list[int], positions: list[int]) -> torch.Tensor:
+        """The logits [rows, vocab] of each row's next token; row i's input is ids[i] at
+        position positions[i] (its key is written at that column)."""
+        rows, width = len(ids), max(positions) + 1
+        if not self.graphs:
+            columns = -(-width // 16) * 16
+            self.cache.ensure(rows, columns)
+            inputs = torch.tensor([ids, positions], device=self.device)
+            return self._forward(inputs, rows, columns)
+        size, columns = batch_bucket(rows, self.max_rows), width_bucket(width)
+        if self.cache.ensure(size, columns):
+            self._graphs.clear()
+        self._static_inputs(self.cache.rows)
+        self._host[0, :rows] = torch.tensor(ids)
+        self._host[1, :rows] = torch.tensor(positions)
+        self._host[:, rows:size] = 0  # padding rows write column 0 of slots nobody holds
+        self._static[:, :size].copy_(self._host[:, :size], non_blocking=True)
+        key = (size, columns, self.cache.generation)
+        replay = self._graphs.get(key)
+        if replay is None:
+            replay = self._graphs[key] = self._capture(size, columns)
+        return replay()[:rows]
+
+    def check(self, prompt_ids: list[int]) -> float:
+        """The largest difference between this step's logits and the model's plain forward with a
+        DynamicCache, for two tokens after `prompt_ids`, relative to the largest logit (at least 1):
+        a load-time check of the slot path on the real weights (on CUDA: of the captured graph)."""
+        from transformers import DynamicCache
+
+        with torch.inference_mode():
+            reference_cache = DynamicCache()
+            ids = torch.tensor([prompt_ids], device=self.device)
+            self.model(input_ids=ids, use_cache=True, **{self.cache_arg: reference_cache})
+            self.store(0, reference_cache, 0, 0, len(prompt_ids))
+            worst = 0.0
+            for step, token in enumerate((prompt_ids[-1], prompt_ids[0])):
+                position = len(prompt_ids) + step
+                expected = self.model(
+                    input_ids=torch.tensor([[token]], device=self.device),
+                    position_ids=torch.tensor([[position]], device=self.device),
+                    use_cache=True, **{self.cache_arg: reference_cache},
+                ).logits[0, -1].float()
+                got = self.decode([token], [position])[0].float()
+                worst = max(worst, float((got - expected).abs().max()) / max(1.0, float(expected.abs().max())))
+        return worst
+
+    def store(self, slot: int, cache, row: int, start: int, end: int) -> None:
+        """Columns [start, end) of `row` of a prefill's DynamicCache into `slot`, from column 0."""
+        self.cache.ensure(slot + 1, end - start + 1)
+        for layer, part in enumerate(cache.layers):
+            self.cache.store(slot, layer, part.keys[row, :, start:end], part.values[row, :, start:end])
+
+    # --- eager and captured steps ---------------------------------------------------------
+    def _forward(self, inputs: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        """The model's forward over the first `rows` rows and `columns` columns (inputs: [2, >= rows])."""
+        ids, positions = inputs[0, :rows].unsqueeze(1), inputs[1, :rows].unsqueeze(1)
+        self.cache.bind(self._row_index(rows), inputs[1, :rows], columns)
+        visible = torch.arange(columns, device=self.device).unsqueeze(0) <= positions  # [rows, columns]
+        mask = torch.zeros(visible.shape, device=self.device, dtype=self.dtype).masked_fill_(~visible, self._mask_value)
+        output = self.model(
+            input_ids=ids, position_ids=positions, attention_mask=mask[:, None, None, :],
+            use_cache=True, **self.last_only, **{self.cache_arg: self.cache},
+        )
+        return output.logits[:, -1, :]
+
+    def _row_index(self, rows: int) -> torch.Tensor:
+        if getattr(self, "_rows_index", None) is None or self._rows_index.shape[0] < rows:
+            self._rows_index = torch.arange(max(rows, self.cache.rows), device=self.device)
+        return self._rows_index[:rows]
+
+    def _static_inputs(self, rows: int) -> None:
+        if self._static is not None and self._static.shape[1] >= rows:
+            return
+        self._static = torch.zeros((2, rows), dtype=torch.long, device=self.device)
+        self._host = torch.zeros((2, rows), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._rows_index = torch.arange(rows, device=self.device)
+        self._graphs.clear()  # they read the old static buffers
+
+    def _capture(self, rows: int, columns: int):
+        """A replayable step for `rows` x `columns` over the static buffers."""
+        self.captures += 1
+
+        def eager():
+            return self._forward(self._static, rows, columns)
+
+        if self.graphs == "emulate" or self.device.type != "cuda":
+            return eager
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm up (cuBLAS handles, autotuning) off the capture
+                for _ in range(2):
+                    eager()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = eager()
+        except Exception:  # an op that cannot be captured: this bucket stays eager
+            self.capture_failures += 1
+            log.exception("CUDA graph capture failed for %d rows x %d columns; that step runs eagerly", rows, columns)
+            torch.cuda.synchronize(self.device)
+            return eager
+
+        def replay():
+            graph.replay()
+            return logits
+
+        return replay
