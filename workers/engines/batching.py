@@ -26,12 +26,13 @@ import os
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import DynamicCache
 
+from workers.engines.batch_sampling import sample_rows, sample_token, start_sampling
 from workers.engines.scheduling import BatchRequest, Scheduler
 from workers.engines.slots import SlotDecoder, cuda_graphs_wanted, slot_support
 
-__all__ = ["BatchRequest", "BatchingScheduler", "sample_rows", "sample_token", "start_sampling"]
+__all__ = ["BatchRequest", "BatchingScheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class _SlotBatch:
     def finish(self, rows: list[int]) -> None:
         for row in rows:
             self.requests[row] = None
+        if rows and not self.alive:
+            self.compact()
 
     def compact(self) -> None:
         """Fill each finished row with the last running one (one row's copy each), so the running
@@ -141,6 +144,8 @@ class _SlotBatch:
             while self.requests and self.requests[-1] is None:
                 self._pop()
             if None not in self.requests:
+                if not self.requests and not self.decoder.graphs:
+                    self.decoder.cache.release()  # idle: the memory goes back (it grows again by doubling)
                 return
             hole, last = self.requests.index(None), len(self.requests) - 1
             self.decoder.cache.move(last, hole, self.positions[last])
@@ -380,66 +385,3 @@ class BatchingScheduler(Scheduler):
             request.out.put(("error", message))
         self._batch = self._new_batch()
         self._prefilling = None
-
-
-def sample_rows(requests: list[BatchRequest | None], logits: torch.Tensor, generator: torch.Generator) -> list[int]:
-    """The next token of every row, with one copy to the host: the argmax for greedy rows, and for
-    sampled rows (temperature, top-k, top-p, each its own) one draw in one batch: the exponential
-    race argmax(p / E), E ~ Exp(1), which picks token t with probability p[t]. A row with a seed
-    draws its E from its own generator (its answer does not depend on its neighbours); the others
-    share `generator`. Rows with a TokenPolicy (or None) get the argmax here; the caller redoes them."""
-    tokens = logits.argmax(-1)
-    rows = [i for i, r in enumerate(requests) if r is not None and not r.greedy and r.policy is None]
-    if rows:
-        tokens[torch.tensor(rows, device=logits.device)] = _draw([requests[i] for i in rows], logits[rows], generator)
-    return tokens.tolist()
-
-
-def _draw(requests: list[BatchRequest], logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([r.temperature or 1.0 for r in requests], device=device).unsqueeze(1)
-    scores = logits.float() / temperature
-    order = None
-    if any(0 < r.top_k < vocab or r.top_p < 1.0 for r in requests):
-        scores, order = scores.sort(dim=-1, descending=True)
-        top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in requests], device=device).unsqueeze(1)
-        scores = scores.masked_fill(torch.arange(vocab, device=device) >= top_k, float("-inf"))
-        probs = scores.softmax(-1)
-        top_p = torch.tensor([r.top_p if r.top_p < 1.0 else 2.0 for r in requests], device=device).unsqueeze(1)
-        # keep the fewest best tokens whose mass reaches top_p (the best one always)
-        scores = scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
-    probs = scores.softmax(-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    for row, request in enumerate(requests):
-        if request.seed is not None:
-            race[row].exponential_(generator=request.generator)
-    choice = (probs / race.clamp_(min=1e-20)).argmax(-1)
-    return choice if order is None else order.gather(1, choice.unsqueeze(1)).squeeze(1)
-
-
-def start_sampling(request: BatchRequest, device) -> None:
-    """The request's random generator (seeded where it names a seed) and its sampling settings."""
-    request.generator = torch.Generator(device=device)
-    if request.seed is not None:
-        request.generator.manual_seed(request.seed)
-    else:
-        request.generator.seed()
-    request.processors = _processors(request)
-
-
-def sample_token(request: BatchRequest, logits: torch.Tensor) -> int:
-    """One token drawn from a row of logits with the request's settings and generator (start_sampling)."""
-    scores = request.processors(None, logits.float().unsqueeze(0))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=request.generator))
-
-
-def _processors(request: BatchRequest) -> LogitsProcessorList:
-    processors = LogitsProcessorList()
-    if request.temperature and request.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(request.temperature))
-    if request.top_k:
-        processors.append(TopKLogitsWarper(request.top_k))
-    if request.top_p < 1.0:
-        processors.append(TopPLogitsWarper(request.top_p))
-    return processors

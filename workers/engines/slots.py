@@ -121,6 +121,12 @@ class SlotCache:
         self.generation += 1
         return True
 
+    def release(self) -> None:
+        """Give the buffers back (an idle CPU engine; graphs would hold their addresses)."""
+        self.keys, self.values = [], []
+        self.rows = self.columns = 0
+        self.generation += 1
+
     @torch.inference_mode()
     def store(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A prefilled request's rows ([kv heads, length, head dim]) into its slot, from column 0."""

@@ -143,6 +143,7 @@ class TransformersEngine(QueuedEngine):
         self.scheduler = BatchingScheduler(
             self.model, max_batch_size=deployment.max_batch_size, name=f"engine-{deployment.name}"
         )
+        self.load_notes.append(f"decode steps: {self.scheduler.decode_mode}")
 
     def vocab_width(self) -> int:
         head = self.model.get_output_embeddings()

@@ -1,0 +1,257 @@
+"""The transformers engine's slot decoding (workers/engines/slots.py) on CPU: the eager path the
+CPU runs, the bucketed static-buffer path a GPU captures as CUDA graphs (emulated here: the same
+buffers and buckets, replayed without capturing), the fallback to the padded cache, and the
+batched sampler (`sample_rows`)."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from chat.models import Deployment
+from llmsite.contract import SamplingParams
+from tests.workers.test_batching import QUESTIONS, ask, ask_all, greedy
+from workers.engines.batch_sampling import sample_rows, start_sampling
+from workers.engines.batching import BatchingScheduler, BatchRequest
+from workers.engines.slots import BATCH_BUCKETS, SlotCache, batch_bucket, slot_support, width_bucket
+
+
+def _engine(monkeypatch_env: dict, django_db_blocker):
+    from workers.engines.transformers_engine import TransformersEngine
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in monkeypatch_env.items():
+            patch.setenv(name, value)
+        with django_db_blocker.unblock():
+            deployment = Deployment.objects.get(name="default")
+        return TransformersEngine(deployment)
+
+
+@pytest.fixture(scope="module")
+def engines(django_db_setup, django_db_blocker):
+    """The default model three ways: slots as the CPU runs them, slots over static buffers and
+    buckets as a GPU runs them (capture emulated), and the padded cache (slots off)."""
+    made = {
+        "eager": _engine({}, django_db_blocker),
+        "static": _engine({"LLMSITE_CUDA_GRAPHS": "emulate"}, django_db_blocker),
+        "padded": _engine({"LLMSITE_SLOTS": "0"}, django_db_blocker),
+    }
+    yield made
+    for engine in made.values():
+        engine.scheduler.stop()
+
+
+def test_the_default_model_decodes_on_slots_on_a_cpu_without_graphs(engines):
+    eager = engines["eager"]
+    assert eager.scheduler.decode_mode == "slots"
+    assert eager.scheduler.decoder.graphs is False
+    assert "decode steps: slots" in eager.load_notes
+    assert engines["static"].scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated)"
+    assert engines["padded"].scheduler.decode_mode == "padded cache (LLMSITE_SLOTS=0)"
+
+
+def test_sixteen_batched_greedy_answers_are_the_same_on_slots_static_buffers_and_the_padded_cache(engines):
+    # Prompts of different lengths join at different times: each row writes at its own column.
+    questions = [q + " Answer in one sentence." * (i % 4) for i, q in enumerate(QUESTIONS)]
+    reference = [ask(engines["padded"], q, greedy(20))[0] for q in questions]
+    for kind in ("eager", "static"):
+        batched = ask_all(engines[kind], questions, greedy(20))
+        assert [text for text, _ in batched] == reference, kind
+
+
+def test_the_static_path_captures_per_bucket_not_per_sequence_length(engines):
+    decoder = engines["static"].scheduler.decoder
+    ask(engines["static"], "warm up", greedy(4))
+    before = decoder.captures
+    lengths = set()
+    for i in range(8):  # eight prompt lengths, one stream, all within the first width bucket
+        question = "What is the capital of France?" + " Please." * i
+        text, result = ask(engines["static"], question, greedy(6))
+        lengths.add(result.prompt_tokens)
+    assert len(lengths) == 8
+    assert decoder.captures == before, "a new sequence length captured a new step"
+
+
+def test_an_aborted_request_on_the_static_path_frees_its_row_and_the_others_finish(engines):
+    from tests.workers import test_batching  # the padded cache's checks, on static buffers
+
+    test_batching.test_an_aborted_request_frees_its_slot_and_the_others_finish(engines["static"])
+    test_batching.test_aborting_one_of_sixteen_streams_leaves_the_other_fifteen_whole(engines["static"])
+    assert engines["static"].scheduler._batch.requests == []
+
+
+def test_an_idle_cpu_engine_gives_its_slot_buffers_back(engines):
+    import time
+
+    cache = engines["eager"].scheduler.decoder.cache
+    ask_all(engines["eager"], QUESTIONS[:3], greedy(4))
+    deadline = time.monotonic() + 10  # the engine thread compacts just after the last "done"
+    while cache.rows and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cache.rows == 0 and cache.keys == []
+    static = engines["static"].scheduler.decoder.cache
+    assert static.rows > 0, "the static path keeps its buffers (graphs hold their addresses)"
+
+
+def test_seeded_sampling_is_the_same_alone_and_beside_other_rows_on_slots(engines):
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=30, top_p=0.9, do_sample=True, seed=7)
+    alone = ask(engines["eager"], "Write a short poem about rain.", params)[0]
+    beside = ask_all(engines["static"], ["Write a short poem about rain."] + QUESTIONS[:3], [params] + [greedy(12)] * 3)
+    assert beside[0][0] == alone
+
+
+# --- which models decode on slots ---------------------------------------------------------------
+
+
+def _tiny(architecture: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        architecture, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_a_sliding_window_keeps_the_padded_cache_and_says_why():
+    scheduler = BatchingScheduler(_tiny("mistral", sliding_window=8), max_batch_size=4)
+    try:
+        assert scheduler.decode_mode == "padded cache (a sliding window of 8)"
+    finally:
+        scheduler.stop()
+    assert slot_support(_tiny("mistral", sliding_window=None)) is None
+
+
+def test_modelling_code_shipped_with_the_model_keeps_the_padded_cache():
+    from transformers import LlamaForCausalLM
+
+    class Shipped(LlamaForCausalLM):  # defined outside transformers, as remote code is
+        pass
+
+    model = Shipped(_tiny("llama").config).eval()
+    assert slot_support(model) == "its modelling code ships with the model"
+
+
+def test_a_slot_step_that_disagrees_with_the_plain_forward_is_not_used(monkeypatch):
+    # A cache that writes each new key one column too far: the load-time check must catch it.
+    original = SlotCache.bind
+    monkeypatch.setattr(SlotCache, "bind", lambda self, rows, at, width: original(self, rows, at + 1, width + 1))
+    scheduler = BatchingScheduler(_tiny("llama"), max_batch_size=4)
+    try:
+        assert scheduler.decoder is None
+        assert scheduler.decode_mode.startswith("padded cache (the slot step's logits differ from the plain forward's by")
+    finally:
+        scheduler.stop()
+
+
+def test_tiny_llama_and_qwen2_greedy_on_slots_equal_transformers_generate():
+    for architecture in ("llama", "qwen2"):
+        model = _tiny(architecture)
+        scheduler = BatchingScheduler(model, max_batch_size=4)
+        assert scheduler.decode_mode == "slots", architecture
+        prompts = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3], [11] * 12]
+        requests = [BatchRequest(id=str(i), prompt_ids=p, max_new_tokens=10, greedy=True) for i, p in enumerate(prompts)]
+        for request in requests:
+            scheduler.submit(request)
+        got = [_tokens(request) for request in requests]
+        scheduler.stop()
+        for prompt, tokens in zip(prompts, got):
+            assert tokens == _greedy_without_cache(model, prompt, 10), architecture
+
+
+def _greedy_without_cache(model, prompt: list[int], count: int) -> list[int]:
+    """The reference: each token from a full forward over the whole sequence (no cache at all)."""
+    sequence = list(prompt)
+    with torch.inference_mode():
+        for _ in range(count):
+            sequence.append(int(model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+def _tokens(request: BatchRequest) -> list[int]:
+    tokens = []
+    while True:
+        kind, value = request.out.get(timeout=60)
+        if kind != "token":
+            return tokens
+        tokens.append(value)
+
+
+# --- buckets ---------------------------------------------------------------------------------
+
+
+def test_batch_buckets_hold_the_rows_and_stop_at_the_engine_size():
+    assert [batch_bucket(n, 64) for n in (1, 2, 3, 5, 9, 17, 25, 33, 49, 64)] == [1, 2, 4, 8, 16, 24, 32, 48, 64, 64]
+    assert batch_bucket(20, 20) == 20 and batch_bucket(300, 300) == 300
+    assert all(batch_bucket(n, 256) >= n for n in range(1, 257))
+    assert len({batch_bucket(n, 256) for n in range(1, 257)}) == len(BATCH_BUCKETS)
+
+
+def test_width_buckets_are_powers_of_two_from_256():
+    assert [width_bucket(w) for w in (1, 256, 257, 600, 1025)] == [256, 256, 512, 1024, 2048]
+
+
+# --- the batched sampler -------------------------------------------------------------------------
+
+
+def _row(greedy=False, **settings) -> BatchRequest:
+    request = BatchRequest(id="r", prompt_ids=[1], max_new_tokens=1, greedy=greedy, **settings)
+    start_sampling(request, "cpu")
+    return request
+
+
+def _generator(seed=0):
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+LOGITS = torch.log(torch.tensor([0.1, 0.4, 0.3, 0.2]))  # best: 1, then 2, 3, 0
+
+
+def test_greedy_top_k_1_and_tiny_top_p_rows_take_the_argmax_in_one_batch():
+    rows = [_row(greedy=True), _row(top_k=1), _row(top_p=1e-6), None]
+    assert sample_rows(rows, LOGITS.repeat(4, 1), _generator()) == [1, 1, 1, 1]
+
+
+def test_sampled_rows_follow_their_distributions():
+    generator = _generator()
+    draws = {"plain": Counter(), "top_k2": Counter(), "top_p": Counter()}
+    rows = [_row(), _row(top_k=2), _row(top_p=0.5)]
+    for _ in range(4000):
+        plain, top_k2, top_p = sample_rows(rows, LOGITS.repeat(3, 1), generator)
+        draws["plain"][plain] += 1
+        draws["top_k2"][top_k2] += 1
+        draws["top_p"][top_p] += 1
+    share = {kind: {t: n / 4000 for t, n in counter.items()} for kind, counter in draws.items()}
+    for token, p in enumerate([0.1, 0.4, 0.3, 0.2]):
+        assert abs(share["plain"].get(token, 0) - p) < 0.03, share["plain"]
+    assert set(share["top_k2"]) == {1, 2} and abs(share["top_k2"][1] - 4 / 7) < 0.03
+    # top_p 0.5 keeps the fewest best tokens reaching 0.5: 0.4 + 0.3
+    assert set(share["top_p"]) == {1, 2} and abs(share["top_p"][1] - 4 / 7) < 0.03
+
+
+def test_temperature_flattens_a_row():
+    generator = _generator()
+    cold, hot = _row(temperature=0.2), _row(temperature=5.0)
+    counts = Counter()
+    for _ in range(2000):
+        a, b = sample_rows([cold, hot], LOGITS.repeat(2, 1), generator)
+        counts["cold_best"] += a == 1
+        counts["hot_best"] += b == 1
+    expected = {t: torch.softmax(LOGITS / t, -1)[1].item() for t in (0.2, 5.0)}  # 0.787 and 0.283
+    assert abs(counts["cold_best"] / 2000 - expected[0.2]) < 0.04
+    assert abs(counts["hot_best"] / 2000 - expected[5.0]) < 0.04
+
+
+def test_a_seeded_row_draws_the_same_whatever_its_neighbours():
+    def run(neighbours: int, seed_of_others: int) -> list[int]:
+        mine = _row(seed=5, top_k=3)
+        rows = [mine] + [_row(seed=seed_of_others) for _ in range(neighbours)]
+        generator = _generator(seed_of_others)
+        return [sample_rows(rows, LOGITS.repeat(len(rows), 1), generator)[0] for _ in range(40)]
+
+    alone = run(0, 1)
+    assert run(3, 2) == alone and run(5, 3) == alone
+    assert len(set(alone)) > 1
