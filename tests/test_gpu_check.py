@@ -1,0 +1,41 @@
+"""bench/gpu_check.py (issue 24's GPU check) runs end to end on CPU in its quick mode, with the
+bucketed static-buffer path the GPU captures as CUDA graphs (emulated here), so the one device
+run a GPU session gets is not spent on a broken script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
+    folder, out = tmp_path / "smollm2", tmp_path / "gpu.json"
+    script = str(ROOT / "bench" / "gpu_check.py")
+    subprocess.run([sys.executable, script, "--write-folder", str(folder)], check=True, timeout=300)
+    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    assert not list(folder.glob("*.safetensors")), "the folder carries no weights"
+    env = {**os.environ, "LLMSITE_CUDA_GRAPHS": "emulate", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, script, str(folder), str(out), "--quick"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["quick"] is True
+    assert report["fp32_batched_equals_single"] == 16
+    assert report["abort_others_whole"] == 7 and report["abort_running_after"] == 0
+    assert 3 <= report["abort_victim_tokens"] < 32
+    for name in ("135M", "1B"):
+        entry = report[name]
+        assert entry["decode_mode"] == "slots, static buffers (CUDA graphs emulated)"
+        # buckets, not lengths: 1 and 8 streams over prompts of several lengths, a handful of steps
+        assert 1 <= entry["graph_captures"] <= 6 and entry["graph_capture_failures"] == 0
+        for key in ("engine_tok_s_1", "engine_tok_s_8", "generate_tok_s_1", "generate_tok_s_8"):
+            assert entry[key] > 0, key
+        for key in ("generate_batch_tok_s_1", "generate_batch_tok_s_8"):
+            assert isinstance(entry[key], float) or entry[key].startswith("failed: "), entry[key]
+        assert entry["engine_8_vs_1"] > 0 and entry["weight_bytes"] > 0
+    assert report["targets"]["fp32_16_of_16_equal"] is True
+    assert report["targets"]["abort_leaves_others_whole_and_frees_row"] is True
