@@ -32,7 +32,6 @@ MODEL_FOLDER is written here, where the default model's package is installed, by
 import importlib.util
 import json
 import sys
-import threading
 import time
 import types
 from pathlib import Path

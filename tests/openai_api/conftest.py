@@ -22,6 +22,11 @@ LANGCHAIN_KNOWN_FAILURES = {
     "test_agent_loop": (_TOOLS_AUTO, True),
     "test_tool_calling": ("a 135M model's call is valid against the schema but its argument value is wrong", False),
     "test_tool_calling_async": ("a 135M model's call is valid against the schema but its argument value is wrong", False),
+    "test_bind_runnables_as_tools": (
+        "the call to the runnable-made tool is valid against its schema, but the 135M model once left "
+        "answer_style empty ('' in the clean-clone run of 2026-12-05; greedy, it filled it in every run before)",
+        False,
+    ),
     "test_unicode_tool_call_integration": (
         "a 135M model copies the Chinese name into its (schema-valid) call, but not always the Japanese one: "
         "it wrote 'アマティッカー' for 'こんにちは株式会社' here and in CI, and copied it in another run",

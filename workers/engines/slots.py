@@ -279,7 +279,9 @@ class SlotDecoder:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the worker's other engines (and its embedding model) keep launching work
+            # from their own threads while this one captures
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 logits = eager()
         except Exception:  # an op that cannot be captured: this bucket stays eager
             self.capture_failures += 1
