@@ -148,6 +148,7 @@ def generate_batch_rate(model, batch, new_tokens) -> float | str:
     """generate_batch's rate over the requests' own lifespans (its manager's start not counted),
     or why it could not run."""
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    attention = model.config._attn_implementation
     try:
         with torch.inference_mode():
             started = time.perf_counter()
@@ -155,6 +156,9 @@ def generate_batch_rate(model, batch, new_tokens) -> float | str:
             wall = time.perf_counter() - started
     except Exception as exc:  # its API moves between transformers releases
         return f"failed: {type(exc).__name__}: {exc}"[:300]
+    finally:  # transformers 5.17 leaves the model on its paged attention, which a plain forward refuses
+        if model.config._attn_implementation != attention:
+            model.set_attn_implementation(attention)
     results = list(outputs.values())
     tokens = sum(len(r.generated_tokens) for r in results)
     spans = [r.lifespan for r in results if getattr(r, "lifespan", (-1, -1))[0] > 0]
