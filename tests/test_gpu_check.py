@@ -26,7 +26,8 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     assert report["device"] == "cpu" and report["quick"] is True
     assert report["fp32_batched_equals_single"] == 16
     assert report["abort_others_whole"] == 7 and report["abort_running_after"] == 0
-    assert 3 <= report["abort_victim_tokens"] < 32
+    assert 3 <= report["abort_victim_tokens"] < 32 and report["abort_victim_finish"] == "cancelled"
+    assert not [key for key in report if key.endswith("_error")], report
     for name in ("135M", "1B"):
         entry = report[name]
         assert entry["decode_mode"] == "slots, static buffers (CUDA graphs emulated)"

@@ -255,3 +255,17 @@ def test_a_seeded_row_draws_the_same_whatever_its_neighbours():
     alone = run(0, 1)
     assert run(3, 2) == alone and run(5, 3) == alone
     assert len(set(alone)) > 1
+
+
+def test_a_reused_slot_holds_zeros_past_its_request_not_the_last_ones_values():
+    # Masked columns still enter the attention's sum as 0 x value: an inf left there would be NaN.
+    cache = SlotCache(_tiny("llama"), torch.device("cpu"), torch.float32)
+    cache.ensure(2, 16)
+    for layer in range(cache.layers):
+        with torch.inference_mode():  # the buffers are inference tensors, as in the engine's thread
+            cache.keys[layer].fill_(float("inf"))
+            cache.values[layer].fill_(float("inf"))
+        cache.store(0, layer, torch.ones(cache.kv_heads, 3, cache.head_dim), torch.ones(cache.kv_heads, 3, cache.head_dim))
+    cache.move(0, 1, 3)
+    for buffers in (cache.keys, cache.values):
+        assert all(bool(torch.isfinite(layer[:2]).all()) and float(layer[:2, :, 3:].abs().sum()) == 0 for layer in buffers)

@@ -212,7 +212,7 @@ class BatchingScheduler(Scheduler):
         dtype = next(model.parameters()).dtype
         decoder = SlotDecoder(
             model, cache_arg=self._cache_arg, last_only=self._last_only, max_rows=max_batch_size,
-            graphs=cuda_graphs_wanted(self.device),
+            graphs=cuda_graphs_wanted(self.device, model),
         )
         vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
         probe = [(7 * i + 3) % vocab for i in range(1, 12)]

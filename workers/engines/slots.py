@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import torch
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+_CAPTURE = threading.Lock()  # one capture at a time in the process (captures share torch's capture stream)
 MIN_WIDTH = 256  # widths round up to powers of two from here (graphs) or to multiples of 16 (eager)
 
 
@@ -66,12 +68,19 @@ def slot_support(model) -> str | None:
     return None
 
 
-def cuda_graphs_wanted(device: torch.device) -> bool | str:
-    """CUDA graphs on a CUDA device unless LLMSITE_CUDA_GRAPHS=0; LLMSITE_CUDA_GRAPHS=emulate runs
+def cuda_graphs_wanted(device: torch.device, model=None) -> bool | str:
+    """CUDA graphs on a CUDA device unless LLMSITE_CUDA_GRAPHS=0 or the model's rotary embedding
+    reads the positions on the host (dynamic and longrope scaling); LLMSITE_CUDA_GRAPHS=emulate runs
     the bucketed static path without capturing (any device)."""
     setting = os.environ.get("LLMSITE_CUDA_GRAPHS", "1").strip().lower()
     if setting == "emulate":
         return "emulate"
+    if model is not None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+        kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
+        if "dynamic" in kind or kind == "longrope":
+            return False
     return device.type == "cuda" and setting not in ("0", "false", "no", "off")
 
 
@@ -108,6 +117,7 @@ class SlotCache:
         while new_columns < columns:
             new_columns *= 2
         shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
+        self.generation += 1  # first: a failed allocation below must not leave graphs over freed buffers
         for buffers in (self.keys, self.values):
             for layer in range(self.layers):
                 grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -118,7 +128,6 @@ class SlotCache:
                 else:
                     buffers.append(grown)
         self.rows, self.columns = new_rows, new_columns
-        self.generation += 1
         return True
 
     def release(self) -> None:
@@ -133,6 +142,9 @@ class SlotCache:
         length = keys.shape[1]
         self.keys[layer][slot, :, :length] = keys
         self.values[layer][slot, :, :length] = values
+        # masked columns must hold finite values (0 x inf is NaN in the attention's sum)
+        self.keys[layer][slot, :, length:] = 0
+        self.values[layer][slot, :, length:] = 0
 
     @torch.inference_mode()
     def move(self, source: int, target: int, length: int) -> None:
@@ -140,6 +152,7 @@ class SlotCache:
         for buffers in (self.keys, self.values):
             for layer in buffers:
                 layer[target, :, :length] = layer[source, :, :length]
+                layer[target, :, length:] = 0
 
     def bind(self, write_rows: torch.Tensor, write_at: torch.Tensor, width: int) -> None:
         """What the next forward writes (row i's new key at column write_at[i]) and reads (`width` columns)."""
@@ -176,6 +189,7 @@ class SlotDecoder:
         self.captures = 0  # graphs captured (or, emulated, recorded) in this engine's life
         self.capture_failures = 0
         self._graphs: dict[tuple[int, int, int], object] = {}
+        self._graphs_generation = -1
         self._static = None  # [2, rows]: input ids, then each row's write column (its position)
         self._host = None
         self._pool = None
@@ -192,8 +206,10 @@ class SlotDecoder:
             inputs = torch.tensor([ids, positions], device=self.device)
             return self._forward(inputs, rows, columns)
         size, columns = batch_bucket(rows, self.max_rows), width_bucket(width)
-        if self.cache.ensure(size, columns):
+        self.cache.ensure(size, columns)
+        if self._graphs_generation != self.cache.generation:  # the buffers moved (here or in store)
             self._graphs.clear()
+            self._graphs_generation = self.cache.generation
         self._static_inputs(self.cache.rows)
         self._host[0, :rows] = torch.tensor(ids)
         self._host[1, :rows] = torch.tensor(positions)
@@ -269,6 +285,11 @@ class SlotDecoder:
 
         if self.graphs == "emulate" or self.device.type != "cuda":
             return eager
+        with _CAPTURE:
+            return self._capture_cuda(eager, rows, columns)
+
+    def _capture_cuda(self, eager, rows: int, columns: int):
+        current = torch.cuda.current_stream(self.device)
         try:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -283,9 +304,11 @@ class SlotDecoder:
             # from their own threads while this one captures
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 logits = eager()
-        except Exception:  # an op that cannot be captured: this bucket stays eager
+        except Exception:  # an op that cannot be captured: this decoder runs eagerly from now on
+            torch.cuda.set_stream(current)  # a failed capture can leave its capture stream current
             self.capture_failures += 1
-            log.exception("CUDA graph capture failed for %d rows x %d columns; that step runs eagerly", rows, columns)
+            self.graphs = False
+            log.exception("CUDA graph capture failed for %d rows x %d columns; decode steps run eagerly", rows, columns)
             torch.cuda.synchronize(self.device)
             return eager
 
