@@ -30,14 +30,32 @@ from transformers import DynamicCache
 
 from workers.engines.batch_sampling import sample_rows, sample_token, start_sampling
 from workers.engines.scheduling import BatchRequest, Scheduler
-from workers.engines.slots import SlotDecoder, cuda_graphs_wanted, slot_support
+from workers.engines.slots import SlotDecoder, cuda_graphs_wanted, slot_support, text_config
 
 __all__ = ["BatchRequest", "BatchingScheduler"]
 
 log = logging.getLogger(__name__)
 
 
-class _Batch:
+class _Rows:
+    """The running requests of a batch, row by row; a finished row is None until compacted away."""
+
+    requests: list[BatchRequest | None]
+
+    @property
+    def alive(self) -> int:
+        return sum(r is not None for r in self.requests)
+
+    @property
+    def dead(self) -> int:
+        return len(self.requests) - self.alive
+
+    def finish(self, rows: list[int]) -> None:
+        for row in rows:
+            self.requests[row] = None
+
+
+class _Batch(_Rows):
     """The running requests and their shared, left-padded KV cache.
 
     A finished row is only marked dead (None) and compacted away later, several at a time:
@@ -54,14 +72,6 @@ class _Batch:
     def width(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
-    @property
-    def alive(self) -> int:
-        return sum(r is not None for r in self.requests)
-
-    @property
-    def dead(self) -> int:
-        return len(self.requests) - self.alive
-
     def add_group(self, cache: DynamicCache, pads: list[int], requests: list[BatchRequest], first_tokens: list[int]) -> None:
         """Stack a prefilled group (its own left-padded cache) under the running rows."""
         self.compact()
@@ -76,10 +86,6 @@ class _Batch:
         self.pads = [p + target - width for p in self.pads] + [p + target - length for p in pads]
         self.requests += requests
         self.last_tokens += first_tokens
-
-    def finish(self, rows: list[int]) -> None:
-        for row in rows:
-            self.requests[row] = None
 
     def compact(self) -> None:
         """Drop dead rows, and columns that are padding in every remaining row."""
@@ -103,7 +109,7 @@ def _pad_left(tensor: torch.Tensor, amount: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, amount, 0)) if amount else tensor
 
 
-class _SlotBatch:
+class _SlotBatch(_Rows):
     """The running requests on slots: row i of the decoder's SlotCache belongs to requests[i],
     whose next input token (last_tokens[i]) goes at column positions[i] (its length so far)."""
 
@@ -112,14 +118,6 @@ class _SlotBatch:
         self.requests: list[BatchRequest | None] = []
         self.positions: list[int] = []
         self.last_tokens: list[int] = []
-
-    @property
-    def alive(self) -> int:
-        return sum(r is not None for r in self.requests)
-
-    @property
-    def dead(self) -> int:
-        return len(self.requests) - self.alive
 
     def add_group(self, cache: DynamicCache, pads: list[int], requests: list[BatchRequest], first_tokens: list[int]) -> None:
         """A prefilled group (its own left-padded cache): each request's rows into the next slot."""
@@ -132,8 +130,7 @@ class _SlotBatch:
             self.last_tokens.append(first)
 
     def finish(self, rows: list[int]) -> None:
-        for row in rows:
-            self.requests[row] = None
+        super().finish(rows)
         if rows and not self.alive:
             self.compact()
 
@@ -201,6 +198,8 @@ class BatchingScheduler(Scheduler):
             # step built 30 new graphs (bf16 ran 4x slower than fp32). Flash and memory-efficient
             # attention take any length.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        self._unseeded = torch.Generator(device=self.device)  # for sampled rows that name no seed
+        self._unseeded.seed()
         self.decoder, self.slot_note = None, slot_support(model)
         if os.environ.get("LLMSITE_SLOTS", "1").strip().lower() in ("0", "false", "no", "off"):
             self.slot_note = "LLMSITE_SLOTS=0"
@@ -214,7 +213,7 @@ class BatchingScheduler(Scheduler):
             model, cache_arg=self._cache_arg, last_only=self._last_only, max_rows=max_batch_size,
             graphs=cuda_graphs_wanted(self.device, model),
         )
-        vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+        vocab = text_config(model).vocab_size
         probe = [(7 * i + 3) % vocab for i in range(1, 12)]
         try:
             difference = decoder.check(probe)
@@ -359,18 +358,11 @@ class BatchingScheduler(Scheduler):
     def _sample_rows(self, requests: list[BatchRequest | None], logits: torch.Tensor) -> list[int]:
         """The next token of every row: greedy and top-k/top-p rows on the device with one copy to
         the host (sample_rows); rows with a TokenPolicy then each on the host."""
-        tokens = sample_rows(requests, logits, self._generator())
+        tokens = sample_rows(requests, logits, self._unseeded)
         for row, request in enumerate(requests):
             if request is not None and request.policy is not None:
                 tokens[row] = self._sample(request, logits[row])
         return tokens
-
-    def _generator(self) -> torch.Generator:
-        """The engine's generator for sampled rows that name no seed."""
-        if getattr(self, "_unseeded", None) is None:
-            self._unseeded = torch.Generator(device=self.device)
-            self._unseeded.seed()
-        return self._unseeded
 
     def _sample(self, request: BatchRequest, logits: torch.Tensor) -> int:
         if request.policy is not None:  # penalties, logit_bias, logprobs, a grammar (sampling.py)

@@ -49,6 +49,11 @@ def width_bucket(width: int) -> int:
     return size
 
 
+def text_config(model):
+    """The config of the model's language part (the model's own where it has no other part)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def slot_support(model) -> str | None:
     """Why `model` cannot run on slots (None: it can). The forward must be transformers' own
     (remote code keeps its own cache format), with full attention in every layer (a sliding window
@@ -56,7 +61,7 @@ def slot_support(model) -> str | None:
     then compares the slot step with the plain one on the real weights."""
     if not type(model).__module__.startswith("transformers.models."):
         return "its modelling code ships with the model"
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
         return "sliding-window or mixed attention layers"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
@@ -76,7 +81,7 @@ def cuda_graphs_wanted(device: torch.device, model=None) -> bool | str:
     if setting == "emulate":
         return "emulate"
     if model is not None:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
         kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
         if "dynamic" in kind or kind == "longrope":
@@ -91,7 +96,7 @@ class SlotCache:
     is_compileable = False
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         self.layers = config.num_hidden_layers
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -193,6 +198,7 @@ class SlotDecoder:
         self._static = None  # [2, rows]: input ids, then each row's write column (its position)
         self._host = None
         self._pool = None
+        self._rows_index = None  # 0..rows-1 on the device: the rows a step writes
         self._mask_value = torch.finfo(self.dtype).min
 
     # --- the step ------------------------------------------------------------------------
@@ -264,7 +270,7 @@ class SlotDecoder:
         return output.logits[:, -1, :]
 
     def _row_index(self, rows: int) -> torch.Tensor:
-        if getattr(self, "_rows_index", None) is None or self._rows_index.shape[0] < rows:
+        if self._rows_index is None or self._rows_index.shape[0] < rows:
             self._rows_index = torch.arange(max(rows, self.cache.rows), device=self.device)
         return self._rows_index[:rows]
 
