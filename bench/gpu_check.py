@@ -14,7 +14,9 @@ engine's scheduler (continuous batching, slot decoding, CUDA graphs) in-process 
 Per model, bf16, 128 new tokens, greedy, at 1 and 64 streams: output tokens/s of the engine, of
 transformers' `generate` (one padded batch) and of `generate_batch` (its continuous batching),
 same prompts; the bandwidth limit (all weight bytes read once per step, the embedding table once,
-over the GPU's nominal memory bandwidth) beside the measured rate; the graphs captured. Then, in
+over the GPU's nominal memory bandwidth) beside the measured rate; the graphs captured (at load,
+and while timed: none expected); one stream again with the engine reading each step's tokens
+before launching the next (`engine_tok_s_1_not_ahead`: what running one step ahead gives). Then, in
 fp32 on the 135M model: 16 of 16 batched greedy answers equal to single-stream ones, and an
 aborted request that leaves the others whole and frees its row. The targets of issue 24 are
 checked at the end (`targets`).
@@ -121,14 +123,19 @@ def engine_answers(scheduler, batch: list[list[int]], new_tokens: int, cancel_af
     return answers
 
 
-def engine_rate(scheduler, batch, new_tokens) -> float:
-    engine_answers(scheduler, batch[:1], 4)  # warm: prefill and this batch's buckets
+def engine_rate(scheduler, batch, new_tokens) -> tuple[float, int]:
+    """Output tokens/s over `batch`, and the graphs captured while it was timed (0 when the
+    engine captured every bucket it needed at load)."""
+    engine_answers(scheduler, batch[:1], 4)  # warm: prefill
     engine_answers(scheduler, batch, 4)
     sync()
+    captures = scheduler.decoder.captures if scheduler.decoder is not None else 0
     started = time.perf_counter()
     answers = engine_answers(scheduler, batch, new_tokens)
     sync()
-    return sum(map(len, answers)) / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    timed_captures = (scheduler.decoder.captures if scheduler.decoder is not None else 0) - captures
+    return sum(map(len, answers)) / elapsed, timed_captures
 
 
 # --- transformers' own loops --------------------------------------------------------------------
@@ -204,13 +211,22 @@ def measure(name, config, batch, report, quick, device):
     bandwidth = nominal_bandwidth()
     if bandwidth:
         entry["bandwidth_limit_tok_s_1"] = round(bandwidth / size, 1)
+    loading = time.perf_counter()
     scheduler = BatchingScheduler(model, max_batch_size=64, name=f"gpu-{name}")
+    entry["engine_load_s"] = round(time.perf_counter() - loading, 2)  # the slot check and the captures
     entry["decode_mode"] = scheduler.decode_mode
+    decoder = scheduler.decoder
+    entry["graph_captures_at_load"] = decoder.captures if decoder is not None else 0
     for streams in (1, many):
         part = batch[:streams]
-        entry[f"engine_tok_s_{streams}"] = round(engine_rate(scheduler, part, new_tokens), 1)
+        rate, captures = engine_rate(scheduler, part, new_tokens)
+        entry[f"engine_tok_s_{streams}"], entry[f"graph_captures_timed_{streams}"] = round(rate, 1), captures
         print(name, streams, "engine", entry[f"engine_tok_s_{streams}"], flush=True)
-    decoder = scheduler.decoder
+    if scheduler.run_ahead:  # the same engine reading each step's tokens before the next launch
+        scheduler.run_ahead = False
+        entry["engine_tok_s_1_not_ahead"] = round(engine_rate(scheduler, batch[:1], new_tokens)[0], 1)
+        scheduler.run_ahead = True
+        print(name, 1, "engine, not ahead", entry["engine_tok_s_1_not_ahead"], flush=True)
     if decoder is not None:
         entry["graph_captures"] = decoder.captures
         entry["graph_capture_failures"] = decoder.capture_failures

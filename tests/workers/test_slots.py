@@ -46,7 +46,7 @@ def test_the_default_model_decodes_on_slots_on_a_cpu_without_graphs(engines):
     assert eager.scheduler.decode_mode == "slots"
     assert eager.scheduler.decoder.graphs is False
     assert "decode steps: slots" in eager.load_notes
-    assert engines["static"].scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated)"
+    assert engines["static"].scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated), one step ahead"
     assert engines["padded"].scheduler.decode_mode == "padded cache (LLMSITE_SLOTS=0)"
 
 
@@ -176,6 +176,100 @@ def _tokens(request: BatchRequest) -> list[int]:
         if kind != "token":
             return tokens
         tokens.append(value)
+
+
+# --- the static path: buckets captured at load, one step ahead --------------------------------
+
+
+def _static(monkeypatch, ahead: bool, max_batch_size=8) -> BatchingScheduler:
+    monkeypatch.setenv("LLMSITE_CUDA_GRAPHS", "emulate")
+    monkeypatch.setenv("LLMSITE_DECODE_AHEAD", "1" if ahead else "0")
+    return BatchingScheduler(_tiny("llama"), max_batch_size=max_batch_size)
+
+
+def test_every_batch_bucket_is_captured_at_load_and_none_while_serving(monkeypatch):
+    scheduler = _static(monkeypatch, ahead=True)
+    try:
+        decoder = scheduler.decoder
+        assert scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated), one step ahead"
+        assert sorted(size for size, _, _ in decoder._graphs) == [1, 2, 4, 8]
+        assert decoder.cache.rows == 8, "the buffers are as tall as the batch from the start"
+        before = decoder.captures
+        for streams in (1, 3, 8, 5):
+            requests = [BatchRequest(id=f"{streams}-{i}", prompt_ids=[3 + i] * (4 + i), max_new_tokens=6, greedy=True) for i in range(streams)]
+            for request in requests:
+                scheduler.submit(request)
+            assert all(len(_tokens(r)) == 6 for r in requests)
+        assert decoder.captures == before
+    finally:
+        scheduler.stop()
+
+
+def _answers(scheduler: BatchingScheduler, plan: list[dict]) -> list[list[int]]:
+    """Each planned request's tokens; the second half joins once the first half is running."""
+    from llmsite.contract import SamplingParams
+    from workers.engines.sampling import TokenPolicy
+
+    requests = []
+    for i, item in enumerate(plan):
+        request = BatchRequest(
+            id=str(i), prompt_ids=item["prompt"], max_new_tokens=item["new"], greedy=True, stop_ids=frozenset(item.get("stop", ())),
+        )
+        if item.get("penalty"):
+            params = SamplingParams(
+                max_new_tokens=item["new"], temperature=0, top_k=0, top_p=1.0, do_sample=False, repetition_penalty=item["penalty"]
+            )
+            request.policy = TokenPolicy(params, item["prompt"], 300, {})
+        requests.append(request)
+    half = len(requests) // 2
+    for request in requests[:half]:
+        scheduler.submit(request)
+    first = requests[0].out.get(timeout=60)
+    for request in requests[half:]:
+        scheduler.submit(request)
+    answers = [_tokens(r) for r in requests]
+    answers[0].insert(0, first[1])
+    return answers
+
+
+def test_one_step_ahead_gives_the_same_tokens_and_stops_where_the_host_would(monkeypatch):
+    model = _tiny("llama")  # the same random weights as _static's (seeded)
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3], [11] * 12, [40, 41], [7] * 5, [100, 3, 9, 27]]
+    reference = [_greedy_without_cache(model, prompt, 12) for prompt in prompts]
+    plan = [{"prompt": p, "new": 12 - (i % 3) * 4} for i, p in enumerate(prompts)]
+    plan[1]["stop"] = [reference[1][3]]  # ends at its 4th token's first appearance, which is not sent
+    plan[4]["stop"] = [reference[4][0]]  # ends at once
+    expected = [ref[: item["new"]] for ref, item in zip(reference, plan)]
+    for i in (1, 4):
+        expected[i] = reference[i][: reference[i].index(plan[i]["stop"][0])]
+    got = {}
+    for ahead in (True, False):
+        scheduler = _static(monkeypatch, ahead, max_batch_size=4)
+        try:
+            got[ahead] = _answers(scheduler, plan)
+            assert scheduler.running == 0 and scheduler._batch.requests == []
+        finally:
+            scheduler.stop()
+    assert got[True] == expected
+    assert got[False] == expected
+
+
+def test_a_row_whose_tokens_the_host_chooses_makes_the_steps_wait_and_ahead_resumes_after_it(monkeypatch):
+    # A repetition penalty (a TokenPolicy) needs each token on the host before the next step.
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3], [11] * 12, [40, 41]]
+    plan = [{"prompt": p, "new": 10} for p in prompts]
+    plan[2]["new"], plan[3]["penalty"] = 16, 1.5  # the penalised row leaves before the longest one
+    got = {}
+    for ahead in (True, False):
+        scheduler = _static(monkeypatch, ahead, max_batch_size=4)
+        try:
+            got[ahead] = _answers(scheduler, plan)
+        finally:
+            scheduler.stop()
+    assert got[True] == got[False]
+    model = _tiny("llama")
+    assert got[True][:3] == [_greedy_without_cache(model, p["prompt"], p["new"]) for p in plan[:3]]
+    assert got[True][3] != _greedy_without_cache(model, prompts[3], 10), "the penalty changed nothing: a test that cannot fail"
 
 
 # --- buckets ---------------------------------------------------------------------------------

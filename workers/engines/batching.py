@@ -5,16 +5,17 @@ Joining requests with short prompts are prefilled together in one padded pass; a
 prefilled alone, a chunk per step, so it never stalls the running streams for long. Then the
 request's KV rows join the running ones, in one of two layouts:
 
-- slots (slots.py; transformers' own models with full attention): one row per request, written
-  in place at the request's own column; the decode step is a CUDA graph on a GPU. A request that
-  leaves hands its row to the last one.
+- slots (slots.py, slot_batch.py; transformers' own models with full attention): one row per
+  request, written in place at the request's own column; the decode step is a CUDA graph on a
+  GPU, launched one step ahead of the host's reading of tokens. A request that leaves hands its
+  row to the last one.
 - a shared left-padded `DynamicCache` (models with their own modelling code or a sliding window):
   the new rows are padded on the left and stacked onto the batch's; a request that leaves is
   marked dead and compacted away later with others (a compaction copies the cache).
 
 Each request keeps its own sampling settings, random generator and stop conditions. Greedy and
 top-k/top-p rows are chosen together on the device with one copy of the tokens to the host per
-step (`sample_rows`); rows with penalties, logit_bias, logprobs or a grammar go through their
+step (`choose_rows`); rows with penalties, logit_bias, logprobs or a grammar go through their
 TokenPolicy (sampling.py) on the host.
 """
 
@@ -28,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from workers.engines.batch_sampling import sample_rows, sample_token, start_sampling
-from workers.engines.scheduling import BatchRequest, Scheduler
+from workers.engines.batch_sampling import choose_rows, sample_token, start_sampling
+from workers.engines.scheduling import BatchRequest, Rows, Scheduler
+from workers.engines.slot_batch import SlotBatch
 from workers.engines.slots import SlotDecoder, cuda_graphs_wanted, slot_support, text_config
 
 __all__ = ["BatchRequest", "BatchingScheduler"]
@@ -37,25 +39,7 @@ __all__ = ["BatchRequest", "BatchingScheduler"]
 log = logging.getLogger(__name__)
 
 
-class _Rows:
-    """The running requests of a batch, row by row; a finished row is None until compacted away."""
-
-    requests: list[BatchRequest | None]
-
-    @property
-    def alive(self) -> int:
-        return sum(r is not None for r in self.requests)
-
-    @property
-    def dead(self) -> int:
-        return len(self.requests) - self.alive
-
-    def finish(self, rows: list[int]) -> None:
-        for row in rows:
-            self.requests[row] = None
-
-
-class _Batch(_Rows):
+class _Batch(Rows):
     """The running requests and their shared, left-padded KV cache.
 
     A finished row is only marked dead (None) and compacted away later, several at a time:
@@ -109,61 +93,6 @@ def _pad_left(tensor: torch.Tensor, amount: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, amount, 0)) if amount else tensor
 
 
-class _SlotBatch(_Rows):
-    """The running requests on slots: row i of the decoder's SlotCache belongs to requests[i],
-    whose next input token (last_tokens[i]) goes at column positions[i] (its length so far)."""
-
-    def __init__(self, decoder: SlotDecoder):
-        self.decoder = decoder
-        self.requests: list[BatchRequest | None] = []
-        self.positions: list[int] = []
-        self.last_tokens: list[int] = []
-
-    def add_group(self, cache: DynamicCache, pads: list[int], requests: list[BatchRequest], first_tokens: list[int]) -> None:
-        """A prefilled group (its own left-padded cache): each request's rows into the next slot."""
-        self.compact()
-        width = cache.get_seq_length()
-        for row, (request, pad, first) in enumerate(zip(requests, pads, first_tokens)):
-            self.decoder.store(len(self.requests), cache, row, pad, width)
-            self.requests.append(request)
-            self.positions.append(width - pad)
-            self.last_tokens.append(first)
-
-    def finish(self, rows: list[int]) -> None:
-        super().finish(rows)
-        if rows and not self.alive:
-            self.compact()
-
-    def compact(self) -> None:
-        """Fill each finished row with the last running one (one row's copy each), so the running
-        rows stay 0..n-1 (the rows a decode step, and its batch bucket, covers)."""
-        while True:
-            while self.requests and self.requests[-1] is None:
-                self._pop()
-            if None not in self.requests:
-                if not self.requests and not self.decoder.graphs:
-                    self.decoder.cache.release()  # idle: the memory goes back (it grows again by doubling)
-                return
-            hole, last = self.requests.index(None), len(self.requests) - 1
-            self.decoder.cache.move(last, hole, self.positions[last])
-            self.requests[hole], self.positions[hole], self.last_tokens[hole] = (
-                self.requests[last], self.positions[last], self.last_tokens[last]
-            )
-            self._pop()
-
-    def _pop(self) -> None:
-        self.requests.pop()
-        self.positions.pop()
-        self.last_tokens.pop()
-
-    def decode(self) -> torch.Tensor:
-        """One step of every running row: their logits [rows, vocab]."""
-        self.compact()
-        logits = self.decoder.decode(self.last_tokens, self.positions)
-        self.positions = [p + 1 for p in self.positions]
-        return logits
-
-
 class BatchingScheduler(Scheduler):
     """Continuous batching of a transformers model (the thread and queueing are `Scheduler`'s)."""
 
@@ -175,7 +104,7 @@ class BatchingScheduler(Scheduler):
         super().__init__(max_batch_size=max_batch_size, name=name)
 
     def _new_batch(self):
-        return _SlotBatch(self.decoder) if self.decoder is not None else _Batch()
+        return SlotBatch(self.decoder) if self.decoder is not None else _Batch()
 
     @property
     def decode_mode(self) -> str:
@@ -183,7 +112,8 @@ class BatchingScheduler(Scheduler):
         if self.decoder is None:
             return f"padded cache ({self.slot_note})"
         graphs = {True: ", CUDA graphs", "emulate": ", static buffers (CUDA graphs emulated)"}.get(self.decoder.graphs, "")
-        return f"slots{graphs}"
+        ahead = ", one step ahead" if graphs and self.run_ahead else ""
+        return f"slots{graphs}{ahead}"
 
     def _setup_model(self, model, max_batch_size: int) -> None:
         self.model = model
@@ -200,6 +130,8 @@ class BatchingScheduler(Scheduler):
             torch.backends.cuda.enable_cudnn_sdp(False)
         self._unseeded = torch.Generator(device=self.device)  # for sampled rows that name no seed
         self._unseeded.seed()
+        # the static path launches step N+1 before reading step N's tokens (slot_batch.py)
+        self.run_ahead = os.environ.get("LLMSITE_DECODE_AHEAD", "1").strip().lower() not in ("0", "false", "no", "off")
         self.decoder, self.slot_note = None, slot_support(model)
         if os.environ.get("LLMSITE_SLOTS", "1").strip().lower() in ("0", "false", "no", "off"):
             self.slot_note = "LLMSITE_SLOTS=0"
@@ -226,6 +158,7 @@ class BatchingScheduler(Scheduler):
             self.slot_note = f"the slot step's logits differ from the plain forward's by {difference:.3g} (allowed {allowed})"
             log.warning("slot decoding off: %s", self.slot_note)
             return None
+        decoder.warm()  # every batch bucket captured now, not while serving
         return decoder
 
     @property
@@ -332,7 +265,10 @@ class BatchingScheduler(Scheduler):
     @torch.inference_mode()
     def _decode(self) -> None:
         batch = self._batch
-        logits = batch.decode() if isinstance(batch, _SlotBatch) else self._decode_padded(batch)
+        if isinstance(batch, SlotBatch):
+            self._decode_slots(batch)
+            return
+        logits = self._decode_padded(batch)
         finished = []
         tokens = self._sample_rows(batch.requests, logits)
         for row, (request, token) in enumerate(zip(batch.requests, tokens)):
@@ -342,6 +278,20 @@ class BatchingScheduler(Scheduler):
             if self._emit(request, token):
                 finished.append(row)
         batch.finish(finished)
+
+    def _decode_slots(self, batch: SlotBatch) -> None:
+        """A step on slots: one step ahead where it may (slot_batch.py), else read at once."""
+        if not (self.run_ahead and batch.can_run_ahead()):
+            batch.settle(self._emit)  # the step launched ahead first: its tokens are the inputs
+            logits = batch.decode()
+            requests = list(batch.requests)  # after decode's compaction: the logits' rows
+            batch.deliver(requests, self._sample_rows(requests, logits), self._emit)
+            return
+        logits = batch.decode(ahead=True)
+        requests = list(batch.requests)
+        launched = (requests, batch.decoder.hand_off(choose_rows(requests, logits, self._unseeded)))
+        batch.settle(self._emit)  # the last step's tokens, read while the device runs this one
+        batch.pending = launched
 
     def _decode_padded(self, batch: _Batch) -> torch.Tensor:
         width = batch.width
@@ -357,8 +307,8 @@ class BatchingScheduler(Scheduler):
 
     def _sample_rows(self, requests: list[BatchRequest | None], logits: torch.Tensor) -> list[int]:
         """The next token of every row: greedy and top-k/top-p rows on the device with one copy to
-        the host (sample_rows); rows with a TokenPolicy then each on the host."""
-        tokens = sample_rows(requests, logits, self._unseeded)
+        the host (choose_rows); rows with a TokenPolicy then each on the host."""
+        tokens = choose_rows(requests, logits, self._unseeded).tolist()
         for row, request in enumerate(requests):
             if request is not None and request.policy is not None:
                 tokens[row] = self._sample(request, logits[row])

@@ -40,6 +40,25 @@ class BatchRequest:
     policy: Any = None  # its sampling.TokenPolicy (penalties, logit_bias, logprobs, grammar); None: none of them
 
 
+class Rows:
+    """The running requests of a batch, row by row; a finished row is None until compacted away
+    (the transformers engine's two batch layouts share this)."""
+
+    requests: list[BatchRequest | None]
+
+    @property
+    def alive(self) -> int:
+        return sum(r is not None for r in self.requests)
+
+    @property
+    def dead(self) -> int:
+        return len(self.requests) - self.alive
+
+    def finish(self, rows: list[int]) -> None:
+        for row in rows:
+            self.requests[row] = None
+
+
 class Scheduler:
     """Runs the engine loop in one thread; `submit()` and `abort()` are safe from any thread.
 

@@ -9,9 +9,11 @@ step needs more, between steps.
 On CUDA a decode step of a small model is bound by the host launching kernels (one step of
 SmolLM2-135M: ~16 ms of launches against ~0.06 ms of weight reads on an H200). There the step is
 captured once per (batch bucket, width bucket) as a CUDA graph over static input buffers and
-replayed: one copy in, one replay, and the sampled tokens' one copy out. Buckets bound the
-captures: a run sees at most len(BATCH_BUCKETS) x (doublings of the width) of them, never one per
-new sequence length. A step that cannot be captured runs eagerly (logged, counted).
+replayed: one copy in, one replay, and the sampled tokens' one copy out, which the host reads
+only after launching the next step (slot_batch.py). Buckets bound the captures: every batch
+bucket at the first width is captured at load (`warm`), over buffers as tall as the engine's
+batch, and a run adds only len(BATCH_BUCKETS) per doubling of the width, never one per new
+sequence length. A step that cannot be captured runs eagerly (logged, counted).
 
 On CPU the same step runs eagerly with exact shapes (no buckets: padded rows and columns would
 cost real arithmetic there). `graphs="emulate"` runs the bucketed, static-buffer path on any device
@@ -22,14 +24,14 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import torch
+
+from workers.engines.graphs import Ring, Tokens, capture, synchronize
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-_CAPTURE = threading.Lock()  # one capture at a time in the process (captures share torch's capture stream)
 MIN_WIDTH = 256  # widths round up to powers of two from here (graphs) or to multiples of 16 (eager)
 
 
@@ -180,7 +182,12 @@ class SlotCache:
 
 class SlotDecoder:
     """One decode step of the running rows over a SlotCache: eager with exact shapes, or
-    bucketed over static buffers and replayed as CUDA graphs (see the module's docstring)."""
+    bucketed over static buffers and replayed as CUDA graphs (see the module's docstring).
+
+    On the static path a row's input id comes either from the host (a joining row, or any row
+    after a step whose tokens the host chose) or from the device: `hand_off` feeds a step's
+    sampled tokens straight into the next step's inputs, so the next step can be launched before
+    the host has read them (the scheduler's one step ahead)."""
 
     def __init__(self, model, *, cache_arg: str, last_only: dict, max_rows: int, graphs: bool | str = False):
         self.model = model
@@ -195,37 +202,70 @@ class SlotDecoder:
         self.capture_failures = 0
         self._graphs: dict[tuple[int, int, int], object] = {}
         self._graphs_generation = -1
-        self._static = None  # [2, rows]: input ids, then each row's write column (its position)
-        self._host = None
+        self._inputs = None  # [3, rows] on the device: ids from the host, positions, 1 where the id is the host's
+        self._next_ids = None  # [rows] on the device: the last step's sampled tokens (hand_off)
+        self._host_inputs = self._host_tokens = None  # pinned host buffers, two of each (Ring)
         self._pool = None
-        self._rows_index = None  # 0..rows-1 on the device: the rows a step writes
+        self._rows_index = torch.arange(max_rows, device=self.device)  # 0..rows-1: the rows a step writes
         self._mask_value = torch.finfo(self.dtype).min
 
     # --- the step ------------------------------------------------------------------------
-    def decode(self, ids: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, ids: list[int], positions: list[int], from_device: list[bool] | None = None) -> torch.Tensor:
         """The logits [rows, vocab] of each row's next token; row i's input is ids[i] at
-        position positions[i] (its key is written at that column)."""
+        position positions[i] (its key is written at that column). On the static path, rows
+        with from_device[i] take the token `hand_off` left on the device instead of ids[i]."""
         rows, width = len(ids), max(positions) + 1
         if not self.graphs:
             columns = -(-width // 16) * 16
             self.cache.ensure(rows, columns)
             inputs = torch.tensor([ids, positions], device=self.device)
-            return self._forward(inputs, rows, columns)
+            return self._forward(inputs[0], inputs[1], rows, columns)
         size, columns = batch_bucket(rows, self.max_rows), width_bucket(width)
-        self.cache.ensure(size, columns)
-        if self._graphs_generation != self.cache.generation:  # the buffers moved (here or in store)
-            self._graphs.clear()
-            self._graphs_generation = self.cache.generation
-        self._static_inputs(self.cache.rows)
-        self._host[0, :rows] = torch.tensor(ids)
-        self._host[1, :rows] = torch.tensor(positions)
-        self._host[:, rows:size] = 0  # padding rows write column 0 of slots nobody holds
-        self._static[:, :size].copy_(self._host[:, :size], non_blocking=True)
+        self._prepare(size, columns)
+        host = self._host_inputs.take()
+        view = host.numpy()
+        view[0, :rows], view[1, :rows] = ids, positions
+        view[2, :rows] = 1 if from_device is None else [not known for known in from_device]
+        view[:, rows:] = 0  # padding rows write column 0 of slots nobody holds
+        view[2, rows:] = 1
+        self._inputs.copy_(host, non_blocking=True)
+        self._host_inputs.used()
         key = (size, columns, self.cache.generation)
         replay = self._graphs.get(key)
-        if replay is None:
+        if replay is None:  # the captures' warm-up steps write the same keys the replay will
             replay = self._graphs[key] = self._capture(size, columns)
         return replay()[:rows]
+
+    def hand_off(self, tokens: torch.Tensor) -> "Tokens":
+        """A static step's sampled tokens ([rows] on the device): into the next step's inputs (for
+        rows decoded with from_device), and copied to the host without waiting (read them with
+        `.get()`)."""
+        rows = tokens.shape[0]
+        self._next_ids[:rows].copy_(tokens)
+        out = self._host_tokens.take()
+        out[:rows].copy_(tokens, non_blocking=True)
+        return Tokens(out, rows, self._host_tokens.used())
+
+    def warm(self) -> None:
+        """Capture every batch bucket up to max_rows at the first width now, over buffers already
+        as tall as max_rows needs, so that serving captures nothing until a request outgrows the
+        first width (and growing rows never voids the graphs)."""
+        if not self.graphs:
+            return
+        size = batch_bucket(self.max_rows, self.max_rows)
+        self._prepare(size, MIN_WIDTH)
+        self._inputs.zero_()
+        self._inputs[2] = 1
+        for bucket in sorted({batch_bucket(rows, self.max_rows) for rows in range(1, size + 1)}):
+            key = (bucket, MIN_WIDTH, self.cache.generation)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(bucket, MIN_WIDTH)
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Slot `source` to slot `target`: its first `length` columns, and its id on the device."""
+        self.cache.move(source, target, length)
+        if self._next_ids is not None:
+            self._next_ids[target] = self._next_ids[source]
 
     def check(self, prompt_ids: list[int]) -> float:
         """The largest difference between this step's logits and the model's plain forward with a
@@ -257,10 +297,10 @@ class SlotDecoder:
             self.cache.store(slot, layer, part.keys[row, :, start:end], part.values[row, :, start:end])
 
     # --- eager and captured steps ---------------------------------------------------------
-    def _forward(self, inputs: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-        """The model's forward over the first `rows` rows and `columns` columns (inputs: [2, >= rows])."""
-        ids, positions = inputs[0, :rows].unsqueeze(1), inputs[1, :rows].unsqueeze(1)
-        self.cache.bind(self._row_index(rows), inputs[1, :rows], columns)
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        """The model's forward over the first `rows` rows (ids, positions: [>= rows]) and `columns` columns."""
+        ids, positions = ids[:rows].unsqueeze(1), positions[:rows].unsqueeze(1)
+        self.cache.bind(self._rows_index[:rows], positions[:, 0], columns)
         visible = torch.arange(columns, device=self.device).unsqueeze(0) <= positions  # [rows, columns]
         mask = torch.zeros(visible.shape, device=self.device, dtype=self.dtype).masked_fill_(~visible, self._mask_value)
         output = self.model(
@@ -269,17 +309,31 @@ class SlotDecoder:
         )
         return output.logits[:, -1, :]
 
-    def _row_index(self, rows: int) -> torch.Tensor:
-        if self._rows_index is None or self._rows_index.shape[0] < rows:
-            self._rows_index = torch.arange(max(rows, self.cache.rows), device=self.device)
-        return self._rows_index[:rows]
+    def _static_step(self, rows: int, columns: int) -> torch.Tensor:
+        """The step over the static buffers: each row's id from the host or from the last step."""
+        inputs = self._inputs
+        ids = torch.where(inputs[2, :rows] != 0, inputs[0, :rows], self._next_ids[:rows])
+        return self._forward(ids, inputs[1], rows, columns)
 
-    def _static_inputs(self, rows: int) -> None:
-        if self._static is not None and self._static.shape[1] >= rows:
+    def _prepare(self, size: int, columns: int) -> None:
+        """Buffers that hold `size` rows x `columns`; graphs over moved buffers are dropped (after
+        the device has finished any step launched over them)."""
+        self.cache.ensure(size, columns)
+        if self._graphs_generation != self.cache.generation:  # the buffers moved (here or in store)
+            synchronize(self.device)
+            self._graphs.clear()
+            self._graphs_generation = self.cache.generation
+        rows = self.cache.rows
+        if self._inputs is not None and self._inputs.shape[1] >= rows:
             return
-        self._static = torch.zeros((2, rows), dtype=torch.long, device=self.device)
-        self._host = torch.zeros((2, rows), dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._rows_index = torch.arange(rows, device=self.device)
+        synchronize(self.device)
+        self._inputs = torch.zeros((3, rows), dtype=torch.long, device=self.device)
+        next_ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+        if self._next_ids is not None:
+            next_ids[: self._next_ids.shape[0]] = self._next_ids
+        self._next_ids = next_ids
+        self._host_inputs, self._host_tokens = Ring((3, rows), self.device), Ring((rows,), self.device)
+        self._rows_index = torch.arange(max(rows, self.max_rows), device=self.device)
         self._graphs.clear()  # they read the old static buffers
 
     def _capture(self, rows: int, columns: int):
@@ -287,39 +341,16 @@ class SlotDecoder:
         self.captures += 1
 
         def eager():
-            return self._forward(self._static, rows, columns)
+            return self._static_step(rows, columns)
 
         if self.graphs == "emulate" or self.device.type != "cuda":
             return eager
-        with _CAPTURE:
-            return self._capture_cuda(eager, rows, columns)
-
-    def _capture_cuda(self, eager, rows: int, columns: int):
-        current = torch.cuda.current_stream(self.device)
-        try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm up (cuBLAS handles, autotuning) off the capture
-                for _ in range(2):
-                    eager()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the worker's other engines (and its embedding model) keep launching work
-            # from their own threads while this one captures
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                logits = eager()
-        except Exception:  # an op that cannot be captured: this decoder runs eagerly from now on
-            torch.cuda.set_stream(current)  # a failed capture can leave its capture stream current
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        replay = capture(eager, self.device, self._pool)
+        if replay is None:  # an op that cannot be captured: this decoder runs eagerly from now on
             self.capture_failures += 1
             self.graphs = False
-            log.exception("CUDA graph capture failed for %d rows x %d columns; decode steps run eagerly", rows, columns)
-            torch.cuda.synchronize(self.device)
+            log.error("CUDA graph capture failed for %d rows x %d columns; decode steps run eagerly", rows, columns)
             return eager
-
-        def replay():
-            graph.replay()
-            return logits
-
         return replay
