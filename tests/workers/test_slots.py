@@ -194,6 +194,7 @@ def test_every_batch_bucket_is_captured_at_load_and_none_while_serving(monkeypat
         assert scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated), one step ahead"
         assert sorted(size for size, _, _ in decoder._graphs) == [1, 2, 4, 8]
         assert decoder.cache.rows == 8, "the buffers are as tall as the batch from the start"
+        assert decoder.capture_failures == 0 and decoder.graphs == "emulate"
         before = decoder.captures
         for streams in (1, 3, 8, 5):
             requests = [BatchRequest(id=f"{streams}-{i}", prompt_ids=[3 + i] * (4 + i), max_new_tokens=6, greedy=True) for i in range(streams)]
@@ -203,6 +204,36 @@ def test_every_batch_bucket_is_captured_at_load_and_none_while_serving(monkeypat
         assert decoder.captures == before
     finally:
         scheduler.stop()
+
+
+def test_a_stream_that_outgrows_the_first_width_keeps_only_its_own_rows(monkeypatch):
+    # Warm-up made the buffers 8 rows tall; when the columns double, the idle rows are not copied
+    # (at 8k columns they would hold gigabytes on a 1B model).
+    scheduler = _static(monkeypatch, ahead=True)
+    try:
+        decoder = scheduler.decoder
+        assert (decoder.cache.rows, decoder.cache.columns) == (8, 256)
+        prompt = [(3 * i + 1) % 300 for i in range(250)]
+        request = BatchRequest(id="long", prompt_ids=prompt, max_new_tokens=12, greedy=True)
+        scheduler.submit(request)
+        assert _tokens(request) == _greedy_without_cache(_tiny("llama"), prompt, 12)
+        assert (decoder.cache.rows, decoder.cache.columns) == (1, 512)
+        assert decoder.capture_failures == 0
+    finally:
+        scheduler.stop()
+
+
+def test_growing_columns_keeps_the_rows_asked_for_and_their_values():
+    cache = SlotCache(_tiny("llama"), torch.device("cpu"), torch.float32)
+    cache.ensure(8, 16)
+    for layer in range(cache.layers):
+        cache.store(1, layer, torch.full((cache.kv_heads, 3, cache.head_dim), 2.0), torch.full((cache.kv_heads, 3, cache.head_dim), 5.0))
+    assert cache.ensure(2, 40)
+    assert (cache.rows, cache.columns) == (2, 64)
+    assert all(float(layer[1, :, :3].min()) == 2.0 and float(layer[1, :, :3].max()) == 2.0 for layer in cache.keys)
+    assert all(float(layer[1, :, 3:].abs().sum()) == 0 and float(layer[0].abs().sum()) == 0 for layer in cache.values)
+    assert cache.ensure(3, 64) and (cache.rows, cache.columns) == (4, 64)
+    assert all(float(layer[1, :, :3].min()) == 5.0 for layer in cache.values)
 
 
 def _answers(scheduler: BatchingScheduler, plan: list[dict]) -> list[list[int]]:

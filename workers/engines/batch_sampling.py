@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from workers.engines.graphs import to_device
 from workers.engines.scheduling import BatchRequest
 
 __all__ = ["choose_rows", "sample_rows", "sample_token", "start_sampling"]
@@ -28,29 +29,22 @@ def choose_rows(requests: list[BatchRequest | None], logits: torch.Tensor, gener
     tokens = logits.argmax(-1)
     rows = [i for i, r in enumerate(requests) if r is not None and not r.greedy and r.policy is None]
     if rows:
-        index = _on(logits.device, rows)
+        index = to_device(logits.device, rows)
         tokens.index_copy_(0, index, _draw([requests[i] for i in rows], logits.index_select(0, index), generator))
     return tokens
 
 
-def _on(device: torch.device, values: list, dtype=None) -> torch.Tensor:
-    """`values` on the device without waiting for the device's queue (a pinned copy on CUDA: a
-    plain one would wait for the step running ahead, slot_batch.py)."""
-    cuda = device.type == "cuda"
-    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
-
-
 def _draw(requests: list[BatchRequest], logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     device, vocab = logits.device, logits.shape[-1]
-    temperature = _on(device, [r.temperature or 1.0 for r in requests], torch.float32).unsqueeze(1)
+    temperature = to_device(device, [r.temperature or 1.0 for r in requests], torch.float32).unsqueeze(1)
     scores = logits.float() / temperature
     order = None
     if any(0 < r.top_k < vocab or r.top_p < 1.0 for r in requests):
         scores, order = scores.sort(dim=-1, descending=True)
-        top_k = _on(device, [r.top_k if 0 < r.top_k < vocab else vocab for r in requests]).unsqueeze(1)
+        top_k = to_device(device, [r.top_k if 0 < r.top_k < vocab else vocab for r in requests]).unsqueeze(1)
         scores = scores.masked_fill(torch.arange(vocab, device=device) >= top_k, float("-inf"))
         probs = scores.softmax(-1)
-        top_p = _on(device, [r.top_p if r.top_p < 1.0 else 2.0 for r in requests], torch.float32).unsqueeze(1)
+        top_p = to_device(device, [r.top_p if r.top_p < 1.0 else 2.0 for r in requests], torch.float32).unsqueeze(1)
         # keep the fewest best tokens whose mass reaches top_p (the best one always)
         scores = scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
     probs = scores.softmax(-1)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from workers.engines.batch_sampling import choose_rows, sample_token, start_sampling
+from workers.engines.graphs import to_device
 from workers.engines.scheduling import BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
 from workers.engines.slots import SlotDecoder, cuda_graphs_wanted, slot_support, text_config
@@ -149,16 +150,16 @@ class BatchingScheduler(Scheduler):
         probe = [(7 * i + 3) % vocab for i in range(1, 12)]
         try:
             difference = decoder.check(probe)
+            allowed = 1e-3 if dtype == torch.float32 else 5e-2
+            if not difference <= allowed:
+                self.slot_note = f"the slot step's logits differ from the plain forward's by {difference:.3g} (allowed {allowed})"
+                log.warning("slot decoding off: %s", self.slot_note)
+                return None
+            decoder.warm()  # every batch bucket captured now, not while serving
         except Exception as exc:  # a forward the slot cache does not fit: the padded cache serves it
-            log.warning("slot decoding off: its check failed", exc_info=True)
-            self.slot_note = f"the slot step's check failed: {type(exc).__name__}: {exc}"
+            log.warning("slot decoding off: its check or warm-up failed", exc_info=True)
+            self.slot_note = f"the slot step's check or warm-up failed: {type(exc).__name__}: {exc}"
             return None
-        allowed = 1e-3 if dtype == torch.float32 else 5e-2
-        if not difference <= allowed:
-            self.slot_note = f"the slot step's logits differ from the plain forward's by {difference:.3g} (allowed {allowed})"
-            log.warning("slot decoding off: %s", self.slot_note)
-            return None
-        decoder.warm()  # every batch bucket captured now, not while serving
         return decoder
 
     @property
@@ -227,8 +228,9 @@ class BatchingScheduler(Scheduler):
             self._start(request)
         width = max(len(r.prompt_ids) for r in group)
         pads = [width - len(r.prompt_ids) for r in group]
-        ids = torch.tensor([[0] * pad + r.prompt_ids for r, pad in zip(group, pads)], device=self.device)
-        mask = torch.tensor([[0] * pad + [1] * len(r.prompt_ids) for r, pad in zip(group, pads)], device=self.device)
+        # to_device: a plain copy would wait for the decode step running ahead (slot_batch.py)
+        ids = to_device(self.device, [[0] * pad + r.prompt_ids for r, pad in zip(group, pads)])
+        mask = to_device(self.device, [[0] * pad + [1] * len(r.prompt_ids) for r, pad in zip(group, pads)])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self.model(
@@ -244,7 +246,7 @@ class BatchingScheduler(Scheduler):
             self._start(request)
         start = request.prefilled
         chunk = request.prompt_ids[start : start + self.prefill_chunk]
-        ids = torch.tensor([chunk], device=self.device)
+        ids = to_device(self.device, [chunk])
         positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)
         logits = self.model(
             input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_arg: request.cache}, **self._last_only

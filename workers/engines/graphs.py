@@ -21,13 +21,13 @@ def capture(eager, device: torch.device, pool):
     it cannot be captured (logged; the current stream is put back)."""
     with _CAPTURE:
         current = torch.cuda.current_stream(device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):  # warm up (cuBLAS handles, autotuning) off the capture; an
+            for _ in range(2):  # error here is the step's own, not the capture's: it propagates
+                eager()
+        current.wait_stream(stream)
         try:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):  # warm up (cuBLAS handles, autotuning) off the capture
-                for _ in range(2):
-                    eager()
-            current.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the worker's other engines (and its embedding model) keep launching work
             # from their own threads while this one captures
@@ -54,22 +54,25 @@ class Ring:
     def __init__(self, shape: tuple[int, ...], device: torch.device):
         self._cuda = device.type == "cuda"
         self._buffers = [torch.zeros(shape, dtype=torch.long, pin_memory=self._cuda) for _ in range(2)]
-        self._events = [None, None]
+        self._events = [torch.cuda.Event() for _ in range(2)] if self._cuda else [None, None]
+        self._recorded = [False, False]
+        self._device = device
         self._turn = 1
 
     def take(self) -> torch.Tensor:
         self._turn ^= 1
-        event = self._events[self._turn]
-        if event is not None:
-            event.synchronize()
+        if self._recorded[self._turn]:
+            wait(self._events[self._turn])
         return self._buffers[self._turn]
 
     def used(self):
-        """The copy just launched on the buffer last taken: its event (None off CUDA)."""
+        """The copy just launched on the buffer last taken: its event (None off CUDA), recorded
+        again each time its buffer is used (its last reader is done with it by then)."""
         if not self._cuda:
             return None
-        event = self._events[self._turn] = torch.cuda.Event()
-        event.record()
+        event = self._events[self._turn]
+        event.record(torch.cuda.current_stream(self._device))
+        self._recorded[self._turn] = True
         return event
 
 
@@ -81,8 +84,21 @@ class Tokens:
 
     def get(self) -> list[int]:
         if self._event is not None:
-            self._event.synchronize()
+            wait(self._event)
         return self._buffer[: self._rows].tolist()
+
+
+def wait(event) -> None:
+    """Until the device has passed `event` (a query first: a finished one costs no blocking call)."""
+    if not event.query():
+        event.synchronize()
+
+
+def to_device(device: torch.device, values: list, dtype=None) -> torch.Tensor:
+    """`values` on the device without waiting for the device's queue (a pinned copy on CUDA: a
+    plain one would wait for the step running ahead, slot_batch.py)."""
+    cuda = device.type == "cuda"
+    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
 
 
 def synchronize(device: torch.device) -> None:

@@ -115,10 +115,14 @@ class SlotCache:
 
     @torch.inference_mode()
     def ensure(self, rows: int, columns: int) -> bool:
-        """Grow the buffers (doubling) to hold `rows` x `columns`; True when they moved."""
+        """Grow the buffers (doubling) to hold `rows` x `columns`; True when they moved. Rows past
+        `rows` hold no running request (the caller's rows are 0..rows-1), so when the columns grow
+        only `rows` rows are kept: one long request does not make every idle row as wide."""
         if rows <= self.rows and columns <= self.columns:
             return False
         new_rows, new_columns = max(self.rows, 1), max(self.columns, 16)
+        if columns > self.columns:
+            new_rows = max(rows, 1)
         while new_rows < rows:
             new_rows *= 2
         while new_columns < columns:
@@ -130,8 +134,10 @@ class SlotCache:
                 grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
                 if buffers[layer:]:
                     old = buffers[layer]
-                    grown[: old.shape[0], :, : old.shape[2]] = old
+                    kept = min(old.shape[0], new_rows)
+                    grown[:kept, :, : old.shape[2]] = old[:kept]
                     buffers[layer] = grown
+                    del old  # freed before the next layer's buffer is made
                 else:
                     buffers.append(grown)
         self.rows, self.columns = new_rows, new_columns
@@ -153,6 +159,7 @@ class SlotCache:
         self.keys[layer][slot, :, length:] = 0
         self.values[layer][slot, :, length:] = 0
 
+    @torch.inference_mode()
     @torch.inference_mode()
     def move(self, source: int, target: int, length: int) -> None:
         """Slot `source`'s first `length` columns to slot `target` (a request moving down a row)."""
@@ -246,6 +253,7 @@ class SlotDecoder:
         out[:rows].copy_(tokens, non_blocking=True)
         return Tokens(out, rows, self._host_tokens.used())
 
+    @torch.inference_mode()
     def warm(self) -> None:
         """Capture every batch bucket up to max_rows at the first width now, over buffers already
         as tall as max_rows needs, so that serving captures nothing until a request outgrows the
@@ -260,7 +268,10 @@ class SlotDecoder:
             key = (bucket, MIN_WIDTH, self.cache.generation)
             if key not in self._graphs:
                 self._graphs[key] = self._capture(bucket, MIN_WIDTH)
+            if not self.graphs:  # a capture failed: this decoder runs eagerly, nothing more to capture
+                return
 
+    @torch.inference_mode()
     def move(self, source: int, target: int, length: int) -> None:
         """Slot `source` to slot `target`: its first `length` columns, and its id on the device."""
         self.cache.move(source, target, length)
@@ -292,7 +303,7 @@ class SlotDecoder:
 
     def store(self, slot: int, cache, row: int, start: int, end: int) -> None:
         """Columns [start, end) of `row` of a prefill's DynamicCache into `slot`, from column 0."""
-        self.cache.ensure(slot + 1, end - start + 1)
+        self.cache.ensure(batch_bucket(slot + 1, self.max_rows) if self.graphs else slot + 1, end - start + 1)
         for layer, part in enumerate(cache.layers):
             self.cache.store(slot, layer, part.keys[row, :, start:end], part.values[row, :, start:end])
 
@@ -344,6 +355,7 @@ class SlotDecoder:
             return self._static_step(rows, columns)
 
         if self.graphs == "emulate" or self.device.type != "cuda":
+            eager()  # as a capture's warm-up runs it: where that fails, so do the tests
             return eager
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
