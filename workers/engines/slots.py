@@ -12,7 +12,8 @@ captured once per (batch bucket, width bucket) as a CUDA graph over static input
 replayed: one copy in, one replay, and the sampled tokens' one copy out, which the host reads
 only after launching the next step (slot_batch.py). Buckets bound the captures: every batch
 bucket at the first width is captured at load (`warm`), over buffers as tall as the engine's
-batch, and a run adds only len(BATCH_BUCKETS) per doubling of the width, never one per new
+batch; when a request outgrows that width the buffers widen and keep only the rows in use, and a
+run captures each (batch bucket, width bucket) it meets after that once, never once per new
 sequence length. A step that cannot be captured runs eagerly (logged, counted).
 
 On CPU the same step runs eagerly with exact shapes (no buckets: padded rows and columns would
