@@ -12,9 +12,9 @@ captured once per (batch bucket, width bucket) as a CUDA graph over static input
 replayed: one copy in, one replay, and the sampled tokens' one copy out, which the host reads
 only after launching the next step (slot_batch.py). Buckets bound the captures: every batch
 bucket at the first width is captured at load (`warm`), over buffers as tall as the engine's
-batch; when a request outgrows that width the buffers widen and keep only the rows in use, and a
-run captures each (batch bucket, width bucket) it meets after that once, never once per new
-sequence length. A step that cannot be captured runs eagerly (logged, counted).
+batch; when a request outgrows that width the buffers widen and keep only the rows in use. A
+(batch bucket, width bucket) met after that is captured when first met and again only after the
+buffers grow (by doubling), never once per new sequence length. A step that cannot be captured runs eagerly (logged, counted).
 
 On CPU the same step runs eagerly with exact shapes (no buckets: padded rows and columns would
 cost real arithmetic there). `graphs="emulate"` runs the bucketed, static-buffer path on any device
