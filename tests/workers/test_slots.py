@@ -193,6 +193,7 @@ def test_every_batch_bucket_is_captured_at_load_and_none_while_serving(monkeypat
         decoder = scheduler.decoder
         assert scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated), one step ahead"
         assert sorted(size for size, _, _ in decoder._graphs) == [1, 2, 4, 8]
+        assert decoder.captures == 4, "the load check's capture was thrown away and made again"
         assert decoder.cache.rows == 8, "the buffers are as tall as the batch from the start"
         assert decoder.capture_failures == 0 and decoder.graphs == "emulate"
         before = decoder.captures

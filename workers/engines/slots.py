@@ -286,6 +286,8 @@ class SlotDecoder:
         from transformers import DynamicCache
 
         with torch.inference_mode():
+            if self.graphs:  # the buffers warm() needs, first: its captures then include this one
+                self.cache.ensure(batch_bucket(self.max_rows, self.max_rows), MIN_WIDTH)
             reference_cache = DynamicCache()
             ids = torch.tensor([prompt_ids], device=self.device)
             self.model(input_ids=ids, use_cache=True, **{self.cache_arg: reference_cache})
