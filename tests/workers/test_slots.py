@@ -224,6 +224,22 @@ def test_a_stream_that_outgrows_the_first_width_keeps_only_its_own_rows(monkeypa
         scheduler.stop()
 
 
+def test_the_step_ahead_of_a_rows_last_token_does_not_widen_the_buffers(monkeypatch):
+    # 245 + 12 = 257: the last useful step reads 256 columns; the step launched ahead of the last
+    # token would read 257 and double the width for a row that is already done.
+    scheduler = _static(monkeypatch, ahead=True)
+    try:
+        decoder = scheduler.decoder
+        before = decoder.captures
+        prompt = [(5 * i + 2) % 300 for i in range(245)]
+        request = BatchRequest(id="edge", prompt_ids=prompt, max_new_tokens=12, greedy=True)
+        scheduler.submit(request)
+        assert _tokens(request) == _greedy_without_cache(_tiny("llama"), prompt, 12)
+        assert decoder.cache.columns == 256 and decoder.captures == before
+    finally:
+        scheduler.stop()
+
+
 def test_growing_columns_keeps_the_rows_asked_for_and_their_values():
     cache = SlotCache(_tiny("llama"), torch.device("cpu"), torch.float32)
     cache.ensure(8, 16)

@@ -78,7 +78,15 @@ class SlotBatch(Rows):
         token was handed off on the device take it from there (their last_tokens may not be read
         yet); the caller hands this step's tokens off too (SlotDecoder.hand_off)."""
         self.compact()
-        logits = self.decoder.decode(self.last_tokens, self.positions, self.on_device if ahead else None)
+        positions = self.positions
+        if ahead:  # a row whose pending token is its last by length only computes what is thrown
+            # away: it writes at column 0 (its cache is done with), not one past what it needs,
+            # which at a width's edge would widen the buffers and capture a step for nothing
+            positions = [
+                0 if known and r is not None and r.generated + 1 >= r.max_new_tokens else p
+                for r, p, known in zip(self.requests, positions, self.on_device)
+            ]
+        logits = self.decoder.decode(self.last_tokens, positions, self.on_device if ahead else None)
         self.positions = [p + 1 for p in self.positions]
         self.on_device = [ahead] * len(self.requests)
         return logits
