@@ -31,7 +31,7 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     for name in ("135M", "1B"):
         entry = report[name]
         assert entry["decode_mode"] == "slots, static buffers (CUDA graphs emulated), one step ahead"
-        # every batch bucket up to 64 at load (after the load check's one), none while timed
+        # every batch bucket up to 64 at load (the load check's among them), none while timed
         assert entry["graph_captures_at_load"] == 9 and entry["graph_capture_failures"] == 0
         assert entry["graph_captures"] == entry["graph_captures_at_load"]
         assert entry["graph_captures_timed_1"] == 0 and entry["graph_captures_timed_8"] == 0

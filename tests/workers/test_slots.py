@@ -240,6 +240,51 @@ def test_the_step_ahead_of_a_rows_last_token_does_not_widen_the_buffers(monkeypa
         scheduler.stop()
 
 
+def test_a_long_prompt_joining_running_streams_widens_the_buffers_and_every_answer_holds(monkeypatch):
+    # The long prompt is prefilled in chunks while three streams decode, joins in row 3, and its
+    # widening keeps only the rows in use: the others' keys must survive the move.
+    model = _tiny("llama")
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5], [11] * 12, [(7 * i + 1) % 300 for i in range(300)]]
+    plan = [{"prompt": p, "new": 24} for p in prompts]
+    scheduler = _static(monkeypatch, ahead=True)
+    try:
+        requests = [BatchRequest(id=str(i), prompt_ids=item["prompt"], max_new_tokens=item["new"], greedy=True) for i, item in enumerate(plan)]
+        for request in requests[:3]:
+            scheduler.submit(request)
+        firsts = [request.out.get(timeout=60)[1] for request in requests[:3]]
+        scheduler.submit(requests[3])
+        answers = [[first] + _tokens(r) for first, r in zip(firsts, requests[:3])] + [_tokens(requests[3])]
+        assert (scheduler.decoder.cache.columns, scheduler.decoder.cache.rows) == (512, 4)
+    finally:
+        scheduler.stop()
+    assert answers == [_greedy_without_cache(model, p, 24) for p in prompts]
+
+
+def test_a_failed_capture_stops_the_captures_and_the_engine_decodes_eagerly(monkeypatch):
+    from workers.engines import slots
+
+    step = slots.SlotDecoder._static_step
+
+    def failing(self, rows, columns):
+        if rows == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return step(self, rows, columns)
+
+    monkeypatch.setattr(slots.SlotDecoder, "_static_step", failing)
+    scheduler = _static(monkeypatch, ahead=True)
+    try:
+        decoder = scheduler.decoder
+        assert (decoder.captures, decoder.capture_failures, decoder.graphs) == (2, 1, False), "warm went on after a failure"
+        assert scheduler.decode_mode == "slots"
+        requests = [BatchRequest(id=str(i), prompt_ids=[3 + i] * 5, max_new_tokens=6, greedy=True) for i in range(3)]
+        for request in requests:
+            scheduler.submit(request)
+        assert [_tokens(r) for r in requests] == [_greedy_without_cache(_tiny("llama"), [3 + i] * 5, 6) for i in range(3)]
+        assert decoder.captures == 2
+    finally:
+        scheduler.stop()
+
+
 def test_growing_columns_keeps_the_rows_asked_for_and_their_values():
     cache = SlotCache(_tiny("llama"), torch.device("cpu"), torch.float32)
     cache.ensure(8, 16)

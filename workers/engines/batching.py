@@ -158,6 +158,7 @@ class BatchingScheduler(Scheduler):
             decoder.warm()  # every batch bucket captured now, not while serving
         except Exception as exc:  # a forward the slot cache does not fit: the padded cache serves it
             log.warning("slot decoding off: its check or warm-up failed", exc_info=True)
+            decoder.close()  # its buffers go now, not when the decoder is collected
             self.slot_note = f"the slot step's check or warm-up failed: {type(exc).__name__}: {exc}"
             return None
         return decoder

@@ -21,22 +21,22 @@ def capture(eager, device: torch.device, pool):
     it cannot be captured (logged; the current stream is put back)."""
     with _CAPTURE:
         current = torch.cuda.current_stream(device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):  # warm up (cuBLAS handles, autotuning) off the capture; an
-            for _ in range(2):  # error here is the step's own, not the capture's: it propagates
-                eager()
-        current.wait_stream(stream)
         try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):  # warm up (cuBLAS handles, autotuning) off the capture
+                for _ in range(2):
+                    eager()
+            current.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the worker's other engines (and its embedding model) keep launching work
             # from their own threads while this one captures
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 output = eager()
-        except Exception:
+        except Exception:  # in the warm-up or the capture: the decoder stops capturing either way
             torch.cuda.set_stream(current)  # a failed capture can leave its capture stream current
             log.exception("CUDA graph capture failed")
-            torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)  # the side stream's queued steps too, before any buffer is freed
             return None
 
     def replay():

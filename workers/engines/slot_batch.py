@@ -36,6 +36,7 @@ class SlotBatch(Rows):
         """A prefilled group (its own left-padded cache): each request's rows into the next slot."""
         self.compact()
         width = cache.get_seq_length()
+        self.decoder.reserve(len(self.requests) + len(requests), width + 1)
         for row, (request, pad, first) in enumerate(zip(requests, pads, first_tokens)):
             self.decoder.store(len(self.requests), cache, row, pad, width)
             self.requests.append(request)

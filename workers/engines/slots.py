@@ -14,7 +14,8 @@ only after launching the next step (slot_batch.py). Buckets bound the captures: 
 bucket at the first width is captured at load (`warm`), over buffers as tall as the engine's
 batch; when a request outgrows that width the buffers widen and keep only the rows in use. A
 (batch bucket, width bucket) met after that is captured when first met and again only after the
-buffers grow (by doubling), never once per new sequence length. A step that cannot be captured runs eagerly (logged, counted).
+buffers grow (by doubling), never once per new sequence length. A step that cannot be captured
+runs eagerly from then on (logged, counted).
 
 On CPU the same step runs eagerly with exact shapes (no buckets: padded rows and columns would
 cost real arithmetic there). `graphs="emulate"` runs the bucketed, static-buffer path on any device
@@ -161,7 +162,6 @@ class SlotCache:
         self.values[layer][slot, :, length:] = 0
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def move(self, source: int, target: int, length: int) -> None:
         """Slot `source`'s first `length` columns to slot `target` (a request moving down a row)."""
         for buffers in (self.keys, self.values):
@@ -258,7 +258,7 @@ class SlotDecoder:
     def warm(self) -> None:
         """Capture every batch bucket up to max_rows at the first width now, over buffers already
         as tall as max_rows needs, so that serving captures nothing until a request outgrows the
-        first width (and growing rows never voids the graphs)."""
+        first width (below it, no number of rows voids the graphs)."""
         if not self.graphs:
             return
         size = batch_bucket(self.max_rows, self.max_rows)
@@ -271,6 +271,11 @@ class SlotDecoder:
                 self._graphs[key] = self._capture(bucket, MIN_WIDTH)
             if not self.graphs:  # a capture failed: this decoder runs eagerly, nothing more to capture
                 return
+
+    def close(self) -> None:
+        """Give back the buffers and graphs of a decoder that will not be used."""
+        self._graphs.clear()
+        self.cache.release()
 
     @torch.inference_mode()
     def move(self, source: int, target: int, length: int) -> None:
@@ -304,9 +309,14 @@ class SlotDecoder:
                 worst = max(worst, float((got - expected).abs().max()) / max(1.0, float(expected.abs().max())))
         return worst
 
+    def reserve(self, rows: int, columns: int) -> None:
+        """Buffers that hold `rows` running rows (on the static path: their batch bucket) and
+        `columns` columns: a group joining at once grows them once, not a doubling per request."""
+        self.cache.ensure(batch_bucket(rows, self.max_rows) if self.graphs else rows, columns)
+
     def store(self, slot: int, cache, row: int, start: int, end: int) -> None:
         """Columns [start, end) of `row` of a prefill's DynamicCache into `slot`, from column 0."""
-        self.cache.ensure(batch_bucket(slot + 1, self.max_rows) if self.graphs else slot + 1, end - start + 1)
+        self.reserve(slot + 1, end - start + 1)
         for layer, part in enumerate(cache.layers):
             self.cache.store(slot, layer, part.keys[row, :, start:end], part.values[row, :, start:end])
 
@@ -358,14 +368,24 @@ class SlotDecoder:
             return self._static_step(rows, columns)
 
         if self.graphs == "emulate" or self.device.type != "cuda":
-            eager()  # as a capture's warm-up runs it: where that fails, so do the tests
-            return eager
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        replay = capture(eager, self.device, self._pool)
+            replay = _run_once(eager)  # as a capture's warm-up runs it: where that fails, so do the tests
+        else:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            replay = capture(eager, self.device, self._pool)
         if replay is None:  # an op that cannot be captured: this decoder runs eagerly from now on
             self.capture_failures += 1
             self.graphs = False
             log.error("CUDA graph capture failed for %d rows x %d columns; decode steps run eagerly", rows, columns)
             return eager
         return replay
+
+
+def _run_once(eager):
+    """The emulated capture: `eager` run once (None, logged, where that fails, as a capture would be)."""
+    try:
+        eager()
+    except Exception:
+        log.exception("the emulated capture's step failed")
+        return None
+    return eager
