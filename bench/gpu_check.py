@@ -49,6 +49,7 @@ if importlib.util.find_spec("celery") is None:
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig  # noqa: E402
+from transformers.integrations import sdpa_attention  # noqa: E402
 
 from workers.engines.batching import BatchingScheduler  # noqa: E402
 from workers.engines.scheduling import BatchRequest  # noqa: E402
@@ -270,6 +271,9 @@ def main(folder: str, out: str, quick: bool = False) -> None:
         "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         "nominal_bandwidth": nominal_bandwidth(), "quick": quick,
+        # how this transformers' SDPA attends a decode step's grouped heads under our mask: 5.24
+        # (the site's pin) packs the query heads; older ones copy the keys/values per head
+        "gqa_decode": "pack_gqa" if hasattr(sdpa_attention, "pack_gqa") else "repeat_kv",
     }
     tokenizer = AutoTokenizer.from_pretrained(folder)
     batch = prompts(tokenizer)
