@@ -95,6 +95,33 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
 
 
+def packed_gqa() -> str:
+    """How a decode step attends grouped key/value heads under a mask. transformers 5.24 (the
+    site's pin) packs the query heads over the key/value heads; older versions (5.17 on the lent
+    machine) copy the keys and values once per head group (`repeat_kv`), which at 64 streams of
+    the 1B config moves more bytes than the weights. There the same packing is registered for this
+    run (engine and peers alike), so the rates are those of the attention as deployed."""
+    if hasattr(sdpa_attention, "pack_gqa"):
+        return "pack_gqa"
+    from transformers import AttentionInterface
+
+    plain = sdpa_attention.sdpa_attention_forward
+
+    def packed(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        groups = getattr(module, "num_key_value_groups", 1)
+        shared_mask = attention_mask is None or attention_mask.shape[1] == 1
+        if groups == 1 or query.shape[2] != 1 or not shared_mask or kwargs.get("position_bias") is not None:
+            return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        batch, heads, _, dim = query.shape
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        )
+        return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("sdpa", packed)
+    return "pack_gqa (registered by this script: its transformers copies keys/values per group)"
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -271,9 +298,7 @@ def main(folder: str, out: str, quick: bool = False) -> None:
         "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         "nominal_bandwidth": nominal_bandwidth(), "quick": quick,
-        # how this transformers' SDPA attends a decode step's grouped heads under our mask: 5.24
-        # (the site's pin) packs the query heads; older ones copy the keys/values per head
-        "gqa_decode": "pack_gqa" if hasattr(sdpa_attention, "pack_gqa") else "repeat_kv",
+        "gqa_decode": packed_gqa(),
     }
     tokenizer = AutoTokenizer.from_pretrained(folder)
     batch = prompts(tokenizer)

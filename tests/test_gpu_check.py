@@ -24,7 +24,7 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["quick"] is True
-    assert report["gqa_decode"] == "pack_gqa", "the pinned transformers packs the grouped heads of a decode step"
+    assert report["gqa_decode"] == "pack_gqa", "the pinned transformers packs a decode step's grouped heads itself"
     assert report["fp32_batched_equals_single"] == 16
     assert report["abort_others_whole"] == 7 and report["abort_running_after"] == 0
     assert 3 <= report["abort_victim_tokens"] < 32 and report["abort_victim_finish"] == "cancelled"
