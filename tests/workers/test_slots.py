@@ -178,6 +178,13 @@ def _tokens(request: BatchRequest) -> list[int]:
         tokens.append(value)
 
 
+def _ask_one(scheduler: BatchingScheduler, prompt: list[int], new_tokens: int) -> list[int]:
+    """One greedy request's tokens, alone in the engine."""
+    request = BatchRequest(id=f"one-{len(prompt)}", prompt_ids=prompt, max_new_tokens=new_tokens, greedy=True)
+    scheduler.submit(request)
+    return _tokens(request)
+
+
 # --- the static path: buckets captured at load, one step ahead --------------------------------
 
 
@@ -215,9 +222,7 @@ def test_a_stream_that_outgrows_the_first_width_keeps_only_its_own_rows(monkeypa
         decoder = scheduler.decoder
         assert (decoder.cache.rows, decoder.cache.columns) == (8, 256)
         prompt = [(3 * i + 1) % 300 for i in range(250)]
-        request = BatchRequest(id="long", prompt_ids=prompt, max_new_tokens=12, greedy=True)
-        scheduler.submit(request)
-        assert _tokens(request) == _greedy_without_cache(_tiny("llama"), prompt, 12)
+        assert _ask_one(scheduler, prompt, 12) == _greedy_without_cache(_tiny("llama"), prompt, 12)
         assert (decoder.cache.rows, decoder.cache.columns) == (1, 512)
         assert decoder.capture_failures == 0
     finally:
@@ -232,9 +237,7 @@ def test_the_step_ahead_of_a_rows_last_token_does_not_widen_the_buffers(monkeypa
         decoder = scheduler.decoder
         before = decoder.captures
         prompt = [(5 * i + 2) % 300 for i in range(245)]
-        request = BatchRequest(id="edge", prompt_ids=prompt, max_new_tokens=12, greedy=True)
-        scheduler.submit(request)
-        assert _tokens(request) == _greedy_without_cache(_tiny("llama"), prompt, 12)
+        assert _ask_one(scheduler, prompt, 12) == _greedy_without_cache(_tiny("llama"), prompt, 12)
         assert decoder.cache.columns == 256 and decoder.captures == before
     finally:
         scheduler.stop()

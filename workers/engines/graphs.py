@@ -55,13 +55,12 @@ class Ring:
         self._cuda = device.type == "cuda"
         self._buffers = [torch.zeros(shape, dtype=torch.long, pin_memory=self._cuda) for _ in range(2)]
         self._events = [torch.cuda.Event() for _ in range(2)] if self._cuda else [None, None]
-        self._recorded = [False, False]
         self._device = device
         self._turn = 1
 
     def take(self) -> torch.Tensor:
         self._turn ^= 1
-        if self._recorded[self._turn]:
+        if self._cuda:  # an event never recorded counts as passed
             wait(self._events[self._turn])
         return self._buffers[self._turn]
 
@@ -72,7 +71,6 @@ class Ring:
             return None
         event = self._events[self._turn]
         event.record(torch.cuda.current_stream(self._device))
-        self._recorded[self._turn] = True
         return event
 
 

@@ -292,7 +292,7 @@ class SlotDecoder:
 
         with torch.inference_mode():
             if self.graphs:  # the buffers warm() needs, first: its captures then include this one
-                self.cache.ensure(batch_bucket(self.max_rows, self.max_rows), MIN_WIDTH)
+                self.reserve(self.max_rows, MIN_WIDTH)
             reference_cache = DynamicCache()
             ids = torch.tensor([prompt_ids], device=self.device)
             self.model(input_ids=ids, use_cache=True, **{self.cache_arg: reference_cache})
