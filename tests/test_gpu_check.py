@@ -41,5 +41,13 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
         for key in ("generate_batch_tok_s_1", "generate_batch_tok_s_8"):
             assert isinstance(entry[key], float) or entry[key].startswith("failed: "), entry[key]
         assert entry["engine_8_vs_1"] > 0 and entry["weight_bytes"] > 0
+    for name in ("135M compiled", "1B compiled"):  # LLMSITE_COMPILE=1: two graphs compiled at load, none later
+        entry = report[name]
+        assert entry["decode_mode"] == "slots, static buffers (CUDA graphs emulated), compiled, one step ahead"
+        assert entry["compiles_at_load"] == 2 and entry["compiles"] == 2 and entry["compiled_at_end"] is True
+        assert entry["graph_captures_at_load"] == 8 and entry["graph_captures"] == 8, "buckets from 2 to 64"
+        assert entry["engine_tok_s_1"] > 0 and entry["engine_tok_s_8"] > 0
+    assert report["targets_compiled"]["fp32_16_of_16_equal"] is True
+    assert report["targets_compiled"]["abort_leaves_others_whole_and_frees_row"] is True
     assert report["targets"]["fp32_16_of_16_equal"] is True
     assert report["targets"]["abort_leaves_others_whole_and_frees_row"] is True

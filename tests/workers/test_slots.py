@@ -13,7 +13,8 @@ from llmsite.contract import SamplingParams
 from tests.workers.test_batching import QUESTIONS, ask, ask_all, greedy
 from workers.engines.batch_sampling import sample_rows, start_sampling
 from workers.engines.batching import BatchingScheduler, BatchRequest
-from workers.engines.slots import BATCH_BUCKETS, SlotCache, batch_bucket, slot_support, width_bucket
+from workers.engines.slots import BATCH_BUCKETS, SlotCache, batch_bucket, width_bucket
+from workers.engines.step_setup import slot_support
 
 
 def _engine(monkeypatch_env: dict, django_db_blocker):
@@ -136,7 +137,7 @@ def test_modelling_code_shipped_with_the_model_keeps_the_padded_cache():
 def test_a_slot_step_that_disagrees_with_the_plain_forward_is_not_used(monkeypatch):
     # A cache that writes each new key one column too far: the load-time check must catch it.
     original = SlotCache.bind
-    monkeypatch.setattr(SlotCache, "bind", lambda self, rows, at, width: original(self, rows, at + 1, width + 1))
+    monkeypatch.setattr(SlotCache, "bind", lambda self, rows, at, mask: original(self, rows, at + 1, mask))
     scheduler = BatchingScheduler(_tiny("llama"), max_batch_size=4)
     try:
         assert scheduler.decoder is None
@@ -284,6 +285,63 @@ def test_a_failed_capture_stops_the_captures_and_the_engine_decodes_eagerly(monk
             scheduler.submit(request)
         assert [_tokens(r) for r in requests] == [_greedy_without_cache(_tiny("llama"), [3 + i] * 5, 6) for i in range(3)]
         assert decoder.captures == 2
+    finally:
+        scheduler.stop()
+
+
+# --- the static step compiled by torch.compile (LLMSITE_COMPILE=1) ------------------------------
+
+
+def test_the_compiled_step_compiles_at_load_only_and_answers_as_the_uncompiled_model(monkeypatch):
+    # Inductor compiles on CPU too. Streams join and leave, a long prompt widens the buffers to
+    # 512 columns, then short ones read 256 of them: one graph serves every batch bucket and
+    # width (two compiled at load: buffers as wide as the step reads, and wider), none later.
+    monkeypatch.setenv("LLMSITE_COMPILE", "1")
+    model = _tiny("llama")
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5], [11] * 12, [(7 * i + 1) % 300 for i in range(300)]]
+    shorts = [[3 + i] * (4 + i) for i in range(8)]
+    scheduler = _static(monkeypatch, ahead=True)
+    try:
+        decoder = scheduler.decoder
+        assert scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated), compiled, one step ahead"
+        assert decoder.compiled.compiles == 2
+        assert sorted(size for size, _, _ in decoder._graphs) == [2, 4, 8], "one stream runs in the bucket of two"
+        requests = [BatchRequest(id=str(i), prompt_ids=p, max_new_tokens=24, greedy=True) for i, p in enumerate(prompts)]
+        for request in requests[:3]:
+            scheduler.submit(request)
+        firsts = [request.out.get(timeout=120)[1] for request in requests[:3]]
+        scheduler.submit(requests[3])
+        answers = [[first] + _tokens(r) for first, r in zip(firsts, requests[:3])] + [_tokens(requests[3])]
+        assert (decoder.cache.columns, decoder.cache.rows) == (512, 4)
+        later = [BatchRequest(id=f"s{i}", prompt_ids=p, max_new_tokens=6, greedy=True) for i, p in enumerate(shorts)]
+        for request in later:
+            scheduler.submit(request)
+        short_answers = [_tokens(r) for r in later]
+        assert decoder.compiled is not None and decoder.compiled.compiles == 2, "a graph was compiled while serving"
+    finally:
+        scheduler.stop()
+    assert answers == [_greedy_without_cache(model, p, 24) for p in prompts]
+    assert short_answers == [_greedy_without_cache(model, p, 6) for p in shorts]
+
+
+def test_a_compiled_step_that_fails_gives_way_to_the_uncompiled_one(monkeypatch):
+    from workers.engines.step_setup import CompiledStep
+
+    def failing(self, **inputs):
+        raise RuntimeError("inductor: a lowering failed")
+
+    monkeypatch.setenv("LLMSITE_COMPILE", "1")
+    monkeypatch.setattr(CompiledStep, "__call__", failing)
+    scheduler = _static(monkeypatch, ahead=True)
+    try:
+        decoder = scheduler.decoder
+        assert scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated), one step ahead"
+        assert decoder.compiled is None and decoder.capture_failures == 0 and decoder.graphs == "emulate"
+        prompts = [[3 + i] * 5 for i in range(3)]
+        requests = [BatchRequest(id=str(i), prompt_ids=p, max_new_tokens=6, greedy=True) for i, p in enumerate(prompts)]
+        for request in requests:
+            scheduler.submit(request)
+        assert [_tokens(r) for r in requests] == [_greedy_without_cache(_tiny("llama"), p, 6) for p in prompts]
     finally:
         scheduler.stop()
 

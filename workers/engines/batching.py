@@ -33,7 +33,8 @@ from workers.engines.batch_sampling import choose_rows, sample_token, start_samp
 from workers.engines.graphs import to_device
 from workers.engines.scheduling import BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
-from workers.engines.slots import SlotDecoder, cuda_graphs_wanted, slot_support, text_config
+from workers.engines.slots import SlotDecoder
+from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, slot_support, text_config
 
 __all__ = ["BatchRequest", "BatchingScheduler"]
 
@@ -113,8 +114,9 @@ class BatchingScheduler(Scheduler):
         if self.decoder is None:
             return f"padded cache ({self.slot_note})"
         graphs = {True: ", CUDA graphs", "emulate": ", static buffers (CUDA graphs emulated)"}.get(self.decoder.graphs, "")
+        compiled = ", compiled" if self.decoder.compiled is not None and graphs else ""
         ahead = ", one step ahead" if graphs and self.run_ahead else ""
-        return f"slots{graphs}{ahead}"
+        return f"slots{graphs}{compiled}{ahead}"
 
     def _setup_model(self, model, max_batch_size: int) -> None:
         self.model = model
@@ -144,7 +146,7 @@ class BatchingScheduler(Scheduler):
         dtype = next(model.parameters()).dtype
         decoder = SlotDecoder(
             model, cache_arg=self._cache_arg, last_only=self._last_only, max_rows=max_batch_size,
-            graphs=cuda_graphs_wanted(self.device, model),
+            graphs=cuda_graphs_wanted(self.device, model), compile=compile_wanted(),
         )
         vocab = text_config(model).vocab_size
         probe = [(7 * i + 3) % vocab for i in range(1, 12)]

@@ -15,7 +15,8 @@ bucket at the first width is captured at load (`warm`), over buffers as tall as 
 batch; when a request outgrows that width the buffers widen and keep only the rows in use. A
 (batch bucket, width bucket) met after that is captured when first met and again only after the
 buffers grow (by doubling), never once per new sequence length. A step that cannot be captured
-runs eagerly from then on (logged, counted).
+runs eagerly from then on (logged, counted). With `compile` the captured step is torch.compile's
+(step_setup.py: one graph for every bucket and width, compiled at load).
 
 On CPU the same step runs eagerly with exact shapes (no buckets: padded rows and columns would
 cost real arithmetic there). `graphs="emulate"` runs the bucketed, static-buffer path on any device
@@ -25,11 +26,11 @@ without capturing, which is how the tests check its bookkeeping without a GPU.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from workers.engines.graphs import Ring, Tokens, capture, synchronize
+from workers.engines.step_setup import CompiledStep, text_config
 
 log = logging.getLogger(__name__)
 
@@ -53,46 +54,6 @@ def width_bucket(width: int) -> int:
     return size
 
 
-def text_config(model):
-    """The config of the model's language part (the model's own where it has no other part)."""
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-
-def slot_support(model) -> str | None:
-    """Why `model` cannot run on slots (None: it can). The forward must be transformers' own
-    (remote code keeps its own cache format), with full attention in every layer (a sliding window
-    needs its own mask) and an attention that takes a 4D mask (sdpa or eager). `SlotDecoder.check`
-    then compares the slot step with the plain one on the real weights."""
-    if not type(model).__module__.startswith("transformers.models."):
-        return "its modelling code ships with the model"
-    config = text_config(model)
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
-        return "sliding-window or mixed attention layers"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return f"a sliding window of {config.sliding_window}"
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return f"attention implementation {config._attn_implementation!r}"
-    if getattr(config, "num_hidden_layers", None) is None or getattr(config, "num_attention_heads", None) is None:
-        return "its config names no layer or head counts"
-    return None
-
-
-def cuda_graphs_wanted(device: torch.device, model=None) -> bool | str:
-    """CUDA graphs on a CUDA device unless LLMSITE_CUDA_GRAPHS=0 or the model's rotary embedding
-    reads the positions on the host (dynamic and longrope scaling); LLMSITE_CUDA_GRAPHS=emulate runs
-    the bucketed static path without capturing (any device)."""
-    setting = os.environ.get("LLMSITE_CUDA_GRAPHS", "1").strip().lower()
-    if setting == "emulate":
-        return "emulate"
-    if model is not None:
-        config = text_config(model)
-        rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
-        kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
-        if "dynamic" in kind or kind == "longrope":
-            return False
-    return device.type == "cuda" and setting not in ("0", "false", "no", "off")
-
-
 class SlotCache:
     """The key and value buffers of every layer, [rows, kv heads, columns, head dim], read by the
     model's attention through `update` (the part of transformers' Cache API a forward uses)."""
@@ -109,8 +70,7 @@ class SlotCache:
         self.values: list[torch.Tensor] = []
         self.rows = self.columns = 0
         self.generation = 0  # bumped when the buffers move: graphs captured over the old ones are void
-        self._write_rows = self._write_at = None
-        self._width = 0
+        self._write_rows = self._write_at = self._mask = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -169,9 +129,14 @@ class SlotCache:
                 layer[target, :, :length] = layer[source, :, :length]
                 layer[target, :, length:] = 0
 
-    def bind(self, write_rows: torch.Tensor, write_at: torch.Tensor, width: int) -> None:
-        """What the next forward writes (row i's new key at column write_at[i]) and reads (`width` columns)."""
-        self._write_rows, self._write_at, self._width = write_rows, write_at, width
+    def bind(self, write_rows: torch.Tensor, write_at: torch.Tensor, mask: torch.Tensor) -> None:
+        """What the next forward writes (row i's new key at column write_at[i]) and reads (as many
+        columns as its 4D mask has: a size, not a number, so a compiled step reads any width)."""
+        self._write_rows, self._write_at, self._mask = write_rows, write_at, mask
+
+    def bound(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the next forward writes, and their columns (`bind`)."""
+        return self._write_rows, self._write_at
 
     # --- what the model's forward calls -----------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -179,10 +144,11 @@ class SlotCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys[self._write_rows, :, self._write_at] = key_states[:, :, -1]
         values[self._write_rows, :, self._write_at] = value_states[:, :, -1]
-        return keys[:rows, :, : self._width], values[:rows, :, : self._width]
+        width = self._mask.shape[-1]
+        return keys[:rows, :, :width], values[:rows, :, :width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._width
+        return 0 if self._mask is None else self._mask.shape[-1]
 
     def __len__(self) -> int:
         return self.layers
@@ -197,7 +163,7 @@ class SlotDecoder:
     sampled tokens straight into the next step's inputs, so the next step can be launched before
     the host has read them (the scheduler's one step ahead)."""
 
-    def __init__(self, model, *, cache_arg: str, last_only: dict, max_rows: int, graphs: bool | str = False):
+    def __init__(self, model, *, cache_arg: str, last_only: dict, max_rows: int, graphs: bool | str = False, compile: bool = False):
         self.model = model
         self.last_only = last_only  # {"logits_to_keep": 1} where the forward takes it
         self.device = next(model.parameters()).device
@@ -208,9 +174,13 @@ class SlotDecoder:
         self.graphs = graphs  # False, True (capture on CUDA) or "emulate"
         self.captures = 0  # graphs captured (or, emulated, recorded) in this engine's life
         self.capture_failures = 0
+        # torch.compile's step (static path only), whose batch buckets start at 2: a batch of one
+        # would be compiled apart (a size of 1 is always specialised)
+        self.compiled = CompiledStep(model, cache_arg) if compile and graphs else None
+        self._least = 2 if self.compiled else 1
         self._graphs: dict[tuple[int, int, int], object] = {}
         self._graphs_generation = -1
-        self._inputs = None  # [3, rows] on the device: ids from the host, positions, 1 where the id is the host's
+        self._inputs = None  # [3, rows] on the device: positions, ids from the host, 1 where the id is the host's
         self._next_ids = None  # [rows] on the device: the last step's sampled tokens (hand_off)
         self._host_inputs = self._host_tokens = None  # pinned host buffers, two of each (Ring)
         self._pool = None
@@ -228,11 +198,11 @@ class SlotDecoder:
             self.cache.ensure(rows, columns)
             inputs = torch.tensor([ids, positions], device=self.device)
             return self._forward(inputs[0], inputs[1], rows, columns)
-        size, columns = batch_bucket(rows, self.max_rows), width_bucket(width)
+        size, columns = batch_bucket(max(rows, self._least), self.max_rows), width_bucket(width)
         self._prepare(size, columns)
         host = self._host_inputs.take()
         view = host.numpy()
-        view[0, :rows], view[1, :rows] = ids, positions
+        view[0, :rows], view[1, :rows] = positions, ids
         view[2, :rows] = 1 if from_device is None else [not known for known in from_device]
         view[:, rows:] = 0  # padding rows write column 0 of slots nobody holds
         view[2, rows:] = 1
@@ -261,16 +231,33 @@ class SlotDecoder:
         first width (below it, no number of rows voids the graphs)."""
         if not self.graphs:
             return
-        size = batch_bucket(self.max_rows, self.max_rows)
+        size = batch_bucket(max(self.max_rows, self._least), self.max_rows)
         self._prepare(size, MIN_WIDTH)
         self._inputs.zero_()
         self._inputs[2] = 1
-        for bucket in sorted({batch_bucket(rows, self.max_rows) for rows in range(1, size + 1)}):
+        for bucket in sorted({batch_bucket(max(rows, self._least), self.max_rows) for rows in range(1, size + 1)}):
             key = (bucket, MIN_WIDTH, self.cache.generation)
             if key not in self._graphs:
                 self._graphs[key] = self._capture(bucket, MIN_WIDTH)
             if not self.graphs:  # a capture failed: this decoder runs eagerly, nothing more to capture
                 return
+        if self.compiled is not None:
+            self._compile_wider()
+
+    def _compile_wider(self) -> None:
+        """The compiled step once over buffers wider than the columns it reads, as they are after
+        a long request: a second graph (the columns read are then not contiguous), compiled now
+        and not while serving. It runs over two rows of scratch buffers, and is not captured."""
+        serving, self.cache = self.cache, SlotCache(self.model, self.device, self.dtype)
+        try:
+            self.cache.ensure(2, 2 * MIN_WIDTH)
+            zeros = torch.zeros(2, dtype=torch.long, device=self.device)
+            self._forward(zeros, zeros, 2, MIN_WIDTH)
+        except Exception:  # the captured steps keep theirs; steps captured later run uncompiled
+            log.exception("the compiled decode step failed over wider buffers; later captures run uncompiled")
+            self.compiled = None
+        finally:
+            self.cache = serving
 
     def close(self) -> None:
         """Give back the buffers and graphs of a decoder that will not be used."""
@@ -312,7 +299,7 @@ class SlotDecoder:
     def reserve(self, rows: int, columns: int) -> None:
         """Buffers that hold `rows` running rows (on the static path: their batch bucket) and
         `columns` columns: a group joining at once grows them once, not a doubling per request."""
-        self.cache.ensure(batch_bucket(rows, self.max_rows) if self.graphs else rows, columns)
+        self.cache.ensure(batch_bucket(max(rows, self._least), self.max_rows) if self.graphs else rows, columns)
 
     def store(self, slot: int, cache, row: int, start: int, end: int) -> None:
         """Columns [start, end) of `row` of a prefill's DynamicCache into `slot`, from column 0."""
@@ -324,11 +311,13 @@ class SlotDecoder:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
         """The model's forward over the first `rows` rows (ids, positions: [>= rows]) and `columns` columns."""
         ids, positions = ids[:rows].unsqueeze(1), positions[:rows].unsqueeze(1)
-        self.cache.bind(self._rows_index[:rows], positions[:, 0], columns)
         visible = torch.arange(columns, device=self.device).unsqueeze(0) <= positions  # [rows, columns]
         mask = torch.zeros(visible.shape, device=self.device, dtype=self.dtype).masked_fill_(~visible, self._mask_value)
-        output = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=mask[:, None, None, :],
+        mask = mask[:, None, None, :]
+        self.cache.bind(self._rows_index[:rows], positions[:, 0], mask)
+        model = self.compiled if self.compiled is not None and self.graphs else self.model
+        output = model(
+            input_ids=ids, position_ids=positions, attention_mask=mask,
             use_cache=True, **self.last_only, **{self.cache_arg: self.cache},
         )
         return output.logits[:, -1, :]
@@ -336,8 +325,8 @@ class SlotDecoder:
     def _static_step(self, rows: int, columns: int) -> torch.Tensor:
         """The step over the static buffers: each row's id from the host or from the last step."""
         inputs = self._inputs
-        ids = torch.where(inputs[2, :rows] != 0, inputs[0, :rows], self._next_ids[:rows])
-        return self._forward(ids, inputs[1], rows, columns)
+        ids = torch.where(inputs[2, :rows] != 0, inputs[1, :rows], self._next_ids[:rows])
+        return self._forward(ids, inputs[0], rows, columns)  # positions first: a view at offset 0
 
     def _prepare(self, size: int, columns: int) -> None:
         """Buffers that hold `size` rows x `columns`; graphs over moved buffers are dropped (after
@@ -373,6 +362,10 @@ class SlotDecoder:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             replay = capture(eager, self.device, self._pool)
+        if replay is None and self.compiled is not None:  # the compiled step failed: the plain one
+            log.error("the compiled decode step failed for %d rows x %d columns; it runs uncompiled", rows, columns)
+            self.compiled = None
+            return self._capture(rows, columns)
         if replay is None:  # an op that cannot be captured: this decoder runs eagerly from now on
             self.capture_failures += 1
             self.graphs = False

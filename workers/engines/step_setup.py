@@ -1,0 +1,133 @@
+"""How the transformers engine's decode step is set up for a model: on slots or not
+(`slot_support`), as CUDA graphs or not (`cuda_graphs_wanted`), and compiled by torch.compile
+inside those graphs or not (`compile_wanted`, `CompiledStep`).
+
+Compiling (LLMSITE_COMPILE=1; on the static path only, so CUDA or emulated) fuses the step's
+small element-wise kernels (RMS norms, rotary embeddings, the MLP's activation) that a captured
+step otherwise replays one by one: a decode step of a small model at one stream is bound by
+their number, not by reading the weights. One compiled graph serves every batch bucket and
+width (the rows and columns of the inputs, the mask and the KV buffers are dynamic), so the
+compiles all happen at load (`SlotDecoder.warm`), not while serving; `compiles` counts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_OFF = ("0", "false", "no", "off")
+
+
+def text_config(model):
+    """The config of the model's language part (the model's own where it has no other part)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def slot_support(model) -> str | None:
+    """Why `model` cannot run on slots (None: it can). The forward must be transformers' own
+    (remote code keeps its own cache format), with full attention in every layer (a sliding window
+    needs its own mask) and an attention that takes a 4D mask (sdpa or eager). `SlotDecoder.check`
+    then compares the slot step with the plain one on the real weights."""
+    if not type(model).__module__.startswith("transformers.models."):
+        return "its modelling code ships with the model"
+    config = text_config(model)
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return "sliding-window or mixed attention layers"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"a sliding window of {config.sliding_window}"
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention implementation {config._attn_implementation!r}"
+    if getattr(config, "num_hidden_layers", None) is None or getattr(config, "num_attention_heads", None) is None:
+        return "its config names no layer or head counts"
+    return None
+
+
+def cuda_graphs_wanted(device: torch.device, model=None) -> bool | str:
+    """CUDA graphs on a CUDA device unless LLMSITE_CUDA_GRAPHS=0 or the model's rotary embedding
+    reads the positions on the host (dynamic and longrope scaling); LLMSITE_CUDA_GRAPHS=emulate runs
+    the bucketed static path without capturing (any device)."""
+    setting = os.environ.get("LLMSITE_CUDA_GRAPHS", "1").strip().lower()
+    if setting == "emulate":
+        return "emulate"
+    if model is not None:
+        config = text_config(model)
+        rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+        kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
+        if "dynamic" in kind or kind == "longrope":
+            return False
+    return device.type == "cuda" and setting not in ("0", "false", "no", "off")
+
+
+def compile_wanted() -> bool:
+    """Whether the static decode step is compiled by torch.compile (LLMSITE_COMPILE, off by default)."""
+    return os.environ.get("LLMSITE_COMPILE", "0").strip().lower() not in _OFF + ("",)
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention, except that a one-token query attends grouped key/value
+    heads with its query heads packed over them ([rows, kv heads, group, dim]), as transformers
+    5.24 does eagerly: its own `repeat_kv` (what 5.24 falls back to under torch.compile, and
+    5.17 always) copies the keys and values once per head group, which at 64 streams of a 1B
+    model moves more bytes a step than the weights."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
+    if groups == 1 or query.shape[2] != 1 or not shared_mask or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    batch, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+    )
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def use_packed_sdpa() -> None:
+    """`packed_sdpa` as every model's "sdpa" attention in this process (it defers to
+    transformers' own for everything but a grouped one-token query)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("sdpa", packed_sdpa)
+
+
+class CompiledStep:
+    """The model's forward for a decode step over a SlotCache, compiled by torch.compile (inductor,
+    no CUDA graphs of its own: the caller captures the compiled step). Called as the model is."""
+
+    def __init__(self, model, cache_arg: str):
+        use_packed_sdpa()
+        self.model, self.cache_arg = model, cache_arg
+        self.compiles = 0  # graphs compiled for this step (Dynamo's count, read around each call)
+        self._compiled = torch.compile(model)
+
+    def __call__(self, **inputs):
+        from torch._dynamo.utils import counters
+
+        cache = inputs[self.cache_arg]
+        for rows in (inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], *cache.bound()):
+            _dynamic(rows, 0)
+        _dynamic(inputs["attention_mask"], 3)  # the columns a step reads
+        for buffer in cache.keys + cache.values:  # their rows and columns
+            _dynamic(buffer, 0)
+            _dynamic(buffer, 2)
+        before = counters["stats"]["unique_graphs"]
+        # no "duck sizing": sizes that happen to be equal when a graph is compiled (buffer rows
+        # and a batch bucket, say) must not become one size, guarded, and compiled again later
+        with _no_duck_sizing():
+            output = self._compiled(**inputs)
+        self.compiles += counters["stats"]["unique_graphs"] - before
+        return output
+
+
+def _dynamic(tensor: torch.Tensor, dim: int) -> None:
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def _no_duck_sizing():
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # a torch without the setting: it guards more, and may compile again
+        return contextlib.nullcontext()
+    return _config.patch(use_duck_shape=False)
