@@ -16,7 +16,10 @@ transformers' `generate` (one padded batch) and of `generate_batch` (its continu
 same prompts; the bandwidth limit (all weight bytes read once per step, the embedding table once,
 over the GPU's nominal memory bandwidth) beside the measured rate; the graphs captured (at load,
 and while timed: none expected); one stream again with the engine reading each step's tokens
-before launching the next (`engine_tok_s_1_not_ahead`: what running one step ahead gives). Then, in
+before launching the next (`engine_tok_s_1_not_ahead`: what running one step ahead gives); a
+captured step replayed alone, back to back (`replay_ms_1`, `_64`), beside the engine's time per
+step (`engine_ms_per_step_1`, `_64`): the device's share of a step, and on the 1B model that
+replay against the bandwidth limit (`replay_1_of_limit`). Then, in
 fp32 on the 135M model: 16 of 16 batched greedy answers equal to single-stream ones, and an
 aborted request that leaves the others whole and frees its row. The targets of issue 24 are
 checked at the end (`targets`).
@@ -59,6 +62,7 @@ from transformers.integrations import sdpa_attention  # noqa: E402
 
 from workers.engines.batching import BatchingScheduler  # noqa: E402
 from workers.engines.scheduling import BatchRequest  # noqa: E402
+from workers.engines.slots import MIN_WIDTH, batch_bucket  # noqa: E402
 from workers.engines.step_setup import use_packed_sdpa  # noqa: E402
 
 # Llama-3.2-1B's config.json, by hand (no model hub on the GPU machine)
@@ -159,6 +163,26 @@ def engine_rate(scheduler, batch, new_tokens) -> tuple[float, int]:
     return sum(map(len, answers)) / elapsed, timed_captures
 
 
+def replay_ms(decoder, rows: int, repeats: int = 50) -> float | None:
+    """Milliseconds per captured step of `rows` rows at the first width, replayed back to back
+    with no host work between (the engine idle; the rows' inputs are those of its last step): the
+    device's own time for a step, under the engine's. None where no step is captured."""
+    if decoder is None or not decoder.graphs:
+        return None
+    key = (batch_bucket(max(rows, decoder._least), decoder.max_rows), MIN_WIDTH, decoder.cache.generation)
+    replay = decoder._graphs.get(key)
+    if replay is None:
+        return None
+    with torch.inference_mode():
+        replay()
+        sync()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            replay()
+        sync()
+    return round((time.perf_counter() - started) / repeats * 1000, 3)
+
+
 # --- transformers' own loops --------------------------------------------------------------------
 def generate_rate(model, batch, new_tokens) -> float:
     width = max(map(len, batch))
@@ -252,6 +276,11 @@ def measure(name, config, batch, report, quick, device, compiled=False):
         rate, captures = engine_rate(scheduler, part, new_tokens)
         entry[f"engine_tok_s_{streams}"], entry[f"graph_captures_timed_{streams}"] = round(rate, 1), captures
         print(name, streams, "engine", entry[f"engine_tok_s_{streams}"], flush=True)
+    for streams in (1, many):  # the step alone, against the engine's time per step
+        entry[f"replay_ms_{streams}"] = replay_ms(decoder, streams)
+        entry[f"engine_ms_per_step_{streams}"] = round(1000 * streams / entry[f"engine_tok_s_{streams}"], 3)
+    if bandwidth and entry["replay_ms_1"]:
+        entry["replay_1_of_limit"] = round(size / bandwidth * 1000 / entry["replay_ms_1"], 3)
     if compiled:  # none expected while timed; the peers were measured uncompiled
         entry["compiles"] = step.compiles if step is not None else 0
         entry["compiled_at_end"] = decoder is not None and decoder.compiled is not None

@@ -41,6 +41,8 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
         for key in ("generate_batch_tok_s_1", "generate_batch_tok_s_8"):
             assert isinstance(entry[key], float) or entry[key].startswith("failed: "), entry[key]
         assert entry["engine_8_vs_1"] > 0 and entry["weight_bytes"] > 0
+        assert entry["replay_ms_1"] > 0 and entry["replay_ms_8"] > 0, "a captured step, replayed alone"
+        assert entry["engine_ms_per_step_8"] > 0
     for name in ("135M compiled", "1B compiled"):  # LLMSITE_COMPILE=1: two graphs compiled at load, none later
         entry = report[name]
         assert entry["decode_mode"] == "slots, static buffers (CUDA graphs emulated), compiled, one step ahead"
