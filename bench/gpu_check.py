@@ -222,6 +222,9 @@ def generate_batch_rate(model, batch, new_tokens) -> float | str:
 
 
 # --- the checks (fp32) --------------------------------------------------------------------------
+_SINGLE = {}  # the fp32 single-stream answers, uncompiled and compiled
+
+
 def equality_and_abort(model, batch, report, quick, compiled=False):
     """The fp32 checks, into `report` (compiled: into its "checks_compiled")."""
     if compiled:
@@ -230,6 +233,9 @@ def equality_and_abort(model, batch, report, quick, compiled=False):
     scheduler = BatchingScheduler(model, max_batch_size=64, name="gpu-fp32")
     new = 8 if quick else 16
     single = [engine_answers(scheduler, [ids], new)[0] for ids in batch[:16]]
+    if compiled and "uncompiled" in _SINGLE:
+        report["fp32_single_equals_uncompiled"] = sum(a == b for a, b in zip(single, _SINGLE["uncompiled"]))
+    _SINGLE["compiled" if compiled else "uncompiled"] = single
     batched = engine_answers(scheduler, batch[:16], new)
     report["fp32_batched_equals_single"] = sum(a == b for a, b in zip(single, batched))
     report["fp32_batched_compared"] = 16
@@ -283,7 +289,6 @@ def measure(name, config, batch, report, quick, device, compiled=False):
         entry["replay_1_of_limit"] = round(size / bandwidth * 1000 / entry["replay_ms_1"], 3)
     if compiled:  # none expected while timed; the peers were measured uncompiled
         entry["compiles"] = step.compiles if step is not None else 0
-        entry["compiled_at_end"] = decoder is not None and decoder.compiled is not None
     if scheduler.run_ahead and not compiled:  # the same engine reading each step's tokens before the next launch
         scheduler.run_ahead = False
         entry["engine_tok_s_1_not_ahead"] = round(engine_rate(scheduler, batch[:1], new_tokens)[0], 1)
@@ -291,8 +296,16 @@ def measure(name, config, batch, report, quick, device, compiled=False):
         print(name, 1, "engine, not ahead", entry["engine_tok_s_1_not_ahead"], flush=True)
     if decoder is not None:
         entry["graph_captures"] = decoder.captures
-        entry["graph_capture_failures"] = decoder.capture_failures
         entry["kv_cache_mib"] = round(decoder.cache.nbytes() / 2**20, 1)
+        # one request past the first width (its buffers widen), then short ones over the wider
+        # buffers: what serving a long request captures (a few) and compiles (nothing)
+        engine_answers(scheduler, [[(7 * i + 3) % config.vocab_size for i in range(300)]], 8)
+        engine_answers(scheduler, batch[:8], 8)
+        entry["graph_captures_long"] = decoder.captures - entry["graph_captures"]
+        entry["graph_capture_failures"] = decoder.capture_failures
+        if compiled:
+            entry["compiles_after_long"] = step.compiles if step is not None else 0
+            entry["compiled_at_end"] = decoder.compiled is not None
     scheduler.stop()
     for streams in (1, many) if not compiled else ():
         part = batch[:streams]

@@ -42,14 +42,18 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
             assert isinstance(entry[key], float) or entry[key].startswith("failed: "), entry[key]
         assert entry["engine_8_vs_1"] > 0 and entry["weight_bytes"] > 0
         assert entry["replay_ms_1"] > 0 and entry["replay_ms_8"] > 0, "a captured step, replayed alone"
+        assert entry["graph_captures_long"] > 0, "a request past 256 columns widened the buffers"
         assert entry["engine_ms_per_step_8"] > 0
-    for name in ("135M compiled", "1B compiled"):  # LLMSITE_COMPILE=1: two graphs compiled at load, none later
+    for name in ("135M compiled", "1B compiled"):  # LLMSITE_COMPILE=1: graphs compiled at load, none later
         entry = report[name]
         assert entry["decode_mode"] == "slots, static buffers (CUDA graphs emulated), compiled, one step ahead"
-        assert entry["compiles_at_load"] == 2 and entry["compiles"] == 2 and entry["compiled_at_end"] is True
+        assert 1 <= entry["compiles_at_load"] <= 2 and entry["compiled_at_end"] is True
+        assert entry["compiles"] == entry["compiles_after_long"] == entry["compiles_at_load"], "compiled while serving"
+        assert entry["graph_captures_long"] > 0 and entry["graph_capture_failures"] == 0
         assert entry["graph_captures_at_load"] == 8 and entry["graph_captures"] == 8, "buckets from 2 to 64"
         assert entry["engine_tok_s_1"] > 0 and entry["engine_tok_s_8"] > 0
     assert report["targets_compiled"]["fp32_16_of_16_equal"] is True
+    assert report["checks_compiled"]["fp32_single_equals_uncompiled"] == 16
     assert report["targets_compiled"]["abort_leaves_others_whole_and_frees_row"] is True
     assert report["targets"]["fp32_16_of_16_equal"] is True
     assert report["targets"]["abort_leaves_others_whole_and_frees_row"] is True

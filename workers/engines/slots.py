@@ -243,6 +243,8 @@ class SlotDecoder:
                 return
         if self.compiled is not None:
             self._compile_wider()
+        if self.compiled is not None:  # every graph it needs is compiled: none may be while serving
+            self.compiled.freeze()
 
     def _compile_wider(self) -> None:
         """The compiled step once over buffers wider than the columns it reads, as they are after
@@ -251,8 +253,7 @@ class SlotDecoder:
         serving, self.cache = self.cache, SlotCache(self.model, self.device, self.dtype)
         try:
             self.cache.ensure(2, 2 * MIN_WIDTH)
-            zeros = torch.zeros(2, dtype=torch.long, device=self.device)
-            self._forward(zeros, zeros, 2, MIN_WIDTH)
+            self._static_step(2, MIN_WIDTH)  # the inputs warm() left: ids and positions 0
         except Exception:  # the captured steps keep theirs; steps captured later run uncompiled
             log.exception("the compiled decode step failed over wider buffers; later captures run uncompiled")
             self.compiled = None
@@ -365,6 +366,7 @@ class SlotDecoder:
         if replay is None and self.compiled is not None:  # the compiled step failed: the plain one
             log.error("the compiled decode step failed for %d rows x %d columns; it runs uncompiled", rows, columns)
             self.compiled = None
+            self._pool = None  # a fresh pool: the failed capture's may hold its allocations
             return self._capture(rows, columns)
         if replay is None:  # an op that cannot be captured: this decoder runs eagerly from now on
             self.capture_failures += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 
@@ -75,13 +76,14 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
 
     groups = getattr(module, "num_key_value_groups", 1)
     shared_mask = attention_mask is None or attention_mask.shape[1] == 1
-    if groups == 1 or query.shape[2] != 1 or not shared_mask or kwargs.get("position_bias") is not None:
+    plain = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None  # transformers' own handles (or refuses) these
+    if groups == 1 or query.shape[2] != 1 or not shared_mask or plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     batch, heads, _, dim = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
     )
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+    return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def use_packed_sdpa() -> None:
@@ -94,13 +96,25 @@ def use_packed_sdpa() -> None:
 
 class CompiledStep:
     """The model's forward for a decode step over a SlotCache, compiled by torch.compile (inductor,
-    no CUDA graphs of its own: the caller captures the compiled step). Called as the model is."""
+    no CUDA graphs of its own: the caller captures the compiled step). Called as the model is.
+
+    Whatever cannot be compiled raises, so that the caller captures the plain step instead: a
+    graph break (`fullgraph`: eager code left between graphs could synchronise inside a
+    capture), the process's limit of graphs per function (transformers wraps every model's
+    forward in one function, so models share it), and, once `freeze` is called after load, any
+    new compile at all (a compile inside a CUDA graph capture fails, and while serving it would
+    stall every stream)."""
 
     def __init__(self, model, cache_arg: str):
-        use_packed_sdpa()
+        _configure()
         self.model, self.cache_arg = model, cache_arg
         self.compiles = 0  # graphs compiled for this step (Dynamo's count, read around each call)
-        self._compiled = torch.compile(model)
+        self.frozen = False
+        self._compiled = torch.compile(model, fullgraph=True)
+
+    def freeze(self) -> None:
+        """From now on a call that would compile raises instead."""
+        self.frozen = True
 
     def __call__(self, **inputs):
         from torch._dynamo.utils import counters
@@ -112,22 +126,29 @@ class CompiledStep:
         for buffer in cache.keys + cache.values:  # their rows and columns
             _dynamic(buffer, 0)
             _dynamic(buffer, 2)
-        before = counters["stats"]["unique_graphs"]
-        # no "duck sizing": sizes that happen to be equal when a graph is compiled (buffer rows
-        # and a batch bucket, say) must not become one size, guarded, and compiled again later
-        with _no_duck_sizing():
+        stance = torch.compiler.set_stance("fail_on_recompile") if self.frozen else contextlib.nullcontext()
+        with _COMPILING, stance:  # one engine compiles at a time: the count is this step's
+            before = counters["stats"]["unique_graphs"]
             output = self._compiled(**inputs)
-        self.compiles += counters["stats"]["unique_graphs"] - before
+            self.compiles += counters["stats"]["unique_graphs"] - before
         return output
+
+
+_COMPILING = threading.Lock()
+
+
+def _configure() -> None:
+    """This process's settings for compiling decode steps (the only compiles a worker makes)."""
+    use_packed_sdpa()
+    dynamo = torch._dynamo.config
+    dynamo.fail_on_recompile_limit_hit = True  # not a silent fall back to an uncompiled step
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)  # two per model, models share it
+    # no "duck sizing": sizes that happen to be equal when a graph is compiled (buffer rows and a
+    # batch bucket, say) must not become one size, guarded, and compiled again while serving
+    from torch.fx.experimental import _config
+
+    _config.use_duck_shape = False
 
 
 def _dynamic(tensor: torch.Tensor, dim: int) -> None:
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
-
-
-def _no_duck_sizing():
-    try:
-        from torch.fx.experimental import _config
-    except ImportError:  # a torch without the setting: it guards more, and may compile again
-        return contextlib.nullcontext()
-    return _config.patch(use_duck_shape=False)
