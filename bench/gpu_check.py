@@ -18,16 +18,18 @@ over the GPU's nominal memory bandwidth) beside the measured rate; the graphs ca
 and while timed: none expected); one stream again with the engine reading each step's tokens
 before launching the next (`engine_tok_s_1_not_ahead`: what running one step ahead gives); a
 captured step replayed alone, back to back (`replay_ms_1`, `_64`), beside the engine's time per
-step (`engine_ms_per_step_1`, `_64`): the device's share of a step, and on the 1B model that
-replay against the bandwidth limit (`replay_1_of_limit`). Then, in
+step (`engine_ms_per_step_1`, `_64`): the device's share of a step, and that replay against the
+bandwidth limit (`replay_1_of_limit`); one request past 256 columns and then short ones, with
+the graphs that captures (`graph_captures_long`). Then, in
 fp32 on the 135M model: 16 of 16 batched greedy answers equal to single-stream ones, and an
 aborted request that leaves the others whole and frees its row. The targets of issue 24 are
 checked at the end (`targets`).
 
 Last, the same engine with its step compiled by torch.compile inside the graphs
 (LLMSITE_COMPILE=1, which fuses the small kernels a step replays): both models' rates (the peers
-are not measured again), the graphs compiled at load and while timed (none expected), and the
-fp32 checks again (`checks_compiled`); its targets are `targets_compiled`.
+are not measured again), the graphs compiled at load, while timed and after the long request
+(none expected after load), and the fp32 checks again (`checks_compiled`, with its single-stream
+answers against the uncompiled ones); its targets are `targets_compiled`.
 
 `--quick` shrinks both models to 2 layers and runs 8 tokens at 1 and 8 streams: the CPU test of
 this script (tests/test_gpu_check.py) runs it so, with LLMSITE_CUDA_GRAPHS=emulate.

@@ -58,7 +58,7 @@ def cuda_graphs_wanted(device: torch.device, model=None) -> bool | str:
         kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
         if "dynamic" in kind or kind == "longrope":
             return False
-    return device.type == "cuda" and setting not in ("0", "false", "no", "off")
+    return device.type == "cuda" and setting not in _OFF
 
 
 def compile_wanted() -> bool:
