@@ -64,7 +64,7 @@ from transformers.integrations import sdpa_attention  # noqa: E402
 
 from workers.engines.batching import BatchingScheduler  # noqa: E402
 from workers.engines.scheduling import BatchRequest  # noqa: E402
-from workers.engines.slots import MIN_WIDTH, batch_bucket  # noqa: E402
+from workers.engines.slots import MIN_WIDTH  # noqa: E402
 from workers.engines.step_setup import use_packed_sdpa  # noqa: E402
 
 # Llama-3.2-1B's config.json, by hand (no model hub on the GPU machine)
@@ -171,7 +171,7 @@ def replay_ms(decoder, rows: int, repeats: int = 50) -> float | None:
     device's own time for a step, under the engine's. None where no step is captured."""
     if decoder is None or not decoder.graphs:
         return None
-    key = (batch_bucket(max(rows, decoder._least), decoder.max_rows), MIN_WIDTH, decoder.cache.generation)
+    key = (decoder.bucket(rows), MIN_WIDTH, decoder.cache.generation)
     replay = decoder._graphs.get(key)
     if replay is None:
         return None

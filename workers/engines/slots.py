@@ -198,7 +198,7 @@ class SlotDecoder:
             self.cache.ensure(rows, columns)
             inputs = torch.tensor([ids, positions], device=self.device)
             return self._forward(inputs[0], inputs[1], rows, columns)
-        size, columns = batch_bucket(max(rows, self._least), self.max_rows), width_bucket(width)
+        size, columns = self.bucket(rows), width_bucket(width)
         self._prepare(size, columns)
         host = self._host_inputs.take()
         view = host.numpy()
@@ -231,11 +231,11 @@ class SlotDecoder:
         first width (below it, no number of rows voids the graphs)."""
         if not self.graphs:
             return
-        size = batch_bucket(max(self.max_rows, self._least), self.max_rows)
+        size = self.bucket(self.max_rows)
         self._prepare(size, MIN_WIDTH)
         self._inputs.zero_()
         self._inputs[2] = 1
-        for bucket in sorted({batch_bucket(max(rows, self._least), self.max_rows) for rows in range(1, size + 1)}):
+        for bucket in sorted({self.bucket(rows) for rows in range(1, size + 1)}):
             key = (bucket, MIN_WIDTH, self.cache.generation)
             if key not in self._graphs:
                 self._graphs[key] = self._capture(bucket, MIN_WIDTH)
@@ -297,10 +297,14 @@ class SlotDecoder:
                 worst = max(worst, float((got - expected).abs().max()) / max(1.0, float(expected.abs().max())))
         return worst
 
+    def bucket(self, rows: int) -> int:
+        """The batch bucket a static step of `rows` rows runs in (from 2 when compiled)."""
+        return batch_bucket(max(rows, self._least), self.max_rows)
+
     def reserve(self, rows: int, columns: int) -> None:
         """Buffers that hold `rows` running rows (on the static path: their batch bucket) and
         `columns` columns: a group joining at once grows them once, not a doubling per request."""
-        self.cache.ensure(batch_bucket(max(rows, self._least), self.max_rows) if self.graphs else rows, columns)
+        self.cache.ensure(self.bucket(rows) if self.graphs else rows, columns)
 
     def store(self, slot: int, cache, row: int, start: int, end: int) -> None:
         """Columns [start, end) of `row` of a prefill's DynamicCache into `slot`, from column 0."""
