@@ -19,7 +19,7 @@ and while timed: none expected); one stream again with the engine reading each s
 before launching the next (`engine_tok_s_1_not_ahead`: what running one step ahead gives); a
 captured step replayed alone, back to back (`replay_ms_1`, `_64`), beside the engine's time per
 step (`engine_ms_per_step_1`, `_64`): the device's share of a step, and that replay against the
-bandwidth limit (`replay_1_of_limit`); one request past 256 columns and then short ones, with
+bandwidth limit (`replay_1_of_limit`); the kernels one step runs (`kernels_per_step_1`); one request past 256 columns and then short ones, with
 the graphs that captures (`graph_captures_long`). Then, in
 fp32 on the 135M model: 16 of 16 batched greedy answers equal to single-stream ones, and an
 aborted request that leaves the others whole and frees its row. The targets of issue 24 are
@@ -185,6 +185,53 @@ def replay_ms(decoder, rows: int, repeats: int = 50) -> float | None:
     return round((time.perf_counter() - started) / repeats * 1000, 3)
 
 
+_VIEWS = {f"aten::{name}" for name in (
+    "slice", "select", "unsqueeze", "squeeze", "view", "reshape", "transpose", "_unsafe_view", "expand", "as_strided",
+    "t", "permute", "unflatten", "flatten", "alias", "detach", "empty", "empty_strided", "empty_like", "lift_fresh",
+)}
+
+
+def kernels_per_step(decoder, rows: int) -> int | None:
+    """The kernels one step of `rows` rows at the first width runs, counted by torch's profiler
+    with the step run once outside its graph (what its graph replays one by one, and what
+    compiling fuses): on CUDA, the kernels launched; elsewhere, an estimate: the operators not
+    called by another (views, allocations and conversions that copy nothing left out) and a
+    compiled step's fused kernels. None where no step is captured or the profiler fails."""
+    if decoder is None or not decoder.graphs:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = decoder.device.type == "cuda"
+    try:
+        with torch.inference_mode():
+            decoder._static_step(decoder.bucket(rows), MIN_WIDTH)  # the rows' inputs are those of its last step
+            sync()
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                decoder._static_step(decoder.bucket(rows), MIN_WIDTH)
+                sync()
+    except Exception as exc:  # a count is not worth a section
+        print("kernel count failed:", exc, flush=True)
+        return None
+    if cuda:
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower() for e in prof.events())
+    return sum(_cpu_kernel(e) for e in prof.events())
+
+
+def _cpu_kernel(event) -> bool:
+    if "cpp_fused" in event.name:  # inductor's (LLMSITE_COMPILE=1)
+        return True
+    if not event.name.startswith("aten::") or event.name in _VIEWS:
+        return False
+    if event.name in ("aten::to", "aten::contiguous") and not event.cpu_children:
+        return False  # nothing to convert or copy
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):  # part of that operator's work
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
 # --- transformers' own loops --------------------------------------------------------------------
 def generate_rate(model, batch, new_tokens) -> float:
     width = max(map(len, batch))
@@ -287,6 +334,7 @@ def measure(name, config, batch, report, quick, device, compiled=False):
     for streams in (1, many):  # the step alone, against the engine's time per step
         entry[f"replay_ms_{streams}"] = replay_ms(decoder, streams)
         entry[f"engine_ms_per_step_{streams}"] = round(1000 * streams / entry[f"engine_tok_s_{streams}"], 3)
+    entry["kernels_per_step_1"] = kernels_per_step(decoder, 1)
     if bandwidth and entry["replay_ms_1"]:
         entry["replay_1_of_limit"] = round(size / bandwidth * 1000 / entry["replay_ms_1"], 3)
     if compiled:  # none expected while timed; the peers were measured uncompiled
@@ -348,6 +396,10 @@ def targets(report, compiled=False) -> dict:
 def main(folder: str, out: str, quick: bool = False) -> None:
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # a compiled step's fused kernels, seen by the profiler (kernels_per_step)
+        from torch._inductor import config as inductor
+
+        inductor.cpp.enable_kernel_profile = True
     report = {
         "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,

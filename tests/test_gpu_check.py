@@ -52,6 +52,9 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
         assert entry["graph_captures_long"] > 0 and entry["graph_capture_failures"] == 0
         assert entry["graph_captures_at_load"] == 8 and entry["graph_captures"] == 8, "buckets from 2 to 64"
         assert entry["engine_tok_s_1"] > 0 and entry["engine_tok_s_8"] > 0
+    for name in ("135M", "1B"):  # the profiler's count of a step's kernels (operators, on CPU): fused when compiled
+        plain, compiled = report[name]["kernels_per_step_1"], report[f"{name} compiled"]["kernels_per_step_1"]
+        assert 0 < compiled < plain, (plain, compiled)
     assert report["targets_compiled"]["fp32_16_of_16_equal"] is True
     assert report["checks_compiled"]["fp32_single_equals_uncompiled"] == 16
     assert report["targets_compiled"]["abort_leaves_others_whole_and_frees_row"] is True

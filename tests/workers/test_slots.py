@@ -13,7 +13,8 @@ from llmsite.contract import SamplingParams
 from tests.workers.test_batching import QUESTIONS, ask, ask_all, greedy
 from workers.engines.batch_sampling import sample_rows, start_sampling
 from workers.engines.batching import BatchingScheduler, BatchRequest
-from workers.engines.slots import BATCH_BUCKETS, SlotCache, batch_bucket, width_bucket
+from workers.engines.slot_cache import SlotCache
+from workers.engines.slots import BATCH_BUCKETS, batch_bucket, width_bucket
 from workers.engines.step_setup import slot_support
 
 
@@ -269,10 +270,10 @@ def test_a_failed_capture_stops_the_captures_and_the_engine_decodes_eagerly(monk
 
     step = slots.SlotDecoder._static_step
 
-    def failing(self, rows, columns):
+    def failing(self, rows, columns, model=None):
         if rows == 2:
             raise RuntimeError("operation not permitted when stream is capturing")
-        return step(self, rows, columns)
+        return step(self, rows, columns, model)
 
     monkeypatch.setattr(slots.SlotDecoder, "_static_step", failing)
     scheduler = _static(monkeypatch, ahead=True)
@@ -345,6 +346,35 @@ def test_a_compiled_step_that_fails_gives_way_to_the_uncompiled_one(monkeypatch)
         for request in requests:
             scheduler.submit(request)
         assert [_tokens(r) for r in requests] == [_greedy_without_cache(_tiny("llama"), p, 6) for p in prompts]
+    finally:
+        scheduler.stop()
+
+
+def test_a_compiled_step_that_fails_only_over_wider_buffers_keeps_its_graphs_and_says_so(monkeypatch):
+    # The graphs captured at load replay the compiled step; the wider compile fails, so graphs
+    # captured later (after a long request widens the buffers) replay the plain one.
+    from workers.engines.slots import MIN_WIDTH
+    from workers.engines.step_setup import CompiledStep
+
+    compiled_call = CompiledStep.__call__
+
+    def narrow_only(self, **inputs):
+        if inputs[self.cache_arg].columns > MIN_WIDTH:
+            raise RuntimeError("inductor: a lowering failed")
+        return compiled_call(self, **inputs)
+
+    monkeypatch.setenv("LLMSITE_COMPILE", "1")
+    monkeypatch.setattr(CompiledStep, "__call__", narrow_only)
+    scheduler = _static(monkeypatch, ahead=True)
+    try:
+        decoder = scheduler.decoder
+        assert decoder.compiled is None and decoder.compiled_graphs() == (3, 3)
+        assert scheduler.decode_mode == "slots, static buffers (CUDA graphs emulated), compiled in 3 of 3 graphs, one step ahead"
+        model, prompt = _tiny("llama"), [(7 * i + 1) % 300 for i in range(300)]
+        assert _ask_one(scheduler, prompt, 6) == _greedy_without_cache(model, prompt, 6)
+        assert decoder.cache.columns == 2 * MIN_WIDTH and decoder.compiled_graphs()[0] == 0, "captured again, uncompiled"
+        assert _ask_one(scheduler, [4, 5, 6], 6) == _greedy_without_cache(model, [4, 5, 6], 6)
+        assert decoder.capture_failures == 0 and decoder.graphs == "emulate"
     finally:
         scheduler.stop()
 
@@ -526,6 +556,29 @@ def test_a_seeded_row_draws_the_same_whatever_its_neighbours():
     alone = run(0, 1)
     assert run(3, 2) == alone and run(5, 3) == alone
     assert len(set(alone)) > 1
+
+
+def test_kept_row_settings_draw_as_fresh_ones_and_are_made_again_when_the_rows_change():
+    from workers.engines.batch_sampling import RowSettings, choose_rows
+
+    def rows():
+        return [_row(seed=1, top_k=2), _row(greedy=True), _row(seed=2, temperature=0.5), None, _row(top_p=0.6)]
+
+    kept, with_kept, fresh = RowSettings(), rows(), rows()
+    logits = LOGITS.repeat(5, 1)
+    kept_draws = [choose_rows(with_kept, logits, _generator(7), kept).tolist() for _ in range(30)]
+    assert kept_draws == [choose_rows(fresh, logits, _generator(7)).tolist() for _ in range(30)]
+    assert len({tuple(d) for d in kept_draws}) > 1, "the seeded rows drew different tokens over the steps"
+
+    a, c = with_kept[0], with_kept[2]
+    first = kept.of([0, 2], [a, c], logits)
+    assert kept.of([0, 2], [a, c], logits) is first, "the same requests in the same rows: nothing copied again"
+    moved = kept.of([0, 1], [a, c], logits)  # c moved down a row (a row before it finished)
+    assert moved is not first and moved[0].tolist() == [0, 1]
+    twin = _row(seed=2, temperature=0.5)  # another request with the same settings
+    assert kept.of([0, 1], [a, twin], logits) is not moved
+    unfiltered = kept.of([0], [c], logits)
+    assert unfiltered[2] is None and unfiltered[1].tolist() == [[0.5]], "no top-k/top-p row: no sort"
 
 
 def test_a_reused_slot_holds_zeros_past_its_request_not_the_last_ones_values():

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from workers.engines.batch_sampling import choose_rows, sample_token, start_sampling
+from workers.engines.batch_sampling import RowSettings, choose_rows, sample_token, start_sampling
 from workers.engines.graphs import to_device
 from workers.engines.scheduling import BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
@@ -114,7 +114,10 @@ class BatchingScheduler(Scheduler):
         if self.decoder is None:
             return f"padded cache ({self.slot_note})"
         graphs = {True: ", CUDA graphs", "emulate": ", static buffers (CUDA graphs emulated)"}.get(self.decoder.graphs, "")
+        done, held = self.decoder.compiled_graphs()
         compiled = ", compiled" if self.decoder.compiled is not None and graphs else ""
+        if done and not compiled:  # the compiled step failed after these graphs were captured
+            compiled = f", compiled in {done} of {held} graphs"
         ahead = ", one step ahead" if graphs and self.run_ahead else ""
         return f"slots{graphs}{compiled}{ahead}"
 
@@ -133,6 +136,7 @@ class BatchingScheduler(Scheduler):
             torch.backends.cuda.enable_cudnn_sdp(False)
         self._unseeded = torch.Generator(device=self.device)  # for sampled rows that name no seed
         self._unseeded.seed()
+        self._row_settings = RowSettings()  # the decode steps' sampled rows (a prefill's are its own)
         # the static path launches step N+1 before reading step N's tokens (slot_batch.py)
         self.run_ahead = os.environ.get("LLMSITE_DECODE_AHEAD", "1").strip().lower() not in ("0", "false", "no", "off")
         self.decoder, self.slot_note = None, slot_support(model)
@@ -280,7 +284,7 @@ class BatchingScheduler(Scheduler):
             return
         logits = self._decode_padded(batch)
         finished = []
-        tokens = self._sample_rows(batch.requests, logits)
+        tokens = self._sample_rows(batch.requests, logits, self._row_settings)
         for row, (request, token) in enumerate(zip(batch.requests, tokens)):
             if request is None:
                 continue
@@ -295,11 +299,11 @@ class BatchingScheduler(Scheduler):
             batch.settle(self._emit)  # the step launched ahead first: its tokens are the inputs
             logits = batch.decode()
             requests = list(batch.requests)  # after decode's compaction: the logits' rows
-            batch.deliver(requests, self._sample_rows(requests, logits), self._emit)
+            batch.deliver(requests, self._sample_rows(requests, logits, self._row_settings), self._emit)
             return
         logits = batch.decode(ahead=True)
         requests = list(batch.requests)
-        launched = (requests, batch.decoder.hand_off(choose_rows(requests, logits, self._unseeded)))
+        launched = (requests, batch.decoder.hand_off(choose_rows(requests, logits, self._unseeded, self._row_settings)))
         batch.settle(self._emit)  # the last step's tokens, read while the device runs this one
         batch.pending = launched
 
@@ -315,10 +319,10 @@ class BatchingScheduler(Scheduler):
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: batch.cache}
         ).logits[:, -1, :]
 
-    def _sample_rows(self, requests: list[BatchRequest | None], logits: torch.Tensor) -> list[int]:
+    def _sample_rows(self, requests: list[BatchRequest | None], logits: torch.Tensor, settings: RowSettings | None = None) -> list[int]:
         """The next token of every row: greedy and top-k/top-p rows on the device with one copy to
         the host (choose_rows); rows with a TokenPolicy then each on the host."""
-        tokens = choose_rows(requests, logits, self._unseeded).tolist()
+        tokens = choose_rows(requests, logits, self._unseeded, settings).tolist()
         for row, request in enumerate(requests):
             if request is not None and request.policy is not None:
                 tokens[row] = self._sample(request, logits[row])

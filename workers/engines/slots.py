@@ -3,8 +3,8 @@ request, written in place, and on a CUDA GPU replayed as a captured CUDA graph.
 
 Each running request owns row `slot` of every layer's key and value buffers and writes its next
 key/value at its own column (its length so far): nothing is copied per step, and requests of any
-length join without padding the others. The buffers grow (rows and columns, by doubling) when a
-step needs more, between steps.
+length join without padding the others. The buffers (slot_cache.py) grow (rows and columns, by
+doubling) when a step needs more, between steps.
 
 On CUDA a decode step of a small model is bound by the host launching kernels (one step of
 SmolLM2-135M: ~16 ms of launches against ~0.06 ms of weight reads on an H200). There the step is
@@ -30,7 +30,8 @@ import logging
 import torch
 
 from workers.engines.graphs import Ring, Tokens, capture, synchronize
-from workers.engines.step_setup import CompiledStep, text_config
+from workers.engines.slot_cache import SlotCache
+from workers.engines.step_setup import CompiledStep
 
 log = logging.getLogger(__name__)
 
@@ -52,106 +53,6 @@ def width_bucket(width: int) -> int:
     while size < width:
         size *= 2
     return size
-
-
-class SlotCache:
-    """The key and value buffers of every layer, [rows, kv heads, columns, head dim], read by the
-    model's attention through `update` (the part of transformers' Cache API a forward uses)."""
-
-    is_compileable = False
-
-    def __init__(self, model, device: torch.device, dtype: torch.dtype):
-        config = text_config(model)
-        self.layers = config.num_hidden_layers
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.device, self.dtype = device, dtype
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.rows = self.columns = 0
-        self.generation = 0  # bumped when the buffers move: graphs captured over the old ones are void
-        self._write_rows = self._write_at = self._mask = None
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    @torch.inference_mode()
-    def ensure(self, rows: int, columns: int) -> bool:
-        """Grow the buffers (doubling) to hold `rows` x `columns`; True when they moved. Rows past
-        `rows` hold no running request (the caller's rows are 0..rows-1), so when the columns grow
-        only `rows` rows are kept: one long request does not make every idle row as wide."""
-        if rows <= self.rows and columns <= self.columns:
-            return False
-        new_rows, new_columns = max(self.rows, 1), max(self.columns, 16)
-        if columns > self.columns:
-            new_rows = max(rows, 1)
-        while new_rows < rows:
-            new_rows *= 2
-        while new_columns < columns:
-            new_columns *= 2
-        shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
-        self.generation += 1  # first: a failed allocation below must not leave graphs over freed buffers
-        for buffers in (self.keys, self.values):
-            for layer in range(self.layers):
-                grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                if buffers[layer:]:
-                    old = buffers[layer]
-                    kept = min(old.shape[0], new_rows)
-                    grown[:kept, :, : old.shape[2]] = old[:kept]
-                    buffers[layer] = grown
-                    del old  # freed before the next layer's buffer is made
-                else:
-                    buffers.append(grown)
-        self.rows, self.columns = new_rows, new_columns
-        return True
-
-    def release(self) -> None:
-        """Give the buffers back (an idle CPU engine; graphs would hold their addresses)."""
-        self.keys, self.values = [], []
-        self.rows = self.columns = 0
-        self.generation += 1
-
-    @torch.inference_mode()
-    def store(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """A prefilled request's rows ([kv heads, length, head dim]) into its slot, from column 0."""
-        length = keys.shape[1]
-        self.keys[layer][slot, :, :length] = keys
-        self.values[layer][slot, :, :length] = values
-        # masked columns must hold finite values (0 x inf is NaN in the attention's sum)
-        self.keys[layer][slot, :, length:] = 0
-        self.values[layer][slot, :, length:] = 0
-
-    @torch.inference_mode()
-    def move(self, source: int, target: int, length: int) -> None:
-        """Slot `source`'s first `length` columns to slot `target` (a request moving down a row)."""
-        for buffers in (self.keys, self.values):
-            for layer in buffers:
-                layer[target, :, :length] = layer[source, :, :length]
-                layer[target, :, length:] = 0
-
-    def bind(self, write_rows: torch.Tensor, write_at: torch.Tensor, mask: torch.Tensor) -> None:
-        """What the next forward writes (row i's new key at column write_at[i]) and reads (as many
-        columns as its 4D mask has: a size, not a number, so a compiled step reads any width)."""
-        self._write_rows, self._write_at, self._mask = write_rows, write_at, mask
-
-    def bound(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows the next forward writes, and their columns (`bind`)."""
-        return self._write_rows, self._write_at
-
-    # --- what the model's forward calls -----------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        rows = key_states.shape[0]
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[self._write_rows, :, self._write_at] = key_states[:, :, -1]
-        values[self._write_rows, :, self._write_at] = value_states[:, :, -1]
-        width = self._mask.shape[-1]
-        return keys[:rows, :, :width], values[:rows, :, :width]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self._mask is None else self._mask.shape[-1]
-
-    def __len__(self) -> int:
-        return self.layers
 
 
 class SlotDecoder:
@@ -313,25 +214,27 @@ class SlotDecoder:
             self.cache.store(slot, layer, part.keys[row, :, start:end], part.values[row, :, start:end])
 
     # --- eager and captured steps ---------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-        """The model's forward over the first `rows` rows (ids, positions: [>= rows]) and `columns` columns."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: int, columns: int, model=None) -> torch.Tensor:
+        """`model`'s forward (by default the step's: compiled or not) over the first `rows` rows
+        (ids, positions: [>= rows]) and `columns` columns."""
         ids, positions = ids[:rows].unsqueeze(1), positions[:rows].unsqueeze(1)
         visible = torch.arange(columns, device=self.device).unsqueeze(0) <= positions  # [rows, columns]
         mask = torch.zeros(visible.shape, device=self.device, dtype=self.dtype).masked_fill_(~visible, self._mask_value)
         mask = mask[:, None, None, :]
         self.cache.bind(self._rows_index[:rows], positions[:, 0], mask)
-        model = self.compiled if self.compiled is not None and self.graphs else self.model
+        if model is None:
+            model = self.compiled if self.compiled is not None and self.graphs else self.model
         output = model(
             input_ids=ids, position_ids=positions, attention_mask=mask,
             use_cache=True, **self.last_only, **{self.cache_arg: self.cache},
         )
         return output.logits[:, -1, :]
 
-    def _static_step(self, rows: int, columns: int) -> torch.Tensor:
+    def _static_step(self, rows: int, columns: int, model=None) -> torch.Tensor:
         """The step over the static buffers: each row's id from the host or from the last step."""
         inputs = self._inputs
         ids = torch.where(inputs[2, :rows] != 0, inputs[1, :rows], self._next_ids[:rows])
-        return self._forward(ids, inputs[0], rows, columns)  # positions first: a view at offset 0
+        return self._forward(ids, inputs[0], rows, columns, model)  # positions first: a view at offset 0
 
     def _prepare(self, size: int, columns: int) -> None:
         """Buffers that hold `size` rows x `columns`; graphs over moved buffers are dropped (after
@@ -354,15 +257,22 @@ class SlotDecoder:
         self._rows_index = torch.arange(max(rows, self.max_rows), device=self.device)
         self._graphs.clear()  # they read the old static buffers
 
+    def compiled_graphs(self) -> tuple[int, int]:
+        """How many of the graphs held now replay the compiled step, and how many are held."""
+        held = list(self._graphs.values())
+        return sum(getattr(replay, "compiled", False) for replay in held), len(held)
+
     def _capture(self, rows: int, columns: int):
-        """A replayable step for `rows` x `columns` over the static buffers."""
+        """A replayable step for `rows` x `columns` over the static buffers (`compiled`: whether it
+        replays the compiled step)."""
         self.captures += 1
+        model = self.compiled if self.compiled is not None else self.model  # what the graph replays
 
         def eager():
-            return self._static_step(rows, columns)
+            return self._static_step(rows, columns, model)
 
         if self.graphs == "emulate" or self.device.type != "cuda":
-            replay = _run_once(eager)  # as a capture's warm-up runs it: where that fails, so do the tests
+            replay = _warm_up(eager)  # as a capture's warm-up runs it: where that fails, so do the tests
         else:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -377,14 +287,22 @@ class SlotDecoder:
             self.graphs = False
             log.error("CUDA graph capture failed for %d rows x %d columns; decode steps run eagerly", rows, columns)
             return eager
+        replay.compiled = model is self.compiled
         return replay
 
 
-def _run_once(eager):
-    """The emulated capture: `eager` run once (None, logged, where that fails, as a capture would be)."""
+def _warm_up(eager):
+    """The emulated capture: `eager` run twice, as a capture's warm-up runs it (a step that does
+    not give the same result twice over the same inputs fails the tests), and a replay that runs
+    it again; None (logged) where it fails, as a capture would be."""
     try:
-        eager()
+        for _ in range(2):
+            eager()
     except Exception:
         log.exception("the emulated capture's step failed")
         return None
-    return eager
+
+    def replay():
+        return eager()
+
+    return replay
