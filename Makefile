@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(filter-out requirements/vllm%,$(wildcard requirements/*.txt))
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean bench bench-conversation bench-dashboard bench-slots vllm-venv bench-vllm bench-peers llama-server
+.PHONY: run test install clean bench bench-conversation bench-dashboard bench-slots bench-sampling vllm-venv bench-vllm bench-peers llama-server
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -107,6 +107,11 @@ bench-dashboard: $(STAMP)
 # (issue 24); writes bench/results/slots_cpu.json.
 bench-slots: $(STAMP)
 	$(PY) bench/slots_cpu.py
+
+# The transformers engine's sampled rows on CPU against the sampler they replaced, the draw alone
+# and the engine's tokens/s at the deployment's default sampling; writes bench/results/sampling_cpu.json.
+bench-sampling: $(STAMP)
+	$(PY) bench/sampling_cpu.py
 
 # The site on each of its three engines (llamacpp, transformers, vllm) against llama.cpp's own server
 # and vLLM's own OpenAI server, each alone, 1 and 32 streams of 128 tokens through /v1/chat/completions;

@@ -557,6 +557,14 @@ def test_a_seeded_row_draws_the_same_whatever_its_neighbours():
     assert run(3, 2) == alone and run(5, 3) == alone
     assert len(set(alone)) > 1
 
+    def wide(neighbours: list[BatchRequest]) -> list[int]:  # 1000 tokens: the candidates, and a whole row sorted beside it
+        mine = _row(seed=9, top_p=0.8)
+        rows = [mine] + neighbours
+        logits = torch.stack([_peaked()] + [torch.arange(1000, dtype=torch.float32) * -0.002] * len(neighbours))
+        return [sample_rows(rows, logits, _generator(len(neighbours)))[0] for _ in range(40)]
+
+    assert wide([]) == wide([_row(top_p=0.9), _row(), _row(seed=4, top_k=600)]) == wide([_row(seed=1)])
+
 
 def test_kept_row_settings_draw_as_fresh_ones_and_are_made_again_when_the_rows_change():
     from workers.engines.batch_sampling import RowSettings, choose_rows
@@ -574,11 +582,60 @@ def test_kept_row_settings_draw_as_fresh_ones_and_are_made_again_when_the_rows_c
     first = kept.of([0, 2], [a, c], logits)
     assert kept.of([0, 2], [a, c], logits) is first, "the same requests in the same rows: nothing copied again"
     moved = kept.of([0, 1], [a, c], logits)  # c moved down a row (a row before it finished)
-    assert moved is not first and moved[0].tolist() == [0, 1]
+    assert moved is not first and moved.index.tolist() == [0, 1] and moved.plain.tolist() == [False, True]
     twin = _row(seed=2, temperature=0.5)  # another request with the same settings
     assert kept.of([0, 1], [a, twin], logits) is not moved
     unfiltered = kept.of([0], [c], logits)
-    assert unfiltered[2] is None and unfiltered[1].tolist() == [[0.5]], "no top-k/top-p row: no sort"
+    assert unfiltered.top_k is None and unfiltered.temperature.tolist() == [[0.5]], "no top-k/top-p row: no sort"
+
+
+def _peaked(vocab=1000):
+    """Tokens 0-3 with 0.4, 0.3, 0.2 and 0.05; the other 996 share the last 0.05."""
+    probs = torch.full((vocab,), 0.05 / (vocab - 4))
+    probs[:4] = torch.tensor([0.4, 0.3, 0.2, 0.05])
+    return probs.log()
+
+
+def test_on_cpu_a_filtered_row_is_drawn_among_its_best_candidates_with_the_same_odds():
+    # 1000 tokens: the top-k and top-p rows' kept tokens lie among the best CANDIDATES (256),
+    # which are all that is sorted; the plain row draws from all 1000.
+    from workers.engines.batch_sampling import CANDIDATES
+
+    assert CANDIDATES < 1000
+    generator = _generator()
+    rows = [_row(top_p=0.8), _row(top_k=2), _row()]
+    counts = [Counter() for _ in rows]
+    for _ in range(3000):
+        for counter, token in zip(counts, sample_rows(rows, _peaked().repeat(3, 1), generator)):
+            counter[token] += 1
+    top_p, top_k, plain = ({t: n / 3000 for t, n in c.items()} for c in counts)
+    assert set(top_p) == {0, 1, 2}, "0.4 + 0.3 + 0.2 reaches 0.8: token 3 is cut"
+    for token, p in enumerate([4 / 9, 3 / 9, 2 / 9]):
+        assert abs(top_p[token] - p) < 0.03, top_p
+    assert set(top_k) == {0, 1} and abs(top_k[0] - 4 / 7) < 0.03
+    assert abs(plain.get(0, 0) - 0.4) < 0.03 and abs(sum(n for t, n in plain.items() if t >= 4) - 0.05) < 0.02
+
+
+def test_on_cpu_a_top_p_mass_past_the_candidates_sorts_that_row_whole_and_no_other():
+    # Near-flat odds over 1000 tokens: top_p 0.9 keeps several hundred, past the best 256, so
+    # that row is drawn again from its whole sorted row; a peaked row beside it stays as it was.
+    from workers.engines.batch_sampling import CANDIDATES
+
+    flat = torch.arange(1000, dtype=torch.float32) * -0.002  # token 0 the likeliest, then 1, 2, ...
+    probs = flat.softmax(-1)
+    nucleus = int(((probs.cumsum(-1) - probs) < 0.9).sum())  # the fewest best tokens reaching 0.9
+    assert nucleus > 2 * CANDIDATES
+    generator = _generator()
+    wide, narrow = Counter(), Counter()
+    for _ in range(2000):
+        a, b = sample_rows([_row(top_p=0.9), _row(top_p=0.8)], torch.stack([flat, _peaked()]), generator)
+        wide[a] += 1
+        narrow[b] += 1
+    assert max(wide) < nucleus and max(wide) >= CANDIDATES and len(wide) > CANDIDATES, (max(wide), len(wide))
+    assert set(narrow) == {0, 1, 2}
+    below = sum(n for t, n in wide.items() if t < CANDIDATES) / 2000
+    expected = float(probs[:CANDIDATES].sum() / probs[:nucleus].sum())
+    assert abs(below - expected) < 0.04, (below, expected)
 
 
 def test_a_reused_slot_holds_zeros_past_its_request_not_the_last_ones_values():

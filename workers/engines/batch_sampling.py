@@ -1,9 +1,16 @@
 """How the transformers engine picks each running row's next token with torch, on the model's
 device: greedy and sampled rows (temperature, top-k, top-p) of a batch together, with one copy
 of the tokens to the host per step (`sample_rows`), and one row's draw with transformers' own
-logits warpers for rows whose TokenPolicy (sampling.py) chose the scores (`sample_token`)."""
+logits warpers for rows whose TokenPolicy (sampling.py) chose the scores (`sample_token`).
+
+A batch's sampled rows draw by inverse transform sampling (one uniform number a row), and on CPU
+a top-k/top-p row among its best CANDIDATES tokens first: sorting every token of 64 rows of a
+49,152-token vocabulary took about 130 ms a step there, and drawing an exponential number for
+each of them about 70 ms (bench/sampling_cpu.py)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -19,69 +26,116 @@ def sample_rows(requests: list[BatchRequest | None], logits: torch.Tensor, gener
     return choose_rows(requests, logits, generator).tolist()
 
 
+CANDIDATES = 256  # on CPU, the best tokens a top-k/top-p row is drawn among first (a sort of the whole row is slow there)
+
+
 def choose_rows(requests: list[BatchRequest | None], logits: torch.Tensor, generator: torch.Generator, settings: RowSettings | None = None) -> torch.Tensor:
-    """The next token of every row ([rows] on the device, nothing waited for): the argmax for
-    greedy rows, and for sampled rows (temperature, top-k, top-p, each its own) one draw in one
-    batch: the exponential race argmax(p / E), E ~ Exp(1), which picks token t with probability
-    p[t]. A row with a seed draws its E from its own generator (its answer does not depend on its
-    neighbours); the others share `generator`. Rows with a TokenPolicy (or None) get the argmax
-    here; the caller redoes them. `settings`: the sampled rows' settings kept from step to step
-    (by default made for this call)."""
+    """The next token of every row ([rows] on the device, nothing waited for on a GPU): the
+    argmax for greedy rows, and for sampled rows (temperature, top-k, top-p, each its own) one
+    draw in one batch (`_draw`). Rows with a TokenPolicy (or None) get the argmax here; the
+    caller redoes them. `settings`: the sampled rows' settings kept from step to step (by
+    default made for this call)."""
     tokens = logits.argmax(-1)
     rows = [i for i, r in enumerate(requests) if r is not None and not r.greedy and r.policy is None]
     if rows:
         sampled = [requests[i] for i in rows]
-        index, *kept = (settings or RowSettings()).of(rows, sampled, logits)
-        tokens.index_copy_(0, index, _draw(sampled, logits.index_select(0, index), generator, *kept))
+        kept = (settings or RowSettings()).of(rows, sampled, logits)
+        tokens.index_copy_(0, kept.index, _draw(sampled, logits.index_select(0, kept.index), generator, kept))
     return tokens
 
 
 class RowSettings:
-    """The sampled rows' settings on the device (their row index, temperature, top-k, top-p),
-    kept while a step's sampled rows are the last step's requests in the same rows: on a GPU each
-    is a copy to the device, made again only when a request joins, leaves or moves."""
+    """The sampled rows' settings on the device, kept while a step's sampled rows are the last
+    step's requests in the same rows: on a GPU each is a copy to the device, made again only when
+    a request joins, leaves or moves. `of` gives them as attributes: index (their rows),
+    temperature, top_k and top_p ([rows, 1]: the vocabulary's size and 2.0 where a row has none;
+    both None where no row filters), columns (0..vocab-1) and plain ([rows]: True where a row
+    keeps every token; None where every row filters)."""
 
     def __init__(self):
         self._rows: list[int] = []
         self._requests: list[BatchRequest] = []
         self._vocab = 0
-        self._tensors: tuple | None = None
+        self._kept = None
 
-    def of(self, rows: list[int], requests: list[BatchRequest], logits: torch.Tensor) -> tuple:
-        """(index, temperature, top_k, top_p, columns) for `requests` in `rows` of `logits`; top_k,
-        top_p and columns are None where no row filters."""
+    def of(self, rows: list[int], requests: list[BatchRequest], logits: torch.Tensor):
         device, vocab = logits.device, logits.shape[-1]
         same = rows == self._rows and len(requests) == len(self._requests) and all(a is b for a, b in zip(requests, self._requests))
-        if same and vocab == self._vocab and self._tensors[0].device == device:
-            return self._tensors
-        index = to_device(device, rows)
-        temperature = to_device(device, [r.temperature or 1.0 for r in requests], torch.float32).unsqueeze(1)
-        top_k = top_p = columns = None
-        if any(0 < r.top_k < vocab or r.top_p < 1.0 for r in requests):
-            top_k = to_device(device, [r.top_k if 0 < r.top_k < vocab else vocab for r in requests]).unsqueeze(1)
-            top_p = to_device(device, [r.top_p if r.top_p < 1.0 else 2.0 for r in requests], torch.float32).unsqueeze(1)
-            columns = torch.arange(vocab, device=device)
-        self._rows, self._requests, self._vocab = list(rows), list(requests), vocab
-        self._tensors = (index, temperature, top_k, top_p, columns)
-        return self._tensors
+        if same and vocab == self._vocab and self._kept.index.device == device:
+            return self._kept
+        top_ks = [r.top_k if 0 < r.top_k < vocab else vocab for r in requests]
+        top_ps = [r.top_p if r.top_p < 1.0 else 2.0 for r in requests]
+        plain = [k == vocab and p > 1.0 for k, p in zip(top_ks, top_ps)]
+        kept = SimpleNamespace(
+            index=to_device(device, rows),
+            temperature=to_device(device, [r.temperature or 1.0 for r in requests], torch.float32).unsqueeze(1),
+            top_k=None, top_p=None, columns=None, plain=None,
+        )
+        if not all(plain):
+            kept.top_k = to_device(device, top_ks).unsqueeze(1)
+            kept.top_p = to_device(device, top_ps, torch.float32).unsqueeze(1)
+            kept.columns = torch.arange(vocab, device=device)
+            kept.plain = to_device(device, plain, torch.bool) if any(plain) else None
+        self._rows, self._requests, self._vocab, self._kept = list(rows), list(requests), vocab, kept
+        return kept
 
 
-def _draw(requests: list[BatchRequest], logits: torch.Tensor, generator: torch.Generator, temperature, top_k, top_p, columns) -> torch.Tensor:
-    scores = logits.float() / temperature
-    order = None
-    if top_k is not None:
-        scores, order = scores.sort(dim=-1, descending=True)
-        scores = scores.masked_fill(columns >= top_k, float("-inf"))
-        probs = scores.softmax(-1)
-        # keep the fewest best tokens whose mass reaches top_p (the best one always)
-        scores = scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
-    probs = scores.softmax(-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
+def _draw(requests: list[BatchRequest], logits: torch.Tensor, generator: torch.Generator, kept) -> torch.Tensor:
+    """Each row's token by inverse transform sampling: one uniform number per row, and the first
+    token whose cumulative probability passes it. A row with a seed draws its number from its own
+    generator, and nothing else about its draw depends on other rows (its answer does not depend
+    on its neighbours); the others share `generator`. A row that filters (top-k, top-p) draws
+    from the best tokens: on CPU its best CANDIDATES first, and its whole row sorted only where
+    its kept tokens do not all lie among them (a top-p mass they do not reach)."""
+    scores = logits.float() / kept.temperature
+    uniform = torch.rand((len(requests), 1), generator=generator, device=logits.device)
     for row, request in enumerate(requests):
         if request.seed is not None:
-            race[row].exponential_(generator=request.generator)
-    choice = (probs / race.clamp_(min=1e-20)).argmax(-1)
-    return choice if order is None else order.gather(1, choice.unsqueeze(1)).squeeze(1)
+            uniform[row].uniform_(generator=request.generator)
+    if kept.top_k is None:  # no row filters its tokens
+        return _pick(scores.softmax(-1), uniform)
+    vocab = scores.shape[-1]
+    width = min(CANDIDATES, vocab) if logits.device.type == "cpu" else vocab  # a GPU sorts fast, and this waits for nothing
+    choice, exact = _filtered(scores, uniform, kept.top_k, kept.top_p, kept.columns[:width])
+    if kept.plain is not None:  # rows that keep every token
+        choice = torch.where(kept.plain, _pick(scores.softmax(-1), uniform), choice)
+        exact |= kept.plain
+    if width < vocab and not bool(exact.all()):  # on CPU (nothing to wait for): those rows again, whole
+        redo = (~exact).nonzero().squeeze(1)
+        again, _ = _filtered(scores[redo], uniform[redo], kept.top_k[redo], kept.top_p[redo], kept.columns)
+        choice[redo] = again
+    return choice
+
+
+def _filtered(scores, uniform, top_k, top_p, columns):
+    """The token of each row drawn from its best len(columns) tokens under its top-k and top-p,
+    and whether that is exact: its kept tokens all lie among them (its top-k set, or the fewest
+    best tokens whose mass reaches top_p)."""
+    width, vocab = columns.shape[0], scores.shape[-1]
+    if width < vocab:
+        values, order = scores.topk(width, dim=-1)
+    else:
+        values, order = scores.sort(dim=-1, descending=True)
+    values = values.masked_fill(columns >= top_k, float("-inf"))
+    inside = top_k <= width  # a top-k set all among them: its probabilities are over it
+    norm = values.logsumexp(-1, keepdim=True)
+    if width < vocab:  # rows with no top-k: over the whole row
+        norm = torch.where(inside, norm, scores.logsumexp(-1, keepdim=True))
+    probs = (values - norm).exp()
+    mass = probs.cumsum(-1)
+    # keep the fewest best tokens whose mass reaches top_p (the best one always)
+    values = values.masked_fill((mass - probs >= top_p) & (columns > 0), float("-inf"))
+    exact = (inside | ((top_k >= vocab) & (mass[:, -1:] >= top_p))).squeeze(1)
+    return order.gather(1, _pick(values.softmax(-1), uniform).unsqueeze(1)).squeeze(1), exact
+
+
+def _pick(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The first column of each row whose cumulative probability passes the row's uniform number
+    (a token of probability 0 never: the sum must rise past the number there)."""
+    mass = probs.cumsum(-1)
+    choice = torch.searchsorted(mass, uniform * mass[:, -1:], right=True).squeeze(1)
+    # rounding can put the number at the sum itself (about 1 in 2**24): the likeliest token then
+    return torch.where(choice < probs.shape[-1], choice, probs.argmax(-1))
 
 
 def start_sampling(request: BatchRequest, device) -> None:

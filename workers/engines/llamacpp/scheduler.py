@@ -299,11 +299,10 @@ class LlamaCppScheduler(KeptRows, Scheduler):
             self._reserved = self._prefill_reserved = 0
 
 
-# Sampled (not greedy) requests draw their tokens as the transformers engine does, with torch's
-# generator and transformers' warpers: numpy's generators draw other tokens for the same seed
-# (torch.multinomial takes the argmax of p / q for q from torch's exponential sampler), so the
-# same seed would give another answer than before and than the transformers engine. So torch is
-# imported here only, where a request samples; greedy requests never import it.
+# Sampled (not greedy) requests draw their tokens with torch's generator and transformers' warpers
+# (`sample_token`, as the transformers engine's rows with a token policy do): numpy's generators
+# would draw other tokens for the same seed than this engine drew before. So torch is imported
+# here only, where a request samples; greedy requests never import it.
 
 
 def _start_sampling(request: BatchRequest) -> None:
