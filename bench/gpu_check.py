@@ -202,18 +202,21 @@ def kernels_per_step(decoder, rows: int) -> int | None:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = decoder.device.type == "cuda"
+    replay = decoder._graphs.get((decoder.bucket(rows), MIN_WIDTH, decoder.cache.generation))
+    model = decoder.compiled if getattr(replay, "compiled", False) else decoder.model  # the step its graph replays
     try:
         with torch.inference_mode():
-            decoder._static_step(decoder.bucket(rows), MIN_WIDTH)  # the rows' inputs are those of its last step
+            decoder._static_step(decoder.bucket(rows), MIN_WIDTH, model)  # the rows' inputs are those of its last step
             sync()
             with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-                decoder._static_step(decoder.bucket(rows), MIN_WIDTH)
+                decoder._static_step(decoder.bucket(rows), MIN_WIDTH, model)
                 sync()
     except Exception as exc:  # a count is not worth a section
         print("kernel count failed:", exc, flush=True)
         return None
-    if cuda:
-        return sum(e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower() for e in prof.events())
+    if cuda:  # kernels: not copies, fills, or the ranges torch and inductor annotate on the GPU's timeline
+        on_gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        return sum(not e.name.lower().startswith(("memcpy", "memset")) for e in on_gpu)
     return sum(_cpu_kernel(e) for e in prof.events())
 
 

@@ -582,11 +582,23 @@ def test_kept_row_settings_draw_as_fresh_ones_and_are_made_again_when_the_rows_c
     first = kept.of([0, 2], [a, c], logits)
     assert kept.of([0, 2], [a, c], logits) is first, "the same requests in the same rows: nothing copied again"
     moved = kept.of([0, 1], [a, c], logits)  # c moved down a row (a row before it finished)
-    assert moved is not first and moved.index.tolist() == [0, 1] and moved.plain.tolist() == [False, True]
+    assert moved is not first and moved.index.tolist() == [0, 1]
+    assert moved.plain.tolist() == [1] and moved.filtered.tolist() == [0] and moved.top_k.tolist() == [[2]]
     twin = _row(seed=2, temperature=0.5)  # another request with the same settings
     assert kept.of([0, 1], [a, twin], logits) is not moved
     unfiltered = kept.of([0], [c], logits)
-    assert unfiltered.top_k is None and unfiltered.temperature.tolist() == [[0.5]], "no top-k/top-p row: no sort"
+    assert unfiltered.top_k is None and unfiltered.filtered is None and unfiltered.plain == slice(None), "no top-k/top-p row: no sort"
+    assert unfiltered.temperature.tolist() == [[0.5]]
+
+
+def test_the_pick_never_lands_on_a_token_of_probability_zero():
+    # A number at the very sum (rounding can put it there) would pass every column: the last
+    # column here has probability 0 (cut by top-k or top-p), so the likeliest token is taken.
+    from workers.engines.batch_sampling import _pick
+
+    probs = torch.tensor([[0.25, 0.75, 0.0], [0.5, 0.0, 0.5]])
+    assert _pick(probs, torch.tensor([[1.0], [0.5]], dtype=torch.float64)).tolist() == [1, 2]
+    assert _pick(probs, torch.tensor([[0.0], [0.0]], dtype=torch.float64)).tolist() == [0, 0]
 
 
 def _peaked(vocab=1000):

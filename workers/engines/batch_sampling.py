@@ -1,7 +1,7 @@
 """How the transformers engine picks each running row's next token with torch, on the model's
 device: greedy and sampled rows (temperature, top-k, top-p) of a batch together, with one copy
-of the tokens to the host per step (`sample_rows`), and one row's draw with transformers' own
-logits warpers for rows whose TokenPolicy (sampling.py) chose the scores (`sample_token`).
+of the tokens to the host per step (`sample_rows`), and the same draw for one row, for rows whose
+TokenPolicy (sampling.py) chose the scores and for the llama.cpp engine's rows (`sample_token`).
 
 A batch's sampled rows draw by inverse transform sampling (one uniform number a row), and on CPU
 a top-k/top-p row among its best CANDIDATES tokens first: sorting every token of 64 rows of a
@@ -13,7 +13,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from workers.engines.graphs import to_device
 from workers.engines.scheduling import BatchRequest
@@ -29,7 +28,9 @@ def sample_rows(requests: list[BatchRequest | None], logits: torch.Tensor, gener
 CANDIDATES = 256  # on CPU, the best tokens a top-k/top-p row is drawn among first (a sort of the whole row is slow there)
 
 
-def choose_rows(requests: list[BatchRequest | None], logits: torch.Tensor, generator: torch.Generator, settings: RowSettings | None = None) -> torch.Tensor:
+def choose_rows(
+    requests: list[BatchRequest | None], logits: torch.Tensor, generator: torch.Generator, settings: RowSettings | None = None
+) -> torch.Tensor:
     """The next token of every row ([rows] on the device, nothing waited for on a GPU): the
     argmax for greedy rows, and for sampled rows (temperature, top-k, top-p, each its own) one
     draw in one batch (`_draw`). Rows with a TokenPolicy (or None) get the argmax here; the
@@ -47,10 +48,11 @@ def choose_rows(requests: list[BatchRequest | None], logits: torch.Tensor, gener
 class RowSettings:
     """The sampled rows' settings on the device, kept while a step's sampled rows are the last
     step's requests in the same rows: on a GPU each is a copy to the device, made again only when
-    a request joins, leaves or moves. `of` gives them as attributes: index (their rows),
-    temperature, top_k and top_p ([rows, 1]: the vocabulary's size and 2.0 where a row has none;
-    both None where no row filters), columns (0..vocab-1) and plain ([rows]: True where a row
-    keeps every token; None where every row filters)."""
+    a request joins, leaves or moves. `of` gives them as attributes: index (their rows in the
+    batch), temperature ([rows, 1]); plain and filtered: which of them keep every token and which
+    filter (top-k, top-p), each an index, all of them (slice(None)) or None (none); and for the
+    filtered ones top_k and top_p ([filtered, 1]: the vocabulary's size and 2.0 where a row has
+    none) and columns (0..vocab-1)."""
 
     def __init__(self):
         self._rows: list[int] = []
@@ -63,21 +65,28 @@ class RowSettings:
         same = rows == self._rows and len(requests) == len(self._requests) and all(a is b for a, b in zip(requests, self._requests))
         if same and vocab == self._vocab and self._kept.index.device == device:
             return self._kept
-        top_ks = [r.top_k if 0 < r.top_k < vocab else vocab for r in requests]
-        top_ps = [r.top_p if r.top_p < 1.0 else 2.0 for r in requests]
-        plain = [k == vocab and p > 1.0 for k, p in zip(top_ks, top_ps)]
+        filtering = [i for i, r in enumerate(requests) if 0 < r.top_k < vocab or r.top_p < 1.0]
         kept = SimpleNamespace(
             index=to_device(device, rows),
             temperature=to_device(device, [r.temperature or 1.0 for r in requests], torch.float32).unsqueeze(1),
-            top_k=None, top_p=None, columns=None, plain=None,
+            plain=_part(device, [i for i in range(len(requests)) if i not in filtering], len(requests)),
+            filtered=_part(device, filtering, len(requests)),
+            top_k=None, top_p=None, columns=None,
         )
-        if not all(plain):
-            kept.top_k = to_device(device, top_ks).unsqueeze(1)
-            kept.top_p = to_device(device, top_ps, torch.float32).unsqueeze(1)
+        if filtering:
+            chosen = [requests[i] for i in filtering]
+            kept.top_k = to_device(device, [r.top_k if 0 < r.top_k < vocab else vocab for r in chosen]).unsqueeze(1)
+            kept.top_p = to_device(device, [r.top_p if r.top_p < 1.0 else 2.0 for r in chosen], torch.float32).unsqueeze(1)
             kept.columns = torch.arange(vocab, device=device)
-            kept.plain = to_device(device, plain, torch.bool) if any(plain) else None
         self._rows, self._requests, self._vocab, self._kept = list(rows), list(requests), vocab, kept
         return kept
+
+
+def _part(device, rows: list[int], total: int):
+    """`rows` of `total` as an index: None where there are none, slice(None) where they are all."""
+    if not rows:
+        return None
+    return slice(None) if len(rows) == total else to_device(device, rows)
 
 
 def _draw(requests: list[BatchRequest], logits: torch.Tensor, generator: torch.Generator, kept) -> torch.Tensor:
@@ -88,22 +97,24 @@ def _draw(requests: list[BatchRequest], logits: torch.Tensor, generator: torch.G
     from the best tokens: on CPU its best CANDIDATES first, and its whole row sorted only where
     its kept tokens do not all lie among them (a top-p mass they do not reach)."""
     scores = logits.float() / kept.temperature
-    uniform = torch.rand((len(requests), 1), generator=generator, device=logits.device)
+    # float64: a float32 number could never fall on a token of probability under about 3e-8
+    uniform = torch.rand((len(requests), 1), generator=generator, device=logits.device, dtype=torch.float64)
     for row, request in enumerate(requests):
         if request.seed is not None:
             uniform[row].uniform_(generator=request.generator)
-    if kept.top_k is None:  # no row filters its tokens
-        return _pick(scores.softmax(-1), uniform)
+    choice = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+    if kept.plain is not None:
+        choice[kept.plain] = _pick(scores[kept.plain].softmax(-1), uniform[kept.plain])
+    if kept.filtered is None:
+        return choice
+    scores, uniform = scores[kept.filtered], uniform[kept.filtered]
     vocab = scores.shape[-1]
     width = min(CANDIDATES, vocab) if logits.device.type == "cpu" else vocab  # a GPU sorts fast, and this waits for nothing
-    choice, exact = _filtered(scores, uniform, kept.top_k, kept.top_p, kept.columns[:width])
-    if kept.plain is not None:  # rows that keep every token
-        choice = torch.where(kept.plain, _pick(scores.softmax(-1), uniform), choice)
-        exact |= kept.plain
+    drawn, exact = _filtered(scores, uniform, kept.top_k, kept.top_p, kept.columns[:width])
     if width < vocab and not bool(exact.all()):  # on CPU (nothing to wait for): those rows again, whole
         redo = (~exact).nonzero().squeeze(1)
-        again, _ = _filtered(scores[redo], uniform[redo], kept.top_k[redo], kept.top_p[redo], kept.columns)
-        choice[redo] = again
+        drawn[redo], _ = _filtered(scores[redo], uniform[redo], kept.top_k[redo], kept.top_p[redo], kept.columns)
+    choice[kept.filtered] = drawn
     return choice
 
 
@@ -130,37 +141,26 @@ def _filtered(scores, uniform, top_k, top_p, columns):
 
 
 def _pick(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """The first column of each row whose cumulative probability passes the row's uniform number
-    (a token of probability 0 never: the sum must rise past the number there)."""
-    mass = probs.cumsum(-1)
-    choice = torch.searchsorted(mass, uniform * mass[:, -1:], right=True).squeeze(1)
-    # rounding can put the number at the sum itself (about 1 in 2**24): the likeliest token then
-    return torch.where(choice < probs.shape[-1], choice, probs.argmax(-1))
+    """The first column of each row whose cumulative probability (float64) passes the row's
+    uniform number, and never a token of probability 0: where rounding lands on one (a GPU's
+    parallel sum need not rise only where a probability is above 0; the number may fall at the
+    sum itself) the likeliest token instead."""
+    mass = probs.cumsum(-1, dtype=torch.float64)
+    choice = torch.searchsorted(mass, uniform * mass[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    return torch.where(probs.gather(1, choice.unsqueeze(1)).squeeze(1) > 0, choice, probs.argmax(-1))
 
 
 def start_sampling(request: BatchRequest, device) -> None:
-    """The request's random generator (seeded where it names a seed) and its sampling settings."""
+    """The request's random generator, seeded where it names a seed."""
     request.generator = torch.Generator(device=device)
     if request.seed is not None:
         request.generator.manual_seed(request.seed)
     else:
         request.generator.seed()
-    request.processors = _processors(request)
 
 
 def sample_token(request: BatchRequest, logits: torch.Tensor) -> int:
-    """One token drawn from a row of logits with the request's settings and generator (start_sampling)."""
-    scores = request.processors(None, logits.float().unsqueeze(0))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=request.generator))
-
-
-def _processors(request: BatchRequest) -> LogitsProcessorList:
-    processors = LogitsProcessorList()
-    if request.temperature and request.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(request.temperature))
-    if request.top_k:
-        processors.append(TopKLogitsWarper(request.top_k))
-    if request.top_p < 1.0:
-        processors.append(TopPLogitsWarper(request.top_p))
-    return processors
+    """One token drawn from a row of logits (a TokenPolicy's scores, say) with the request's
+    settings and generator (start_sampling), as a batch's sampled rows draw theirs."""
+    row = logits.float().unsqueeze(0)
+    return int(_draw([request], row, request.generator, RowSettings().of([0], [request], row))[0])

@@ -116,7 +116,7 @@ class BatchingScheduler(Scheduler):
         graphs = {True: ", CUDA graphs", "emulate": ", static buffers (CUDA graphs emulated)"}.get(self.decoder.graphs, "")
         done, held = self.decoder.compiled_graphs()
         compiled = ", compiled" if self.decoder.compiled is not None and graphs else ""
-        if done and not compiled:  # the compiled step failed after these graphs were captured
+        if done and graphs and not compiled:  # the compiled step failed after these graphs were captured
             compiled = f", compiled in {done} of {held} graphs"
         ahead = ", one step ahead" if graphs and self.run_ahead else ""
         return f"slots{graphs}{compiled}{ahead}"

@@ -36,7 +36,6 @@ class BatchRequest:
     cache: Any = None  # the transformers scheduler's DynamicCache of a long prompt being prefilled
     prefilled: int = 0
     generator: Any = None  # a torch.Generator, made where the request is sampled (not greedy)
-    processors: Any = None  # transformers' LogitsProcessorList of its sampling settings
     policy: Any = None  # its sampling.TokenPolicy (penalties, logit_bias, logprobs, grammar); None: none of them
 
 

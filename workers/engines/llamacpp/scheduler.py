@@ -65,6 +65,7 @@ class LlamaCppScheduler(KeptRows, Scheduler):
         self._prefix_scope = self._last_scope = ""  # whose requests may share them (BatchRequest.cache_scope)
         self._prefill_filler = max_batch_size + 1  # the prefill context's throwaway row's id (TWO_ROWS)
         self._saved = saved if self._prefix_seq is not None else None  # whole prompts' rows, in memory
+        self._sampler = None  # the sampled rows' draw (_torch_sampler), made when a request first samples
         super().__init__(max_batch_size=max_batch_size, name=name)
 
     @property
@@ -182,10 +183,13 @@ class LlamaCppScheduler(KeptRows, Scheduler):
                 # Greedy rows in one numpy call: per-row work here is Python holding the GIL that
                 # every stream's thread wants too, once per token.
                 greedy = np.argmax(logits, axis=1).tolist() if any(s.request.greedy for s in decoding) else None
+                drawn = self._draw_sampled(decoding, logits)
                 for row, sequence in enumerate(decoding):
                     sequence.pos += 1
                     if sequence.request.greedy and sequence.request.policy is None:
                         self._take(sequence, greedy[row], finished)
+                    elif row in drawn:
+                        self._take(sequence, drawn[row], finished)
                     else:
                         self._next(sequence, logits[row], finished)
             self._prefill_chunk(finished)
@@ -273,6 +277,15 @@ class LlamaCppScheduler(KeptRows, Scheduler):
     def _next(self, sequence: _Sequence, logits: np.ndarray, finished: list[_Sequence]) -> None:
         self._take(sequence, self._sample(sequence.request, logits), finished)
 
+    def _draw_sampled(self, decoding: list[_Sequence], logits: np.ndarray) -> dict[int, int]:
+        """The tokens of the sampled rows with no TokenPolicy, by row, drawn in one batch."""
+        rows = [row for row, s in enumerate(decoding) if not s.request.greedy and s.request.policy is None]
+        if not rows:
+            return {}
+        if self._sampler is None:
+            self._sampler = _torch_sampler()
+        return dict(zip(rows, self._sampler([decoding[row].request for row in rows], logits[rows])))
+
     def _take(self, sequence: _Sequence, token: int, finished: list[_Sequence]) -> None:
         sequence.last_token = token
         sequence.answer.append(token)
@@ -299,22 +312,33 @@ class LlamaCppScheduler(KeptRows, Scheduler):
             self._reserved = self._prefill_reserved = 0
 
 
-# Sampled (not greedy) requests draw their tokens with torch's generator and transformers' warpers
-# (`sample_token`, as the transformers engine's rows with a token policy do): numpy's generators
-# would draw other tokens for the same seed than this engine drew before. So torch is imported
-# here only, where a request samples; greedy requests never import it.
+# Sampled (not greedy) requests draw their tokens as the transformers engine's do, with torch
+# (workers/engines/batch_sampling.py): a batch's rows together, one row where its TokenPolicy chose
+# the scores. So torch is imported here only, where a request samples; greedy requests never import it.
 
 
 def _start_sampling(request: BatchRequest) -> None:
-    """The request's generator (seeded where it names a seed) and sampling settings, as it joins."""
-    from workers.engines.batching import start_sampling
+    """The request's generator (seeded where it names a seed), as it joins."""
+    from workers.engines.batch_sampling import start_sampling
 
     start_sampling(request, "cpu")
+
+
+def _torch_sampler():
+    """A draw of sampled rows' tokens ([rows, vocab] logits to a list), with a generator for rows
+    that name no seed and the rows' settings kept from step to step."""
+    import torch
+
+    from workers.engines.batch_sampling import RowSettings, choose_rows
+
+    generator, settings = torch.Generator(), RowSettings()
+    generator.seed()
+    return lambda requests, logits: choose_rows(requests, torch.from_numpy(logits), generator, settings).tolist()
 
 
 def _sample_with_torch(request: BatchRequest, logits: np.ndarray) -> int:
     import torch
 
-    from workers.engines.batching import sample_token
+    from workers.engines.batch_sampling import sample_token
 
     return sample_token(request, torch.from_numpy(logits))  # a view of llama.cpp's logits
