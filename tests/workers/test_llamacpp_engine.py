@@ -156,6 +156,7 @@ def test_sampling_settings_are_per_request(engine):
 
     first, again, other = sample(7), sample(7), sample(8)
     assert first == again  # the same seed gives the same answer
+    assert engine.scheduler._sampler is not None, "the decode steps' sampled rows were drawn together (batch_sampling)"
     greedy_answer = ask(engine, user("Name an animal."), greedy(16))[0]
     assert len({first, other, greedy_answer}) >= 2  # sampling is not greedy decoding
 
