@@ -1,7 +1,7 @@
-"""How the transformers engine picks each running row's next token with torch, on the model's
-device: greedy and sampled rows (temperature, top-k, top-p) of a batch together, with one copy
-of the tokens to the host per step (`sample_rows`), and the same draw for one row, for rows whose
-TokenPolicy (sampling.py) chose the scores and for the llama.cpp engine's rows (`sample_token`).
+"""How the engines pick each running row's next token with torch (the transformers engine on its
+model's device, the llama.cpp engine on CPU): greedy and sampled rows (temperature, top-k,
+top-p) of a batch together, with one copy of the tokens to the host per step (`sample_rows`),
+and the same draw for one row whose TokenPolicy (sampling.py) chose the scores (`sample_token`).
 
 A batch's sampled rows draw by inverse transform sampling (one uniform number a row), and on CPU
 a top-k/top-p row among its best CANDIDATES tokens first: sorting every token of 64 rows of a
@@ -69,7 +69,7 @@ class RowSettings:
         kept = SimpleNamespace(
             index=to_device(device, rows),
             temperature=to_device(device, [r.temperature or 1.0 for r in requests], torch.float32).unsqueeze(1),
-            plain=_part(device, [i for i in range(len(requests)) if i not in filtering], len(requests)),
+            plain=_part(device, sorted(set(range(len(requests))) - set(filtering)), len(requests)),
             filtered=_part(device, filtering, len(requests)),
             top_k=None, top_p=None, columns=None,
         )
