@@ -165,14 +165,18 @@ def engine_rate(scheduler, batch, new_tokens) -> tuple[float, int]:
     return sum(map(len, answers)) / elapsed, timed_captures
 
 
+def first_width_graph(decoder, rows: int):
+    """The decoder's captured step for `rows` rows at the first width (None where there is none)."""
+    return decoder._graphs.get((decoder.bucket(rows), MIN_WIDTH, decoder.cache.generation))
+
+
 def replay_ms(decoder, rows: int, repeats: int = 50) -> float | None:
     """Milliseconds per captured step of `rows` rows at the first width, replayed back to back
     with no host work between (the engine idle; the rows' inputs are those of its last step): the
     device's own time for a step, under the engine's. None where no step is captured."""
     if decoder is None or not decoder.graphs:
         return None
-    key = (decoder.bucket(rows), MIN_WIDTH, decoder.cache.generation)
-    replay = decoder._graphs.get(key)
+    replay = first_width_graph(decoder, rows)
     if replay is None:
         return None
     with torch.inference_mode():
@@ -202,8 +206,8 @@ def kernels_per_step(decoder, rows: int) -> int | None:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = decoder.device.type == "cuda"
-    replay = decoder._graphs.get((decoder.bucket(rows), MIN_WIDTH, decoder.cache.generation))
-    model = decoder.compiled if getattr(replay, "compiled", False) else decoder.model  # the step its graph replays
+    replays_compiled = getattr(first_width_graph(decoder, rows), "compiled", False)
+    model = decoder.compiled if replays_compiled else decoder.model  # the step its graph replays
     try:
         with torch.inference_mode():
             decoder._static_step(decoder.bucket(rows), MIN_WIDTH, model)  # the rows' inputs are those of its last step
