@@ -65,7 +65,7 @@ from transformers.integrations import sdpa_attention  # noqa: E402
 from workers.engines.batching import BatchingScheduler  # noqa: E402
 from workers.engines.scheduling import BatchRequest  # noqa: E402
 from workers.engines.slots import MIN_WIDTH  # noqa: E402
-from workers.engines.step_setup import use_packed_sdpa  # noqa: E402
+from workers.engines.step_setup import plain_rms_norms, use_packed_sdpa  # noqa: E402
 
 # Llama-3.2-1B's config.json, by hand (no model hub on the GPU machine)
 LLAMA_1B = dict(
@@ -328,6 +328,7 @@ def measure(name, config, batch, report, quick, device, compiled=False):
     scheduler = BatchingScheduler(model, max_batch_size=64, name=f"gpu-{name}")
     entry["engine_load_s"] = round(time.perf_counter() - loading, 2)  # the slot check and the captures (and compiles)
     entry["decode_mode"] = scheduler.decode_mode
+    entry["fused_rms_norms"] = scheduler.fused_norms
     decoder = scheduler.decoder
     entry["graph_captures_at_load"] = decoder.captures if decoder is not None else 0
     step = decoder.compiled if decoder is not None else None
@@ -364,6 +365,7 @@ def measure(name, config, batch, report, quick, device, compiled=False):
             entry["compiles_after_long"] = step.compiles if step is not None else 0
             entry["compiled_at_end"] = decoder.compiled is not None
     scheduler.stop()
+    plain_rms_norms(model)  # transformers' loops as they come
     for streams in (1, many) if not compiled else ():
         part = batch[:streams]
         entry[f"generate_tok_s_{streams}"] = round(generate_rate(model, part, new_tokens), 1)

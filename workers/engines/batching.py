@@ -34,7 +34,7 @@ from workers.engines.graphs import to_device
 from workers.engines.scheduling import BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
 from workers.engines.slots import SlotDecoder
-from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, slot_support, text_config
+from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, fuse_rms_norms, slot_support, text_config
 
 __all__ = ["BatchRequest", "BatchingScheduler"]
 
@@ -134,6 +134,7 @@ class BatchingScheduler(Scheduler):
             # step built 30 new graphs (bf16 ran 4x slower than fp32). Flash and memory-efficient
             # attention take any length.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        self.fused_norms = fuse_rms_norms(model)  # one kernel each on CUDA, not seven
         self._unseeded = torch.Generator(device=self.device)  # for sampled rows that name no seed
         self._unseeded.seed()
         self._row_settings = RowSettings()  # the decode steps' sampled rows (a prefill's are its own)
