@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from workers.engines.graphs import to_device
-from workers.engines.scheduling import BatchRequest
+from workers.engines.scheduling import NOT_A_NUMBER, BatchRequest
 
 __all__ = ["RowSettings", "choose_rows", "sample_rows", "sample_token", "start_sampling"]
 
@@ -33,16 +33,17 @@ def choose_rows(
 ) -> torch.Tensor:
     """The next token of every row ([rows] on the device, nothing waited for on a GPU): the
     argmax for greedy rows, and for sampled rows (temperature, top-k, top-p, each its own) one
-    draw in one batch (`_draw`). Rows with a TokenPolicy (or None) get the argmax here; the
-    caller redoes them. `settings`: the sampled rows' settings kept from step to step (by
+    draw in one batch (`_draw`); NOT_A_NUMBER for any row whose best logit is not finite (a NaN
+    anywhere in it, or none above -inf). Rows with a TokenPolicy (or None) get the argmax here;
+    the caller redoes them. `settings`: the sampled rows' settings kept from step to step (by
     default made for this call)."""
-    tokens = logits.argmax(-1)
+    best, tokens = logits.max(-1)  # the argmax (the first of equal maxima), and its value
     rows = [i for i, r in enumerate(requests) if r is not None and not r.greedy and r.policy is None]
     if rows:
         sampled = [requests[i] for i in rows]
         kept = (settings or RowSettings()).of(rows, sampled, logits)
         tokens.index_copy_(0, kept.index, _draw(sampled, logits.index_select(0, kept.index), generator, kept))
-    return tokens
+    return tokens.masked_fill_(~best.isfinite(), NOT_A_NUMBER)
 
 
 class RowSettings:

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from workers.engines.batch_sampling import RowSettings, choose_rows, sample_token, start_sampling
 from workers.engines.graphs import to_device
-from workers.engines.scheduling import BatchRequest, Rows, Scheduler
+from workers.engines.scheduling import NOT_A_NUMBER, BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
 from workers.engines.slots import SlotDecoder
 from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, fuse_rms_norms, slot_support, text_config
@@ -273,7 +273,7 @@ class BatchingScheduler(Scheduler):
 
     def _join(self, cache, pads, group, logits) -> None:
         first = self._sample_rows(group, logits)
-        self._batch.add_group(cache, pads, group, first)
+        self._batch.add_group(cache, pads, group, [max(token, 0) for token in first])  # NOT_A_NUMBER is never an input
         offset = len(self._batch.requests) - len(group)
         self._batch.finish([offset + i for i, (r, t) in enumerate(zip(group, first)) if self._emit(r, t)])
 
@@ -289,7 +289,7 @@ class BatchingScheduler(Scheduler):
         for row, (request, token) in enumerate(zip(batch.requests, tokens)):
             if request is None:
                 continue
-            batch.last_tokens[row] = token
+            batch.last_tokens[row] = max(token, 0)  # a dead row is decoded until compacted: never NOT_A_NUMBER
             if self._emit(request, token):
                 finished.append(row)
         batch.finish(finished)
@@ -322,10 +322,11 @@ class BatchingScheduler(Scheduler):
 
     def _sample_rows(self, requests: list[BatchRequest | None], logits: torch.Tensor, settings: RowSettings | None = None) -> list[int]:
         """The next token of every row: greedy and top-k/top-p rows on the device with one copy to
-        the host (choose_rows); rows with a TokenPolicy then each on the host."""
+        the host (choose_rows); rows with a TokenPolicy then each on the host (where their logits
+        are numbers)."""
         tokens = choose_rows(requests, logits, self._unseeded, settings).tolist()
         for row, request in enumerate(requests):
-            if request is not None and request.policy is not None:
+            if request is not None and request.policy is not None and tokens[row] != NOT_A_NUMBER:
                 tokens[row] = self._sample(request, logits[row])
         return tokens
 

@@ -14,6 +14,14 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The token an engine chooses for a row whose logits are no use (NaN, or no finite best): the
+# request ends with NOT_A_NUMBER_ERROR instead of a garbage token (and is never fed back as input).
+NOT_A_NUMBER = -1
+NOT_A_NUMBER_ERROR = (
+    "the model's scores for the next token are not numbers (NaN or infinite logits): its weights are broken, "
+    "or its precision overflows on this input (float16 does in some models; try bfloat16 or float32)"
+)
+
 
 @dataclass
 class BatchRequest:
@@ -156,6 +164,9 @@ class Scheduler:
     @staticmethod
     def _emit(request: BatchRequest, token: int) -> bool:
         """Hand the token to the request; True when the request is finished."""
+        if token == NOT_A_NUMBER:
+            request.out.put(("error", NOT_A_NUMBER_ERROR))
+            return True
         if token in request.stop_ids:
             request.out.put(("done", "stop"))
             return True

@@ -120,7 +120,7 @@ class SlotDecoder:
         rows decoded with from_device), and copied to the host without waiting (read them with
         `.get()`)."""
         rows = tokens.shape[0]
-        self._next_ids[:rows].copy_(tokens)
+        torch.clamp(tokens, min=0, out=self._next_ids[:rows])  # NOT_A_NUMBER (a broken row, ending) is never an input
         out = self._host_tokens.take()
         out[:rows].copy_(tokens, non_blocking=True)
         return Tokens(out, rows, self._host_tokens.used())

@@ -15,7 +15,7 @@ from workers.engines.llamacpp.config import BATCH_TOKENS, FILL_GAP_MAX, FINAL_RO
 from workers.engines.llamacpp.model import LlamaCppModel
 from workers.engines.llamacpp.prefix import KeptRows
 from workers.engines.llamacpp.saved import SavedPrompts
-from workers.engines.scheduling import BatchRequest, Scheduler
+from workers.engines.scheduling import NOT_A_NUMBER, BatchRequest, Scheduler
 
 
 @dataclass
@@ -31,6 +31,7 @@ class _Sequence:
     in_order: bool = True  # its rows sit in the prefill context's cells in position order (_keep_prefix)
     frees_seen: int | None = None  # the prefill context's free count when its first rows went in
     answer: list[int] = field(default_factory=list)  # the tokens it generated
+    broken: bool = False  # its logits were not numbers (NOT_A_NUMBER): its rows are not kept
 
 
 class LlamaCppScheduler(KeptRows, Scheduler):
@@ -111,7 +112,7 @@ class LlamaCppScheduler(KeptRows, Scheduler):
         """A request leaves: its rows are saved (finished or stopped, its conversation keeps the
         answer, and the next turn starts with it) unless `save` is off, then freed."""
         with self.lock:
-            if save:
+            if save and not sequence.broken:
                 self._save_answer(sequence)
             self.llama.forget(sequence.seq)
             if sequence.pending and self.prefill is not self.llama:
@@ -182,7 +183,7 @@ class LlamaCppScheduler(KeptRows, Scheduler):
                     self.llama.forget(seq)
                 # Greedy rows in one numpy call: per-row work here is Python holding the GIL that
                 # every stream's thread wants too, once per token.
-                greedy = np.argmax(logits, axis=1).tolist() if any(s.request.greedy for s in decoding) else None
+                greedy = _greedy(logits) if any(s.request.greedy for s in decoding) else None
                 drawn = self._draw_sampled(decoding, logits)
                 for row, sequence in enumerate(decoding):
                     sequence.pos += 1
@@ -287,18 +288,22 @@ class LlamaCppScheduler(KeptRows, Scheduler):
         return dict(zip(rows, self._sampler([decoding[row].request for row in rows], logits[rows])))
 
     def _take(self, sequence: _Sequence, token: int, finished: list[_Sequence]) -> None:
-        sequence.last_token = token
-        sequence.answer.append(token)
+        if token == NOT_A_NUMBER:  # its request ends with an error (_emit)
+            sequence.broken = True
+        else:
+            sequence.last_token = token
+            sequence.answer.append(token)
         if self._emit(sequence.request, token):
             finished.append(sequence)
 
     def _sample(self, request: BatchRequest, logits: np.ndarray) -> int:
+        best = int(np.argmax(logits))  # torch.argmax's choice too: the first of equal maxima
+        if not np.isfinite(logits[best]):  # a NaN (np.argmax's pick where there is one), or no finite best
+            return NOT_A_NUMBER
         draw = None if request.greedy else functools.partial(_sample_with_torch, request)
         if request.policy is not None:  # penalties, logit_bias, logprobs, a grammar (sampling.py)
             return request.policy.choose(logits, draw)
-        if draw is None:
-            return int(np.argmax(logits))  # torch.argmax's choice too: the first of equal maxima
-        return draw(logits)
+        return best if draw is None else draw(logits)
 
     def _fail_all(self, message: str) -> None:
         for sequence in list(self._running):
@@ -310,6 +315,14 @@ class LlamaCppScheduler(KeptRows, Scheduler):
         self._prefix, self._last_prompt = [], []
         with self._wake:
             self._reserved = self._prefill_reserved = 0
+
+
+def _greedy(logits: np.ndarray) -> list[int]:
+    """Each row's argmax (the first of equal maxima), or NOT_A_NUMBER where that best logit is not
+    finite: a NaN, which np.argmax picks where a row has one, or no logit above -inf."""
+    tokens = np.argmax(logits, axis=1)
+    best = logits[np.arange(len(tokens)), tokens]
+    return np.where(np.isfinite(best), tokens, NOT_A_NUMBER).tolist()
 
 
 # Sampled (not greedy) requests draw their tokens as the transformers engine's do, with torch
