@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(filter-out requirements/vllm%,$(wildcard requirements/*.txt))
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean bench bench-conversation bench-dashboard bench-slots bench-sampling vllm-venv bench-vllm bench-peers llama-server
+.PHONY: run test install clean screenshots bench bench-conversation bench-dashboard bench-slots bench-sampling vllm-venv bench-vllm bench-peers llama-server
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -82,6 +82,12 @@ run: $(STAMP) $(if $(filter vllm,$(ENGINE)),$(VLLM_STAMP))
 test: $(STAMP) $(CHROMIUM) $(VLLM_FOR_TESTS)
 	LLMSITE_DATA_DIR=var/test $(PY) -m llmsite.launcher services --fresh -- \
 	  $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The site's screenshots in docs/screenshots, taken again by the browser tests (make test takes
+# them into a temporary folder, leaving the checkout as it was).
+screenshots: $(STAMP) $(CHROMIUM)
+	UPDATE_SCREENSHOTS=1 LLMSITE_DATA_DIR=var/test $(PY) -m llmsite.launcher services --fresh -- \
+	  $(VENV)/bin/pytest tests/site/test_screenshots.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) var

@@ -43,7 +43,7 @@ def choose_rows(
         sampled = [requests[i] for i in rows]
         kept = (settings or RowSettings()).of(rows, sampled, logits)
         tokens.index_copy_(0, kept.index, _draw(sampled, logits.index_select(0, kept.index), generator, kept))
-    return tokens.masked_fill_(~best.isfinite(), NOT_A_NUMBER)
+    return torch.where(best.isfinite(), tokens, NOT_A_NUMBER)  # two kernels (a masked_fill_ of ~ takes three)
 
 
 class RowSettings:
