@@ -60,28 +60,35 @@ def test_a_request_whose_logits_turn_nan_ends_with_an_error_and_the_others_are_w
     for name, value in MODES[mode].items():
         monkeypatch.setenv(name, value)
     model = _tiny("llama")
-    healthy, middle = [9, 8, 7, 6, 5], [5, 6, 7]
-    references = {tuple(p): _greedy_without_cache(model, p, 10) for p in (healthy, middle)}
+    # ten healthy rows beside three broken ones: on the padded cache the broken rows stay in the
+    # batch (dead, still decoded) until a quarter of it is dead
+    healthy = [[9, 8, 7, 6, 5], [3, 4], [10, 20, 30], [40, 41, 42, 43], [50, 60], [61], [62, 63], [70, 71, 72], [80, 81], [90]]
+    middle = [5, 6, 7]
+    references = {tuple(p): _greedy_without_cache(model, p, 10) for p in healthy + [middle]}
     # a token the middle request's answer gives after a few tokens, and nobody else meets: its
     # embedding made NaN breaks that request mid-stream (the step after it is fed) and any prompt
     # that holds it at once
     answer = references[tuple(middle)]
-    poison = next(t for t in answer[2:] if t not in PROBE | set(middle + answer[:2] + healthy + references[tuple(healthy)]))
+    others = {t for p in healthy for t in p + references[tuple(p)]} | PROBE | set(middle + answer[:2])
+    poison = next(t for t in answer[2:] if t not in others)
     with torch.no_grad():
         model.model.embed_tokens.weight[poison] = NAN
-    scheduler = BatchingScheduler(model, max_batch_size=4)
+    scheduler = BatchingScheduler(model, max_batch_size=16)
     try:
         expected_mode = {"slots": "slots", "padded cache": "padded cache"}.get(mode, "slots, static buffers")
         assert scheduler.decode_mode.startswith(expected_mode)
         with_policy = _request("policy", [4, poison, 3])
-        with_policy.policy = TokenPolicy(SamplingParams(max_new_tokens=10, temperature=0, top_k=0, top_p=1.0, do_sample=False, repetition_penalty=1.3), with_policy.prompt_ids, 300, {})
-        results = _run(scheduler, [_request("healthy", healthy), _request("first", [4, poison, 3]), with_policy, _request("middle", middle), _seeded(healthy)])
-        assert results[0] == (references[tuple(healthy)], ("done", "length"))
-        assert results[1] == ([], BROKEN) and results[2] == ([], BROKEN)
-        assert results[3] == (answer[: answer.index(poison) + 1], BROKEN)  # the tokens before the failure were sent
+        greedy = SamplingParams(max_new_tokens=10, temperature=0, top_k=0, top_p=1.0, do_sample=False, repetition_penalty=1.3)
+        with_policy.policy = TokenPolicy(greedy, with_policy.prompt_ids, 300, {})
+        broken = [_request("first", [4, poison, 3]), with_policy, _request("middle", middle)]
+        results = _run(scheduler, broken + [_seeded(healthy[0])] + [_request(f"healthy {i}", p) for i, p in enumerate(healthy[1:])])
+        assert results[0] == ([], BROKEN) and results[1] == ([], BROKEN)
+        assert results[2] == (answer[: answer.index(poison) + 1], BROKEN)  # the tokens before the failure were sent
+        assert [tokens for tokens, end in results[4:]] == [references[tuple(p)] for p in healthy[1:]]
+        assert all(end == ("done", "length") for _, end in results[3:])
         # the engine serves on, in the rows the broken requests left, with the same answers
-        assert _run(scheduler, [_request("again", healthy)])[0][0] == references[tuple(healthy)]
-        assert _run(scheduler, [_seeded(healthy)])[0] == results[4]
+        assert _run(scheduler, [_request("again", healthy[0])])[0][0] == references[tuple(healthy[0])]
+        assert _run(scheduler, [_seeded(healthy[0])])[0] == results[3]
     finally:
         scheduler.stop()
 
@@ -105,3 +112,40 @@ def _run(scheduler, requests: list[BatchRequest]) -> list[tuple[list[int], tuple
             tokens.append(item[1])
         results.append((tokens, item))
     return results
+
+
+def test_the_llama_cpp_engine_ends_a_request_whose_logits_turn_nan_and_keeps_none_of_its_rows(django_db_setup, django_db_blocker, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install builds it)")
+    from chat.models import Deployment
+    from workers.engines.llamacpp.engine import LlamaCppEngine
+
+    with django_db_blocker.unblock():
+        engine = LlamaCppEngine(Deployment.objects.get(name="default"))
+    scheduler = engine.scheduler
+    try:
+        prompt = engine.tokenizer("The capital of France is")["input_ids"]
+        kept, saved = [], []  # the rows it keeps for later requests, by way of these (spied, not replaced)
+        for name, calls in (("_keep_prefix", kept), ("_save_answer", saved)):
+            original = getattr(scheduler, name)
+            monkeypatch.setattr(scheduler, name, lambda sequence, original=original, calls=calls: calls.append(sequence.request.id) or original(sequence))
+        healthy = _run(scheduler, [_request("healthy", prompt)])[0]
+        assert len(healthy[0]) == 10 and "healthy" in saved
+        # its logits broken at the first token (the prefill's), then mid-stream (a decode step's)
+        for name, target in (("first", scheduler.prefill), ("middle", scheduler.llama)):
+            method = "logits" if name == "first" else "all_logits"
+            original, calls = getattr(target, method), []
+            monkeypatch.setattr(target, method, lambda *a, original=original, calls=calls: _nan_after(original(*a), calls, 3 if name == "middle" else 0))
+            tokens, end = _run(scheduler, [_request(name, prompt)])[0]
+            monkeypatch.setattr(target, method, original)
+            assert end == BROKEN and tokens == (healthy[0][:4] if name == "middle" else []), name
+            assert name not in saved, name  # its answer's rows
+            assert (name in kept) == (name == "middle"), name  # its prompt's rows, where they were numbers
+        assert _run(scheduler, [_request("again", prompt)])[0] == healthy  # and it serves on
+    finally:
+        scheduler.stop()
+
+
+def _nan_after(logits: np.ndarray, calls: list, steps: int) -> np.ndarray:
+    """The logits, NaN from call `steps` on."""
+    calls.append(1)
+    return np.full_like(logits, np.nan) if len(calls) > steps else logits

@@ -101,7 +101,7 @@ class SlotBatch(Rows):
             row = row_of.get(id(request)) if request is not None else None
             if row is None:
                 continue
-            self.last_tokens[row] = max(token, 0)  # NOT_A_NUMBER (its request ends) is never an input
+            self.last_tokens[row] = token  # NOT_A_NUMBER ends its request: decode() compacts the row away first
             if emit(request, token):
                 finished.append(row)
         self.finish(finished)

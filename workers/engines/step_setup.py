@@ -70,8 +70,9 @@ def fuse_rms_norms(model) -> int:
     """Every RMS norm of `model` whose forward is transformers' Llama one (the to-float32, pow,
     mean, rsqrt, two multiplies and back of Llama, Qwen2/3, Mistral and about 140 others) computed
     by torch's `rms_norm` instead, which CUDA runs as one kernel (`_fused_rms_norm`): a captured
-    decode step of SmolLM2-135M replays about 14 fewer kernels per layer. On CPU it is the same
-    arithmetic in float32 (identical results, and faster), and within one bf16 rounding in bf16.
+    decode step of SmolLM2-135M would replay about 14 fewer kernels per layer (counted on CPU,
+    where torch's rms_norm is itself composite). Results: bit for bit the same in float32 on CPU
+    (within float32 rounding on CUDA, which reduces in another order), within one rounding in bf16.
     Norms of other forwards (Gemma's 1 + weight, say) keep theirs. Returns how many it took."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 

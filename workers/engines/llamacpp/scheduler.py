@@ -265,15 +265,17 @@ class LlamaCppScheduler(KeptRows, Scheduler):
         if lone:
             self.prefill.forget(self._prefill_filler)
         for row, sequence in done:
-            logits = self.prefill.logits(row)
+            token = self._sample(sequence.request, self.prefill.logits(row))
+            kept = token != NOT_A_NUMBER  # a prompt whose logits are not numbers: its rows serve nobody
             if self.prefill is not self.llama:
-                self._keep_prefix(sequence)
+                if kept:
+                    self._keep_prefix(sequence)
                 kv_rows = self.prefill.move(sequence.seq, self.llama)
-                if self._saved is not None and sequence.in_order:  # rows out of order would round differently
+                if kept and self._saved is not None and sequence.in_order:  # rows out of order would round differently
                     self._saved.put(sequence.request.prompt_ids, kv_rows, sequence.request.cache_scope)
             with self._wake:
                 self._prefill_reserved -= sequence.prefill_cells
-            self._next(sequence, logits, finished)
+            self._take(sequence, token, finished)
 
     def _next(self, sequence: _Sequence, logits: np.ndarray, finished: list[_Sequence]) -> None:
         self._take(sequence, self._sample(sequence.request, logits), finished)
