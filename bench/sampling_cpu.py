@@ -7,7 +7,8 @@ sorted whole (`race_draw` below, the earlier code, as the baseline).
     .venv/bin/python bench/sampling_cpu.py [RESULT_JSON]
 
 Two tables. The draw alone: ms per step for 64 sampled rows, with temperature only, the
-deployment's defaults (temperature 0.95, top_p 0.8) and top_k 50, over the default model's own
+deployment's defaults (temperature 0.95, top_p 0.8), top_k 50 and top_k 1000 (past the
+candidates: drawn again from a partial sort of its best 1000), over the default model's own
 logits (49,152 tokens, 64 positions of its answers to the chat prompts), over them as wide as
 Qwen2.5's vocabulary (151,936: each token's logit three times and more), and over random logits
 as wide (flat: every top-p row is sorted whole, the worst case); and how many rows at the
@@ -39,7 +40,10 @@ from workers.engines.scheduling import BatchRequest  # noqa: E402
 from workers.engines.transformers_engine import TransformersEngine, resolve_source  # noqa: E402
 
 NOW = batch_sampling._draw
-SETTINGS = {"temperature 0.95": {"temperature": 0.95}, "defaults (0.95, top_p 0.8)": {"temperature": 0.95, "top_p": 0.8}, "top_k 50": {"top_k": 50}}
+SETTINGS = {
+    "temperature 0.95": {"temperature": 0.95}, "defaults (0.95, top_p 0.8)": {"temperature": 0.95, "top_p": 0.8},
+    "top_k 50": {"top_k": 50}, "top_k 1000": {"top_k": 1000},
+}
 STREAMS = (1, 8, 32)
 NEW_TOKENS = 32
 

@@ -77,31 +77,31 @@ def test_a_request_whose_logits_turn_nan_ends_with_an_error_and_the_others_are_w
     try:
         expected_mode = {"slots": "slots", "padded cache": "padded cache"}.get(mode, "slots, static buffers")
         assert scheduler.decode_mode.startswith(expected_mode)
-        with_policy = _request("policy", [4, poison, 3])
+        with_policy = request("policy", [4, poison, 3])
         greedy = SamplingParams(max_new_tokens=10, temperature=0, top_k=0, top_p=1.0, do_sample=False, repetition_penalty=1.3)
         with_policy.policy = TokenPolicy(greedy, with_policy.prompt_ids, 300, {})
-        broken = [_request("first", [4, poison, 3]), with_policy, _request("middle", middle)]
-        results = _run(scheduler, broken + [_seeded(healthy[0])] + [_request(f"healthy {i}", p) for i, p in enumerate(healthy[1:])])
+        broken = [request("first", [4, poison, 3]), with_policy, request("middle", middle)]
+        results = run(scheduler, broken + [_seeded(healthy[0])] + [request(f"healthy {i}", p) for i, p in enumerate(healthy[1:])])
         assert results[0] == ([], BROKEN) and results[1] == ([], BROKEN)
         assert results[2] == (answer[: answer.index(poison) + 1], BROKEN)  # the tokens before the failure were sent
         assert [tokens for tokens, end in results[4:]] == [references[tuple(p)] for p in healthy[1:]]
         assert all(end == ("done", "length") for _, end in results[3:])
         # the engine serves on, in the rows the broken requests left, with the same answers
-        assert _run(scheduler, [_request("again", healthy[0])])[0][0] == references[tuple(healthy[0])]
-        assert _run(scheduler, [_seeded(healthy[0])])[0] == results[3]
+        assert run(scheduler, [request("again", healthy[0])])[0][0] == references[tuple(healthy[0])]
+        assert run(scheduler, [_seeded(healthy[0])])[0] == results[3]
     finally:
         scheduler.stop()
 
 
-def _request(name: str, prompt: list[int]) -> BatchRequest:
+def request(name: str, prompt: list[int]) -> BatchRequest:
     return BatchRequest(id=name, prompt_ids=prompt, max_new_tokens=10, greedy=True)
 
 
 def _seeded(prompt: list[int]) -> BatchRequest:
-    return dataclasses.replace(_request("seeded", prompt), greedy=False, temperature=0.9, top_p=0.9, seed=11)
+    return dataclasses.replace(request("seeded", prompt), greedy=False, temperature=0.9, top_p=0.9, seed=11)
 
 
-def _run(scheduler, requests: list[BatchRequest]) -> list[tuple[list[int], tuple]]:
+def run(scheduler, requests: list[BatchRequest]) -> list[tuple[list[int], tuple]]:
     """Each request's tokens and how it ended, submitted together."""
     for request in requests:
         scheduler.submit(request)
@@ -114,38 +114,7 @@ def _run(scheduler, requests: list[BatchRequest]) -> list[tuple[list[int], tuple
     return results
 
 
-def test_the_llama_cpp_engine_ends_a_request_whose_logits_turn_nan_and_keeps_none_of_its_rows(django_db_setup, django_db_blocker, monkeypatch):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install builds it)")
-    from chat.models import Deployment
-    from workers.engines.llamacpp.engine import LlamaCppEngine
-
-    with django_db_blocker.unblock():
-        engine = LlamaCppEngine(Deployment.objects.get(name="default"))
-    scheduler = engine.scheduler
-    try:
-        prompt = engine.tokenizer("The capital of France is")["input_ids"]
-        kept, saved = [], []  # the rows it keeps for later requests, by way of these (spied, not replaced)
-        for name, calls in (("_keep_prefix", kept), ("_save_answer", saved)):
-            original = getattr(scheduler, name)
-            monkeypatch.setattr(scheduler, name, lambda sequence, original=original, calls=calls: calls.append(sequence.request.id) or original(sequence))
-        healthy = _run(scheduler, [_request("healthy", prompt)])[0]
-        assert len(healthy[0]) == 10 and "healthy" in saved
-        # its logits broken at the first token (the prefill's), then mid-stream (a decode step's)
-        for name, target in (("first", scheduler.prefill), ("middle", scheduler.llama)):
-            method = "logits" if name == "first" else "all_logits"
-            original, calls = getattr(target, method), []
-            monkeypatch.setattr(target, method, lambda *a, original=original, calls=calls: _nan_after(original(*a), calls, 3 if name == "middle" else 0))
-            tokens, end = _run(scheduler, [_request(name, prompt)])[0]
-            monkeypatch.setattr(target, method, original)
-            assert end == BROKEN and tokens == (healthy[0][:4] if name == "middle" else []), name
-            assert name not in saved, name  # its answer's rows
-            assert (name in kept) == (name == "middle"), name  # its prompt's rows, where they were numbers
-        assert _run(scheduler, [_request("again", prompt)])[0] == healthy  # and it serves on
-    finally:
-        scheduler.stop()
-
-
-def _nan_after(logits: np.ndarray, calls: list, steps: int) -> np.ndarray:
+def nan_after(logits: np.ndarray, calls: list, steps: int) -> np.ndarray:
     """The logits, NaN from call `steps` on."""
     calls.append(1)
     return np.full_like(logits, np.nan) if len(calls) > steps else logits

@@ -44,6 +44,9 @@ def engine(deployment):
     engine = LlamaCppEngine(deployment)
     yield engine
     engine.scheduler.stop()
+    if not engine.scheduler._thread.is_alive():  # its contexts' memory back before the suite's later engines (vLLM) load
+        for model in {id(m): m for m in (engine.scheduler.llama, engine.scheduler.prefill)}.values():
+            model.close()
 
 
 def greedy(n=24):
@@ -653,3 +656,28 @@ def test_decode_rows_fill_narrow_gaps_and_leave_wide_ones_to_a_second_pass(engin
     rows, fillers = engine.scheduler._decode_rows(running)
     assert fillers == [1]
     assert [(seq, wants) for _, _, seq, wants in rows] == [(0, True), (1, False), (2, True), (3, True), (wide, True)]
+
+
+def test_a_request_whose_logits_turn_nan_ends_with_an_error_and_none_of_its_rows_is_kept(engine, monkeypatch):
+    # the model's logits made NaN at the first token (the prefill's), then mid-stream (a decode
+    # step's); tests/workers/test_broken_logits.py has the transformers engine's cases
+    from tests.workers.test_broken_logits import BROKEN, nan_after, request, run
+
+    scheduler = engine.scheduler
+    prompt = engine.tokenizer("The capital of France is")["input_ids"]
+    kept, saved = [], []  # the rows it keeps for later requests, by way of these (spied, not replaced)
+    for name, calls in (("_keep_prefix", kept), ("_save_answer", saved)):
+        original = getattr(scheduler, name)
+        monkeypatch.setattr(scheduler, name, lambda sequence, original=original, calls=calls: calls.append(sequence.request.id) or original(sequence))
+    healthy = run(scheduler, [request("healthy", prompt)])[0]
+    assert len(healthy[0]) == 10 and "healthy" in saved
+    for name, target in (("first", scheduler.prefill), ("middle", scheduler.llama)):
+        method = "logits" if name == "first" else "all_logits"
+        original, calls = getattr(target, method), []
+        monkeypatch.setattr(target, method, lambda *a, original=original, calls=calls: nan_after(original(*a), calls, 3 if name == "middle" else 0))
+        tokens, end = run(scheduler, [request(name, prompt)])[0]
+        monkeypatch.setattr(target, method, original)
+        assert end == BROKEN and tokens == (healthy[0][:4] if name == "middle" else []), name
+        assert name not in saved, name  # its answer's rows
+        assert (name in kept) == (name == "middle"), name  # its prompt's rows, where they were numbers
+    assert run(scheduler, [request("again", prompt)])[0] == healthy  # and it serves on

@@ -650,6 +650,24 @@ def test_on_cpu_a_top_p_mass_past_the_candidates_sorts_that_row_whole_and_no_oth
     assert abs(below - expected) < 0.04, (below, expected)
 
 
+def test_on_cpu_a_top_k_past_the_candidates_draws_among_its_best_top_k_without_a_whole_sort():
+    # Near-flat odds over 1000 tokens: top_k 300 keeps tokens 0-299, past the best 256 but under a
+    # third of the row, so that row is drawn again from a partial sort of its best 300 (topk).
+    from torch.profiler import profile
+
+    flat = torch.arange(1000, dtype=torch.float32) * -0.002  # token 0 the likeliest, then 1, 2, ...
+    probs = flat[:300].softmax(-1)
+    generator = _generator()
+    with profile() as prof:
+        sample_rows([_row(top_k=300)], flat.unsqueeze(0), generator)
+    operators = {event.name for event in prof.events()}
+    assert "aten::topk" in operators and "aten::sort" not in operators
+    counts = Counter(sample_rows([_row(top_k=300)], flat.unsqueeze(0), generator)[0] for _ in range(2000))
+    assert max(counts) < 300 and max(counts) >= 256, max(counts)
+    past = sum(n for t, n in counts.items() if t >= 256) / 2000
+    assert abs(past - float(probs[256:].sum())) < 0.03, past
+
+
 def test_a_reused_slot_holds_zeros_past_its_request_not_the_last_ones_values():
     # Masked columns still enter the attention's sum as 0 x value: an inf left there would be NaN.
     cache = SlotCache(_tiny("llama"), torch.device("cpu"), torch.float32)

@@ -134,7 +134,7 @@ class BatchingScheduler(Scheduler):
             # step built 30 new graphs (bf16 ran 4x slower than fp32). Flash and memory-efficient
             # attention take any length.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.fused_norms = fuse_rms_norms(model)  # one kernel each on CUDA, not seven
+        self.fused_norms = fuse_rms_norms(model)  # one kernel each on CUDA, not eight
         self._unseeded = torch.Generator(device=self.device)  # for sampled rows that name no seed
         self._unseeded.seed()
         self._row_settings = RowSettings()  # the decode steps' sampled rows (a prefill's are its own)

@@ -67,11 +67,12 @@ def compile_wanted() -> bool:
 
 
 def fuse_rms_norms(model) -> int:
-    """Every RMS norm of `model` whose forward is transformers' Llama one (the to-float32, pow,
-    mean, rsqrt, two multiplies and back of Llama, Qwen2/3, Mistral and about 140 others) computed
-    by torch's `rms_norm` instead, which CUDA runs as one kernel (`_fused_rms_norm`): a captured
-    decode step of SmolLM2-135M would replay about 14 fewer kernels per layer (counted on CPU,
-    where torch's rms_norm is itself composite). Results: bit for bit the same in float32 on CPU
+    """Every RMS norm of `model` whose forward is transformers' Llama one (eight operators: to
+    float32, pow, mean, add, rsqrt, two multiplies and back; Llama, Qwen2/3, Mistral and about 140
+    others) computed by torch's `rms_norm` instead, which CUDA runs as one kernel
+    (`_fused_rms_norm`): a captured decode step of SmolLM2-135M would replay about 14 fewer
+    kernels per layer (counted on CPU, where torch's rms_norm is itself composite, as if it were
+    one kernel there too). Results: bit for bit the same in float32 on CPU
     (within float32 rounding on CUDA, which reduces in another order), within one rounding in bf16.
     Norms of other forwards (Gemma's 1 + weight, say) keep theirs. Returns how many it took."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
