@@ -1,6 +1,8 @@
 """A request whose logits are not numbers (NaN weights, a float16 overflow) ends with a clear error,
 at its first token or mid-stream, and the requests beside it are whole: in the transformers engine
-(slots, the static path one step ahead, the padded cache) and in the llama.cpp engine's choice."""
+(slots, the static path one step ahead, the padded cache) and in the llama.cpp engine's choice of
+tokens. The llama.cpp engine itself is tested in test_llamacpp_engine.py, on the one engine that
+module shares (a second one would hold its contexts' memory for the rest of the suite)."""
 
 import dataclasses
 
@@ -103,12 +105,12 @@ def _seeded(prompt: list[int]) -> BatchRequest:
 
 def run(scheduler, requests: list[BatchRequest]) -> list[tuple[list[int], tuple]]:
     """Each request's tokens and how it ended, submitted together."""
-    for request in requests:
-        scheduler.submit(request)
+    for sent in requests:
+        scheduler.submit(sent)
     results = []
-    for request in requests:
+    for sent in requests:
         tokens = []
-        while (item := request.out.get(timeout=60))[0] == "token":
+        while (item := sent.out.get(timeout=60))[0] == "token":
             tokens.append(item[1])
         results.append((tokens, item))
     return results
