@@ -273,7 +273,7 @@ class BatchingScheduler(Scheduler):
 
     def _join(self, cache, pads, group, logits) -> None:
         first = self._sample_rows(group, logits)
-        self._batch.add_group(cache, pads, group, [max(token, 0) for token in first])  # NOT_A_NUMBER is never an input
+        self._batch.add_group(cache, pads, group, first)
         offset = len(self._batch.requests) - len(group)
         self._batch.finish([offset + i for i, (r, t) in enumerate(zip(group, first)) if self._emit(r, t)])
 
@@ -289,7 +289,7 @@ class BatchingScheduler(Scheduler):
         for row, (request, token) in enumerate(zip(batch.requests, tokens)):
             if request is None:
                 continue
-            batch.last_tokens[row] = max(token, 0)  # a dead row is decoded until compacted: never NOT_A_NUMBER
+            batch.last_tokens[row] = token
             if self._emit(request, token):
                 finished.append(row)
         batch.finish(finished)
@@ -310,7 +310,8 @@ class BatchingScheduler(Scheduler):
 
     def _decode_padded(self, batch: _Batch) -> torch.Tensor:
         width = batch.width
-        ids = torch.tensor(batch.last_tokens, device=self.device).unsqueeze(1)
+        # a dead row is decoded until compacted: its NOT_A_NUMBER (a broken row's end) goes in as 0
+        ids = torch.tensor([max(token, 0) for token in batch.last_tokens], device=self.device).unsqueeze(1)
         # Built in one piece: on a GPU every small op is a kernel launch, and a decode step of a
         # small model is bound by launches, not by the GPU's arithmetic.
         pads = torch.tensor(batch.pads, device=self.device).unsqueeze(1)
