@@ -32,9 +32,14 @@ class _Wait:
         await self.subscription.close()
 
 
-async def embed(texts: list[str], *, timeout: float | None = None) -> tuple[list[list[float]], int]:
+def new_id() -> str:
+    """An embeddings call's id: its request row, its worker task and its event stream all carry it."""
+    return str(uuid.uuid4())
+
+
+async def embed(texts: list[str], *, request_id: str | None = None, timeout: float | None = None) -> tuple[list[list[float]], int]:
     """Unit-length vectors of the site's embedding model for `texts`, and the tokens they took."""
-    request_id = str(uuid.uuid4())
+    request_id = request_id or new_id()
     subscription = await events.Subscription(request_id).open()
     try:
         await sync_to_async(producer.send)(
@@ -50,9 +55,10 @@ async def embed(texts: list[str], *, timeout: float | None = None) -> tuple[list
     return answer
 
 
-def log_embedding(*, token, texts: list[str], model: str, tokens: int | None, error: str) -> None:
+def log_embedding(*, request_id: str, token, texts: list[str], model: str, tokens: int | None, error: str) -> None:
     """Store an embeddings call as a request row, like every generation (no deployment: the embedding model)."""
     lifecycle.record_done(
+        request_id=request_id,
         user=token.user,
         token=token,
         protocol="openai",

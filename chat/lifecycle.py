@@ -54,11 +54,12 @@ def record(*, request_id, user, token, deployment, protocol: str, prompt: str, s
     )
 
 
-def record_done(*, user, token, protocol: str, prompt: str, params: dict, prompt_tokens: int | None, error: str) -> RequestLog:
+def record_done(*, request_id: str, user, token, protocol: str, prompt: str, params: dict, prompt_tokens: int | None, error: str) -> RequestLog:
     """A request answered at once, stored as it ended (an embeddings call: ok, or error)."""
     now = timezone.now()
     with transaction.atomic():
         row = RequestLog.objects.create(
+            id=request_id,
             user=user,
             token=token,
             protocol=protocol,

@@ -129,7 +129,7 @@ async def completions(request, response: HttpResponse, body: wire.CompletionRequ
 
 
 @router.post("/v1/embeddings", response={200: wire.EmbeddingList, **ERRORS}, summary="Embeddings")
-async def create_embeddings(request, body: wire.EmbeddingRequest):
+async def create_embeddings(request, response: HttpResponse, body: wire.EmbeddingRequest):
     name = selectors.embedding_model_name(body.model)
     if body.dimensions is not None and body.dimensions != settings.EMBEDDING_DIMENSIONS:
         raise InvalidRequest(
@@ -138,12 +138,14 @@ async def create_embeddings(request, body: wire.EmbeddingRequest):
     texts = body.texts()
     await services.edge(lambda: quotas.check(user=request.auth.user))  # embeddings' tokens count too
     await services.edge(ratelimits.admit, token=request.auth)
+    log = {"request_id": embeddings.new_id(), "token": request.auth, "texts": texts, "model": name}
     try:
-        vectors, tokens = await embeddings.embed(texts)
+        vectors, tokens = await embeddings.embed(texts, request_id=log["request_id"])
     except ApiError as exc:
-        await services.edge(embeddings.log_embedding, token=request.auth, texts=texts, model=name, tokens=None, error=exc.message)
+        await services.edge(embeddings.log_embedding, **log, tokens=None, error=exc.message)
         raise
     await ratelimits.record_tokens(token=request.auth, tokens=tokens)
-    await services.edge(embeddings.log_embedding, token=request.auth, texts=texts, model=name, tokens=tokens, error="")
+    await services.edge(embeddings.log_embedding, **log, tokens=tokens, error="")
+    response["X-Request-Id"] = log["request_id"]
     data = [wire.Embedding(index=i, embedding=wire.encode_embedding(v, body.encoding_format)) for i, v in enumerate(vectors)]
     return wire.EmbeddingList(data=data, model=name, usage=wire.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))

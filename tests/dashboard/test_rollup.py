@@ -4,6 +4,7 @@ end at once, never counting a request twice, and rebuilt from the rows to the sa
 import datetime
 import io
 import threading
+import uuid
 
 from django.core.management import call_command
 from django.db import connection
@@ -91,8 +92,8 @@ def test_a_refused_second_end_is_not_counted_again(seed):
 
 
 def test_an_embeddings_call_is_counted_as_it_is_recorded(user):
-    ok = lifecycle.record_done(user=user, token=None, protocol="embeddings", prompt="x", params={}, prompt_tokens=6, error="")
-    lifecycle.record_done(user=user, token=None, protocol="embeddings", prompt="y", params={}, prompt_tokens=None, error="too long")
+    ok = lifecycle.record_done(request_id=str(uuid.uuid4()), user=user, token=None, protocol="embeddings", prompt="x", params={}, prompt_tokens=6, error="")
+    lifecycle.record_done(request_id=str(uuid.uuid4()), user=user, token=None, protocol="embeddings", prompt="y", params={}, prompt_tokens=None, error="too long")
     day = ok.queued_at.date()  # UTC: the site's time zone
     rows = DailyUsage.objects.filter(user=user, day=day).values_list("deployment_id", "status", "requests", "prompt_tokens")
     assert set(rows) == {(None, "ok", 1, 6), (None, "error", 1, 0)}

@@ -16,7 +16,8 @@ TEXTS = ["a cat sat", "a kitten was sitting", "tax law reform"]
 
 
 def test_vectors_rank_by_meaning_and_equal_the_worker_function(client, user):
-    result = client.embeddings.create(model="default", input=TEXTS)  # the client asks for base64
+    raw = client.embeddings.with_raw_response.create(model="default", input=TEXTS)  # the client asks for base64
+    result = raw.parse()
     vectors = np.array([item.embedding for item in result.data])
     assert vectors.shape == (3, settings.EMBEDDING_DIMENSIONS)
     assert vectors[0] @ vectors[1] > vectors[2] @ vectors[1]
@@ -30,6 +31,7 @@ def test_vectors_rank_by_meaning_and_equal_the_worker_function(client, user):
 
     row = RequestLog.objects.get(user=user)
     assert row.protocol == "openai" and row.status == RequestLog.Status.OK and row.prompt_tokens == tokens
+    assert str(row.id) == raw.headers["X-Request-Id"]  # the row, the worker's task and the stream: one id
 
 
 def test_float_format_and_the_model_own_name(stack, token):
