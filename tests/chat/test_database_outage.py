@@ -4,6 +4,7 @@ The outage gets a PostgreSQL of its own (the suite's stays up): a site (worker +
 database in a temporary folder, whose server the test stops and starts again.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -23,15 +24,21 @@ from tests.conftest import BASE_DIR, Process, start_web, wait_for_log
 
 
 def start_database(data_dir: Path) -> subprocess.Popen:
-    """The launcher's embedded PostgreSQL for `data_dir`, held until SIGINT (which stops it)."""
-    env = {**os.environ, "LLMSITE_DATA_DIR": str(data_dir), "REDIS_URL": settings.REDIS_URL}
+    """The launcher's embedded PostgreSQL for `data_dir`, held until SIGINT (which stops it).
+
+    Its output goes to launcher.log beside the data; PYTHONFAULTHANDLER lets a stop that hangs
+    be shown: SIGABRT then writes every thread's stack there (`stop_database`)."""
+    env = {**os.environ, "LLMSITE_DATA_DIR": str(data_dir), "REDIS_URL": settings.REDIS_URL, "PYTHONFAULTHANDLER": "1"}
     env.pop("DATABASE_URL", None)
     services = data_dir / "services.json"
     services.unlink(missing_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmsite.launcher", "services", "--", "sleep", "3600"],
-        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "launcher.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmsite.launcher", "services", "--", "sleep", "3600"],
+            cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    process.data_dir = data_dir
     deadline = time.monotonic() + 60
     while not services.exists():
         assert process.poll() is None and time.monotonic() < deadline, "the database did not start"
@@ -41,7 +48,28 @@ def start_database(data_dir: Path) -> subprocess.Popen:
 
 def stop_database(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGINT)
-    process.wait(60)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the launcher did not stop its PostgreSQL within 60 s after SIGINT:\n{_hung_stop(process)}")
+
+
+def _hung_stop(process: subprocess.Popen) -> str:
+    """What a stop that hangs was doing (the launcher's stacks, the processes, PostgreSQL's log
+    tail); the launcher is aborted and its server stopped, so that nothing outlives the test."""
+    pgdata = process.data_dir / "postgres"
+    pidfile = pgdata / "postmaster.pid"
+    postmaster = int(pidfile.read_text().split()[0]) if pidfile.exists() else process.pid
+    pids = f"{process.pid},{postmaster}"
+    tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,args", "--ppid", pids, "-p", pids], capture_output=True, text=True).stdout
+    process.send_signal(signal.SIGABRT)  # the faulthandler writes the stacks, then the process dies
+    process.wait(30)
+    if postmaster != process.pid:
+        with contextlib.suppress(OSError):
+            os.kill(postmaster, signal.SIGINT)  # PostgreSQL's fast shutdown
+    launcher = (process.data_dir / "launcher.log").read_text(errors="replace")[-6000:]
+    server = (pgdata / "log").read_text(errors="replace")[-3000:] if (pgdata / "log").exists() else "(no log)"
+    return f"processes:\n{tree}\nlauncher:\n{launcher}\npostgresql:\n{server}"
 
 
 def manage(env, *args) -> str:
