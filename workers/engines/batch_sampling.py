@@ -64,16 +64,23 @@ class RowSettings:
     def of(self, rows: list[int], requests: list[BatchRequest], logits: torch.Tensor):
         device, vocab = logits.device, logits.shape[-1]
         same = rows == self._rows and len(requests) == len(self._requests) and all(a is b for a, b in zip(requests, self._requests))
-        if same and vocab == self._vocab and self._kept.index.device == device:
+        if same and vocab == self._vocab and self._kept.index.device == device and _in_step(self._kept):
             return self._kept
         filtering = [i for i, r in enumerate(requests) if 0 < r.top_k < vocab or r.top_p < 1.0]
+        seeded = [i for i, r in enumerate(requests) if r.seed is not None]
         kept = SimpleNamespace(
             index=to_device(device, rows),
             temperature=to_device(device, [r.temperature or 1.0 for r in requests], torch.float32).unsqueeze(1),
             plain=_part(device, sorted(set(range(len(requests))) - set(filtering)), len(requests)),
             filtered=_part(device, filtering, len(requests)),
             top_k=None, top_p=None, columns=None,
+            seeded=_part(device, seeded, len(requests)),
+            seeded_requests=[requests[i] for i in seeded],
         )
+        if seeded:  # their numbers drawn ahead, and how many each has used (_seeded_draws)
+            kept.draws = _pinned(torch.stack([r.draws for r in kept.seeded_requests]), device).to(device, non_blocking=True)
+            kept.drawn = to_device(device, [r.drawn for r in kept.seeded_requests]).unsqueeze(1)
+            kept.host_drawn = [r.drawn for r in kept.seeded_requests]
         if filtering:
             chosen = [requests[i] for i in filtering]
             kept.top_k = to_device(device, [r.top_k if 0 < r.top_k < vocab else vocab for r in chosen]).unsqueeze(1)
@@ -100,10 +107,12 @@ def _draw(requests: list[BatchRequest], logits: torch.Tensor, generator: torch.G
     top_k, or its whole row sorted where it has no top-k or one past a third of the row."""
     scores = logits.float() / kept.temperature
     # float64: a float32 number could never fall on a token of probability under about 3e-8
-    uniform = torch.rand((len(requests), 1), generator=generator, device=logits.device, dtype=torch.float64)
-    for row, request in enumerate(requests):
-        if request.seed is not None:
-            uniform[row].uniform_(generator=request.generator)
+    if isinstance(kept.seeded, slice):  # every row seeded
+        uniform = _seeded_draws(kept)
+    else:
+        uniform = torch.rand((len(requests), 1), generator=generator, device=logits.device, dtype=torch.float64)
+        if kept.seeded is not None:
+            uniform.index_copy_(0, kept.seeded, _seeded_draws(kept))
     choice = torch.empty(len(requests), dtype=torch.long, device=logits.device)
     if kept.plain is not None:
         choice[kept.plain] = _pick(scores[kept.plain].softmax(-1), uniform[kept.plain])
@@ -156,12 +165,53 @@ def _pick(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.where(probs.gather(1, choice.unsqueeze(1)).squeeze(1) > 0, choice, probs.argmax(-1))
 
 
+def _seeded_draws(kept) -> torch.Tensor:
+    """The seeded rows' next uniform numbers ([seeded, 1], float64): one gather from the numbers
+    they drew ahead, however many rows are seeded (a draw from each row's own generator was a
+    kernel launch a row, each step). A row that has used its DRAWS numbers draws the next ones on
+    the host, copied into its place without waiting for the device."""
+    numbers = kept.draws.gather(1, kept.drawn)
+    kept.drawn.add_(1)
+    for row, request in enumerate(kept.seeded_requests):
+        request.drawn += 1
+        kept.host_drawn[row] = request.drawn
+        if request.drawn == DRAWS:
+            _draw_ahead(request)
+            kept.draws[row].copy_(_pinned(request.draws, kept.draws.device), non_blocking=True)
+            kept.drawn[row] = 0
+            kept.host_drawn[row] = 0
+    return numbers
+
+
+def _in_step(kept) -> bool:
+    """Whether the kept settings' seeded rows have used no numbers elsewhere since (their counts
+    on the device are still theirs)."""
+    return all(r.drawn == n for r, n in zip(kept.seeded_requests, getattr(kept, "host_drawn", ())))
+
+
+def _pinned(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` in pinned memory where it goes to a GPU (copied without waiting for its queue)."""
+    return host.pin_memory() if device.type == "cuda" else host
+
+
+DRAWS = 256  # the uniform numbers a seeded request draws ahead at a time
+
+
+def _draw_ahead(request: BatchRequest) -> None:
+    request.draws = torch.rand(DRAWS, generator=request.generator, dtype=torch.float64)
+    request.drawn = 0
+
+
 def start_sampling(request: BatchRequest, device) -> None:
-    """The request's random generator, seeded where it names a seed."""
-    request.generator = torch.Generator(device=device)
+    """The request's random generator: a seeded one on the host, drawing its numbers DRAWS at a
+    time ahead (the same numbers on every device, whatever the request's neighbours), the others
+    on `device`."""
     if request.seed is not None:
+        request.generator = torch.Generator()
         request.generator.manual_seed(request.seed)
+        _draw_ahead(request)
     else:
+        request.generator = torch.Generator(device=device)
         request.generator.seed()
 
 
