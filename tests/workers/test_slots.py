@@ -216,16 +216,16 @@ def test_every_batch_bucket_is_captured_at_load_and_none_while_serving(monkeypat
         scheduler.stop()
 
 
-def test_a_stream_that_outgrows_the_first_width_keeps_only_its_own_rows(monkeypatch):
-    # Warm-up made the buffers 8 rows tall; when the columns double, the idle rows are not copied
-    # (at 8k columns they would hold gigabytes on a 1B model).
+def test_a_stream_that_outgrows_the_first_width_keeps_the_rows_that_fit_in_the_same_bytes(monkeypatch):
+    # Warm-up made the buffers 8 rows tall; when the columns double, 4 rows fit in the bytes they
+    # had (not 8: at 8k columns every idle row as wide would hold gigabytes on a 1B model).
     scheduler = _static(monkeypatch, ahead=True)
     try:
         decoder = scheduler.decoder
         assert (decoder.cache.rows, decoder.cache.columns) == (8, 256)
         prompt = [(3 * i + 1) % 300 for i in range(250)]
         assert _ask_one(scheduler, prompt, 12) == _greedy_without_cache(_tiny("llama"), prompt, 12)
-        assert (decoder.cache.rows, decoder.cache.columns) == (1, 512)
+        assert (decoder.cache.rows, decoder.cache.columns) == (4, 512)
         assert decoder.capture_failures == 0
     finally:
         scheduler.stop()
@@ -410,6 +410,10 @@ def test_growing_columns_keeps_the_rows_asked_for_and_their_values():
     assert all(float(layer[1, :, 3:].abs().sum()) == 0 and float(layer[0].abs().sum()) == 0 for layer in cache.values)
     assert cache.ensure(3, 64) and (cache.rows, cache.columns) == (4, 64)
     assert all(float(layer[1, :, :3].min()) == 5.0 for layer in cache.values)
+    assert cache.ensure(1, 128) and (cache.rows, cache.columns) == (2, 128), "the rows that fit in the bytes it had"
+    assert all(float(layer[1, :, :3].min()) == 5.0 for layer in cache.values)
+    assert not cache.ensure(2, 100), "a row joining after the widening finds room"
+    assert cache.ensure(1, 2048) and (cache.rows, cache.columns) == (1, 2048), "never fewer than asked for"
 
 
 def _answers(scheduler: BatchingScheduler, plan: list[dict]) -> list[list[int]]:

@@ -35,16 +35,18 @@ class SlotCache:
     def ensure(self, rows: int, columns: int) -> bool:
         """Grow the buffers (doubling) to hold `rows` x `columns`; True when they moved. Rows past
         `rows` hold no running request (the caller's rows are 0..rows-1), so when the columns grow
-        only `rows` rows are kept: one long request does not make every idle row as wide."""
+        only as many rows are kept as fit in the bytes the buffers had, and at least `rows`: one
+        long request does not make every idle row as wide, and rows that join after it find room
+        without the buffers moving (and the graphs over them being captured) again."""
         if rows <= self.rows and columns <= self.columns:
             return False
         new_rows, new_columns = max(self.rows, 1), max(self.columns, 16)
-        if columns > self.columns:
-            new_rows = max(rows, 1)
-        while new_rows < rows:
-            new_rows *= 2
         while new_columns < columns:
             new_columns *= 2
+        if columns > self.columns:
+            new_rows = max(rows, 1, self.rows * self.columns // new_columns)
+        while new_rows < rows:
+            new_rows *= 2
         shape = (new_rows, self.kv_heads, new_columns, self.head_dim)
         self.generation += 1  # first: a failed allocation below must not leave graphs over freed buffers
         for buffers in (self.keys, self.values):

@@ -12,7 +12,8 @@ captured once per (batch bucket, width bucket) as a CUDA graph over static input
 replayed: one copy in, one replay, and the sampled tokens' one copy out, which the host reads
 only after launching the next step (slot_batch.py). Buckets bound the captures: every batch
 bucket at the first width is captured at load (`warm`), over buffers as tall as the engine's
-batch; when a request outgrows that width the buffers widen and keep only the rows in use. A
+batch; when a request outgrows that width the buffers widen and keep the rows that fit in the
+bytes they had (at least the rows in use: slot_cache.py). A
 (batch bucket, width bucket) met after that is captured when first met and again only after the
 buffers grow (by doubling), never once per new sequence length. A step that cannot be captured
 runs eagerly from then on (logged, counted). With `compile` the captured step is torch.compile's
