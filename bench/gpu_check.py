@@ -65,7 +65,7 @@ from transformers.integrations import sdpa_attention  # noqa: E402
 from workers.engines.batching import BatchingScheduler  # noqa: E402
 from workers.engines.scheduling import BatchRequest  # noqa: E402
 from workers.engines.slots import MIN_WIDTH  # noqa: E402
-from workers.engines.step_setup import plain_rms_norms, use_packed_sdpa  # noqa: E402
+from workers.engines.step_setup import plain_rms_norms, plain_rotary, use_packed_sdpa  # noqa: E402
 
 # Llama-3.2-1B's config.json, by hand (no model hub on the GPU machine)
 LLAMA_1B = dict(
@@ -192,6 +192,7 @@ def replay_ms(decoder, rows: int, repeats: int = 50) -> float | None:
 _VIEWS = {f"aten::{name}" for name in (
     "slice", "select", "unsqueeze", "squeeze", "view", "reshape", "transpose", "_unsafe_view", "expand", "as_strided",
     "t", "permute", "unflatten", "flatten", "alias", "detach", "empty", "empty_strided", "empty_like", "lift_fresh",
+    "split", "split_with_sizes", "chunk", "unbind", "narrow",
 )}
 
 
@@ -329,6 +330,7 @@ def measure(name, config, batch, report, quick, device, compiled=False):
     entry["engine_load_s"] = round(time.perf_counter() - loading, 2)  # the slot check and the captures (and compiles)
     entry["decode_mode"] = scheduler.decode_mode
     entry["fused_rms_norms"] = scheduler.fused_norms
+    entry["fused_rotary"] = scheduler.fused_rotary
     decoder = scheduler.decoder
     entry["graph_captures_at_load"] = decoder.captures if decoder is not None else 0
     step = decoder.compiled if decoder is not None else None
@@ -366,6 +368,7 @@ def measure(name, config, batch, report, quick, device, compiled=False):
             entry["compiled_at_end"] = decoder.compiled is not None
     scheduler.stop()
     plain_rms_norms(model)  # transformers' loops as they come
+    plain_rotary()
     for streams in (1, many) if not compiled else ():
         part = batch[:streams]
         entry[f"generate_tok_s_{streams}"] = round(generate_rate(model, part, new_tokens), 1)

@@ -34,7 +34,7 @@ from workers.engines.graphs import to_device
 from workers.engines.scheduling import NOT_A_NUMBER, BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
 from workers.engines.slots import SlotDecoder
-from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, fuse_rms_norms, slot_support, text_config
+from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, fuse_rms_norms, fuse_rotary, slot_support, text_config
 
 __all__ = ["BatchRequest", "BatchingScheduler"]
 
@@ -135,6 +135,7 @@ class BatchingScheduler(Scheduler):
             # attention take any length.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.fused_norms = fuse_rms_norms(model)  # one kernel each on CUDA, not eight
+        self.fused_rotary = fuse_rotary(model)  # six kernels a layer, not ten
         self._unseeded = torch.Generator(device=self.device)  # for sampled rows that name no seed
         self._unseeded.seed()
         self._row_settings = RowSettings()  # the decode steps' sampled rows (a prefill's are its own)

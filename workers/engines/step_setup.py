@@ -77,11 +77,9 @@ def fuse_rms_norms(model) -> int:
     Norms of other forwards (Gemma's 1 + weight, say) keep theirs. Returns how many it took."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    plain = LlamaRMSNorm.forward.__code__
     fused = 0
     for module in model.modules():
-        code = getattr(type(module).forward, "__code__", None)
-        same = code is not None and (code.co_code, code.co_consts, code.co_names) == (plain.co_code, plain.co_consts, plain.co_names)
+        same = _same_code(type(module).forward, LlamaRMSNorm.forward)
         if same and "forward" not in vars(module) and isinstance(getattr(module, "weight", None), torch.Tensor):
             module.forward = _fused_rms_norm.__get__(module)
             fused += 1
@@ -99,6 +97,65 @@ def _fused_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if hidden_states.dtype != self.weight.dtype or self.weight.dim() != 1:  # as transformers computes it
         return type(self).forward(self, hidden_states)
     return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+_PLAIN_ROTARY: dict[str, object] = {}  # modeling module -> its own apply_rotary_pos_emb, while fused
+
+
+def fuse_rotary(model) -> list[str]:
+    """Every modeling module of `model` whose `apply_rotary_pos_emb` and `rotate_half` are
+    transformers' Llama ones (Llama, Qwen2/3, Mistral and most others) made to rotate the query
+    and key heads together (`_fused_rotary`): six kernels a layer instead of ten, bit for bit the
+    same. transformers' attention calls the function of its module by name, so this is process
+    wide: every model of those modules, in this process, from now on (`plain_rotary` undoes it).
+    Returns the modules' names."""
+    import sys
+
+    from transformers.models.llama import modeling_llama
+
+    reference = _PLAIN_ROTARY.get(modeling_llama.__name__, modeling_llama.apply_rotary_pos_emb)
+    fused = []
+    for name in sorted({type(module).__module__ for module in model.modules()}):
+        source = sys.modules.get(name)
+        own = getattr(source, "apply_rotary_pos_emb", None)
+        if own is _fused_rotary:
+            fused.append(name)
+        elif _same_code(own, reference) and _same_code(getattr(source, "rotate_half", None), modeling_llama.rotate_half):
+            _PLAIN_ROTARY[name] = own
+            source.apply_rotary_pos_emb = _fused_rotary
+            fused.append(name)
+    return fused
+
+
+def plain_rotary() -> None:
+    """Undo `fuse_rotary` everywhere (the GPU bench measures transformers' own loops)."""
+    import sys
+
+    for name, own in _PLAIN_ROTARY.items():
+        sys.modules[name].apply_rotary_pos_emb = own
+    _PLAIN_ROTARY.clear()
+
+
+def _same_code(function, reference) -> bool:
+    code, plain = getattr(function, "__code__", None), reference.__code__
+    return code is not None and (code.co_code, code.co_consts, code.co_names) == (plain.co_code, plain.co_consts, plain.co_names)
+
+
+def _fused_rotary(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' Llama `apply_rotary_pos_emb` (x * cos + rotate_half(x) * sin) over the query
+    and key heads at once: one concatenation, then each operator once for both (the same
+    arithmetic, element by element). The results are views of one tensor."""
+    heads = unsqueeze_dim
+    if q.dtype != k.dtype or q.shape[:heads] != k.shape[:heads] or q.shape[heads + 1 :] != k.shape[heads + 1 :]:
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        cos, sin = cos.unsqueeze(heads), sin.unsqueeze(heads)
+        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    both = torch.cat((q, k), dim=heads)
+    half = both.shape[-1] // 2
+    rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
+    out = (both * cos.unsqueeze(heads)) + (rotated * sin.unsqueeze(heads))
+    return out.split((q.shape[heads], k.shape[heads]), dim=heads)
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
