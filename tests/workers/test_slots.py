@@ -410,9 +410,15 @@ def test_growing_columns_keeps_the_rows_asked_for_and_their_values():
     assert all(float(layer[1, :, 3:].abs().sum()) == 0 and float(layer[0].abs().sum()) == 0 for layer in cache.values)
     assert cache.ensure(3, 64) and (cache.rows, cache.columns) == (4, 64)
     assert all(float(layer[1, :, :3].min()) == 5.0 for layer in cache.values)
-    assert cache.ensure(1, 128) and (cache.rows, cache.columns) == (2, 128), "the rows that fit in the bytes it had"
+    assert cache.ensure(2, 128) and (cache.rows, cache.columns) == (2, 128)
     assert all(float(layer[1, :, :3].min()) == 5.0 for layer in cache.values)
-    assert not cache.ensure(2, 100), "a row joining after the widening finds room"
+    assert cache.ensure(1, 256) and (cache.rows, cache.columns) == (1, 256)
+    assert cache.ensure(3, 256) and (cache.rows, cache.columns) == (4, 256)
+    for layer in range(cache.layers):
+        cache.store(1, layer, torch.full((cache.kv_heads, 3, cache.head_dim), 2.0), torch.full((cache.kv_heads, 3, cache.head_dim), 5.0))
+    assert cache.ensure(1, 512) and (cache.rows, cache.columns) == (2, 512), "the rows that fit in the bytes it had"
+    assert all(float(layer[1].abs().sum()) == 0 for layer in cache.values), "row 1 held nobody's keys: not copied"
+    assert not cache.ensure(2, 300), "a row joining after the widening finds room"
     assert cache.ensure(1, 2048) and (cache.rows, cache.columns) == (1, 2048), "never fewer than asked for"
 
 

@@ -118,6 +118,22 @@ def test_the_fused_rotary_is_transformers_arithmetic_bit_for_bit(dtype, layout):
     assert torch.equal(_fused_rotary(q, mixed, cos, sin, unsqueeze_dim=layout)[1], expected)
 
 
+def test_shapes_the_fused_rotary_does_not_join_are_computed_as_transformers_does():
+    from transformers.models.llama import modeling_llama
+
+    plain_rotary()  # transformers' own, as the module has it
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 4, 8)  # [batch, positions, heads, dim]
+    angles = torch.randn(5, 8)
+    cases = [
+        (q, k, angles.cos(), angles.sin(), 1),  # cos of a lower rank (no batch axis): joining along axis 1 would mix positions
+        (q, k, torch.randn(2, 5, 4), torch.randn(2, 5, 4), -1),  # broadcast over the last axis
+    ]
+    for case in cases:
+        expected, got = modeling_llama.apply_rotary_pos_emb(*case), _fused_rotary(*case)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_a_model_of_another_rotary_arithmetic_keeps_its_own():
     model = _tiny("glm", head_dim=16, pad_token_id=0)  # interleaved rotate_half
     assert fuse_rotary(model) == []

@@ -53,7 +53,10 @@ class RowSettings:
     batch), temperature ([rows, 1]); plain and filtered: which of them keep every token and which
     filter (top-k, top-p), each an index, all of them (slice(None)) or None (none); and for the
     filtered ones top_k and top_p ([filtered, 1]: the vocabulary's size and 2.0 where a row has
-    none) and columns (0..vocab-1)."""
+    none) and columns (0..vocab-1); seeded (an index, as plain) and seeded_requests, and where
+    there are any, draws ([seeded, DRAWS], their numbers drawn ahead), drawn ([seeded, 1], how
+    many each has used) and host_drawn (the same counts on the host, with the blocks they count
+    in: `_in_step`)."""
 
     def __init__(self):
         self._rows: list[int] = []
@@ -80,7 +83,7 @@ class RowSettings:
         if seeded:  # their numbers drawn ahead, and how many each has used (_seeded_draws)
             kept.draws = _pinned(torch.stack([r.draws for r in kept.seeded_requests]), device).to(device, non_blocking=True)
             kept.drawn = to_device(device, [r.drawn for r in kept.seeded_requests]).unsqueeze(1)
-            kept.host_drawn = [r.drawn for r in kept.seeded_requests]
+            kept.host_drawn = [(r.drawn, r.draws) for r in kept.seeded_requests]
         if filtering:
             chosen = [requests[i] for i in filtering]
             kept.top_k = to_device(device, [r.top_k if 0 < r.top_k < vocab else vocab for r in chosen]).unsqueeze(1)
@@ -168,25 +171,31 @@ def _pick(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 def _seeded_draws(kept) -> torch.Tensor:
     """The seeded rows' next uniform numbers ([seeded, 1], float64): one gather from the numbers
     they drew ahead, however many rows are seeded (a draw from each row's own generator was a
-    kernel launch a row, each step). A row that has used its DRAWS numbers draws the next ones on
-    the host, copied into its place without waiting for the device."""
+    kernel launch a row, each step). Rows that have used their DRAWS numbers draw the next ones
+    on the host, copied into their places together without waiting for the device."""
     numbers = kept.draws.gather(1, kept.drawn)
     kept.drawn.add_(1)
+    refill = []
     for row, request in enumerate(kept.seeded_requests):
         request.drawn += 1
-        kept.host_drawn[row] = request.drawn
         if request.drawn == DRAWS:
             _draw_ahead(request)
-            kept.draws[row].copy_(_pinned(request.draws, kept.draws.device), non_blocking=True)
-            kept.drawn[row] = 0
-            kept.host_drawn[row] = 0
+            refill.append(row)
+        kept.host_drawn[row] = (request.drawn, request.draws)
+    if refill:
+        device = kept.draws.device
+        rows = to_device(device, refill)
+        fresh = _pinned(torch.stack([kept.seeded_requests[row].draws for row in refill]), device)
+        kept.draws.index_copy_(0, rows, fresh.to(device, non_blocking=True))
+        kept.drawn.index_fill_(0, rows, 0)
     return numbers
 
 
 def _in_step(kept) -> bool:
     """Whether the kept settings' seeded rows have used no numbers elsewhere since (their counts
     on the device are still theirs)."""
-    return all(r.drawn == n for r, n in zip(kept.seeded_requests, getattr(kept, "host_drawn", ())))
+    held = getattr(kept, "host_drawn", ())
+    return all(r.drawn == drawn and r.draws is block for r, (drawn, block) in zip(kept.seeded_requests, held))
 
 
 def _pinned(host: torch.Tensor, device: torch.device) -> torch.Tensor:

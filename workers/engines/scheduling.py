@@ -43,7 +43,7 @@ class BatchRequest:
     cache_scope: str = ""  # KV rows kept for this request serve only requests of the same scope
     cache: Any = None  # the transformers scheduler's DynamicCache of a long prompt being prefilled
     prefilled: int = 0
-    generator: Any = None  # a torch.Generator, made where the request is sampled (not greedy)
+    generator: Any = None  # a torch.Generator, made where the request is sampled (on the host where it names a seed)
     draws: Any = None  # a seeded request's next uniform numbers, drawn ahead on the host (batch_sampling)
     drawn: int = 0  # how many of them it has used
     policy: Any = None  # its sampling.TokenPolicy (penalties, logit_bias, logprobs, grammar); None: none of them

@@ -54,7 +54,7 @@ class SlotCache:
                 grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
                 if buffers[layer:]:
                     old = buffers[layer]
-                    kept = min(old.shape[0], new_rows)
+                    kept = min(old.shape[0], rows)  # rows past `rows` hold nobody's keys
                     grown[:kept, :, : old.shape[2]] = old[:kept]
                     buffers[layer] = grown
                     del old  # freed before the next layer's buffer is made

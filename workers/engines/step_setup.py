@@ -100,6 +100,7 @@ def _fused_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 _PLAIN_ROTARY: dict[str, object] = {}  # modeling module -> its own apply_rotary_pos_emb, while fused
+_ROTARY = threading.Lock()  # engines load in threads of their own
 
 
 def fuse_rotary(model) -> list[str]:
@@ -113,49 +114,59 @@ def fuse_rotary(model) -> list[str]:
 
     from transformers.models.llama import modeling_llama
 
-    reference = _PLAIN_ROTARY.get(modeling_llama.__name__, modeling_llama.apply_rotary_pos_emb)
     fused = []
-    for name in sorted({type(module).__module__ for module in model.modules()}):
-        source = sys.modules.get(name)
-        own = getattr(source, "apply_rotary_pos_emb", None)
-        if own is _fused_rotary:
-            fused.append(name)
-        elif _same_code(own, reference) and _same_code(getattr(source, "rotate_half", None), modeling_llama.rotate_half):
-            _PLAIN_ROTARY[name] = own
-            source.apply_rotary_pos_emb = _fused_rotary
-            fused.append(name)
+    with _ROTARY:
+        reference = _PLAIN_ROTARY.get(modeling_llama.__name__, modeling_llama.apply_rotary_pos_emb)
+        for name in sorted({type(module).__module__ for module in model.modules()}):
+            source = sys.modules.get(name)
+            own = getattr(source, "apply_rotary_pos_emb", None)
+            if own is _fused_rotary:
+                fused.append(name)
+            elif _same_code(own, reference) and _same_code(getattr(source, "rotate_half", None), modeling_llama.rotate_half):
+                _PLAIN_ROTARY[name] = own
+                source.apply_rotary_pos_emb = _fused_rotary
+                fused.append(name)
     return fused
 
 
 def plain_rotary() -> None:
-    """Undo `fuse_rotary` everywhere (the GPU bench measures transformers' own loops)."""
+    """Undo `fuse_rotary` everywhere (the GPU bench measures transformers' own loops). A compiled
+    step frozen after load (CompiledStep) traced the fused function: it would refuse to compile
+    again, and run its plain step instead."""
     import sys
 
-    for name, own in _PLAIN_ROTARY.items():
-        sys.modules[name].apply_rotary_pos_emb = own
-    _PLAIN_ROTARY.clear()
+    with _ROTARY:
+        for name, own in _PLAIN_ROTARY.items():
+            sys.modules[name].apply_rotary_pos_emb = own
+        _PLAIN_ROTARY.clear()
 
 
 def _same_code(function, reference) -> bool:
+    """Whether `function` is `reference` but for where it was defined: the same bytecode, names,
+    constants, arguments and defaults."""
     code, plain = getattr(function, "__code__", None), reference.__code__
-    return code is not None and (code.co_code, code.co_consts, code.co_names) == (plain.co_code, plain.co_consts, plain.co_names)
+    fields = ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount", "co_kwonlyargcount")
+    return code is not None and all(getattr(code, f) == getattr(plain, f) for f in fields) and function.__defaults__ == reference.__defaults__
 
 
 def _fused_rotary(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' Llama `apply_rotary_pos_emb` (x * cos + rotate_half(x) * sin) over the query
-    and key heads at once: one concatenation, then each operator once for both (the same
-    arithmetic, element by element). The results are views of one tensor."""
-    heads = unsqueeze_dim
-    if q.dtype != k.dtype or q.shape[:heads] != k.shape[:heads] or q.shape[heads + 1 :] != k.shape[heads + 1 :]:
+    and key heads at once: one concatenation along the axis cos and sin are broadcast over (the
+    heads'), then each operator once for both (the same arithmetic, element by element); the
+    results are views of one tensor. Anything else (tensors of other ranks or dtypes, another
+    axis) is computed as transformers does."""
+    axis = unsqueeze_dim % (cos.dim() + 1)
+    same = q.dtype == k.dtype and q.dim() == k.dim() == cos.dim() + 1 and axis != q.dim() - 1
+    if not same or q.shape[:axis] != k.shape[:axis] or q.shape[axis + 1 :] != k.shape[axis + 1 :]:
         from transformers.models.llama.modeling_llama import rotate_half
 
-        cos, sin = cos.unsqueeze(heads), sin.unsqueeze(heads)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
         return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
-    both = torch.cat((q, k), dim=heads)
+    both = torch.cat((q, k), dim=axis)
     half = both.shape[-1] // 2
     rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
-    out = (both * cos.unsqueeze(heads)) + (rotated * sin.unsqueeze(heads))
-    return out.split((q.shape[heads], k.shape[heads]), dim=heads)
+    out = (both * cos.unsqueeze(unsqueeze_dim)) + (rotated * sin.unsqueeze(unsqueeze_dim))
+    return out.split((q.shape[axis], k.shape[axis]), dim=axis)
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
