@@ -51,6 +51,8 @@ def _error(request, exc: ApiError):
     response = api.create_response(request, wire.error_body(exc), status=exc.status)
     if (seconds := wire.retry_after(exc)) is not None:
         response["Retry-After"] = str(seconds)
+    if exc.request_id:
+        response["X-Request-Id"] = exc.request_id
     return response
 
 

@@ -104,8 +104,15 @@ async def _complete(request, response: HttpResponse, body: wire.Sampling, shape_
         return streamed
     answer = await first(generation, whole_answer(shape, body))
     if answer is None or isinstance(answer, ApiError):
-        raise answer or ServerError("The stream ended without an answer.")
+        raise failed(answer, generation.request_id)
     return answer
+
+
+def failed(error: ApiError | None, request_id: str) -> ApiError:
+    """The error a whole answer ended in (or none came), naming the stored request."""
+    error = error or ServerError("The stream ended without an answer.")
+    error.request_id = request_id
+    return error
 
 
 @router.post(
@@ -143,6 +150,7 @@ async def create_embeddings(request, response: HttpResponse, body: wire.Embeddin
         vectors, tokens = await embeddings.embed(texts, request_id=log["request_id"])
     except ApiError as exc:
         await services.edge(embeddings.log_embedding, **log, tokens=None, error=exc.message)
+        exc.request_id = log["request_id"]
         raise
     await ratelimits.record_tokens(token=request.auth, tokens=tokens)
     await services.edge(embeddings.log_embedding, **log, tokens=tokens, error="")

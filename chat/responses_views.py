@@ -1,6 +1,7 @@
 """The Responses API (`/v1/responses`): thin async views over the chat completions path and the
 stored responses of chat/responses.py."""
 
+from django.http import HttpResponse
 from ninja import Router
 
 from chat import responses, services
@@ -8,9 +9,9 @@ from chat import responses_protocol as rp
 from chat.formatters.openai import ChatShape
 from chat.formatters.tool_calls import whole_answer
 from chat.formatters.responses import FINISHED, ResponsesStream
-from chat.openai_views import ERRORS, TokenAuth, _sse_response, _start
+from chat.openai_views import ERRORS, TokenAuth, _sse_response, _start, failed
 from chat.relay import first, relay
-from llmsite.errors import ApiError, ServerError
+from llmsite.errors import ApiError
 
 router = Router(auth=TokenAuth(), tags=["Responses API"])
 
@@ -63,13 +64,16 @@ async def _events(generation, formatter: ResponsesStream, draft: responses.Draft
 
 
 @router.post("/v1/responses", response={200: rp.ResponseObject, **ERRORS}, summary="Create a response", openapi_extra=_STREAM_DOC)
-async def create_response(request, body: rp.ResponsesRequest):
+async def create_response(request, response: HttpResponse, body: rp.ResponsesRequest):
     generation, draft, shape, answer = await _dispatch(request, body)
+    response["X-Request-Id"] = generation.request_id  # resume it at /api/requests/<id>/events
     if body.stream:
-        return _sse_response(_events(generation, ResponsesStream(draft, shape, answer, whole_text=bool(body.tools)), draft))
+        streamed = _sse_response(_events(generation, ResponsesStream(draft, shape, answer, whole_text=bool(body.tools)), draft))
+        streamed["X-Request-Id"] = generation.request_id
+        return streamed
     completion = await first(generation, answer)
     if completion is None or isinstance(completion, ApiError):
-        raise completion or ServerError("The stream ended without an answer.")
+        raise failed(completion, generation.request_id)
     draft.finish(completion)
     if body.store:
         await services.edge(responses.response_store, draft=draft)

@@ -14,6 +14,7 @@ class ApiError(Exception):
     ws_close_code = None  # errors that end a WebSocket connection rather than one request
     deployment = ""  # the deployment the refused request was for, once known (`concerning`)
     counted = False  # counted in /metrics already (by an edge, or by the worker that sent it)
+    request_id = None  # the stored request's, where it failed after being stored (sent as X-Request-Id)
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)

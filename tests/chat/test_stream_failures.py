@@ -76,6 +76,21 @@ def test_no_event_within_the_timeout_ends_the_http_stream_with_an_error(short_ti
     assert row.status == RequestLog.Status.ERROR and row.error
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello?"}]}),
+    ("/v1/responses", {"input": "Hello?"}),
+])
+def test_a_whole_v1_answer_that_fails_after_it_was_stored_names_its_request(short_timeout_web, token, user, path, body):
+    orphan = deployment_on_queue(f"nobody-listens-{uuid.uuid4().hex[:6]}")
+    hung_worker_on(orphan.queue)
+    response = requests.post(
+        f"{short_timeout_web}{path}", headers={"Authorization": f"Bearer {token}"}, json={"model": orphan.name, **body}, timeout=60
+    )
+    assert response.status_code >= 500 and str(TIMEOUT) in response.json()["error"]["message"], response.text
+    row = RequestLog.objects.get(user=user)
+    assert response.headers["X-Request-Id"] == str(row.pk) and row.status == RequestLog.Status.ERROR
+
+
 def test_no_event_within_the_timeout_is_an_error_message_then_eos_on_websocket(short_timeout_web, token):
     orphan = deployment_on_queue(f"nobody-listens-{uuid.uuid4().hex[:6]}")
     hung_worker_on(orphan.queue)

@@ -36,7 +36,8 @@ def generation_of(response_id: str) -> RequestLog:
 
 
 def test_create_answers_stores_and_retrieves_the_response(client, user):
-    response = client.responses.create(input="What is the capital of France?", instructions="Answer in one sentence.", **ASK)
+    raw = client.responses.with_raw_response.create(input="What is the capital of France?", instructions="Answer in one sentence.", **ASK)
+    response = raw.parse()
     assert response.id.startswith("resp_") and response.object == "response" and response.model == "default"
     assert response.status in ("completed", "incomplete")
     message = response.output[0]
@@ -49,6 +50,7 @@ def test_create_answers_stores_and_retrieves_the_response(client, user):
     row = StoredResponse.objects.get(pk=response.id)
     assert row.user_id == user.pk and row.input == [{"role": "user", "content": "What is the capital of France?"}]
     assert generation_of(response.id).response == response.output_text
+    assert str(generation_of(response.id).pk) == raw.headers["X-Request-Id"]  # what a client resumes
 
     again = client.responses.retrieve(response.id)
     assert again.model_dump() == response.model_dump()
