@@ -81,7 +81,7 @@ class RowSettings:
             seeded_requests=[requests[i] for i in seeded],
         )
         if seeded:  # their numbers drawn ahead, and how many each has used (_seeded_draws)
-            kept.draws = _pinned(torch.stack([r.draws for r in kept.seeded_requests]), device).to(device, non_blocking=True)
+            kept.draws = to_device(device, torch.stack([r.draws for r in kept.seeded_requests]))
             kept.drawn = to_device(device, [r.drawn for r in kept.seeded_requests]).unsqueeze(1)
             kept.host_drawn = [(r.drawn, r.draws) for r in kept.seeded_requests]
         if filtering:
@@ -185,8 +185,7 @@ def _seeded_draws(kept) -> torch.Tensor:
     if refill:
         device = kept.draws.device
         rows = to_device(device, refill)
-        fresh = _pinned(torch.stack([kept.seeded_requests[row].draws for row in refill]), device)
-        kept.draws.index_copy_(0, rows, fresh.to(device, non_blocking=True))
+        kept.draws.index_copy_(0, rows, to_device(device, torch.stack([kept.seeded_requests[row].draws for row in refill])))
         kept.drawn.index_fill_(0, rows, 0)
     return numbers
 
@@ -196,11 +195,6 @@ def _in_step(kept) -> bool:
     on the device are still theirs)."""
     held = getattr(kept, "host_drawn", ())
     return all(r.drawn == drawn and r.draws is block for r, (drawn, block) in zip(kept.seeded_requests, held))
-
-
-def _pinned(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` in pinned memory where it goes to a GPU (copied without waiting for its queue)."""
-    return host.pin_memory() if device.type == "cuda" else host
 
 
 DRAWS = 256  # the uniform numbers a seeded request draws ahead at a time

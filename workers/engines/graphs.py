@@ -92,11 +92,15 @@ def wait(event) -> None:
         event.synchronize()
 
 
-def to_device(device: torch.device, values: list, dtype=None) -> torch.Tensor:
-    """`values` on the device without waiting for the device's queue (a pinned copy on CUDA: a
-    plain one would wait for the step running ahead, slot_batch.py)."""
+def to_device(device: torch.device, values, dtype=None) -> torch.Tensor:
+    """`values` (a list, or a tensor on the host) on the device without waiting for the device's
+    queue (a pinned copy on CUDA: a plain one would wait for the step running ahead, slot_batch.py)."""
     cuda = device.type == "cuda"
-    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
+    if isinstance(values, torch.Tensor):
+        host = values.pin_memory() if cuda else values
+    else:
+        host = torch.tensor(values, dtype=dtype, pin_memory=cuda)
+    return host.to(device, non_blocking=cuda)
 
 
 def synchronize(device: torch.device) -> None:

@@ -116,7 +116,7 @@ def fuse_rotary(model) -> list[str]:
 
     fused = []
     with _ROTARY:
-        reference = _PLAIN_ROTARY.get(modeling_llama.__name__, modeling_llama.apply_rotary_pos_emb)
+        reference = _llama_rotary()
         for name in sorted({type(module).__module__ for module in model.modules()}):
             source = sys.modules.get(name)
             own = getattr(source, "apply_rotary_pos_emb", None)
@@ -141,6 +141,13 @@ def plain_rotary() -> None:
         _PLAIN_ROTARY.clear()
 
 
+def _llama_rotary():
+    """transformers' own Llama `apply_rotary_pos_emb`, fused or not (every fused module's is the same code)."""
+    from transformers.models.llama import modeling_llama
+
+    return _PLAIN_ROTARY.get(modeling_llama.__name__, modeling_llama.apply_rotary_pos_emb)
+
+
 def _same_code(function, reference) -> bool:
     """Whether `function` is `reference` but for where it was defined: the same bytecode, names,
     constants, arguments and defaults."""
@@ -158,10 +165,7 @@ def _fused_rotary(q, k, cos, sin, unsqueeze_dim=1):
     axis = unsqueeze_dim % (cos.dim() + 1)
     same = q.dtype == k.dtype and q.dim() == k.dim() == cos.dim() + 1 and axis != q.dim() - 1
     if not same or q.shape[:axis] != k.shape[:axis] or q.shape[axis + 1 :] != k.shape[axis + 1 :]:
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+        return _llama_rotary()(q, k, cos, sin, unsqueeze_dim)
     both = torch.cat((q, k), dim=axis)
     half = both.shape[-1] // 2
     rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
