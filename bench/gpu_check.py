@@ -65,6 +65,7 @@ from transformers.integrations import sdpa_attention  # noqa: E402
 from workers.engines.batching import BatchingScheduler  # noqa: E402
 from workers.engines.scheduling import BatchRequest  # noqa: E402
 from workers.engines.slots import MIN_WIDTH  # noqa: E402
+from workers.engines.fused_linears import plain_linears  # noqa: E402
 from workers.engines.step_setup import plain_rms_norms, plain_rotary, use_packed_sdpa  # noqa: E402
 
 # Llama-3.2-1B's config.json, by hand (no model hub on the GPU machine)
@@ -331,6 +332,7 @@ def measure(name, config, batch, report, quick, device, compiled=False):
     entry["decode_mode"] = scheduler.decode_mode
     entry["fused_rms_norms"] = scheduler.fused_norms
     entry["fused_rotary"] = scheduler.fused_rotary
+    entry["fused_linears"] = scheduler.fused_linears
     decoder = scheduler.decoder
     entry["graph_captures_at_load"] = decoder.captures if decoder is not None else 0
     step = decoder.compiled if decoder is not None else None
@@ -369,6 +371,7 @@ def measure(name, config, batch, report, quick, device, compiled=False):
     scheduler.stop()
     plain_rms_norms(model)  # transformers' loops as they come
     plain_rotary()
+    plain_linears(model)
     for streams in (1, many) if not compiled else ():
         part = batch[:streams]
         entry[f"generate_tok_s_{streams}"] = round(generate_rate(model, part, new_tokens), 1)

@@ -44,6 +44,7 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
         assert entry["replay_ms_1"] > 0 and entry["replay_ms_8"] > 0, "a captured step, replayed alone"
         assert entry["graph_captures_long"] > 0, "a request past 256 columns widened the buffers"
         assert entry["engine_ms_per_step_8"] > 0
+        assert entry["fused_linears"] == 2 * 2, "query/key/value and gate/up, in each of the quick run's two layers"
     for name in ("135M compiled", "1B compiled"):  # LLMSITE_COMPILE=1: graphs compiled at load, none later
         entry = report[name]
         assert entry["decode_mode"] == "slots, static buffers (CUDA graphs emulated), compiled, one step ahead"

@@ -34,6 +34,7 @@ from workers.engines.graphs import to_device
 from workers.engines.scheduling import NOT_A_NUMBER, BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
 from workers.engines.slots import SlotDecoder
+from workers.engines.fused_linears import fuse_linears
 from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, fuse_rms_norms, fuse_rotary, slot_support, text_config
 
 __all__ = ["BatchRequest", "BatchingScheduler"]
@@ -136,6 +137,7 @@ class BatchingScheduler(Scheduler):
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.fused_norms = fuse_rms_norms(model)  # one kernel each on CUDA, not eight
         self.fused_rotary = fuse_rotary(model)  # six kernels a layer, not ten
+        self.fused_linears = fuse_linears(model)  # three matrix products a layer, not five
         self._unseeded = torch.Generator(device=self.device)  # for sampled rows that name no seed
         self._unseeded.seed()
         self._row_settings = RowSettings()  # the decode steps' sampled rows (a prefill's are its own)

@@ -1,0 +1,101 @@
+"""A layer's projections of one input (query, key and value; gate and up) made as one matrix
+product: three products a layer instead of five, the same answers however the model calls them."""
+
+import copy
+from collections import Counter
+
+import torch
+from torch.profiler import profile
+
+from tests.workers.test_slots import _tiny
+from workers.engines.batching import BatchingScheduler
+from workers.engines.fused_linears import fuse_linears, plain_linears
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+
+
+def _logits_and_products(model) -> tuple[torch.Tensor, int]:
+    with torch.inference_mode(), profile() as prof:
+        logits = model(input_ids=IDS).logits
+    return logits, Counter(event.name for event in prof.events())["aten::linear"]
+
+
+def test_llama_and_qwen2_make_three_products_a_layer_with_the_same_logits():
+    for architecture in ("llama", "qwen2"):  # Qwen2's query, key and value have a bias
+        model = _tiny(architecture)
+        names = sorted(model.state_dict())
+        plain, products = _logits_and_products(model)
+        assert products == 2 * 7 + 1, architecture  # seven a layer and the output's
+        assert fuse_linears(model) == 2 * 2, architecture  # two groups a layer
+        assert fuse_linears(model) == 0, architecture  # once only
+        fused, products = _logits_and_products(model)
+        assert products == 2 * 4 + 1, architecture
+        torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+        assert sorted(model.state_dict()) == names, "the group's weight is not saved with the model"
+        plain_linears(model)
+        again, products = _logits_and_products(model)
+        assert products == 2 * 7 + 1 and torch.equal(again, plain), architecture
+
+
+def test_the_members_weights_are_views_of_the_groups_so_none_is_held_twice():
+    model = _tiny("qwen2")
+    before = sum(p.numel() for p in model.parameters())
+    fuse_linears(model)
+    attention = model.model.layers[0].self_attn
+    group = attention.q_proj.fused_weight.untyped_storage().data_ptr()
+    for member in (attention.q_proj, attention.k_proj, attention.v_proj):
+        assert member.weight.untyped_storage().data_ptr() == group
+        assert member.bias.untyped_storage().data_ptr() == attention.q_proj.fused_bias.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == before
+    with torch.no_grad():  # loading weights into a member loads them into the group
+        attention.k_proj.weight.fill_(0.5)
+    assert torch.all(attention.q_proj.fused_weight[attention.q_proj.out_features :][: attention.k_proj.out_features] == 0.5)
+
+
+def test_a_member_called_with_another_input_or_first_makes_its_own_product():
+    model = _tiny("llama")
+    fuse_linears(model)
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(3, 1, 64)
+    same_values = x.clone()  # equal, but another tensor: the group's part is not handed out for it
+    with torch.inference_mode():
+        own = [torch.nn.functional.linear(x, m.weight) for m in (attention.q_proj, attention.k_proj, attention.v_proj)]
+        assert torch.equal(attention.k_proj(x), own[1])  # first: nothing from the group
+        query = attention.q_proj(x)
+        key = attention.k_proj(same_values)
+        value = attention.v_proj(x)  # the group's part, a view of the one product
+        assert value.untyped_storage().data_ptr() == query.untyped_storage().data_ptr()
+        assert key.untyped_storage().data_ptr() != query.untyped_storage().data_ptr()
+        for got, expected in zip((query, key, value), own):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert attention.v_proj._fused_output is None and attention.k_proj._fused_output is None  # held no longer
+        assert torch.equal(attention.v_proj(x), own[2])  # a second call: its own product again
+
+
+def test_a_group_with_an_adapted_member_keeps_its_own_products():
+    class Adapted(torch.nn.Linear):  # as a quantized or LoRA layer would be
+        pass
+
+    model = _tiny("llama")
+    for layer in model.model.layers:
+        old = layer.self_attn.v_proj
+        layer.self_attn.v_proj = Adapted(old.in_features, old.out_features, bias=False)
+    assert fuse_linears(model) == 2  # the MLPs only
+    assert "forward" not in vars(model.model.layers[0].self_attn.q_proj)
+
+
+def test_a_model_cast_after_fusing_answers_as_one_cast_without():
+    model = _tiny("llama")
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    fuse_linears(model)
+    model.to(torch.bfloat16)  # the group's weight is a buffer: cast with the members'
+    assert model.model.layers[0].mlp.gate_proj.fused_weight.dtype == torch.bfloat16
+    assert torch.equal(_logits_and_products(model)[0], _logits_and_products(reference)[0])
+
+
+def test_the_engine_fuses_the_projections_of_the_model_it_serves():
+    scheduler = BatchingScheduler(_tiny("llama"), max_batch_size=2)
+    try:
+        assert scheduler.fused_linears == 4
+    finally:
+        scheduler.stop()
