@@ -76,7 +76,10 @@ async def create_response(request, response: HttpResponse, body: rp.ResponsesReq
         raise failed(completion, generation.request_id)
     draft.finish(completion)
     if body.store:
-        await services.edge(responses.response_store, draft=draft)
+        try:
+            await services.edge(responses.response_store, draft=draft)
+        except ApiError as exc:  # the answer is kept with its request: resume it there
+            raise failed(exc, generation.request_id) from None
     return draft.object()
 
 

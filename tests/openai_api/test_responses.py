@@ -262,3 +262,27 @@ def test_a_function_call_output_continues_the_stored_response(client):
     output = [{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 degrees."}]
     answer = client.responses.create(input=output, previous_response_id=called.id, tool_choice="none", **ask)
     assert answer.output_text and StoredResponse.objects.get(pk=answer.id).input[0]["role"] == "tool"
+
+
+def test_a_whole_response_the_database_refuses_to_store_is_a_503_naming_its_request(stack, token, user):
+    from django.db import connection
+
+    table = StoredResponse._meta.db_table
+    with connection.cursor() as cursor:  # the database itself refuses the row, as a full disk would
+        cursor.execute(
+            "CREATE FUNCTION refuse_responses() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'no room for responses'; END $$"
+        )
+        cursor.execute(f"CREATE TRIGGER refuse_responses BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION refuse_responses()")
+    try:
+        answered = requests.post(
+            f"{stack.url}/v1/responses", headers={"Authorization": f"Bearer {token}"}, json={"input": "Hello?", **ASK}, timeout=180
+        )
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TRIGGER refuse_responses ON {table}")
+            cursor.execute("DROP FUNCTION refuse_responses()")
+    assert answered.status_code == 503 and "no room for responses" in answered.json()["error"]["message"], answered.text
+    row = RequestLog.objects.get(user=user)
+    assert answered.headers["X-Request-Id"] == str(row.pk) and row.response, "the answer is kept with the request that made it"
+    assert not StoredResponse.objects.filter(user=user).exists()
