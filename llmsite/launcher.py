@@ -242,17 +242,33 @@ def _print_welcome(args, data_dir: Path) -> None:
     say("Ctrl-C stops everything.")
 
 
+class _Interrupted(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted(signum, frame):
+    raise _Interrupted(signum)
+
+
 def services_then(args) -> int:
     data_dir = data_dir_from_env()
     if args.fresh and data_dir.exists():
         shutil.rmtree(data_dir)
     services = start_services(data_dir)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    # SIGINT and SIGTERM stop the command, then the services, even where this process was started
+    # with SIGINT ignored (a background job of a script, nohup): Python then leaves it ignored
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
-        code = subprocess.call(command, cwd=BASE_DIR, env=os.environ.copy())
-    except KeyboardInterrupt:
-        code = 130
+        code = subprocess.call(command, cwd=BASE_DIR, env=os.environ.copy())  # kills the command when interrupted
+    except _Interrupted as stop:
+        code = 128 + stop.signum
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing interrupts the services' stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         services.stop()
     if code == 5 and Path(command[0]).name.startswith("pytest"):
         say("pytest collected no tests: failing the run (exit code 5)")

@@ -17,6 +17,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from django.conf import settings
@@ -39,7 +40,7 @@ def start_database(data_dir: Path) -> subprocess.Popen:
         process = subprocess.Popen(
             [sys.executable, "-m", "llmsite.launcher", "services", "--", "sleep", "3600"],
             cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),  # SIGABRT (`_hung_stop`) leaves no core file
+            preexec_fn=_as_a_background_job,
         )
     process.data_dir = data_dir
     deadline = time.monotonic() + 60
@@ -52,12 +53,20 @@ def start_database(data_dir: Path) -> subprocess.Popen:
     return process
 
 
-def stop_database(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGINT)
+def _as_a_background_job() -> None:
+    """The launcher started as a script's background job or nohup starts it: with SIGINT ignored,
+    which Python then leaves ignored (the launcher's own handler stops it all the same); and no
+    core file from the SIGABRT of `_hung_stop`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def stop_database(process: subprocess.Popen, signum: int = signal.SIGINT) -> None:
+    process.send_signal(signum)
     try:
         process.wait(60)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the launcher did not stop its PostgreSQL within 60 s after SIGINT:\n{_hung_stop(process)}")
+        pytest.fail(f"the launcher did not stop its PostgreSQL within 60 s after {signal.Signals(signum).name}:\n{_hung_stop(process)}")
 
 
 def _hung_stop(process: subprocess.Popen) -> str:
@@ -187,3 +196,24 @@ def test_a_site_postgresql_starts_and_stops_while_the_machine_wide_pgserver_lock
     finally:
         machine_wide.release()
 
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_launcher_stops_its_postgresql_and_its_command_on_sigint_or_sigterm(tmp_path, signum):
+    data_dir = tmp_path / "site"
+    database = start_database(data_dir)  # SIGINT ignored, as a background job starts it
+    postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+    command = [p for p in psutil.Process(database.pid).children() if p.name() == "sleep"]
+    assert len(command) == 1
+    stop_database(database, signum)
+    assert database.returncode == 128 + signum
+    assert _gone(postmaster) and not (data_dir / "postgres" / "postmaster.pid").exists()
+    assert _gone(command[0].pid) and not (data_dir / "services.json").exists()
+
+
+def _gone(pid: int) -> bool:
+    """Whether the process ended (a zombie has: it waits only for a parent that may never reap it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -270,9 +270,10 @@ def test_a_whole_response_the_database_refuses_to_store_is_a_503_naming_its_requ
     table = StoredResponse._meta.db_table
     with connection.cursor() as cursor:  # the database itself refuses the row, as a full disk would
         cursor.execute(
-            "CREATE FUNCTION refuse_responses() RETURNS trigger LANGUAGE plpgsql AS "
+            "CREATE OR REPLACE FUNCTION refuse_responses() RETURNS trigger LANGUAGE plpgsql AS "
             "$$ BEGIN RAISE EXCEPTION 'no room for responses'; END $$"
         )
+        cursor.execute(f"DROP TRIGGER IF EXISTS refuse_responses ON {table}")  # a killed run's
         cursor.execute(f"CREATE TRIGGER refuse_responses BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION refuse_responses()")
     try:
         answered = requests.post(
@@ -280,8 +281,8 @@ def test_a_whole_response_the_database_refuses_to_store_is_a_503_naming_its_requ
         )
     finally:
         with connection.cursor() as cursor:
-            cursor.execute(f"DROP TRIGGER refuse_responses ON {table}")
-            cursor.execute("DROP FUNCTION refuse_responses()")
+            cursor.execute(f"DROP TRIGGER IF EXISTS refuse_responses ON {table}")
+            cursor.execute("DROP FUNCTION IF EXISTS refuse_responses()")
     assert answered.status_code == 503 and "no room for responses" in answered.json()["error"]["message"], answered.text
     row = RequestLog.objects.get(user=user)
     assert answered.headers["X-Request-Id"] == str(row.pk) and row.response, "the answer is kept with the request that made it"

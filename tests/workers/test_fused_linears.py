@@ -1,5 +1,5 @@
 """A layer's projections of one input (query, key and value; gate and up) made as one matrix
-product: three products a layer instead of five, the same answers however the model calls them."""
+product: two products a layer instead of five, the same answers however the model calls them."""
 
 import copy
 from collections import Counter
@@ -20,7 +20,7 @@ def _logits_and_products(model) -> tuple[torch.Tensor, int]:
     return logits, Counter(event.name for event in prof.events())["aten::linear"]
 
 
-def test_llama_and_qwen2_make_three_products_a_layer_with_the_same_logits():
+def test_llama_and_qwen2_make_four_products_a_layer_not_seven_with_the_same_logits():
     for architecture in ("llama", "qwen2"):  # Qwen2's query, key and value have a bias
         model = _tiny(architecture)
         names = sorted(model.state_dict())
@@ -68,7 +68,7 @@ def test_a_member_called_with_another_input_or_first_makes_its_own_product():
         assert key.untyped_storage().data_ptr() != query.untyped_storage().data_ptr()
         for got, expected in zip((query, key, value), own):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-        assert attention.v_proj._fused_output is None and attention.k_proj._fused_output is None  # held no longer
+        assert attention.v_proj._fused_part is None and attention.k_proj._fused_part is None  # held no longer
         assert torch.equal(attention.v_proj(x), own[2])  # a second call: its own product again
 
 
@@ -84,12 +84,34 @@ def test_a_group_with_an_adapted_member_keeps_its_own_products():
     assert "forward" not in vars(model.model.layers[0].self_attn.q_proj)
 
 
-def test_a_model_cast_after_fusing_answers_as_one_cast_without():
+def test_hooked_shared_or_repeated_members_keep_their_own_products():
+    model = _tiny("llama")
+    first, second = (layer.self_attn for layer in model.model.layers)
+    first.k_proj.register_forward_hook(lambda module, args, out: None)  # as tensor parallelism hooks a layer
+    second.v_proj.weight = second.k_proj.weight  # a weight shared with another layer
+    mlp = model.model.layers[1].mlp
+    mlp.up_proj = mlp.gate_proj  # one module twice in a group
+    assert fuse_linears(model) == 1  # the first layer's MLP only
+    assert "forward" in vars(model.model.layers[0].mlp.gate_proj)
+
+
+def test_a_model_cast_after_fusing_answers_as_one_cast_without_and_fusing_again_joins_the_weights():
     model = _tiny("llama")
     reference = copy.deepcopy(model).to(torch.bfloat16)
     fuse_linears(model)
     model.to(torch.bfloat16)  # the group's weight is a buffer: cast with the members'
-    assert model.model.layers[0].mlp.gate_proj.fused_weight.dtype == torch.bfloat16
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_proj.fused_weight.dtype == torch.bfloat16
+    assert torch.equal(_logits_and_products(model)[0], _logits_and_products(reference)[0])
+    group = mlp.gate_proj.fused_weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() != group, "cast apart: held twice"
+    assert fuse_linears(model) == 4  # joined again, from the members' weights as they are
+    group = mlp.gate_proj.fused_weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == group
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():  # a weight loaded now reaches the group's product
+        for target in (model, reference):
+            target.model.layers[0].mlp.up_proj.weight.mul_(2)
     assert torch.equal(_logits_and_products(model)[0], _logits_and_products(reference)[0])
 
 
@@ -99,3 +121,9 @@ def test_the_engine_fuses_the_projections_of_the_model_it_serves():
         assert scheduler.fused_linears == 4
     finally:
         scheduler.stop()
+
+
+def test_offloaded_weights_are_left_to_the_hooks_that_load_them():
+    with torch.device("meta"):  # as accelerate keeps an offloaded layer's weights until it runs
+        model = _tiny("llama")
+    assert fuse_linears(model) == 0

@@ -137,7 +137,7 @@ class BatchingScheduler(Scheduler):
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.fused_norms = fuse_rms_norms(model)  # one kernel each on CUDA, not eight
         self.fused_rotary = fuse_rotary(model)  # six kernels a layer, not ten
-        self.fused_linears = fuse_linears(model)  # three matrix products a layer, not five
+        self.fused_linears = fuse_linears(model)  # two matrix products a layer, not five
         self._unseeded = torch.Generator(device=self.device)  # for sampled rows that name no seed
         self._unseeded.seed()
         self._row_settings = RowSettings()  # the decode steps' sampled rows (a prefill's are its own)

@@ -1,16 +1,25 @@
 """One matrix product where a layer makes several of the same input: an attention's query, key
 and value projections (q_proj, k_proj, v_proj) and an MLP's gate and up projections (gate_proj,
-up_proj). A decode step of a small model replays its kernels one by one, so three products a
-layer instead of five is two kernels fewer per layer in a captured step, compiled or not
-(inductor leaves each product to the BLAS as a kernel of its own); and one wider product reads
-the same weights as the narrow ones.
+up_proj). A decode step of a small model replays its kernels one by one, so two products a layer
+instead of five is three kernels fewer per layer in a captured step, compiled or not (inductor
+leaves each product to the BLAS as a kernel of its own); and one wider product reads the same
+weights as the narrow ones.
 
 The modelling code is left as it is: the group's first projection computes the whole group's
 output from one weight (the members' weights, concatenated; theirs become views of it, so no
 weight is held twice) and hands the others their part, which they return when called with the
 same input tensor, in the same step. Called with anything else (another input, another order),
 a member computes its own product as before: the answers never depend on how the model calls
-them. `plain_linears` undoes it (the GPU bench measures transformers' own loops).
+them (one that calls them otherwise, a cross-attention with its keys and values of another
+input, say, pays for the parts computed in vain). Several threads may run the model at once (a
+part is handed out with its input, in one attribute). For serving: no gradient reaches the
+members' weights.
+
+Fuse a model once it is loaded and placed (the engine does, after moving it to its device).
+Moving or casting it afterwards gives each weight and the group's tensor copies of their own:
+the answers stay right, but the weights are held twice and a weight loaded later reaches the
+member only; `fuse_linears` called again joins them once more. `plain_linears` undoes it (the
+GPU bench measures transformers' own loops).
 """
 
 from __future__ import annotations
@@ -18,17 +27,24 @@ from __future__ import annotations
 import torch
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_STATE = ("forward", "_fused_next", "_fused_part")  # what fusing sets on a member
 
 
 def fuse_linears(model) -> int:
-    """Fuse every group of `GROUPS` in `model` whose members are plain `nn.Linear` layers of one
-    input size, dtype and device, all with a bias or none (a quantized or adapted layer keeps its
-    own). Returns how many groups it fused (0 when called again)."""
+    """Fuse every group of `GROUPS` in `model` whose members are distinct plain `nn.Linear`
+    layers of one input size, dtype and device, all with a bias or none, with plain weights of
+    their own. A quantized, adapted or sharded layer (a subclass, or a weight of a tensor
+    subclass), one whose forward is wrapped or hooked (accelerate's hooks, tensor parallelism),
+    a weight shared with another layer, or one offloaded to the meta device keeps its own product.
+    Returns how many groups it fused or joined again (0 when called again on an unmoved model)."""
+    shared = _shared_weights(model)
     fused = 0
     for module in model.modules():
         for names in GROUPS:
             members = [getattr(module, name, None) for name in names]
-            if _fusable(members):
+            if members[0] is not None and _is_fused(members[0]) and not _joined(members):
+                _plain(members)  # moved or cast since: join the members' weights as they are now
+            if _fusable(members, shared):
                 _fuse(members)
                 fused += 1
     return fused
@@ -36,24 +52,46 @@ def fuse_linears(model) -> int:
 
 def plain_linears(model) -> None:
     """Undo `fuse_linears`: each member's own product again (the weights stay views of one tensor)."""
-    for module in model.modules():
-        if _is_fused(module):
-            for name in ("forward", "_fused_next", "_fused_input", "_fused_output"):
-                vars(module).pop(name, None)
-            module._buffers.pop("fused_weight", None)
-            module._buffers.pop("fused_bias", None)
+    _plain([module for module in model.modules() if _is_fused(module)])
 
 
-def _fusable(members) -> bool:
-    if not all(type(m) is torch.nn.Linear and "forward" not in vars(m) for m in members):
+def _plain(members) -> None:
+    for member in members:
+        for name in _STATE:
+            vars(member).pop(name, None)
+        member._buffers.pop("fused_weight", None)
+        member._buffers.pop("fused_bias", None)
+
+
+def _shared_weights(model) -> set[int]:
+    seen, shared = set(), set()
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        (shared if id(parameter) in seen else seen).add(id(parameter))
+    return shared
+
+
+def _fusable(members, shared: set[int]) -> bool:
+    plain = all(
+        type(m) is torch.nn.Linear and "forward" not in vars(m) and not m._forward_hooks and not m._forward_pre_hooks
+        for m in members
+    )
+    if not plain or len({id(m) for m in members}) != len(members):
         return False
-    first = members[0]
-    weights = [m.weight for m in members]
+    tensors = [m.weight for m in members] + [m.bias for m in members if m.bias is not None]
+    first = members[0].weight
     return (
-        all(w.dtype == first.weight.dtype and w.device == first.weight.device for w in weights)
-        and all(m.in_features == first.in_features for m in members)
+        all(type(t) is torch.nn.Parameter and type(t.data) is torch.Tensor and id(t) not in shared for t in tensors)
+        and first.device.type != "meta"  # offloaded: accelerate's hooks load each weight as it is called
+        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+        and all(m.in_features == members[0].in_features for m in members)
         and len({m.bias is None for m in members}) == 1
     )
+
+
+def _joined(members) -> bool:
+    """Whether a fused group's weights are still views of its tensor."""
+    group = members[0].fused_weight.untyped_storage().data_ptr()
+    return all(m.weight.untyped_storage().data_ptr() == group for m in members)
 
 
 def _fuse(members) -> None:
@@ -71,10 +109,10 @@ def _fuse(members) -> None:
     # buffers, so that moving or casting the model moves the group's weight too (not saved)
     first.register_buffer("fused_weight", weight, persistent=False)
     first.register_buffer("fused_bias", bias, persistent=False)
-    first.__dict__["_fused_next"] = rest
+    first.__dict__["_fused_next"] = rest  # not as submodules
     first.forward = _fused_first.__get__(first)
     for member in rest:
-        member.__dict__.update(_fused_input=None, _fused_output=None)
+        member.__dict__["_fused_part"] = None
         member.forward = _fused_member.__get__(member)
 
 
@@ -88,13 +126,12 @@ def _fused_first(self, x: torch.Tensor) -> torch.Tensor:
     sizes = [self.out_features] + [m.out_features for m in self._fused_next]
     parts = out.split(sizes, dim=-1)
     for member, part in zip(self._fused_next, parts[1:]):
-        member._fused_input, member._fused_output = x, part
+        member._fused_part = (x, part)  # one attribute, set at once: never one input's with another's output
     return parts[0]
 
 
 def _fused_member(self, x: torch.Tensor) -> torch.Tensor:
-    given, output = self._fused_input, self._fused_output
-    self._fused_input = self._fused_output = None  # held no longer than the step that made it
-    if given is x:
-        return output
+    pending, self._fused_part = self._fused_part, None  # held no longer than the step that made it
+    if pending is not None and pending[0] is x:
+        return pending[1]
     return torch.nn.functional.linear(x, self.weight, self.bias)
