@@ -63,9 +63,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.integrations import sdpa_attention  # noqa: E402
 
 from workers.engines.batching import BatchingScheduler  # noqa: E402
+from workers.engines.fused_linears import plain_linears  # noqa: E402
 from workers.engines.scheduling import BatchRequest  # noqa: E402
 from workers.engines.slots import MIN_WIDTH  # noqa: E402
-from workers.engines.fused_linears import plain_linears  # noqa: E402
 from workers.engines.step_setup import plain_rms_norms, plain_rotary, use_packed_sdpa  # noqa: E402
 
 # Llama-3.2-1B's config.json, by hand (no model hub on the GPU machine)

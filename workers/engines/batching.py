@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from workers.engines.batch_sampling import RowSettings, choose_rows, sample_token, start_sampling
+from workers.engines.fused_linears import fuse_linears
 from workers.engines.graphs import to_device
 from workers.engines.scheduling import NOT_A_NUMBER, BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
 from workers.engines.slots import SlotDecoder
-from workers.engines.fused_linears import fuse_linears
 from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, fuse_rms_norms, fuse_rotary, slot_support, text_config
 
 __all__ = ["BatchRequest", "BatchingScheduler"]
