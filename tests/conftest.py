@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from django.conf import settings
 from django.core.management import call_command
@@ -175,6 +176,14 @@ def token(user):
     from chat.tokens import token_create
 
     return token_create(user=user)[1]
+
+
+def process_gone(pid: int) -> bool:
+    """Whether the process ended (a zombie has: it waits only for a parent that may never reap it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def pytest_report_header(config):

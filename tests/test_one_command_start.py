@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from llmsite.embedded import _free_port
+from tests.conftest import process_gone
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -103,7 +104,7 @@ def test_sigint_to_the_process_group_stops_everything(site):
     os.killpg(site["make"].pid, signal.SIGINT)
     site["make"].wait(60)
     deadline = time.monotonic() + 30
-    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in group):
+    while not all(process_gone(pid) for pid in group):
         assert time.monotonic() < deadline, [psutil.Process(p).cmdline() for p in group if psutil.pid_exists(p)]
         time.sleep(0.5)
     # the embedded PostgreSQL (a daemon of its own) is stopped too

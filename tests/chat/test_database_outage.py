@@ -23,7 +23,7 @@ import requests
 from django.conf import settings
 
 from llmsite.launcher import worker_command
-from tests.conftest import BASE_DIR, Process, start_web, wait_for_log
+from tests.conftest import BASE_DIR, Process, process_gone, start_web, wait_for_log
 
 
 def start_database(data_dir: Path) -> subprocess.Popen:
@@ -207,13 +207,5 @@ def test_the_launcher_stops_its_postgresql_and_its_command_on_sigint_or_sigterm(
     assert len(command) == 1
     stop_database(database, signum)
     assert database.returncode == 128 + signum
-    assert _gone(postmaster) and not (data_dir / "postgres" / "postmaster.pid").exists()
-    assert _gone(command[0].pid) and not (data_dir / "services.json").exists()
-
-
-def _gone(pid: int) -> bool:
-    """Whether the process ended (a zombie has: it waits only for a parent that may never reap it)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    assert process_gone(postmaster) and not (data_dir / "postgres" / "postmaster.pid").exists()
+    assert process_gone(command[0].pid) and not (data_dir / "services.json").exists()

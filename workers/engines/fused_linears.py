@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-_STATE = ("forward", "_fused_next", "_fused_part")  # what fusing sets on a member
+_STATE = ("forward", "_fused_next", "_fused_sizes", "_fused_part")  # what fusing sets on a member
 
 
 def fuse_linears(model) -> int:
@@ -110,6 +110,7 @@ def _fuse(members) -> None:
     first.register_buffer("fused_weight", weight, persistent=False)
     first.register_buffer("fused_bias", bias, persistent=False)
     first.__dict__["_fused_next"] = rest  # not as submodules
+    first.__dict__["_fused_sizes"] = [m.out_features for m in members]
     first.forward = _fused_first.__get__(first)
     for member in rest:
         member.__dict__["_fused_part"] = None
@@ -123,8 +124,7 @@ def _is_fused(module) -> bool:
 
 def _fused_first(self, x: torch.Tensor) -> torch.Tensor:
     out = torch.nn.functional.linear(x, self.fused_weight, self.fused_bias)
-    sizes = [self.out_features] + [m.out_features for m in self._fused_next]
-    parts = out.split(sizes, dim=-1)
+    parts = out.split(self._fused_sizes, dim=-1)
     for member, part in zip(self._fused_next, parts[1:]):
         member._fused_part = (x, part)  # one attribute, set at once: never one input's with another's output
     return parts[0]
