@@ -1,8 +1,7 @@
 """The generation path of the web tier: who is calling, what they may use, dispatch and stream.
 
 Views and consumers parse their wire format, then call these; errors are the domain errors of
-`llmsite.errors`, which the edge turns into its protocol's shape.
-"""
+`llmsite.errors`, which the edge turns into its protocol's shape."""
 
 import asyncio
 import logging
@@ -25,6 +24,7 @@ from llmsite.errors import (
     Unavailable,
     UnknownDeployment,
     concerning,
+    outage,
 )
 from chat.generation import Conversation
 from chat.models import ApiToken, Deployment
@@ -191,7 +191,7 @@ def store_and_enqueue(prepared: Prepared, request_id: str) -> None:
             params=prepared.params.as_dict(),
         )
     except DatabaseError as exc:
-        raise ServerError(f"The database is unavailable: {exc}") from None
+        raise ServerError(outage("The database is unavailable", exc)) from None
     release_connection()  # the request's last query before its stream
     try:
         _enqueue(prepared, request_id)
@@ -202,7 +202,7 @@ def store_and_enqueue(prepared: Prepared, request_id: str) -> None:
             log.exception("could not mark %s failed", request_id)
         if isinstance(exc, RateLimited):
             raise
-        raise ServerError(f"The request could not be queued: {exc}") from None
+        raise ServerError(outage("The request could not be queued", exc)) from None
 
 
 def release_connection() -> None:
@@ -375,7 +375,7 @@ async def dispatch(prepared: Prepared) -> Generation:
     except ApiError:
         raise
     except Exception as exc:  # Redis unreachable
-        raise Unavailable(f"Redis is unavailable: {exc}") from None
+        raise Unavailable(outage("Redis is unavailable", exc)) from None
     request_id = str(uuid.uuid4())
     subscription = events.Subscription(request_id, listen=True)
     try:
@@ -386,7 +386,7 @@ async def dispatch(prepared: Prepared) -> Generation:
         await _release(slot)
         if isinstance(exc, ApiError):
             raise
-        raise ServerError(f"The request could not be queued: {exc}") from None
+        raise ServerError(outage("The request could not be queued", exc)) from None
     return Generation(request_id, subscription, prepared.token, slot=slot, deployment=prepared.deployment.name)
 
 
@@ -397,4 +397,4 @@ async def edge(func, /, **kwargs):
     except ApiError:
         raise
     except DatabaseError as exc:
-        raise Unavailable(f"The database is unavailable: {exc}") from None
+        raise Unavailable(outage("The database is unavailable", exc)) from None

@@ -5,6 +5,9 @@ Each kind has a `reason`, the label a refused request is counted under in /metri
 """
 
 import contextlib
+import logging
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -116,6 +119,14 @@ class Unavailable(ServerError):
 
     status = 503
     reason = "overloaded"
+
+
+def outage(what: str, exc: Exception) -> str:
+    """A client's message for a failure of the site's own services: `what` and the error's kind,
+    not its text (a database's or Redis's text can name hosts, ports, tables and the values a
+    statement held); the whole error goes to the log."""
+    log.error("%s: %s", what, exc, exc_info=(type(exc), exc, exc.__traceback__))
+    return f"{what} ({type(exc).__name__}); try again shortly."
 
 
 # The reason of an error known only by its HTTP status (django-ninja's own errors).
