@@ -244,6 +244,8 @@ GENERATION_LEASE_SECONDS = env.float("GENERATION_LEASE_SECONDS", default=STREAM_
 # Workers renew a liveness key this often; a key not renewed for the TTL means the worker is gone.
 WORKER_HEARTBEAT_INTERVAL = env.float("WORKER_HEARTBEAT_INTERVAL", default=2.0)
 WORKER_HEARTBEAT_TTL = env.int("WORKER_HEARTBEAT_TTL", default=6)
+# how often a worker looks for changed deployments of its queues (workers/reload.py); 0: never
+WORKER_RELOAD_INTERVAL = env.float("WORKER_RELOAD_INTERVAL", default=5.0)
 # A request for a deployment that no live worker serves waits this long for one, then gets 503.
 WORKER_WAIT_SECONDS = env.float("WORKER_WAIT_SECONDS", default=10.0)
 # /api/health's one-token probe of each deployment gives up after this long.

@@ -13,12 +13,12 @@ import os
 import threading
 
 from django.conf import settings
-from django.db import close_old_connections
 
 from chat import events
 from knowledge import services
 from knowledge.models import Document
 from workers import embeddings
+from workers.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +99,4 @@ def recover_stalled() -> list[int]:
 
 
 def start_sweeper() -> threading.Thread:
-    def sweep():
-        while True:
-            threading.Event().wait(settings.INGEST_SWEEP_SECONDS)
-            try:
-                recover_stalled()
-            except Exception:  # Redis or the database away: look again next time
-                log.warning("the stalled-ingestion sweep failed", exc_info=True)
-            finally:
-                close_old_connections()
-
-    thread = threading.Thread(target=sweep, name="ingestion-sweep", daemon=True)
-    thread.start()
-    return thread
+    return every(settings.INGEST_SWEEP_SECONDS, recover_stalled, name="ingestion-sweep", failure="the stalled-ingestion sweep failed")

@@ -1,4 +1,5 @@
-"""Which deployments this worker serves, loaded once when the worker starts."""
+"""Which deployments this worker serves: loaded when the worker starts (or at a first request),
+and loaded again when an operator changes what their engine was loaded with (workers/reload.py)."""
 
 import logging
 import threading
@@ -14,13 +15,14 @@ log = logging.getLogger(__name__)
 ENGINES: dict[str, object] = {}
 FAILED: dict[str, str] = {}
 LOADING: set[str] = set()  # deployments whose model is being loaded now (/metrics' load state)
+LOADED_AS: dict[str, tuple] = {}  # deployment name -> the model key (model_key) its engine or failure came from
 # (engine, model source, precision, model type, remote code) -> engine: deployments of the same model share one copy
-_BY_MODEL: dict[tuple, object] = {}
-_lock = threading.RLock()
+BY_MODEL: dict[tuple, object] = {}
+lock = threading.RLock()
 HOSTNAME = ""
 
 
-def _model_key(deployment) -> tuple:
+def model_key(deployment) -> tuple:
     # The model type sets the engine's stop tokens, and remote code changes what is loaded.
     return (deployment.engine, deployment.model_source, deployment.precision, deployment.model_type, deployment.trust_remote_code)
 
@@ -36,8 +38,9 @@ def _set_status(deployment, status, detail="", **fields):
 def load_deployment(deployment) -> None:
     from chat.models import Deployment
 
-    with _lock:
-        engine = _BY_MODEL.get(_model_key(deployment))
+    with lock:
+        LOADED_AS[deployment.name] = model_key(deployment)
+        engine = BY_MODEL.get(model_key(deployment))
         if engine is None:
             _load_new(deployment)
             return
@@ -73,7 +76,7 @@ def _load_new(deployment) -> None:
     finally:
         LOADING.discard(deployment.name)
     ENGINES[deployment.name] = engine
-    _BY_MODEL[_model_key(deployment)] = engine
+    BY_MODEL[model_key(deployment)] = engine
     FAILED.pop(deployment.name, None)
     _set_status(
         deployment,
@@ -91,7 +94,10 @@ def is_loaded(name: str) -> bool:
 
 def engine_for(deployment):
     """The engine of a deployment on this worker's queues, loaded on first use if it was added later."""
-    with _lock:
+    engine = ENGINES.get(deployment.name)
+    if engine is not None:  # without the lock: a deployment being loaded again holds it for minutes
+        return engine
+    with lock:
         if deployment.name not in ENGINES and deployment.name not in FAILED:
             load_deployment(deployment)
         return ENGINES.get(deployment.name)
@@ -124,6 +130,9 @@ def _load_models(sender, instance, conf, **kwargs):
     from workers import admission
 
     admission.start(queues)  # fair turns: this worker takes waiting requests only when it has room
+    from workers import reload
+
+    reload.start(queues)  # deployments changed in the admin are loaded again
     from django.conf import settings
 
     if settings.EMBEDDING_QUEUE in queues:
@@ -152,6 +161,7 @@ def _tell_received(sender=None, request=None, **kwargs):
 @worker_shutdown.connect
 def _shut_down_engines(**kwargs):
     """Engines that run processes of their own (vLLM's) stop them before the worker exits."""
-    for engine in {id(e): e for e in _BY_MODEL.values()}.values():
+    for engine in {id(e): e for e in BY_MODEL.values()}.values():
         if hasattr(engine, "shut_down"):
             engine.shut_down()
+

@@ -120,6 +120,11 @@ class Engine:
         """log p(ids[i] | ids[:i]) for i >= 1 (quality checks; engines that can score text)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Stop answering and give back what the engine holds beyond its Python objects (threads,
+        native contexts, processes): its deployment was changed or disabled (workers/reload.py),
+        and no request runs on it."""
+
     def perplexity(self, text: str) -> float:
         """The model's perplexity on `text`: how the quality guard compares fast engines with fp32."""
         import math

@@ -19,6 +19,9 @@ class QueuedEngine(Engine):
     scheduler = None
     stop_ids: frozenset = frozenset()
 
+    def close(self) -> None:
+        self.scheduler.stop()  # a request submitted after this gets an error at once
+
     def _request(self, prompt_ids: list[int], params, cache_scope: str) -> BatchRequest:
         max_new = params.max_new_tokens
         if self.context_length:  # the engine's own room per request (the worker fitted the deployment's)

@@ -87,6 +87,9 @@ class Scheduler:
     # --- from any thread -----------------------------------------------------------------
     def submit(self, request: BatchRequest) -> None:
         with self._wake:
+            if self._stopped:  # its engine was closed (workers/reload.py) after the request took it
+                request.out.put(("error", "the deployment's model was changed or disabled while this request started; send it again"))
+                return
             self._waiting.append(request)
             self._wake.notify()
 

@@ -91,6 +91,10 @@ class VLLMEngine(Engine):
         except Exception:  # already gone, or never fully started
             log.warning("vLLM's engine did not shut down cleanly", exc_info=True)
 
+    def close(self) -> None:
+        self.shut_down()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
     def _note(self, deployment, note: str) -> None:
         log.warning("%s: %s", deployment.name, note)
         self.load_notes.append(note)

@@ -103,6 +103,14 @@ class LlamaCppEngine(QueuedEngine):
     def vocab_width(self) -> int:
         return self.model.n_vocab
 
+    def close(self) -> None:
+        super().close()  # the scheduler's thread first: it decodes with these contexts
+        with self.scheduler.lock:  # and text being scored (token_logprobs) to its end
+            for model in (self.model, self.prefill_model):
+                if model is not None:
+                    model.close()
+            self.model = self.prefill_model = None
+
     def token_logprobs(self, ids: list[int]) -> list[float]:
         with self.scheduler.exclusive() as seq:
             return self.model.token_logprobs(ids, seq)

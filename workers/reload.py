@@ -1,0 +1,107 @@
+"""Deployments an operator changed after this worker loaded them.
+
+Every WORKER_RELOAD_INTERVAL seconds a thread reads the deployments of the worker's queues. Where
+one's model key (engine, model source, precision, model type, remote code) differs from the one
+its engine was loaded with, the new engine is loaded beside the old one, which keeps answering
+until the new one is ready; then requests go to the new one, and the old one is closed once the
+requests on it have finished (unless another deployment shares it). A failed deployment is tried
+again once one of those fields changes (a corrected folder, say); a disabled or deleted one is
+dropped and its engine closed the same way. Other fields (batch size, context length) take effect
+at the worker's next start. A reload needs room for both copies while the new one loads."""
+
+import gc
+import logging
+import threading
+import time
+
+from django.conf import settings
+
+from workers import loader
+from workers.periodic import every
+
+log = logging.getLogger(__name__)
+
+DRAIN_SECONDS = 600  # how long a replaced engine waits for its requests before it is closed anyway
+
+
+def start(queues) -> threading.Thread | None:
+    """The thread that looks for changed deployments (none where WORKER_RELOAD_INTERVAL is 0)."""
+    if settings.WORKER_RELOAD_INTERVAL <= 0:
+        return None
+    return every(settings.WORKER_RELOAD_INTERVAL, lambda: refresh(queues), name="deployment-reload", failure="could not look for changed deployments")
+
+
+def refresh(queues) -> None:
+    """Load again, drop or retry each deployment of `queues` this worker holds whose row changed."""
+    from chat.models import Deployment
+
+    rows = {d.name: d for d in Deployment.objects.defer("tokenizer_files") if d.queue in queues}
+    for name in set(loader.LOADED_AS):
+        row = rows.get(name)
+        if row is None or not row.enabled:
+            _drop(name)
+        elif loader.model_key(row) != loader.LOADED_AS.get(name):
+            _reload(row)
+
+
+def _reload(deployment) -> None:
+    name = deployment.name
+    old = loader.ENGINES.get(name)
+    log.info("deployment %s changed (%s): loading it again", name, _change(loader.LOADED_AS.get(name), loader.model_key(deployment)))
+    with loader.lock:  # old keeps answering meanwhile: engine_for reads ENGINES without the lock
+        loader.FAILED.pop(name, None)
+        loader.load_deployment(deployment)  # ENGINES[name] becomes the new engine, or FAILED[name] the reason
+        if name in loader.FAILED:
+            loader.ENGINES.pop(name, None)  # requests get the reason, not the old model
+    if old is not None:
+        _retire(old)
+
+
+def _drop(name: str) -> None:
+    with loader.lock:
+        loader.LOADED_AS.pop(name, None)
+        loader.FAILED.pop(name, None)
+        old = loader.ENGINES.pop(name, None)
+    if old is not None:
+        log.info("deployment %s disabled or deleted: its engine goes", name)
+        _retire(old)
+
+
+def _change(before: tuple | None, after: tuple) -> str:
+    fields = ("engine", "model_source", "precision", "model_type", "trust_remote_code")
+    return ", ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in zip(fields, before or (None,) * len(fields), after) if a != b)
+
+
+def _retire(engine) -> None:
+    """Close `engine` once the requests on it have finished, unless a deployment still uses it."""
+    with loader.lock:
+        if any(e is engine for e in loader.ENGINES.values()):
+            return
+        for key in [k for k, e in loader.BY_MODEL.items() if e is engine]:
+            del loader.BY_MODEL[key]
+    # handed over in a list, emptied there: the thread's own arguments would keep it alive
+    threading.Thread(target=_close_when_idle, args=([engine],), name="engine-retire", daemon=True).start()
+
+
+def _close_when_idle(held: list) -> None:
+    engine = held.pop()
+    scheduler = getattr(engine, "scheduler", None)
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while scheduler is not None and (scheduler.running or scheduler.waiting) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        engine.close()
+    except Exception:
+        log.exception("an engine that was replaced or dropped did not close cleanly")
+    del engine, scheduler
+    gc.collect()
+    _empty_cuda_cache()
+    log.info("a replaced or dropped engine closed")
+
+
+def _empty_cuda_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only where an engine imported it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
