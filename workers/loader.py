@@ -161,7 +161,9 @@ def _tell_received(sender=None, request=None, **kwargs):
 @worker_shutdown.connect
 def _shut_down_engines(**kwargs):
     """Engines that run processes of their own (vLLM's) stop them before the worker exits."""
-    for engine in {id(e): e for e in BY_MODEL.values()}.values():
+    from workers.reload import RETIRING
+
+    for engine in {id(e): e for e in [*BY_MODEL.values(), *RETIRING.copy().values()]}.values():
         if hasattr(engine, "shut_down"):
             engine.shut_down()
 

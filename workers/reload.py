@@ -22,6 +22,7 @@ from workers.periodic import every
 log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 600  # how long a replaced engine waits for its requests before it is closed anyway
+RETIRING: dict[int, object] = {}  # id -> an engine waiting for its requests before it closes (the worker's shutdown stops them too)
 
 
 def start(queues) -> threading.Thread | None:
@@ -79,6 +80,7 @@ def _retire(engine) -> None:
             return
         for key in [k for k, e in loader.BY_MODEL.items() if e is engine]:
             del loader.BY_MODEL[key]
+        RETIRING[id(engine)] = engine
     # handed over in a list, emptied there: the thread's own arguments would keep it alive
     threading.Thread(target=_close_when_idle, args=([engine],), name="engine-retire", daemon=True).start()
 
@@ -93,6 +95,7 @@ def _close_when_idle(held: list) -> None:
         engine.close()
     except Exception:
         log.exception("an engine that was replaced or dropped did not close cleanly")
+    RETIRING.pop(id(engine), None)
     del engine, scheduler
     gc.collect()
     _empty_cuda_cache()

@@ -90,31 +90,48 @@ def _epoch():
     return datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def test_a_replaced_engine_finishes_the_answer_on_it_then_refuses_new_ones(stack, folders, monkeypatch):
-    from workers.engines.transformers_engine import TransformersEngine
+def _engine(kind: str, folders):
+    """A transformers engine of the tiny model that always answers " Paris" (never an end of text
+    before its length), or a llama.cpp engine of the default model."""
+    if kind == "transformers":
+        from workers.engines.transformers_engine import TransformersEngine
 
-    # the model that always answers " Paris": never an end of text before its length
-    deployment = Deployment(name=f"reload-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
-    engine = TransformersEngine(deployment)
-    monkeypatch.setitem(loader.ENGINES, deployment.name, engine)
-    monkeypatch.setitem(loader.LOADED_AS, deployment.name, loader.model_key(deployment))
-    result, pieces = GenerationResult(), []
-    params = SamplingParams(max_new_tokens=200, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+        return TransformersEngine(Deployment(name=f"reload-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2"))
+    from workers.engines.llamacpp.engine import LlamaCppEngine
+
+    default = Deployment.objects.get(name="default")
+    return LlamaCppEngine(Deployment(name=f"reload-{uuid.uuid4().hex[:6]}", model_source=default.model_source, engine="llamacpp", max_batch_size=2))
+
+
+@pytest.mark.parametrize("kind", ["transformers", "llamacpp"])
+def test_a_replaced_engine_finishes_the_answer_on_it_then_refuses_new_ones(stack, folders, monkeypatch, kind):
+    engine = _engine(kind, folders)
+    name = f"reload-{kind}"
+    monkeypatch.setitem(loader.ENGINES, name, engine)
+    monkeypatch.setitem(loader.LOADED_AS, name, ("any",))
+    result = GenerationResult()
+    params = SamplingParams(max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
 
     def answer():
-        pieces.extend(engine.stream(engine.prompt_ids("Tell me a story."), params, result, cancelled=lambda: False))
+        for _ in engine.stream(engine.prompt_ids("Tell me a long story about a dragon."), params, result, cancelled=lambda: False):
+            pass
 
     running = threading.Thread(target=answer)
     running.start()
     while not result.completion_tokens:  # the answer is under way on the engine
         time.sleep(0.01)
-    reload._drop(deployment.name)  # its deployment disabled
+    reload._drop(name)  # its deployment disabled: the engine closes once the answer is done
     running.join(DEADLINE)
-    assert result.finish_reason == "length" and result.completion_tokens == 200, "the answer on it ran to its end"
+    assert result.finish_reason in ("length", "stop"), f"the answer on it ran to its end, not {result.finish_reason!r}"
+    if kind == "transformers":
+        assert result.completion_tokens == 64
     deadline = time.monotonic() + DEADLINE
-    while not engine.scheduler._stopped:
+    while id(engine) in reload.RETIRING:
         assert time.monotonic() < deadline, "the engine was never closed"
         time.sleep(0.1)
+    assert engine.scheduler._stopped and not engine.scheduler._thread.is_alive()
+    if kind == "llamacpp":
+        assert engine.model is None and engine.prefill_model is None, "its llama.cpp contexts are freed"
     late = BatchRequest(id="late", prompt_ids=[1, 2, 3], max_new_tokens=4, greedy=True)
     engine.scheduler.submit(late)  # a request that took the engine just before it closed
     kind, message = late.out.get(timeout=5)

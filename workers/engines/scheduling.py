@@ -98,12 +98,14 @@ class Scheduler:
             self._aborted.add(request_id)
             self._wake.notify()
 
-    def stop(self) -> None:
-        """End the engine loop (requests still inside get a "cancelled" finish)."""
+    def stop(self) -> bool:
+        """End the engine loop (requests still inside get a "cancelled" finish); whether its
+        thread has ended (it is given 30 s to finish its step)."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
         self._thread.join(30)
+        return not self._thread.is_alive()
 
     @property
     def running(self) -> int:

@@ -15,6 +15,7 @@ LLAMACPP_PREFILL and LLAMACPP_DECODE (`f16`, `q8_0`, or `file`) choose otherwise
 
 from __future__ import annotations
 
+import logging
 import os
 
 from workers.engines.base import LoadError, family_stops
@@ -23,6 +24,8 @@ from workers.engines.llamacpp.model import CONVERSIONS, LlamaCppModel, converted
 from workers.engines.llamacpp.saved import SavedPrompts
 from workers.engines.llamacpp.scheduler import LlamaCppScheduler
 from workers.engines.queued import QueuedEngine
+
+log = logging.getLogger(__name__)
 
 
 class LlamaCppEngine(QueuedEngine):
@@ -104,7 +107,9 @@ class LlamaCppEngine(QueuedEngine):
         return self.model.n_vocab
 
     def close(self) -> None:
-        super().close()  # the scheduler's thread first: it decodes with these contexts
+        if not self.scheduler.stop():  # its thread first: it decodes with these contexts
+            log.error("the llama.cpp engine's thread did not stop: its contexts are kept")
+            return
         with self.scheduler.lock:  # and text being scored (token_logprobs) to its end
             for model in (self.model, self.prefill_model):
                 if model is not None:
