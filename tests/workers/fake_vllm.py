@@ -82,6 +82,11 @@ class AsyncLLMEngine:
     def __init__(self, args):
         self.args = args
         self.aborted: set[str] = set()
+        self.unfinished: set[str] = set()
+
+    @property
+    def output_processor(self):  # vLLM 0.32: the adapter counts the requests its front end has not finished
+        return SimpleNamespace(get_num_unfinished_requests=lambda: len(self.unfinished))
 
     @classmethod
     def from_engine_args(cls, args):
@@ -93,6 +98,14 @@ class AsyncLLMEngine:
         return SimpleNamespace(max_model_len=self.args.max_model_len or 2048)
 
     async def generate(self, prompt, sampling_params, request_id):
+        self.unfinished.add(request_id)
+        try:
+            async for output in self._generate(prompt, sampling_params, request_id):
+                yield output
+        finally:
+            self.unfinished.discard(request_id)
+
+    async def _generate(self, prompt, sampling_params, request_id):
         calls.append(("generate", prompt, sampling_params, request_id))
         completion = _Completion()
         words = WORDS * 100

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TypedDict
 
+import pytest
 
 from llmsite.contract import SamplingParams
 from chat.models import Deployment
@@ -131,3 +132,22 @@ def test_a_consumer_that_stops_reading_aborts_too(fake_vllm_engine):
     stream.close()
     time.sleep(0.1)
     assert any(c[0] == "abort" for c in fake_vllm.calls)
+
+
+def test_a_closed_vllm_engine_finishes_its_answer_then_shuts_down_and_refuses_new_ones(fake_vllm_engine):
+    from workers.engines.scheduling import CLOSED
+
+    result = GenerationResult()
+    running = threading.Thread(target=lambda: list(fake_vllm_engine.stream("p", params(max_new_tokens=20), result, lambda: False)))
+    running.start()
+    deadline = time.monotonic() + 60
+    while not fake_vllm_engine.scheduler.running:  # the answer is under way in vLLM
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert fake_vllm_engine.close(60), "it closed once the answer was done"
+    running.join(60)
+    assert result.finish_reason == "length" and result.completion_tokens == 20
+    assert fake_vllm.calls[-1] == ("shutdown",)
+    with pytest.raises(RuntimeError, match="changed or disabled") as refused:
+        list(fake_vllm_engine.stream("q", params(), GenerationResult(), lambda: False))
+    assert str(refused.value) == CLOSED

@@ -120,10 +120,12 @@ class Engine:
         """log p(ids[i] | ids[:i]) for i >= 1 (quality checks; engines that can score text)."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Stop answering and give back what the engine holds beyond its Python objects (threads,
-        native contexts, processes): its deployment was changed or disabled (workers/reload.py),
-        and no request runs on it."""
+    def close(self, timeout: float) -> bool:
+        """Once the requests on it have finished, stop and give back what the engine holds beyond
+        its Python objects (threads, native contexts, processes): its deployment was changed or
+        disabled (workers/reload.py). Whether it closed within `timeout` seconds (it never cuts
+        an answer short; a request that takes it after it closed gets an error at once)."""
+        return True
 
     def perplexity(self, text: str) -> float:
         """The model's perplexity on `text`: how the quality guard compares fast engines with fp32."""

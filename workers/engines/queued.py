@@ -19,8 +19,8 @@ class QueuedEngine(Engine):
     scheduler = None
     stop_ids: frozenset = frozenset()
 
-    def close(self) -> None:
-        self.scheduler.stop()  # a request submitted after this gets an error at once
+    def close(self, timeout: float) -> bool:
+        return self.scheduler.retire(timeout)
 
     def _request(self, prompt_ids: list[int], params, cache_scope: str) -> BatchRequest:
         max_new = params.max_new_tokens

@@ -14,6 +14,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# what a request gets from an engine closed after it took it (its deployment changed: workers/reload.py)
+CLOSED = "the deployment's model was changed or disabled while this request started; send it again"
+
 # The token an engine chooses for a row whose logits are no use (NaN, or no finite best): the
 # request ends with NOT_A_NUMBER_ERROR instead of a garbage token (and is never fed back as input).
 NOT_A_NUMBER = -1
@@ -80,6 +83,7 @@ class Scheduler:
         self._aborted: set[str] = set()
         self._wake = threading.Condition()
         self._stopped = False
+        self._retiring = False  # stop at the first moment with no request (retire)
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -88,7 +92,7 @@ class Scheduler:
     def submit(self, request: BatchRequest) -> None:
         with self._wake:
             if self._stopped:  # its engine was closed (workers/reload.py) after the request took it
-                request.out.put(("error", "the deployment's model was changed or disabled while this request started; send it again"))
+                request.out.put(("error", CLOSED))
                 return
             self._waiting.append(request)
             self._wake.notify()
@@ -105,6 +109,17 @@ class Scheduler:
             self._stopped = True
             self._wake.notify()
         self._thread.join(30)
+        return not self._thread.is_alive()
+
+    def retire(self, timeout: float) -> bool:
+        """End the engine loop at its first moment with no request, waiting or running (its
+        engine is being replaced): the requests inside run to their end, and one submitted after
+        gets an error at once (the loop decides under the lock `submit` takes, so none falls
+        between). Whether its thread has ended within `timeout` seconds."""
+        with self._wake:
+            self._retiring = True
+            self._wake.notify()
+        self._thread.join(timeout)
         return not self._thread.is_alive()
 
     @property
@@ -126,6 +141,9 @@ class Scheduler:
         while True:
             with self._wake:
                 while not self._stopped and not self._has_work():
+                    if self._retiring:
+                        self._stopped = True
+                        break
                     self._wake.wait()
                 if self._stopped:
                     break

@@ -27,6 +27,7 @@ from packaging.version import InvalidVersion, Version
 
 from workers.engines.base import Engine, GenerationResult, LoadError, Pacer, family_stops
 from workers.engines.sampling import PolicyError
+from workers.engines.scheduling import CLOSED
 from workers.engines.vllm_setup import OutputTail, cpu_dtype, cpu_settings, engine_args, model_folder
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ FINISH_REASONS = {"length": "length", "stop": "stop", "abort": "cancelled"}
 
 
 class VLLMEngine(Engine):
+    closed = False  # close(): its processes stopped, new requests refused
+
     def __init__(self, deployment):
         try:
             import vllm
@@ -91,9 +94,17 @@ class VLLMEngine(Engine):
         except Exception:  # already gone, or never fully started
             log.warning("vLLM's engine did not shut down cleanly", exc_info=True)
 
-    def close(self) -> None:
+    def close(self, timeout: float) -> bool:
+        """vLLM's processes stopped once it has no unfinished request (its event loop's thread
+        stays, idle: a late request's calls on it return instead of waiting for ever)."""
+        deadline = time.monotonic() + timeout
+        while self.scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.scheduler.running:
+            return False
+        self.closed = True
         self.shut_down()
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        return True
 
     def _note(self, deployment, note: str) -> None:
         log.warning("%s: %s", deployment.name, note)
@@ -154,6 +165,8 @@ class VLLMEngine(Engine):
     def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
         """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says;
         `cache_scope` is vLLM's cache salt (its prefix cache is shared only within it)."""
+        if self.closed:
+            raise RuntimeError(CLOSED)
         self.sampling_params(params)  # a grammar vLLM cannot take is refused here, before vLLM has the request
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()

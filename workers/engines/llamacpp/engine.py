@@ -54,6 +54,7 @@ class LlamaCppEngine(QueuedEngine):
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
         self.stop_ids = frozenset(stop)
+        self.n_vocab = self.model.n_vocab  # asked of a closed engine too (a late request's policy)
         prefix_cache = setting("LLAMACPP_PREFIX_CACHE")
         saved = self._saved_prompts(prefix_cache, kv_bytes)
         self.scheduler = LlamaCppScheduler(
@@ -104,17 +105,18 @@ class LlamaCppEngine(QueuedEngine):
         return saved
 
     def vocab_width(self) -> int:
-        return self.model.n_vocab
+        return self.n_vocab
 
-    def close(self) -> None:
-        if not self.scheduler.stop():  # its thread first: it decodes with these contexts
-            log.error("the llama.cpp engine's thread did not stop: its contexts are kept")
-            return
+    def close(self, timeout: float) -> bool:
+        if not self.scheduler.retire(timeout):  # its thread first: it decodes with these contexts
+            log.error("the llama.cpp engine still runs requests: its contexts are kept")
+            return False
         with self.scheduler.lock:  # and text being scored (token_logprobs) to its end
             for model in (self.model, self.prefill_model):
                 if model is not None:
                     model.close()
             self.model = self.prefill_model = None
+        return True
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         with self.scheduler.exclusive() as seq:
