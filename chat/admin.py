@@ -10,6 +10,14 @@ from chat.models import ApiToken, Conversation, Deployment, Message, Quota, Requ
 from chat.tokens import token_create, token_revoke
 
 
+# what a saved change does to the workers already serving the deployment (workers/reload.py)
+RELOAD_NOTE = (
+    "Workers serving this deployment load a changed model source, model type, engine, precision or "
+    "remote-code switch within seconds, the old model answering until the new one is ready; "
+    "disabling it unloads it. A changed context length or batch size reaches the engines when their workers next start."
+)
+
+
 @admin.register(Deployment)
 class DeploymentAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ["name", "model_source", "model_type", "engine", "precision", "queue", "enabled", "status", "status_updated_at"]
@@ -18,7 +26,13 @@ class DeploymentAdmin(AuditedAdmin, admin.ModelAdmin):
     readonly_fields = ["status", "status_detail", "status_updated_at", "model_context_length", "created_at", "updated_at"]
     fieldsets = [
         (None, {"fields": ["name", "enabled", "model_source", "model_type", "chat_template"]}),
-        ("Serving", {"fields": ["engine", "precision", "trust_remote_code", "context_length", "queue", "max_batch_size", "max_concurrent_generations", "max_waiting_per_user"]}),
+        (
+            "Serving",
+            {
+                "fields": ["engine", "precision", "trust_remote_code", "context_length", "queue", "max_batch_size", "max_concurrent_generations", "max_waiting_per_user"],
+                "description": RELOAD_NOTE,
+            },
+        ),
         ("Answers from documents (langchain: true)", {"fields": ["default_knowledge_base"]}),
         (
             "Default sampling",

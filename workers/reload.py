@@ -8,7 +8,7 @@ requests on it have finished (unless another deployment shares it). Where the ne
 load, the deployment is failed with the reason (its row asks for that model) and the old engine
 closed the same way. A failed deployment is tried again once one of those fields changes (a
 corrected folder, say); a disabled or deleted one is dropped and its engine closed the same way.
-Other fields (batch size, context length) take effect at the worker's next start, and a new or
+Other fields (batch size, context length) reach the engines at the worker's next start, and a new or
 re-enabled deployment loads at its first request. A reload needs room for both copies while the
 new one loads."""
 
