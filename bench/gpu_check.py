@@ -43,6 +43,7 @@ MODEL_FOLDER is written here, where the default model's package is installed, by
 
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -408,8 +409,28 @@ def targets(report, compiled=False) -> dict:
     }
 
 
+class EngineWarnings(logging.Handler):
+    """What the engine logged at WARNING or above (a failed capture, slot decoding off, a compiled
+    step given up), with the exception's one-line text: the one GPU run says why, not only that."""
+
+    def __init__(self, keep: int = 20):
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+        self.keep = keep
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.seen) >= self.keep:
+            return
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+        self.seen.append(text[:400])
+
+
 def main(folder: str, out: str, quick: bool = False) -> None:
     started = time.perf_counter()
+    warnings = EngineWarnings()
+    logging.getLogger("workers").addHandler(warnings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # a compiled step's fused kernels, seen by the profiler (kernels_per_step)
         from torch._inductor import config as inductor
@@ -447,6 +468,7 @@ def main(folder: str, out: str, quick: bool = False) -> None:
                 import traceback
 
                 traceback.print_exc()
+            report["engine_warnings"] = warnings.seen
             report["targets"] = targets(report)
             report["targets_compiled"] = targets(report, compiled=True)
             report["seconds"] = round(time.perf_counter() - started, 1)

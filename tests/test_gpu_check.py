@@ -29,6 +29,7 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     assert report["abort_others_whole"] == 7 and report["abort_running_after"] == 0
     assert 3 <= report["abort_victim_tokens"] < 32 and report["abort_victim_finish"] == "cancelled"
     assert not [key for key in report if key.endswith("_error")], report
+    assert report["engine_warnings"] == [], "nothing went wrong in the engine"
     for name in ("135M", "1B"):
         entry = report[name]
         assert entry["decode_mode"] == "slots, static buffers (CUDA graphs emulated), one step ahead"
@@ -61,3 +62,29 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     assert report["targets_compiled"]["abort_leaves_others_whole_and_frees_row"] is True
     assert report["targets"]["fp32_16_of_16_equal"] is True
     assert report["targets"]["abort_leaves_others_whole_and_frees_row"] is True
+
+
+def test_gpu_check_keeps_what_the_engine_warned_of_with_its_exception():
+    import logging
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gpu_check import EngineWarnings
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    kept, log = EngineWarnings(keep=2), logging.getLogger("workers.engines.graphs")
+    log.addHandler(kept)
+    try:
+        log.info("not kept")
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            log.exception("CUDA graph capture failed")
+        log.warning("slot decoding off: %s", "why")
+        log.warning("past the two kept")
+    finally:
+        log.removeHandler(kept)
+    assert kept.seen == [
+        "workers.engines.graphs: CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing)",
+        "workers.engines.graphs: slot decoding off: why",
+    ]
