@@ -121,11 +121,12 @@ class Unavailable(ServerError):
     reason = "overloaded"
 
 
-def outage(what: str, exc: Exception) -> str:
+def outage(what: str, exc: Exception, *, trace: bool = False) -> str:
     """A client's message for a failure of the site's own services: `what` and the error's kind,
     not its text (a database's or Redis's text can name hosts, ports, tables and the values a
-    statement held); the whole error goes to the log."""
-    log.error("%s: %s", what, exc, exc_info=(type(exc), exc, exc.__traceback__))
+    statement held); the whole text goes to the log (a line, as an outage fails every request;
+    with its traceback where `trace`: a failure of any kind)."""
+    log.warning("%s: %s: %s", what, type(exc).__name__, exc, exc_info=exc if trace else None)
     return f"{what} ({type(exc).__name__}); try again shortly."
 
 

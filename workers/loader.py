@@ -171,4 +171,3 @@ def _shut_down_engines(**kwargs):
     for engine in {id(e): e for e in [*BY_MODEL.values(), *RETIRING.copy().values()]}.values():
         if hasattr(engine, "shut_down"):
             engine.shut_down()
-

@@ -15,7 +15,6 @@ LLAMACPP_PREFILL and LLAMACPP_DECODE (`f16`, `q8_0`, or `file`) choose otherwise
 
 from __future__ import annotations
 
-import logging
 import os
 
 from workers.engines.base import LoadError, family_stops
@@ -24,8 +23,6 @@ from workers.engines.llamacpp.model import CONVERSIONS, LlamaCppModel, converted
 from workers.engines.llamacpp.saved import SavedPrompts
 from workers.engines.llamacpp.scheduler import LlamaCppScheduler
 from workers.engines.queued import QueuedEngine
-
-log = logging.getLogger(__name__)
 
 
 class LlamaCppEngine(QueuedEngine):
@@ -109,7 +106,6 @@ class LlamaCppEngine(QueuedEngine):
 
     def close(self, timeout: float) -> bool:
         if not self.scheduler.retire(timeout):  # its thread first: it decodes with these contexts
-            log.error("the llama.cpp engine still runs requests: its contexts are kept")
             return False
         with self.scheduler.lock:  # and text being scored (token_logprobs) to its end
             for model in (self.model, self.prefill_model):
