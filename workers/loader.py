@@ -16,15 +16,19 @@ ENGINES: dict[str, object] = {}
 FAILED: dict[str, str] = {}
 LOADING: set[str] = set()  # deployments whose model is being loaded now (/metrics' load state)
 LOADED_AS: dict[str, tuple] = {}  # deployment name -> the model key its engine (or its failure) came from
-# (engine, model source, precision, model type, remote code) -> engine: deployments of the same model share one copy
+# the model key (MODEL_FIELDS) -> engine: deployments of the same model share one copy
 BY_MODEL: dict[tuple, object] = {}
+RETIRING: dict[int, object] = {}  # id -> a replaced engine waiting for its requests before it closes (workers/reload.py)
 lock = threading.RLock()
 HOSTNAME = ""
 
 
+# What an engine is loaded from: the model type sets its stop tokens, and remote code changes what is loaded.
+MODEL_FIELDS = ("engine", "model_source", "precision", "model_type", "trust_remote_code")
+
+
 def model_key(deployment) -> tuple:
-    # The model type sets the engine's stop tokens, and remote code changes what is loaded.
-    return (deployment.engine, deployment.model_source, deployment.precision, deployment.model_type, deployment.trust_remote_code)
+    return tuple(getattr(deployment, field) for field in MODEL_FIELDS)
 
 
 def _set_status(deployment, status, detail="", **fields):
@@ -166,8 +170,6 @@ def _tell_received(sender=None, request=None, **kwargs):
 @worker_shutdown.connect
 def _shut_down_engines(**kwargs):
     """Engines that run processes of their own (vLLM's) stop them before the worker exits."""
-    from workers.reload import RETIRING
-
     for engine in {id(e): e for e in [*BY_MODEL.values(), *RETIRING.copy().values()]}.values():
         if hasattr(engine, "shut_down"):
             engine.shut_down()

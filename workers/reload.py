@@ -24,7 +24,6 @@ from workers.periodic import every
 log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 600  # how often a replaced engine still running requests says so while it waits for them
-RETIRING: dict[int, object] = {}  # id -> an engine waiting for its requests before it closes (the worker's shutdown stops them too)
 
 
 def start(queues) -> threading.Thread | None:
@@ -79,7 +78,7 @@ def _drop(name: str, row) -> None:
 
 
 def _change(before: tuple | None, after: tuple) -> str:
-    fields = ("engine", "model_source", "precision", "model_type", "trust_remote_code")
+    fields = loader.MODEL_FIELDS
     return ", ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in zip(fields, before or (None,) * len(fields), after) if a != b)
 
 
@@ -90,7 +89,7 @@ def _retire(engine) -> None:
             return
         for key in [k for k, e in loader.BY_MODEL.items() if e is engine]:
             del loader.BY_MODEL[key]
-        RETIRING[id(engine)] = engine
+        loader.RETIRING[id(engine)] = engine
     # handed over in a list, emptied there: the thread's own arguments would keep it alive
     threading.Thread(target=_close_when_idle, args=([engine],), name="engine-retire", daemon=True).start()
 
@@ -105,7 +104,7 @@ def _close_when_idle(held: list) -> None:
             break
         if not closed:
             log.warning("a replaced or dropped engine still runs requests after %d s: waiting on", DRAIN_SECONDS)
-    RETIRING.pop(id(engine), None)
+    loader.RETIRING.pop(id(engine), None)
     del engine
     gc.collect()
     _empty_cuda_cache()

@@ -17,7 +17,7 @@ from tests.workers.test_slots import _tiny
 from workers.engines.fused_linears import fuse_linears
 from workers.engines.slot_cache import SlotCache
 from workers.engines.slots import MIN_WIDTH, SlotDecoder
-from workers.engines.step_setup import fuse_rms_norms, fuse_rotary, packed_sdpa, slot_support
+from workers.engines.step_setup import forward_arguments, fuse_rms_norms, fuse_rotary, packed_sdpa, slot_support
 
 # ops that read a tensor's value on the host, or whose output's size depends on its values
 READ_BACK = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
@@ -52,13 +52,8 @@ def _meta_decoder(architecture: str, attention: str = "sdpa", **extra) -> SlotDe
     assert fuse_linears(model), architecture  # the fused products run on meta once fused
     model.config._attn_implementation = attention
     model.to("meta")
-    return SlotDecoder(model, cache_arg=_cache_arg(model), last_only={"logits_to_keep": 1}, max_rows=4, graphs="emulate")
-
-
-def _cache_arg(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg, last_only = forward_arguments(model)
+    return SlotDecoder(model, cache_arg=cache_arg, last_only=last_only, max_rows=4, graphs="emulate")
 
 
 def _captured_step(decoder: SlotDecoder, rows: int) -> tuple[torch.Tensor, list[str]]:

@@ -41,11 +41,12 @@ def _ask(stack, token, name) -> requests.Response:
     )
 
 
-def _wait_status(name: str, status: str, after) -> Deployment:
+def _wait_status(name: str, status: str, after=None) -> Deployment:
+    """The deployment once its status is `status`, set after `after` (a time; None: any time)."""
     deadline = time.monotonic() + DEADLINE
     while True:
         deployment = Deployment.objects.get(name=name)
-        if deployment.status == status and deployment.status_updated_at > after:
+        if deployment.status == status and (after is None or deployment.status_updated_at > after):
             return deployment
         assert time.monotonic() < deadline, (deployment.status, deployment.status_detail)
         time.sleep(0.2)
@@ -59,8 +60,8 @@ def test_a_changed_failed_or_disabled_deployment_reaches_its_running_worker(stac
         f"worker-{prefix}", worker_command([main.name, broken.name], hostname=f"{prefix}@%h"), {"WORKER_RELOAD_INTERVAL": "0.5"}
     ).start()
     try:
-        _wait_status(main.name, Deployment.Status.READY, _epoch())
-        _wait_status(broken.name, Deployment.Status.FAILED, _epoch())
+        _wait_status(main.name, Deployment.Status.READY)
+        _wait_status(broken.name, Deployment.Status.FAILED)
         assert "Paris" not in _ask(stack, token, main.name).json()["response"]
 
         changed_at = Deployment.objects.get(name=main.name).status_updated_at
@@ -94,12 +95,6 @@ def _wait_for_closed(worker: Process, count: int) -> None:
     while worker.log_path.read_text(errors="replace").count("a replaced or dropped engine closed") < count:
         assert worker.alive() and time.monotonic() < deadline, worker.log_tail()
         time.sleep(0.2)
-
-
-def _epoch():
-    from datetime import datetime, timezone
-
-    return datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _engine(kind: str, folders):
@@ -139,7 +134,7 @@ def test_a_replaced_engine_finishes_the_answer_on_it_then_refuses_new_ones(stack
     if kind == "transformers":
         assert result.completion_tokens == 64
     deadline = time.monotonic() + DEADLINE
-    while id(engine) in reload.RETIRING:
+    while id(engine) in loader.RETIRING:
         assert time.monotonic() < deadline, "the engine was never closed"
         time.sleep(0.1)
     scheduler = engine.scheduler

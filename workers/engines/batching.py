@@ -21,7 +21,6 @@ TokenPolicy (sampling.py) on the host.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 
@@ -35,7 +34,7 @@ from workers.engines.graphs import to_device
 from workers.engines.scheduling import NOT_A_NUMBER, BatchRequest, Rows, Scheduler
 from workers.engines.slot_batch import SlotBatch
 from workers.engines.slots import SlotDecoder
-from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, fuse_rms_norms, fuse_rotary, slot_support, text_config
+from workers.engines.step_setup import compile_wanted, cuda_graphs_wanted, forward_arguments, fuse_rms_norms, fuse_rotary, slot_support, text_config
 
 __all__ = ["BatchRequest", "BatchingScheduler"]
 
@@ -125,10 +124,7 @@ class BatchingScheduler(Scheduler):
     def _setup_model(self, model, max_batch_size: int) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        # transformers 5.24 renamed `past_key_values` to `cache`; remote-code models keep the old name
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._cache_arg, self._last_only = forward_arguments(model)
         if self.device.type == "cuda":
             # PyTorch prefers cuDNN's attention for bf16/fp16 on recent GPUs, and cuDNN builds a
             # graph for every new key length: a decode step grows the cache by one column, so every

@@ -102,14 +102,12 @@ class Scheduler:
             self._aborted.add(request_id)
             self._wake.notify()
 
-    def stop(self) -> bool:
-        """End the engine loop (requests still inside get a "cancelled" finish); whether its
-        thread has ended (it is given 30 s to finish its step)."""
+    def stop(self) -> None:
+        """End the engine loop (requests still inside get a "cancelled" finish)."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
         self._thread.join(30)
-        return not self._thread.is_alive()
 
     def retire(self, timeout: float) -> bool:
         """End the engine loop at its first moment with no request, waiting or running (its

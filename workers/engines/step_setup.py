@@ -13,6 +13,7 @@ compiles all happen at load (`SlotDecoder.warm`), not while serving; `compiles` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import threading
 
@@ -24,6 +25,14 @@ _OFF = ("0", "false", "no", "off")
 def text_config(model):
     """The config of the model's language part (the model's own where it has no other part)."""
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def forward_arguments(model) -> tuple[str, dict]:
+    """What a decode step passes the model's forward: the name of its cache argument (transformers
+    5.24 renamed `past_key_values` to `cache`; remote-code models keep the old name), and
+    `logits_to_keep=1` where the forward takes it."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values", {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def slot_support(model) -> str | None:
