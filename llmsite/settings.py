@@ -246,6 +246,13 @@ WORKER_HEARTBEAT_INTERVAL = env.float("WORKER_HEARTBEAT_INTERVAL", default=2.0)
 WORKER_HEARTBEAT_TTL = env.int("WORKER_HEARTBEAT_TTL", default=6)
 # how often a worker looks for changed deployments of its queues (workers/reload.py); 0: never
 WORKER_RELOAD_INTERVAL = env.float("WORKER_RELOAD_INTERVAL", default=5.0)
+# where a changed deployment's new model loads: beside the old one (which answers meanwhile), or in
+# its place once it closed (requests wait for the new one); auto: beside unless the GPUs lack room
+WORKER_RELOAD_MODE = env.str("WORKER_RELOAD_MODE", default="auto")
+if WORKER_RELOAD_MODE not in ("auto", "beside", "replace"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"WORKER_RELOAD_MODE must be 'auto', 'beside' or 'replace', not {WORKER_RELOAD_MODE!r}")
 # A request for a deployment that no live worker serves waits this long for one, then gets 503.
 WORKER_WAIT_SECONDS = env.float("WORKER_WAIT_SECONDS", default=10.0)
 # /api/health's one-token probe of each deployment gives up after this long.

@@ -7,10 +7,10 @@ until the new one is ready; then requests go to the new one, and the old one is 
 requests on it have finished (unless another deployment shares it). Where the new one cannot
 load, the deployment is failed with the reason (its row asks for that model) and the old engine
 closed the same way. A failed deployment is tried again once one of those fields changes (a
-corrected folder, say); a disabled or deleted one is dropped and its engine closed the same way.
-Other fields (batch size, context length) reach the engines at the worker's next start, and a new or
-re-enabled deployment loads at its first request. A reload needs room for both copies while the
-new one loads."""
+corrected folder, say); a disabled or deleted one is dropped and its engine closed the same way; a
+new or re-enabled one is loaded, as the worker's start loads those it finds. Other fields (batch
+size, context length) reach the engines at the worker's next start. A reload needs room for both
+copies while the new one loads."""
 
 import gc
 import logging
@@ -34,7 +34,8 @@ def start(queues) -> threading.Thread | None:
 
 
 def refresh(queues) -> None:
-    """Load again, drop or retry each deployment of `queues` this worker holds whose row changed."""
+    """Load again, drop or retry each deployment of `queues` this worker holds whose row changed;
+    load those of `queues` enabled since."""
     from chat.models import Deployment
 
     rows = {d.name: d for d in Deployment.objects.defer("tokenizer_files") if d.queue in queues}
@@ -44,6 +45,12 @@ def refresh(queues) -> None:
             _drop(name, row)
         elif loader.model_key(row) != loader.LOADED_AS.get(name):
             _reload(row)
+    for row in rows.values():
+        if row.enabled and row.name not in loader.LOADED_AS:
+            log.info("deployment %s added or enabled: loading it", row.name)
+            with loader.lock:  # unless a first request loaded it meanwhile
+                if row.name not in loader.LOADED_AS:
+                    loader.load_deployment(row)
 
 
 def _reload(deployment) -> None:
@@ -51,6 +58,10 @@ def _reload(deployment) -> None:
     log.info("deployment %s changed (%s): loading it again", name, _change(loader.LOADED_AS.get(name), loader.model_key(deployment)))
     with loader.lock:  # the old engine keeps answering meanwhile: engine_for reads ENGINES without the lock
         old = loader.ENGINES.get(name)
+        if old is not None and not _fits_beside(old, name):
+            log.info("deployment %s: no room for both models; its engine closes first, requests wait for the new one", name)
+            old = None  # no reference left here: its memory is given back before the new model loads
+            _retire([loader.ENGINES.pop(name)], wait=True)  # engine_for waits on the lock meanwhile
         try:
             loader.FAILED.pop(name, None)
             loader.load_deployment(deployment)  # ENGINES[name] the new engine, or FAILED[name] the reason
@@ -58,7 +69,7 @@ def _reload(deployment) -> None:
             if name in loader.FAILED:
                 loader.ENGINES.pop(name, None)  # requests get the reason, not the old model
             if old is not None and loader.ENGINES.get(name) is not old:
-                _retire(old)
+                _retire([old])
             # else: it failed before any result (the database away): it serves on, and is tried again
 
 
@@ -71,7 +82,7 @@ def _drop(name: str, row) -> None:
         old = loader.ENGINES.pop(name, None)
     if old is not None:
         log.info("deployment %s disabled or deleted: its engine goes", name)
-        _retire(old)
+        _retire([old])
     if row is not None:  # disabled: the admin no longer shows it ready here
         detail = f"disabled: not loaded on {loader.HOSTNAME}"
         Deployment.objects.filter(pk=row.pk, enabled=False).update(status=Deployment.Status.UNKNOWN, status_detail=detail)
@@ -82,16 +93,40 @@ def _change(before: tuple | None, after: tuple) -> str:
     return ", ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in zip(fields, before or (None,) * len(fields), after) if a != b)
 
 
-def _retire(engine) -> None:
-    """Close `engine` once the requests on it have finished, unless a deployment still uses it."""
+def _retire(held: list, wait: bool = False) -> None:
+    """Close the engine in `held` once the requests on it have finished, unless a deployment still
+    uses it: in a thread of its own, or before returning (`wait`: its memory is given back then,
+    where the caller keeps no other reference to it)."""
     with loader.lock:
+        engine = held[0]
         if any(e is engine for e in loader.ENGINES.values()):
             return
         for key in [k for k, e in loader.BY_MODEL.items() if e is engine]:
             del loader.BY_MODEL[key]
         loader.RETIRING[id(engine)] = engine
-    # handed over in a list, emptied there: the thread's own arguments would keep it alive
-    threading.Thread(target=_close_when_idle, args=([engine],), name="engine-retire", daemon=True).start()
+        del engine
+    if wait:
+        _close_when_idle(held)
+    else:  # handed over in the list, emptied there: the thread's own arguments would keep it alive
+        threading.Thread(target=_close_when_idle, args=(held,), name="engine-retire", daemon=True).start()
+
+
+def _fits_beside(engine, name: str) -> bool:
+    """Whether the deployment's new model loads beside its engine (WORKER_RELOAD_MODE "beside"),
+    or the engine closes first ("replace"); "auto": beside unless the engine holds more GPU memory
+    than the GPUs have free (a vLLM engine takes its share of them all), or another deployment
+    shares it (it stays)."""
+    if any(e is engine for n, e in loader.ENGINES.items() if n != name):
+        return True
+    mode = settings.WORKER_RELOAD_MODE
+    if mode != "auto":
+        return mode == "beside"
+    held = engine.gpu_bytes()
+    if not held:
+        return True
+    import torch
+
+    return sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())) > held
 
 
 def _close_when_idle(held: list) -> None:

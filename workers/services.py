@@ -6,8 +6,6 @@ request's row only through chat.lifecycle.
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
-from datetime import datetime
 
 from django.conf import settings
 from django.db import Error as DBError, close_old_connections
@@ -22,8 +20,10 @@ from llmsite import contract
 from llmsite.contract import ContractError, GenerationRequest, PromptFormat, StopText
 from llmsite.errors import ContextTooLong
 from workers import loader, metrics, retrieval
+from workers.answers import Answer, kept_logprobs, unsent_logprobs
 from workers.engines import GenerationResult
 from workers.engines.sampling import PolicyError
+from workers.engines.scheduling import EngineClosed
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,6 @@ class GenerationFailed(Exception):
     def __init__(self, message: str, kind: str = "server_error", param: str | None = None):
         super().__init__(message)
         self.event = contract.Error(message, kind=kind, param=param)
-
-
-@dataclass
-class Answer:
-    """What one answer has produced so far: its text (cut at a stop string), the engine's
-    counts, and when its first token came; `index` is which of the request's n answers it is."""
-
-    stopper: StopText = field(default_factory=lambda: StopText([]))
-    result: GenerationResult = field(default_factory=GenerationResult)
-    first_token_at: datetime | None = None
-    index: int = 0
-    logprobs_sent: int = 0  # result.logprobs entries already published with a delta
 
 
 def generate(wire: dict) -> None:
@@ -75,12 +63,7 @@ def run_generation(request: GenerationRequest) -> None:
         answers = [Answer(index=i) for i in range(max(1, request.sampling.n))]
         answer = answers[0]
         try:
-            target, engine = _engine(request)
-            prompt_ids = _fit(request, target, engine)
-            release_connection()  # back to the pool while the answer streams; the end takes one again
-            for each in answers:
-                each.stopper = StopText([*request.sampling.stop, *stop_strings(target.model_type)])
-            _stream(request, engine, prompt_ids, answers, cancel, timing)
+            _answer(request, answers, cancel, timing)
         except (GenerationFailed, PolicyError) as exc:
             if isinstance(exc, PolicyError):  # decoding fields the engine cannot take (a grammar that does not build)
                 exc = GenerationFailed(str(exc), kind="invalid_request", param=exc.param)
@@ -94,6 +77,25 @@ def run_generation(request: GenerationRequest) -> None:
             )
             return
         _end_finished(request, answers, timing)
+
+
+def _answer(request: GenerationRequest, answers: list[Answer], cancel, timing: metrics.Timing) -> None:
+    """Fit the prompt for the deployment's engine and stream the answers from it. An engine closed
+    in the instant after the request took it (its deployment changed: workers/reload.py) generated
+    nothing: the request goes to the engine that replaced it, with its prompt fitted afresh."""
+    for attempt in range(2):
+        target, engine = _engine(request)
+        prompt_ids = _fit(request, target, engine)
+        release_connection()  # back to the pool while the answer streams; the end takes one again
+        for each in answers:
+            each.stopper = StopText([*request.sampling.stop, *stop_strings(target.model_type)])
+        try:
+            _stream(request, engine, prompt_ids, answers, cancel, timing)
+            return
+        except EngineClosed:
+            if attempt or any(a.first_token_at is not None for a in answers):
+                raise
+            log.info("generation %s: its engine closed as it started (a reload); on to the new one", request.request_id)
 
 
 def _claim(request_id: str, deployment: str) -> bool:
@@ -202,7 +204,7 @@ def _stream(request: GenerationRequest, engine, prompt_ids: list[int], answers: 
             pieces.close()
     for answer in answers:
         tail = "" if answer.stopper.hit else answer.stopper.flush()
-        logprobs = _unsent_logprobs(request, answer)
+        logprobs = unsent_logprobs(request, answer)
         if tail or logprobs:
             events.publish(request.request_id, contract.Delta(tail, index=answer.index, logprobs=logprobs))
 
@@ -223,33 +225,10 @@ def _publish(request: GenerationRequest, answer: Answer, delta: str, timing: met
     # A NUL character (a byte-level token that models can emit) cannot be stored in
     # PostgreSQL text and means nothing in an answer: drop it before anything keeps it.
     ready = answer.stopper.feed(delta.replace("\x00", ""))
-    logprobs = _unsent_logprobs(request, answer)
+    logprobs = unsent_logprobs(request, answer)
     if ready or logprobs:
         events.publish(request.request_id, contract.Delta(ready, index=answer.index, logprobs=logprobs))
     return answer.stopper.hit
-
-
-def _unsent_logprobs(request: GenerationRequest, answer: Answer) -> list | None:
-    """The answer's token entries not yet published, where the request asked for logprobs."""
-    if not request.sampling.logprobs:
-        return None
-    entries = _kept_logprobs(answer)[answer.logprobs_sent :]
-    answer.logprobs_sent += len(entries)
-    return entries or None
-
-
-def _kept_logprobs(answer: Answer) -> list:
-    """The answer's token entries, without those past a stop string that cut it."""
-    entries = answer.result.logprobs
-    if not answer.stopper.hit:
-        return entries
-    kept, length = [], 0
-    for entry in entries:
-        if length >= len(answer.stopper.text):
-            break
-        kept.append(entry)
-        length += len(entry["token"])
-    return kept
 
 
 def _end_finished(request: GenerationRequest, answers: list[Answer], timing: metrics.Timing) -> None:
@@ -260,7 +239,7 @@ def _end_finished(request: GenerationRequest, answers: list[Answer], timing: met
     result = dataclasses.replace(first.result, completion_tokens=sum(a.result.completion_tokens for a in answers))
     timing.end(result, outcome="stopped" if result.finish_reason == "cancelled" else "finished")
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
-    logprobs = _kept_logprobs if request.sampling.logprobs else (lambda answer: None)
+    logprobs = kept_logprobs if request.sampling.logprobs else (lambda answer: None)
     choices = [
         {"index": a.index, "text": a.stopper.text, "finish_reason": a.result.finish_reason, "logprobs": logprobs(a)} for a in answers
     ]

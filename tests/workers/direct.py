@@ -10,15 +10,24 @@ from llmsite import contract
 
 
 def run_on_worker(user, request: contract.GenerationRequest, timeout: float = 120) -> list:
-    """The request's events up to its terminal one (its place-in-line events left out)."""
+    """The request stored and sent; its events up to its terminal one (events_of)."""
+    record(user, request)
     deployment = Deployment.objects.get(name=request.deployment)
-    question = request.messages[-1]["content"]
-    lifecycle.record(
-        request_id=request.request_id, user=user, token=None, deployment=deployment,
-        protocol="http", prompt=question, system_prompt="", history=[], params={},
-    )  # fmt: skip
     concurrency.enqueue(deployment=deployment, user_id=user.pk, request_id=request.request_id, body=request.to_wire())
-    key, last, heard = events.channel(request.request_id), "0", []
+    return events_of(request.request_id, timeout)
+
+
+def record(user, request: contract.GenerationRequest) -> None:
+    """The request's row, queued, as the web tier stores it before sending it."""
+    lifecycle.record(
+        request_id=request.request_id, user=user, token=None, deployment=Deployment.objects.get(name=request.deployment),
+        protocol="http", prompt=request.messages[-1]["content"], system_prompt="", history=[], params={},
+    )  # fmt: skip
+
+
+def events_of(request_id: str, timeout: float = 120) -> list:
+    """The request's events up to its terminal one (its place-in-line events left out)."""
+    key, last, heard = events.channel(request_id), "0", []
     deadline = time.monotonic() + timeout  # bounds the wait; no speed is asserted
     while not any(isinstance(e, contract.TERMINAL) for e in heard):
         assert time.monotonic() < deadline, f"no end heard: {heard}"

@@ -1,8 +1,10 @@
 """A deployment changed in the admin after its worker loaded it (workers/reload.py): a new model is
 loaded and answers without restarting the worker, a failed one is tried again once corrected, a
-disabled one's engine is closed; and a replaced engine finishes the requests already on it."""
+disabled one's engine is closed, a re-enabled or added one is loaded; a replaced engine finishes
+the requests already on it, and a request that took it as it closed goes to the new one."""
 
 import gc
+import logging
 import threading
 import time
 import weakref
@@ -12,13 +14,15 @@ import pytest
 import requests
 
 from chat.models import Deployment
-from llmsite.contract import SamplingParams
+from llmsite import contract
+from llmsite.contract import GenerationRequest, SamplingParams
 from llmsite.launcher import worker_command
 from tests.conftest import Process
 from tests.tiny_models import always_emitting, build_tiny_model, default_tokenizer_files
-from workers import loader, reload
+from tests.workers.direct import events_of, record
+from workers import loader, reload, services
 from workers.engines.base import GenerationResult
-from workers.engines.scheduling import CLOSED, BatchRequest
+from workers.engines.scheduling import BatchRequest, EngineClosed
 
 DEADLINE = 300  # a bound on polling, not a speed check
 
@@ -82,8 +86,16 @@ def test_a_changed_failed_or_disabled_deployment_reaches_its_running_worker(stac
 
         Deployment.objects.filter(name=main.name).update(enabled=False)
         _wait_for_closed(worker, 2)  # the Paris model's engine
-        assert Deployment.objects.get(name=main.name).status_detail.startswith("disabled: not loaded on")
+        disabled = Deployment.objects.get(name=main.name)
+        assert disabled.status_detail.startswith("disabled: not loaded on")
         assert _ask(stack, token, broken.name).status_code == 200
+
+        Deployment.objects.filter(name=main.name).update(enabled=True)  # loaded again before any request
+        _wait_status(main.name, Deployment.Status.READY, disabled.status_updated_at)
+        added = Deployment.objects.create(name=f"{prefix}-added", queue=broken.name, model_source=folders["paris"], model_type="llama2")
+        assert "model shared" in _wait_status(added.name, Deployment.Status.READY).status_detail  # the Paris engine again
+        answer = _ask(stack, token, added.name)
+        assert answer.status_code == 200 and answer.json()["response"].startswith(" Paris Paris"), answer.text
         assert worker.alive(), worker.log_tail()
     finally:
         worker.stop()
@@ -143,9 +155,83 @@ def test_a_replaced_engine_finishes_the_answer_on_it_then_refuses_new_ones(stack
         assert engine.model is None and engine.prefill_model is None, "its llama.cpp contexts are freed"
     late = BatchRequest(id="late", prompt_ids=[1, 2, 3], max_new_tokens=4, greedy=True)
     scheduler.submit(late)  # a request that took the engine just before it closed
-    got, message = late.out.get(timeout=5)
-    assert got == "error" and message == CLOSED
+    assert late.out.get(timeout=5) == ("closed", None)
+    with pytest.raises(EngineClosed, match="changed or disabled"):
+        _answer(engine, GenerationResult())
     gone = weakref.ref(engine)
     del engine, scheduler, running
     gc.collect()
     assert gone() is None, "nothing holds the closed engine (its model's memory goes with it)"
+
+
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "dropped"])
+def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, user, folders, monkeypatch, replaced):
+    """The instant between a request taking its deployment's engine and submitting to it, in which
+    a reload may close that engine: the request is answered by the engine that replaced it, or,
+    its deployment disabled, ends with an error and nothing generated; in-process as a worker runs it."""
+    from workers.engines.transformers_engine import TransformersEngine
+
+    name = f"reroute-{uuid.uuid4().hex[:6]}"
+    row = Deployment.objects.create(name=name, model_source=folders["paris"], model_type="llama2", enabled=replaced)
+    old = TransformersEngine(Deployment(name=name, model_source=folders["random"], model_type="llama2"))
+    assert old.close(DEADLINE)
+    new = TransformersEngine(row) if replaced else None
+    if replaced:
+        loader.ENGINES[name], loader.LOADED_AS[name] = new, loader.model_key(row)
+    taken = [old]  # what engine_for gave the request: the engine as it was closed
+    real_engine_for = loader.engine_for
+    monkeypatch.setattr(loader, "engine_for", lambda deployment: taken.pop() if taken else real_engine_for(deployment))
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+    request = GenerationRequest(str(uuid.uuid4()), name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
+    record(user, request)
+    try:
+        services.run_generation(request)
+        heard = events_of(request.request_id)
+    finally:
+        loader.ENGINES.pop(name, None), loader.LOADED_AS.pop(name, None)
+        if new is not None:
+            new.close(DEADLINE)
+    assert not taken, "the request took the closed engine first"
+    if replaced:
+        assert isinstance(heard[-1], contract.Final) and heard[-1].text.startswith(" Paris Paris"), heard
+        assert not any(isinstance(e, contract.Error) for e in heard), heard
+    else:
+        assert isinstance(heard[-1], contract.Error) and "not available" in heard[-1].message, heard
+        assert not any(isinstance(e, contract.Delta) for e in heard), heard
+
+
+def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_loads(stack, folders, settings, caplog):
+    """WORKER_RELOAD_MODE "replace" (what "auto" does where the GPUs lack room for a second copy):
+    the answer on the old engine runs to its end, the old engine closes, then the new model loads;
+    the deployment answers from it."""
+    row = Deployment.objects.create(name=f"replace-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
+    loader.load_deployment(row)  # as the worker's start loads it
+    old = loader.ENGINES[row.name]
+    assert settings.WORKER_RELOAD_MODE == "auto" and reload._fits_beside(old, row.name), "auto: beside, on CPUs"
+    settings.WORKER_RELOAD_MODE = "replace"
+    assert not reload._fits_beside(old, row.name)
+    result = GenerationResult()
+    running = threading.Thread(target=_answer, args=(old, result))
+    running.start()
+    deadline = time.monotonic() + DEADLINE
+    while not result.completion_tokens:  # the answer is under way on the old engine
+        assert running.is_alive() and time.monotonic() < deadline, result
+        time.sleep(0.01)
+    row.model_source = folders["paris"]
+    row.save()
+    try:
+        with caplog.at_level(logging.INFO, logger="workers"):
+            reload._reload(row)
+        running.join(DEADLINE)
+        assert result.finish_reason == "length" and result.completion_tokens == 64, "the answer on it ran to its end"
+        messages = [r.getMessage() for r in caplog.records]
+        ready = max(i for i, m in enumerate(messages) if m.startswith(f"deployment {row.name} ready"))  # the new model's
+        assert messages.index("a replaced or dropped engine closed") < ready, messages
+        assert not old.scheduler._thread.is_alive() and id(old) not in loader.RETIRING
+        new = loader.ENGINES[row.name]
+        answer = GenerationResult()
+        params = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+        text = "".join(new.stream(new.prompt_ids("Where is the Louvre?"), params, answer, lambda: False))
+        assert text.startswith(" Paris Paris"), text
+    finally:
+        reload._drop(row.name, None)

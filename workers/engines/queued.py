@@ -8,7 +8,7 @@ import uuid
 
 from workers.engines.base import Engine, GenerationResult, Pacer
 from workers.engines.sampling import build_policy, logprob_entry
-from workers.engines.scheduling import BatchRequest
+from workers.engines.scheduling import BatchRequest, EngineClosed
 
 CANCEL_POLL_SECONDS = 0.1  # how often a waiting request looks at its cancel flag
 
@@ -83,6 +83,8 @@ class QueuedEngine(Engine):
                     if text := "".join(held):
                         yield text  # what was generated before the failure is kept
                     raise RuntimeError(value)
+                elif kind == "closed":
+                    raise EngineClosed()
                 if held and pacer.is_due():
                     text = "".join(held)
                     held.clear()

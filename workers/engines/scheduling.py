@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 # what a request gets from an engine closed after it took it (its deployment changed: workers/reload.py)
 CLOSED = "the deployment's model was changed or disabled while this request started; send it again"
 
+
+class EngineClosed(RuntimeError):
+    """The engine a request took was closed before it started the request (its deployment was
+    changed or disabled in that instant): nothing was generated, so the worker sends the request
+    to the deployment's new engine (workers/services.py)."""
+
+    def __init__(self):
+        super().__init__(CLOSED)
+
 # The token an engine chooses for a row whose logits are no use (NaN, or no finite best): the
 # request ends with NOT_A_NUMBER_ERROR instead of a garbage token (and is never fed back as input).
 NOT_A_NUMBER = -1
@@ -28,7 +37,8 @@ NOT_A_NUMBER_ERROR = (
 
 @dataclass
 class BatchRequest:
-    """A request inside the engine; `out` receives ("token", id) ... then ("done", reason) or ("error", msg)."""
+    """A request inside the engine; `out` receives ("token", id) ... then ("done", reason) or ("error", msg);
+    ("closed", None) alone where its engine was closed before it started (EngineClosed)."""
 
     id: str
     prompt_ids: list[int]
@@ -92,7 +102,7 @@ class Scheduler:
     def submit(self, request: BatchRequest) -> None:
         with self._wake:
             if self._stopped:  # its engine was closed (workers/reload.py) after the request took it
-                request.out.put(("error", CLOSED))
+                request.out.put(("closed", None))
                 return
             self._waiting.append(request)
             self._wake.notify()

@@ -145,6 +145,10 @@ class TransformersEngine(QueuedEngine):
         )
         self.load_notes.append(f"decode steps: {self.scheduler.decode_mode}")
 
+    def gpu_bytes(self) -> int:
+        """Its weights' bytes on CUDA (the KV cache, which grows with use, comes on top)."""
+        return self.model.get_memory_footprint() if self.device == "cuda" else 0
+
     def vocab_width(self) -> int:
         head = self.model.get_output_embeddings()
         return head.weight.shape[0] if head is not None else self.model.config.vocab_size

@@ -27,8 +27,8 @@ from packaging.version import InvalidVersion, Version
 
 from workers.engines.base import Engine, GenerationResult, LoadError, Pacer, family_stops
 from workers.engines.sampling import PolicyError
-from workers.engines.scheduling import CLOSED
-from workers.engines.vllm_setup import OutputTail, cpu_dtype, cpu_settings, engine_args, model_folder
+from workers.engines.scheduling import EngineClosed
+from workers.engines.vllm_setup import OutputTail, cpu_dtype, cpu_settings, engine_args, gpu_count, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,16 @@ class VLLMEngine(Engine):
         self.shut_down()
         return True
 
+    def gpu_bytes(self) -> int:
+        """vLLM's share of every CUDA GPU's memory (gpu_memory_utilization), taken at its start."""
+        count = gpu_count(cuda_only=True)
+        if not count:
+            return 0
+        import torch
+
+        share = getattr(getattr(getattr(self.engine, "vllm_config", None), "cache_config", None), "gpu_memory_utilization", 0.9)
+        return int(share * sum(torch.cuda.get_device_properties(i).total_memory for i in range(count)))
+
     def _note(self, deployment, note: str) -> None:
         log.warning("%s: %s", deployment.name, note)
         self.load_notes.append(note)
@@ -166,7 +176,7 @@ class VLLMEngine(Engine):
         """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says;
         `cache_scope` is vLLM's cache salt (its prefix cache is shared only within it)."""
         if self.closed:
-            raise RuntimeError(CLOSED)
+            raise EngineClosed()
         self.sampling_params(params)  # a grammar vLLM cannot take is refused here, before vLLM has the request
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
