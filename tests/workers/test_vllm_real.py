@@ -499,6 +499,64 @@ def test_the_default_model_in_fp32_answers_france_right(vllm_stack, token):
     assert "Paris" in received.pieces[-1], received.pieces[-1]
 
 
+def _engine_processes(worker: Process) -> set[int]:
+    """vLLM's engine-core processes under the worker: one per loaded vLLM engine."""
+    found = set()
+    for process in descendants(worker):
+        try:
+            if "EngineCore" in " ".join(process.cmdline()):
+                found.add(process.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_deployment_added_changed_and_disabled_in_the_admin_reaches_the_vllm_worker(vllm_stack, token, tmp_path):
+    """workers/reload.py with vLLM itself: a deployment added on the worker's queues loads in vLLM
+    before any request; switched to another model, that model answers and the replaced engine's
+    vLLM process stops; disabled, its engine's process stops too, the other deployments' stay."""
+    tiny = Deployment.objects.get(name=f"{vllm_stack.name}-llama2")
+    texts = _tokenizer_texts(vllm_stack.tokenizer)
+    first_model = build_tiny_model(tmp_path / "first", "llama", texts, **VLLM_SIZES)
+    paris = always_emitting(build_tiny_model(tmp_path / "paris", "llama", texts, **VLLM_SIZES), " Paris")
+    others = _engine_processes(vllm_stack.worker)
+    row = Deployment.objects.create(
+        name=f"{vllm_stack.name}-reload", queue=tiny.queue, model_source=str(first_model), engine=Deployment.Engine.VLLM,
+        precision=Deployment.Precision.BF16, model_type="llama2", max_batch_size=2, context_length=512,
+    )
+
+    def ready_after(when):
+        return _wait(lambda: Deployment.objects.filter(pk=row.pk, status=Deployment.Status.READY, status_updated_at__gt=when).first(),
+                     "the deployment ready", FAILED_TIMEOUT)
+
+    def answer() -> str:
+        body = {"prompt": "Where is the Louvre?", "temperature": 0, "max_new_tokens": 4}
+        response = requests.post(f"{vllm_stack.url}/api/predict/{row.name}", headers={"Authorization": token}, json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()["response"]
+
+    try:
+        loaded = ready_after(row.created_at)
+        first = _engine_processes(vllm_stack.worker) - others
+        assert len(first) == 1, "the added deployment has an engine of its own in vLLM"
+        assert "Paris" not in answer()
+
+        row.model_source = str(paris)
+        row.save()
+        ready_after(loaded.status_updated_at)
+        assert answer().startswith(" Paris Paris")
+        _wait(lambda: not first & _engine_processes(vllm_stack.worker), "the replaced engine's vLLM process stopped")
+        second = _engine_processes(vllm_stack.worker) - others
+        assert len(second) == 1, second
+
+        Deployment.objects.filter(pk=row.pk).update(enabled=False)
+        _wait(lambda: not second & _engine_processes(vllm_stack.worker), "the disabled deployment's vLLM process stopped")
+        assert _engine_processes(vllm_stack.worker) == others, "the other deployments' engines are untouched"
+    finally:
+        Deployment.objects.filter(pk=row.pk).update(enabled=False)
+    assert vllm_stack.worker.alive(), vllm_stack.worker.log_tail()
+
+
 def test_a_vllm_worker_killed_mid_stream_gives_the_client_the_error_event(vllm_stack, token, user):
     """Last in the module: it kills the module's vLLM worker (its engine processes go with it)."""
     import signal
