@@ -118,8 +118,14 @@ def _claim(request_id: str, deployment: str) -> bool:
 def _engine(request: GenerationRequest):
     target = _prompt_target(request.deployment, request.prompt_format)
     engine = loader.engine_for(target) if target is not None else None
+    if engine is None and target is not None and target.pk is None:  # unloaded since (a reload replacing it): as a first load
+        target = _prompt_target(request.deployment, None)
+        engine = loader.engine_for(target) if target is not None else None
     if engine is None:
-        reason = loader.FAILED.get(request.deployment) or f"this worker does not serve the deployment '{request.deployment}'"
+        reason = loader.FAILED.get(request.deployment) or (
+            f"the deployment '{request.deployment}' is disabled" if target is not None and not target.enabled
+            else f"this worker does not serve the deployment '{request.deployment}'"
+        )  # fmt: skip
         raise GenerationFailed(f"The model is not available: {reason}")
     return target, engine
 

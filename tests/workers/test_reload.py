@@ -164,23 +164,24 @@ def test_a_replaced_engine_finishes_the_answer_on_it_then_refuses_new_ones(stack
     assert gone() is None, "nothing holds the closed engine (its model's memory goes with it)"
 
 
-@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "dropped"])
-def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, user, folders, monkeypatch, replaced):
+@pytest.mark.parametrize("taken", ["closed", "unloaded", "disabled"])
+def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, user, folders, monkeypatch, taken):
     """The instant between a request taking its deployment's engine and submitting to it, in which
-    a reload may close that engine: the request is answered by the engine that replaced it, or,
-    its deployment disabled, ends with an error and nothing generated; in-process as a worker runs it."""
+    a reload may close that engine, or between finding it loaded and taking it, in which a reload
+    may unload it: the request is answered by the engine that replaced it, or, its deployment
+    disabled, ends with an error and nothing generated; in-process as a worker runs it."""
     from workers.engines.transformers_engine import TransformersEngine
 
-    name = f"reroute-{uuid.uuid4().hex[:6]}"
+    name, replaced = f"reroute-{uuid.uuid4().hex[:6]}", taken != "disabled"
     row = Deployment.objects.create(name=name, model_source=folders["paris"], model_type="llama2", enabled=replaced)
     old = TransformersEngine(Deployment(name=name, model_source=folders["random"], model_type="llama2"))
     assert old.close(DEADLINE)
     new = TransformersEngine(row) if replaced else None
     if replaced:
         loader.ENGINES[name], loader.LOADED_AS[name] = new, loader.model_key(row)
-    taken = [old]  # what engine_for gave the request: the engine as it was closed
+    given = [None if taken == "unloaded" else old]  # what engine_for gave the request in that instant
     real_engine_for = loader.engine_for
-    monkeypatch.setattr(loader, "engine_for", lambda deployment: taken.pop() if taken else real_engine_for(deployment))
+    monkeypatch.setattr(loader, "engine_for", lambda deployment: given.pop() if given else real_engine_for(deployment))
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
     request = GenerationRequest(str(uuid.uuid4()), name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
     record(user, request)
@@ -191,12 +192,12 @@ def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, u
         loader.ENGINES.pop(name, None), loader.LOADED_AS.pop(name, None)
         if new is not None:
             new.close(DEADLINE)
-    assert not taken, "the request took the closed engine first"
+    assert not given, "the request took the closed (or no) engine first"
     if replaced:
         assert isinstance(heard[-1], contract.Final) and heard[-1].text.startswith(" Paris Paris"), heard
         assert not any(isinstance(e, contract.Error) for e in heard), heard
     else:
-        assert isinstance(heard[-1], contract.Error) and "not available" in heard[-1].message, heard
+        assert isinstance(heard[-1], contract.Error) and f"'{name}' is disabled" in heard[-1].message, heard
         assert not any(isinstance(e, contract.Delta) for e in heard), heard
 
 
