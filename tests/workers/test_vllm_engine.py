@@ -151,3 +151,24 @@ def test_a_closed_vllm_engine_finishes_its_answer_then_shuts_down_and_refuses_ne
     with pytest.raises(RuntimeError, match="changed or disabled") as refused:
         list(fake_vllm_engine.stream("q", params(), GenerationResult(), lambda: False))
     assert str(refused.value) == CLOSED
+
+
+def test_an_answer_started_before_vllm_has_its_request_holds_off_the_close(fake_vllm_engine):
+    """A stream counts from its start, not from when vLLM's front end registers the request: an
+    engine closed in between would shut vLLM down under it. Here vLLM's event loop is held busy so
+    the started answer's request cannot reach vLLM yet."""
+    fake_vllm_engine._loop.call_soon_threadsafe(time.sleep, 2.0)
+    result = GenerationResult()
+    stream = fake_vllm_engine.stream("p", params(max_new_tokens=5), result, lambda: False)
+    running = threading.Thread(target=lambda: list(stream))
+    running.start()
+    deadline = time.monotonic() + 60
+    while not fake_vllm_engine._streams:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert fake_vllm_engine.scheduler.running == 0, "vLLM does not have the request yet"
+    assert not fake_vllm_engine.close(0.5), "an answer has started: the engine stays open"
+    assert ("shutdown",) not in fake_vllm.calls
+    running.join(60)
+    assert result.finish_reason == "length" and result.completion_tokens == 5
+    assert fake_vllm_engine.close(60) and fake_vllm.calls[-1] == ("shutdown",)

@@ -49,6 +49,7 @@ class VLLMEngine(Engine):
                 "(`make vllm-venv`), or `pip install vllm` on a GPU node"
             ) from None
         self._vllm = vllm
+        self._streams, self._streams_done = 0, threading.Condition()  # answers streaming now (close waits for them)
         self.load_notes: list[str] = []  # shown with the deployment's status in the admin
         # vLLM takes a cache salt (its prefix cache shared only by requests of one salt) from 0.9 on
         # (V1 engine); an older one ignores the key, and every user's requests would share rows.
@@ -95,14 +96,16 @@ class VLLMEngine(Engine):
             log.warning("vLLM's engine did not shut down cleanly", exc_info=True)
 
     def close(self, timeout: float) -> bool:
-        """vLLM's processes stopped once it has no unfinished request (its event loop's thread
-        stays, idle: a late request's calls on it return instead of waiting for ever)."""
+        """vLLM's processes stopped once no answer streams from it (its event loop's thread stays,
+        idle: a late request's calls on it return instead of waiting for ever). Decided under the
+        lock a stream takes to start, so none starts on an engine shutting down."""
         deadline = time.monotonic() + timeout
-        while self.scheduler.running and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if self.scheduler.running:
-            return False
-        self.closed = True
+        with self._streams_done:
+            while self._streams and time.monotonic() < deadline:
+                self._streams_done.wait(max(0.0, deadline - time.monotonic()))
+            if self._streams:
+                return False
+            self.closed = True
         self.shut_down()
         return True
 
@@ -175,8 +178,18 @@ class VLLMEngine(Engine):
     def stream(self, prompt, params, result: GenerationResult, cancelled, interval: float = 0.0, eager_chars: int = 1, cache_scope: str = ""):
         """vLLM's outputs as text deltas, paced by `interval` and `eager_chars` as Engine.stream says;
         `cache_scope` is vLLM's cache salt (its prefix cache is shared only within it)."""
-        if self.closed:
-            raise EngineClosed()
+        with self._streams_done:
+            if self.closed:
+                raise EngineClosed()
+            self._streams += 1
+        try:
+            yield from self._stream(prompt, params, result, cancelled, interval, eager_chars, cache_scope)
+        finally:
+            with self._streams_done:
+                self._streams -= 1
+                self._streams_done.notify_all()
+
+    def _stream(self, prompt, params, result: GenerationResult, cancelled, interval: float, eager_chars: int, cache_scope: str):
         self.sampling_params(params)  # a grammar vLLM cannot take is refused here, before vLLM has the request
         request_id = uuid.uuid4().hex
         out: queue.Queue = queue.Queue()
