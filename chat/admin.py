@@ -12,10 +12,10 @@ from chat.tokens import token_create, token_revoke
 
 # what a saved change does to the workers already serving the deployment (workers/reload.py)
 RELOAD_NOTE = (
-    "Workers serving this deployment load a changed model source, model type, engine, precision or "
-    "remote-code switch within seconds, the old model answering until the new one is ready (where the "
-    "GPUs lack room for both, the old one closes first and requests wait for the new one); disabling it "
-    "unloads it, enabling it loads it. A changed context length or batch size reaches the engines when their workers next start."
+    "Workers serving this deployment load a changed model source, model type, engine, precision, "
+    "remote-code switch or batch size (and context length, for llama.cpp and vLLM) within seconds, the "
+    "old model answering until the new one is ready (where the GPUs lack room for both, the old one "
+    "closes first and requests wait for the new one); disabling it unloads it, enabling it loads it."
 )
 
 

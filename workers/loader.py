@@ -16,7 +16,7 @@ ENGINES: dict[str, object] = {}
 FAILED: dict[str, str] = {}
 LOADING: set[str] = set()  # deployments whose model is being loaded now (/metrics' load state)
 LOADED_AS: dict[str, tuple] = {}  # deployment name -> the model key its engine (or its failure) came from
-# the model key (MODEL_FIELDS) -> engine: deployments of the same model share one copy
+# the model key (model_key) -> engine: deployments of the same model, sized alike, share one copy
 BY_MODEL: dict[tuple, object] = {}
 RETIRING: dict[int, object] = {}  # id -> a replaced engine waiting for its requests before it closes (workers/reload.py)
 lock = threading.RLock()
@@ -25,10 +25,15 @@ HOSTNAME = ""
 
 # What an engine is loaded from: the model type sets its stop tokens, and remote code changes what is loaded.
 MODEL_FIELDS = ("engine", "model_source", "precision", "model_type", "trust_remote_code")
+# What each engine is sized by at its load (the transformers engine's context is its model's own:
+# the worker fits prompts to the deployment's at each request)
+SIZED_BY = {"transformers": ("max_batch_size",), "llamacpp": ("max_batch_size", "context_length"), "vllm": ("max_batch_size", "context_length")}
 
 
 def model_key(deployment) -> tuple:
-    return tuple(getattr(deployment, field) for field in MODEL_FIELDS)
+    """What the deployment's engine is loaded from and sized by, as (field, value) pairs: deployments
+    of one key share one engine, and a changed key loads it again (workers/reload.py)."""
+    return tuple((field, getattr(deployment, field)) for field in (*MODEL_FIELDS, *SIZED_BY.get(deployment.engine, ())))
 
 
 def _set_status(deployment, status, detail="", **fields):

@@ -1,16 +1,15 @@
 """Deployments an operator changed after this worker loaded them.
 
 Every WORKER_RELOAD_INTERVAL seconds a thread reads the deployments of the worker's queues. Where
-one's model key (engine, model source, precision, model type, remote code) differs from the one
-its engine was loaded with, the new engine is loaded beside the old one, which keeps answering
+one's model key (engine, model source, precision, model type, remote code, and what its engine is
+sized by: batch size, context length) differs from the one its engine was loaded with, the new engine is loaded beside the old one, which keeps answering
 until the new one is ready; then requests go to the new one, and the old one is closed once the
 requests on it have finished (unless another deployment shares it). Where the new one cannot
 load, the deployment is failed with the reason (its row asks for that model) and the old engine
 closed the same way. A failed deployment is tried again once one of those fields changes (a
 corrected folder, say); a disabled or deleted one is dropped and its engine closed the same way; a
-new or re-enabled one is loaded, as the worker's start loads those it finds. Other fields (batch
-size, context length) reach the engines at the worker's next start. A reload needs room for both
-copies while the new one loads."""
+new or re-enabled one is loaded, as the worker's start loads those it finds. A reload needs room
+for both copies while the new one loads; where the GPUs lack it, the old engine closes first."""
 
 import gc
 import logging
@@ -89,8 +88,9 @@ def _drop(name: str, row) -> None:
 
 
 def _change(before: tuple | None, after: tuple) -> str:
-    fields = loader.MODEL_FIELDS
-    return ", ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in zip(fields, before or (None,) * len(fields), after) if a != b)
+    before, after = dict(before or ()), dict(after)
+    fields = [*after, *(f for f in before if f not in after)]
+    return ", ".join(f"{f}: {before.get(f)!r} -> {after.get(f)!r}" for f in fields if before.get(f) != after.get(f))
 
 
 def _retire(held: list, wait: bool = False) -> None:

@@ -84,8 +84,14 @@ def test_a_changed_failed_or_disabled_deployment_reaches_its_running_worker(stac
         answer = _ask(stack, token, broken.name)
         assert answer.status_code == 200 and "Paris" not in answer.json()["response"], answer.text
 
+        broken.max_batch_size = 2  # what the engine is sized by: loaded again too
+        broken.save()
+        _wait_status(broken.name, Deployment.Status.READY, loaded.status_updated_at)
+        _wait_for_closed(worker, 2)  # the random model's engine of batch size 32
+        assert _ask(stack, token, broken.name).status_code == 200
+
         Deployment.objects.filter(name=main.name).update(enabled=False)
-        _wait_for_closed(worker, 2)  # the Paris model's engine
+        _wait_for_closed(worker, 3)  # the Paris model's engine
         disabled = Deployment.objects.get(name=main.name)
         assert disabled.status_detail.startswith("disabled: not loaded on")
         assert _ask(stack, token, broken.name).status_code == 200
