@@ -21,6 +21,7 @@ BY_MODEL: dict[tuple, object] = {}
 RETIRING: dict[int, object] = {}  # id -> a replaced engine waiting for its requests before it closes (workers/reload.py)
 lock = threading.RLock()
 HOSTNAME = ""
+QUEUES: set[str] = set()  # the worker's queues (empty outside a worker: every deployment is served)
 
 
 # What an engine is loaded from: the model type sets its stop tokens, and remote code changes what is loaded.
@@ -111,6 +112,8 @@ def engine_for(deployment):
         return engine
     if deployment.pk is None or not deployment.enabled:  # a request from before it was dropped (workers/reload.py)
         return None
+    if QUEUES and deployment.queue not in QUEUES:  # moved to another queue since the request was sent
+        return None
     with lock:
         if deployment.name not in ENGINES and deployment.name not in FAILED:
             load_deployment(deployment)
@@ -137,6 +140,7 @@ def _load_models(sender, instance, conf, **kwargs):
 
     metrics.start()  # before the models load, so their load state shows
     queues = set(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
+    QUEUES.update(queues)
     load_for_queues(queues)
     from workers import heartbeat
 

@@ -13,6 +13,7 @@ for both copies while the new one loads; where the GPUs lack it, the old engine 
 
 import gc
 import logging
+import re
 import threading
 
 from django.conf import settings
@@ -60,16 +61,34 @@ def _reload(deployment) -> None:
         if old is not None and not _fits_beside(old, name):
             log.info("deployment %s: no room for both models; its engine closes first, requests wait for the new one", name)
             old = None  # no reference left here: its memory is given back before the new model loads
-            _retire([loader.ENGINES.pop(name)], wait=True)  # engine_for waits on the lock meanwhile
+            _close_first(name)
         try:
             loader.FAILED.pop(name, None)
             loader.load_deployment(deployment)  # ENGINES[name] the new engine, or FAILED[name] the reason
+            if old is not None and _out_of_memory(name) and settings.WORKER_RELOAD_MODE == "auto" and not _shared(old, name):
+                log.warning("deployment %s: its new model found no room beside the old one; the old one closes first", name)
+                old = None
+                _close_first(name)
+                loader.FAILED.pop(name, None)
+                loader.load_deployment(deployment)
         finally:
             if name in loader.FAILED:
                 loader.ENGINES.pop(name, None)  # requests get the reason, not the old model
             if old is not None and loader.ENGINES.get(name) is not old:
-                _retire([old])
+                held, old = [old], None  # the retire thread's, alone: its memory goes when it closes
+                _retire(held)
             # else: it failed before any result (the database away): it serves on, and is tried again
+
+
+def _close_first(name: str) -> None:
+    """Close the deployment's engine before its new model loads (no room for both): the answers on
+    it run to their end; requests for it wait on the loader's lock, which the caller holds."""
+    _retire([loader.ENGINES.pop(name)], wait=True)
+
+
+def _out_of_memory(name: str) -> bool:
+    """Whether the deployment's load failed for want of memory (the engines' and vLLM's words for it)."""
+    return bool(re.search(r"out of memory|free memory|available memory", loader.FAILED.get(name, ""), re.IGNORECASE))
 
 
 def _drop(name: str, row) -> None:
@@ -81,7 +100,8 @@ def _drop(name: str, row) -> None:
         old = loader.ENGINES.pop(name, None)
     if old is not None:
         log.info("deployment %s disabled or deleted: its engine goes", name)
-        _retire([old])
+        held, old = [old], None  # the retire thread's, alone: its memory goes when it closes
+        _retire(held)
     if row is not None:  # disabled: the admin no longer shows it ready here
         detail = f"disabled: not loaded on {loader.HOSTNAME}"
         Deployment.objects.filter(pk=row.pk, enabled=False).update(status=Deployment.Status.UNKNOWN, status_detail=detail)
@@ -111,22 +131,25 @@ def _retire(held: list, wait: bool = False) -> None:
         threading.Thread(target=_close_when_idle, args=(held,), name="engine-retire", daemon=True).start()
 
 
+def _shared(engine, name: str) -> bool:
+    return any(e is engine for n, e in loader.ENGINES.items() if n != name)
+
+
 def _fits_beside(engine, name: str) -> bool:
-    """Whether the deployment's new model loads beside its engine (WORKER_RELOAD_MODE "beside"),
-    or the engine closes first ("replace"); "auto": beside unless the engine holds more GPU memory
-    than the GPUs have free (a vLLM engine takes its share of them all), or another deployment
-    shares it (it stays)."""
-    if any(e is engine for n, e in loader.ENGINES.items() if n != name):
+    """Whether the deployment's new model loads beside its engine (WORKER_RELOAD_MODE "beside"), or
+    the engine closes first ("replace"); "auto": beside where the engine says a second copy of its
+    model fits (engine.room_beside: the GPUs' free memory). An engine another deployment shares
+    stays for it: the new model can only load beside it."""
+    if _shared(engine, name):
         return True
     mode = settings.WORKER_RELOAD_MODE
     if mode != "auto":
         return mode == "beside"
-    held = engine.gpu_bytes()
-    if not held:
-        return True
-    import torch
-
-    return sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())) > held
+    try:
+        return engine.room_beside()
+    except Exception:  # a GPU that cannot say: the safe way round
+        log.warning("could not tell whether a second model fits beside the old one: it closes first", exc_info=True)
+        return False
 
 
 def _close_when_idle(held: list) -> None:

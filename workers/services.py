@@ -96,6 +96,9 @@ def _answer(request: GenerationRequest, answers: list[Answer], cancel, timing: m
             if attempt or any(a.first_token_at is not None for a in answers):
                 raise
             log.info("generation %s: its engine closed as it started (a reload); on to the new one", request.request_id)
+            engine = prompt_ids = None  # nothing here holds the closed engine while the new one loads
+            for each in answers:  # an answer of n that ended empty on the closed engine starts again too
+                each.result, each.logprobs_sent = GenerationResult(), 0
 
 
 def _claim(request_id: str, deployment: str) -> bool:

@@ -209,8 +209,9 @@ def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, u
 
 def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_loads(stack, folders, settings, caplog):
     """WORKER_RELOAD_MODE "replace" (what "auto" does where the GPUs lack room for a second copy):
-    the answer on the old engine runs to its end, the old engine closes, then the new model loads;
-    the deployment answers from it."""
+    the answer on the old engine runs to its end, the old engine closes and its model is gone (even
+    though a request thread still holds the engine), then the new model loads; the deployment
+    answers from it."""
     row = Deployment.objects.create(name=f"replace-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
     loader.load_deployment(row)  # as the worker's start loads it
     old = loader.ENGINES[row.name]
@@ -226,9 +227,13 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
         time.sleep(0.01)
     row.model_source = folders["paris"]
     row.save()
+    old_model = weakref.ref(old.model)
+    at_new_load = _AtLog(f"loading {folders['paris']}", lambda: old_model() is None)
+    logging.getLogger("workers").addHandler(at_new_load)
     try:
         with caplog.at_level(logging.INFO, logger="workers"):
             reload._reload(row)
+        assert at_new_load.results == [True], "the old model's memory was given back before the new model loaded"
         running.join(DEADLINE)
         assert result.finish_reason == "length" and result.completion_tokens == 64, "the answer on it ran to its end"
         messages = [r.getMessage() for r in caplog.records]
@@ -241,4 +246,26 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
         text = "".join(new.stream(new.prompt_ids("Where is the Louvre?"), params, answer, lambda: False))
         assert text.startswith(" Paris Paris"), text
     finally:
+        logging.getLogger("workers").removeHandler(at_new_load)
         reload._drop(row.name, None)
+
+
+class _AtLog(logging.Handler):
+    """What `check()` says at the moment a log message starting with `start` is written."""
+
+    def __init__(self, start: str, check):
+        super().__init__(logging.INFO)
+        self.start, self.check, self.results = start, check, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.start):
+            self.results.append(self.check())
+
+
+def test_a_deployment_moved_to_another_queue_is_not_loaded_by_a_late_request(stack, folders, monkeypatch):
+    """A request sent before its deployment moved to a queue this worker does not take finds no
+    engine here, instead of loading the model on a worker that no longer serves it."""
+    monkeypatch.setattr(loader, "QUEUES", {"this-workers-queue"})
+    row = Deployment.objects.create(name=f"moved-{uuid.uuid4().hex[:6]}", queue="another-queue", model_source=folders["paris"], model_type="llama2")
+    assert loader.engine_for(row) is None
+    assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS

@@ -157,7 +157,8 @@ def test_an_answer_started_before_vllm_has_its_request_holds_off_the_close(fake_
     """A stream counts from its start, not from when vLLM's front end registers the request: an
     engine closed in between would shut vLLM down under it. Here vLLM's event loop is held busy so
     the started answer's request cannot reach vLLM yet."""
-    fake_vllm_engine._loop.call_soon_threadsafe(time.sleep, 2.0)
+    busy = threading.Event()
+    fake_vllm_engine._loop.call_soon_threadsafe(busy.wait, 60)
     result = GenerationResult()
     stream = fake_vllm_engine.stream("p", params(max_new_tokens=5), result, lambda: False)
     running = threading.Thread(target=lambda: list(stream))
@@ -169,6 +170,7 @@ def test_an_answer_started_before_vllm_has_its_request_holds_off_the_close(fake_
     assert fake_vllm_engine.scheduler.running == 0, "vLLM does not have the request yet"
     assert not fake_vllm_engine.close(0.5), "an answer has started: the engine stays open"
     assert ("shutdown",) not in fake_vllm.calls
+    busy.set()
     running.join(60)
     assert result.finish_reason == "length" and result.completion_tokens == 5
     assert fake_vllm_engine.close(60) and fake_vllm.calls[-1] == ("shutdown",)

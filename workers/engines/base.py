@@ -127,10 +127,11 @@ class Engine:
         an answer short; a request that takes it after it closed gets an error at once)."""
         return True
 
-    def gpu_bytes(self) -> int:
-        """GPU memory the engine holds (0 on CPUs): where the GPUs have less than this free, a
-        changed deployment's engine closes before its new model loads (workers/reload.py)."""
-        return 0
+    def room_beside(self) -> bool:
+        """Whether a second model of this one's size fits beside it now: where not, a changed
+        deployment's engine closes before its new model loads (workers/reload.py). On CPUs the
+        machine's memory is not checked."""
+        return True
 
     def perplexity(self, text: str) -> float:
         """The model's perplexity on `text`: how the quality guard compares fast engines with fp32."""

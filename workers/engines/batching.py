@@ -108,6 +108,12 @@ class BatchingScheduler(Scheduler):
     def _new_batch(self):
         return SlotBatch(self.decoder) if self.decoder is not None else _Batch()
 
+    def release(self) -> None:
+        """Once the loop has stopped (its engine closed): let go of the model and the slot
+        decoder, whose KV cache and CUDA graphs hold device memory."""
+        self.model = self.decoder = None
+        self._batch = _Batch()
+
     @property
     def decode_mode(self) -> str:
         """How decode steps run, for the deployment's status and the GPU bench."""

@@ -145,9 +145,22 @@ class TransformersEngine(QueuedEngine):
         )
         self.load_notes.append(f"decode steps: {self.scheduler.decode_mode}")
 
-    def gpu_bytes(self) -> int:
-        """Its weights' bytes on CUDA (the KV cache, which grows with use, comes on top)."""
-        return self.model.get_memory_footprint() if self.device == "cuda" else 0
+    def room_beside(self) -> bool:
+        """On CUDA: whether the GPUs' free memory holds another copy of its weights (the KV cache,
+        which grows with use, comes on top; a load that runs out still closes this one first)."""
+        if self.device != "cuda":
+            return True
+        free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+        return free > self.model.get_memory_footprint()
+
+    def close(self, timeout: float) -> bool:
+        """The scheduler stopped, then the model and what holds it (the slot decoder's KV cache and
+        CUDA graphs) let go: their memory goes even while a request thread still holds the engine."""
+        if not super().close(timeout):
+            return False
+        self.scheduler.release()
+        self.model = None
+        return True
 
     def vocab_width(self) -> int:
         head = self.model.get_output_embeddings()

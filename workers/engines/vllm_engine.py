@@ -109,15 +109,14 @@ class VLLMEngine(Engine):
         self.shut_down()
         return True
 
-    def gpu_bytes(self) -> int:
-        """vLLM's share of every CUDA GPU's memory (gpu_memory_utilization), taken at its start."""
-        count = gpu_count(cuda_only=True)
-        if not count:
-            return 0
-        import torch
-
+    def room_beside(self) -> bool:
+        """On CUDA GPUs vLLM takes its share of each one's memory (gpu_memory_utilization, 0.9 by
+        default) at its start: a second engine fits only where two shares do. (Asked without
+        starting CUDA in this process, which would make vLLM start its processes another way.)"""
+        if not gpu_count(cuda_only=True):
+            return True
         share = getattr(getattr(getattr(self.engine, "vllm_config", None), "cache_config", None), "gpu_memory_utilization", 0.9)
-        return int(share * sum(torch.cuda.get_device_properties(i).total_memory for i in range(count)))
+        return 2 * share <= 1
 
     def _note(self, deployment, note: str) -> None:
         log.warning("%s: %s", deployment.name, note)
