@@ -127,3 +127,22 @@ def test_offloaded_weights_are_left_to_the_hooks_that_load_them():
     with torch.device("meta"):  # as accelerate keeps an offloaded layer's weights until it runs
         model = _tiny("llama")
     assert fuse_linears(model) == 0
+
+
+def test_a_cross_attention_keeps_its_own_products():
+    """Its keys and values project another input than its queries: fused, each call with the
+    queries' input would make keys and values for nothing."""
+
+    class TextCrossAttention(torch.nn.Module):  # as Mllama's text cross-attention layers are named
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+
+    model = torch.nn.Module()
+    model.cross, model.flagged = TextCrossAttention(), copy.deepcopy(TextCrossAttention())
+    model.flagged.__class__ = type("Attention", (torch.nn.Module,), {})
+    model.flagged.is_cross_attention = True  # as some models mark theirs
+    model.plain = type("Attention", (torch.nn.Module,), {})()
+    model.plain.q_proj, model.plain.k_proj, model.plain.v_proj = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+    assert fuse_linears(model) == 1  # the plain attention only
+    assert "forward" not in vars(model.cross.k_proj) and "forward" not in vars(model.flagged.k_proj)

@@ -10,8 +10,8 @@ output from one weight (the members' weights, concatenated; theirs become views 
 weight is held twice) and hands the others their part, which they return when called with the
 same input tensor, in the same step. Called with anything else (another input, another order),
 a member computes its own product as before: the answers never depend on how the model calls
-them (one that calls them otherwise, a cross-attention with its keys and values of another
-input, say, pays for the parts computed in vain). Several threads may run the model at once (a
+them (one that calls them otherwise pays for the parts computed in vain; a cross-attention, whose
+keys and values are of another input, is left unfused). Several threads may run the model at once (a
 part is handed out with its input, in one attribute). For serving: no gradient reaches the
 members' weights.
 
@@ -40,6 +40,8 @@ def fuse_linears(model) -> int:
     shared = _shared_weights(model)
     fused = 0
     for module in model.modules():
+        if _cross_attention(module):
+            continue
         for names in GROUPS:
             members = [getattr(module, name, None) for name in names]
             if members[0] is not None and _is_fused(members[0]) and not _joined(members):
@@ -68,6 +70,12 @@ def _shared_weights(model) -> set[int]:
     for _, parameter in model.named_parameters(remove_duplicate=False):
         (shared if id(parameter) in seen else seen).add(id(parameter))
     return shared
+
+
+def _cross_attention(module) -> bool:
+    """An attention whose keys and values project another input than its queries (Mllama's text
+    cross-attention layers, say): a fused group would make the queries' input's keys and values for nothing."""
+    return "CrossAttention" in type(module).__name__ or getattr(module, "is_cross_attention", False) is True
 
 
 def _fusable(members, shared: set[int]) -> bool:
