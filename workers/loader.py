@@ -28,7 +28,11 @@ QUEUES: set[str] = set()  # the worker's queues (empty outside a worker: every d
 MODEL_FIELDS = ("engine", "model_source", "precision", "model_type", "trust_remote_code")
 # What each engine is sized by at its load (the transformers engine's context is its model's own:
 # the worker fits prompts to the deployment's at each request)
-SIZED_BY = {"transformers": ("max_batch_size",), "llamacpp": ("max_batch_size", "context_length"), "vllm": ("max_batch_size", "context_length")}
+SIZED_BY = {
+    "transformers": ("max_batch_size",),
+    "llamacpp": ("max_batch_size", "context_length"),
+    "vllm": ("max_batch_size", "context_length"),
+}
 
 
 def model_key(deployment) -> tuple:

@@ -2,8 +2,8 @@
 
 Every WORKER_RELOAD_INTERVAL seconds a thread reads the deployments of the worker's queues. Where
 one's model key (engine, model source, precision, model type, remote code, and what its engine is
-sized by: batch size, context length) differs from the one its engine was loaded with, the new engine is loaded beside the old one, which keeps answering
-until the new one is ready; then requests go to the new one, and the old one is closed once the
+sized by: batch size, context length) differs from the one its engine was loaded with, the new
+engine is loaded beside the old one, which keeps answering until the new one is ready; then requests go to the new one, and the old one is closed once the
 requests on it have finished (unless another deployment shares it). Where the new one cannot
 load, the deployment is failed with the reason (its row asks for that model) and the old engine
 closed the same way. A failed deployment is tried again once one of those fields changes (a

@@ -195,7 +195,8 @@ def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, u
         services.run_generation(request)
         heard = events_of(request.request_id)
     finally:
-        loader.ENGINES.pop(name, None), loader.LOADED_AS.pop(name, None)
+        loader.ENGINES.pop(name, None)
+        loader.LOADED_AS.pop(name, None)
         if new is not None:
             new.close(DEADLINE)
     assert not given, "the request took the closed (or no) engine first"
@@ -209,9 +210,9 @@ def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, u
 
 def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_loads(stack, folders, settings, caplog):
     """WORKER_RELOAD_MODE "replace" (what "auto" does where the GPUs lack room for a second copy):
-    the answer on the old engine runs to its end, the old engine closes and its model is gone (even
-    though a request thread still holds the engine), then the new model loads; the deployment
-    answers from it."""
+    the answer on the old engine runs to its end, the old engine closes and its model is gone (though
+    the engine itself is still held here, as a request thread may hold it), then the new model
+    loads; the deployment answers from it."""
     row = Deployment.objects.create(name=f"replace-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
     loader.load_deployment(row)  # as the worker's start loads it
     old = loader.ENGINES[row.name]
@@ -266,6 +267,8 @@ def test_a_deployment_moved_to_another_queue_is_not_loaded_by_a_late_request(sta
     """A request sent before its deployment moved to a queue this worker does not take finds no
     engine here, instead of loading the model on a worker that no longer serves it."""
     monkeypatch.setattr(loader, "QUEUES", {"this-workers-queue"})
-    row = Deployment.objects.create(name=f"moved-{uuid.uuid4().hex[:6]}", queue="another-queue", model_source=folders["paris"], model_type="llama2")
+    row = Deployment.objects.create(
+        name=f"moved-{uuid.uuid4().hex[:6]}", queue="another-queue", model_source=folders["paris"], model_type="llama2"
+    )
     assert loader.engine_for(row) is None
     assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS

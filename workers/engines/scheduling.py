@@ -26,6 +26,7 @@ class EngineClosed(RuntimeError):
     def __init__(self):
         super().__init__(CLOSED)
 
+
 # The token an engine chooses for a row whose logits are no use (NaN, or no finite best): the
 # request ends with NOT_A_NUMBER_ERROR instead of a garbage token (and is never fed back as input).
 NOT_A_NUMBER = -1
