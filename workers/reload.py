@@ -3,13 +3,14 @@
 Every WORKER_RELOAD_INTERVAL seconds a thread reads the deployments of the worker's queues. Where
 one's model key (engine, model source, precision, model type, remote code, and what its engine is
 sized by: batch size, context length) differs from the one its engine was loaded with, the new
-engine is loaded beside the old one, which keeps answering until the new one is ready; then requests go to the new one, and the old one is closed once the
-requests on it have finished (unless another deployment shares it). Where the new one cannot
-load, the deployment is failed with the reason (its row asks for that model) and the old engine
-closed the same way. A failed deployment is tried again once one of those fields changes (a
-corrected folder, say); a disabled or deleted one is dropped and its engine closed the same way; a
-new or re-enabled one is loaded, as the worker's start loads those it finds. A reload needs room
-for both copies while the new one loads; where the GPUs lack it, the old engine closes first."""
+engine is loaded beside the old one, which keeps answering until the new one is ready; then
+requests go to the new one, and the old one is closed once the requests on it have finished (unless
+another deployment shares it). Where the new one cannot load, the deployment is failed with the
+reason (its row asks for that model) and the old engine closed the same way. A failed deployment is
+tried again once one of those fields changes (a corrected folder, say); a disabled or deleted one
+is dropped and its engine closed the same way; a new or re-enabled one is loaded, as the worker's
+start loads those it finds. A reload needs room for both copies while the new one loads; where the
+GPUs lack it, the old engine closes first."""
 
 import gc
 import logging
@@ -48,9 +49,7 @@ def refresh(queues) -> None:
     for row in rows.values():
         if row.enabled and row.name not in loader.LOADED_AS:
             log.info("deployment %s added or enabled: loading it", row.name)
-            with loader.lock:  # unless a first request loaded it meanwhile
-                if row.name not in loader.LOADED_AS:
-                    loader.load_deployment(row)
+            loader.engine_for(row)  # as a first request loads it (unless one did meanwhile)
 
 
 def _reload(deployment) -> None:
@@ -119,7 +118,7 @@ def _retire(held: list, wait: bool = False) -> None:
     where the caller keeps no other reference to it)."""
     with loader.lock:
         engine = held[0]
-        if any(e is engine for e in loader.ENGINES.values()):
+        if _shared(engine):
             return
         for key in [k for k, e in loader.BY_MODEL.items() if e is engine]:
             del loader.BY_MODEL[key]
@@ -131,7 +130,8 @@ def _retire(held: list, wait: bool = False) -> None:
         threading.Thread(target=_close_when_idle, args=(held,), name="engine-retire", daemon=True).start()
 
 
-def _shared(engine, name: str) -> bool:
+def _shared(engine, name: str | None = None) -> bool:
+    """Whether a deployment (other than `name`) uses `engine`."""
     return any(e is engine for n, e in loader.ENGINES.items() if n != name)
 
 
