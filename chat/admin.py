@@ -15,7 +15,8 @@ RELOAD_NOTE = (
     "Workers serving this deployment load a changed model source, model type, engine, precision, "
     "remote-code switch or batch size (and context length, for llama.cpp and vLLM) within seconds, the "
     "old model answering until the new one is ready (where the GPUs lack room for both, the old one "
-    "closes first and requests wait for the new one); disabling it unloads it, enabling it loads it."
+    "closes first, its answers running to their end, and requests wait for the new one); disabling it "
+    "unloads it, enabling it loads it."
 )
 
 

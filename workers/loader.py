@@ -4,6 +4,7 @@ and loaded again when an operator changes what their engine was loaded with (wor
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from celery.signals import celeryd_after_setup, task_received, worker_shutdown
 from django.db import close_old_connections
@@ -22,6 +23,7 @@ RETIRING: dict[int, object] = {}  # id -> a replaced engine waiting for its requ
 lock = threading.RLock()
 HOSTNAME = ""
 QUEUES: set[str] = set()  # the worker's queues (empty outside a worker: every deployment is served)
+WAIT_POLL_SECONDS = 0.25  # how often a request waiting for a load looks at its cancel flag
 
 
 # What an engine is loaded from: the model type sets its stop tokens, and remote code changes what is loaded.
@@ -41,7 +43,7 @@ def model_key(deployment) -> tuple:
     return tuple((field, getattr(deployment, field)) for field in (*MODEL_FIELDS, *SIZED_BY.get(deployment.engine, ())))
 
 
-def _set_status(deployment, status, detail="", **fields):
+def set_status(deployment, status, detail="", **fields):
     from chat.models import Deployment
 
     Deployment.objects.filter(pk=deployment.pk).update(
@@ -59,7 +61,7 @@ def load_deployment(deployment) -> None:
             return
         ENGINES[deployment.name] = engine
         LOADED_AS[deployment.name] = model_key(deployment)
-        _set_status(
+        set_status(
             deployment,
             Deployment.Status.READY,
             f"ready on {HOSTNAME} (model shared)",
@@ -72,7 +74,7 @@ def _load_new(deployment) -> None:
     from chat.models import Deployment
     from workers.engines import LoadError, engine_class
 
-    _set_status(deployment, Deployment.Status.LOADING, f"loading on {HOSTNAME}")
+    set_status(deployment, Deployment.Status.LOADING, f"loading on {HOSTNAME}")
     started = time.monotonic()
     LOADING.add(deployment.name)
     try:
@@ -81,13 +83,13 @@ def _load_new(deployment) -> None:
         log.error("deployment %s failed to load: %s", deployment.name, exc)
         FAILED[deployment.name] = str(exc)
         LOADED_AS[deployment.name] = model_key(deployment)
-        _set_status(deployment, Deployment.Status.FAILED, str(exc))
+        set_status(deployment, Deployment.Status.FAILED, str(exc))
         return
     except Exception as exc:  # an unknown failure must not crash-loop the worker either
         log.exception("deployment %s failed to load", deployment.name)
         FAILED[deployment.name] = f"{type(exc).__name__}: {exc}"
         LOADED_AS[deployment.name] = model_key(deployment)
-        _set_status(deployment, Deployment.Status.FAILED, FAILED[deployment.name])
+        set_status(deployment, Deployment.Status.FAILED, FAILED[deployment.name])
         return
     finally:
         LOADING.discard(deployment.name)
@@ -95,7 +97,7 @@ def _load_new(deployment) -> None:
     BY_MODEL[model_key(deployment)] = engine
     FAILED.pop(deployment.name, None)
     LOADED_AS[deployment.name] = model_key(deployment)
-    _set_status(
+    set_status(
         deployment,
         Deployment.Status.READY,
         "; ".join([f"ready on {HOSTNAME} after {time.monotonic() - started:.1f}s", *getattr(engine, "load_notes", [])]),
@@ -109,8 +111,14 @@ def is_loaded(name: str) -> bool:
     return name in ENGINES
 
 
-def engine_for(deployment):
-    """The engine of a deployment on this worker's queues, loaded on first use if it was added later."""
+class WaitCancelled(Exception):
+    """The request was stopped (Stop, its client gone) while it waited for its deployment's model."""
+
+
+def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False):
+    """The engine of a deployment on this worker's queues, loaded on first use if it was added later.
+    Waiting for a load (another deployment's, or this one's being reloaded: workers/reload.py) ends
+    with WaitCancelled once `cancelled()` says so."""
     engine = ENGINES.get(deployment.name)
     if engine is not None or deployment.name in FAILED:  # without the lock: a reload holds it for minutes
         return engine
@@ -118,10 +126,15 @@ def engine_for(deployment):
         return None
     if QUEUES and deployment.queue not in QUEUES:  # moved to another queue since the request was sent
         return None
-    with lock:
+    while not lock.acquire(timeout=WAIT_POLL_SECONDS):
+        if cancelled():
+            raise WaitCancelled(deployment.name)
+    try:
         if deployment.name not in ENGINES and deployment.name not in FAILED:
             load_deployment(deployment)
         return ENGINES.get(deployment.name)
+    finally:
+        lock.release()
 
 
 def load_for_queues(queues) -> None:

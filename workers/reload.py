@@ -57,17 +57,17 @@ def _reload(deployment) -> None:
     log.info("deployment %s changed (%s): loading it again", name, _change(loader.LOADED_AS.get(name), loader.model_key(deployment)))
     with loader.lock:  # the old engine keeps answering meanwhile: engine_for reads ENGINES without the lock
         old = loader.ENGINES.get(name)
-        if old is not None and not _fits_beside(old, name):
+        if old is not None and not _fits_beside(old, deployment):
             log.info("deployment %s: no room for both models; its engine closes first, requests wait for the new one", name)
             old = None  # no reference left here: its memory is given back before the new model loads
-            _close_first(name)
+            _close_first(deployment)
         try:
             loader.FAILED.pop(name, None)
             loader.load_deployment(deployment)  # ENGINES[name] the new engine, or FAILED[name] the reason
             if old is not None and _out_of_memory(name) and settings.WORKER_RELOAD_MODE == "auto" and not _shared(old, name):
                 log.warning("deployment %s: its new model found no room beside the old one; the old one closes first", name)
                 old = None
-                _close_first(name)
+                _close_first(deployment)
                 loader.FAILED.pop(name, None)
                 loader.load_deployment(deployment)
         finally:
@@ -79,10 +79,15 @@ def _reload(deployment) -> None:
             # else: it failed before any result (the database away): it serves on, and is tried again
 
 
-def _close_first(name: str) -> None:
+def _close_first(deployment) -> None:
     """Close the deployment's engine before its new model loads (no room for both): the answers on
-    it run to their end; requests for it wait on the loader's lock, which the caller holds."""
-    _retire([loader.ENGINES.pop(name)], wait=True)
+    it run to their end, which its status says; requests for it wait on the loader's lock, which
+    the caller holds (or until they are stopped)."""
+    from chat.models import Deployment
+
+    detail = f"changed: on {loader.HOSTNAME}, the new model loads once the answers on the old one have ended (no room for both)"
+    loader.set_status(deployment, Deployment.Status.LOADING, detail)
+    _retire([loader.ENGINES.pop(deployment.name)], wait=True)  # held by nothing else here
 
 
 def _out_of_memory(name: str) -> bool:
@@ -135,18 +140,18 @@ def _shared(engine, name: str | None = None) -> bool:
     return any(e is engine for n, e in loader.ENGINES.items() if n != name)
 
 
-def _fits_beside(engine, name: str) -> bool:
+def _fits_beside(engine, deployment) -> bool:
     """Whether the deployment's new model loads beside its engine (WORKER_RELOAD_MODE "beside"), or
-    the engine closes first ("replace"); "auto": beside where the engine says a second copy of its
-    model fits (engine.room_beside: the GPUs' free memory). An engine another deployment shares
-    stays for it: the new model can only load beside it."""
-    if _shared(engine, name):
+    the engine closes first ("replace"); "auto": beside where the engine says the new model fits
+    (engine.room_beside: the GPUs' free memory). An engine another deployment shares stays for it:
+    the new model can only load beside it."""
+    if _shared(engine, deployment.name):
         return True
     mode = settings.WORKER_RELOAD_MODE
     if mode != "auto":
         return mode == "beside"
     try:
-        return engine.room_beside()
+        return engine.room_beside(deployment)
     except Exception:  # a GPU that cannot say: the safe way round
         log.warning("could not tell whether a second model fits beside the old one: it closes first", exc_info=True)
         return False

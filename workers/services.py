@@ -84,7 +84,13 @@ def _answer(request: GenerationRequest, answers: list[Answer], cancel, timing: m
     in the instant after the request took it (its deployment changed: workers/reload.py) generated
     nothing: the request goes to the engine that replaced it, with its prompt fitted afresh."""
     for attempt in range(2):
-        target, engine = _engine(request)
+        try:
+            target, engine = _engine(request, cancel.is_set)
+        except loader.WaitCancelled:  # stopped while its model loaded: nothing generated
+            log.info("generation %s stopped while it waited for its model", request.request_id)
+            for each in answers:
+                each.result.finish_reason = "cancelled"
+            return
         prompt_ids = _fit(request, target, engine)
         release_connection()  # back to the pool while the answer streams; the end takes one again
         for each in answers:
@@ -118,12 +124,12 @@ def _claim(request_id: str, deployment: str) -> bool:
     return False
 
 
-def _engine(request: GenerationRequest):
+def _engine(request: GenerationRequest, cancelled):
     target = _prompt_target(request.deployment, request.prompt_format)
-    engine = loader.engine_for(target) if target is not None else None
+    engine = loader.engine_for(target, cancelled) if target is not None else None
     if engine is None and target is not None and target.pk is None:  # unloaded since (a reload replacing it): as a first load
         target = _prompt_target(request.deployment, None)
-        engine = loader.engine_for(target) if target is not None else None
+        engine = loader.engine_for(target, cancelled) if target is not None else None
     if engine is None:
         reason = loader.FAILED.get(request.deployment) or (
             f"the deployment '{request.deployment}' is disabled" if target is not None and not target.enabled

@@ -13,6 +13,7 @@ import uuid
 import pytest
 import requests
 
+from chat import events, lifecycle
 from chat.models import Deployment
 from llmsite import contract
 from llmsite.contract import GenerationRequest, SamplingParams
@@ -187,7 +188,7 @@ def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, u
         loader.ENGINES[name], loader.LOADED_AS[name] = new, loader.model_key(row)
     given = [None if taken == "unloaded" else old]  # what engine_for gave the request in that instant
     real_engine_for = loader.engine_for
-    monkeypatch.setattr(loader, "engine_for", lambda deployment: given.pop() if given else real_engine_for(deployment))
+    monkeypatch.setattr(loader, "engine_for", lambda deployment, cancelled: given.pop() if given else real_engine_for(deployment, cancelled))
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
     request = GenerationRequest(str(uuid.uuid4()), name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
     record(user, request)
@@ -216,9 +217,9 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
     row = Deployment.objects.create(name=f"replace-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
     loader.load_deployment(row)  # as the worker's start loads it
     old = loader.ENGINES[row.name]
-    assert settings.WORKER_RELOAD_MODE == "auto" and reload._fits_beside(old, row.name), "auto: beside, on CPUs"
+    assert settings.WORKER_RELOAD_MODE == "auto" and reload._fits_beside(old, row), "auto: beside, on CPUs"
     settings.WORKER_RELOAD_MODE = "replace"
-    assert not reload._fits_beside(old, row.name)
+    assert not reload._fits_beside(old, row)
     result = GenerationResult()
     running = threading.Thread(target=_answer, args=(old, result))
     running.start()
@@ -230,11 +231,15 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
     row.save()
     old_model = weakref.ref(old.model)
     at_new_load = _AtLog(f"loading {folders['paris']}", lambda: old_model() is None)
-    logging.getLogger("workers").addHandler(at_new_load)
+    at_close = _AtLog("a replaced or dropped engine closed", lambda: Deployment.objects.values_list("status", "status_detail").get(pk=row.pk))
+    for handler in (at_new_load, at_close):
+        logging.getLogger("workers").addHandler(handler)
     try:
         with caplog.at_level(logging.INFO, logger="workers"):
             reload._reload(row)
         assert at_new_load.results == [True], "the old model's memory was given back before the new model loaded"
+        [(status, detail)] = at_close.results  # what the admin showed while the answer on the old model ran on
+        assert status == Deployment.Status.LOADING and "once the answers on the old one have ended" in detail, detail
         running.join(DEADLINE)
         assert result.finish_reason == "length" and result.completion_tokens == 64, "the answer on it ran to its end"
         messages = [r.getMessage() for r in caplog.records]
@@ -247,7 +252,8 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
         text = "".join(new.stream(new.prompt_ids("Where is the Louvre?"), params, answer, lambda: False))
         assert text.startswith(" Paris Paris"), text
     finally:
-        logging.getLogger("workers").removeHandler(at_new_load)
+        for handler in (at_new_load, at_close):
+            logging.getLogger("workers").removeHandler(handler)
         reload._drop(row.name, None)
 
 
@@ -272,3 +278,83 @@ def test_a_deployment_moved_to_another_queue_is_not_loaded_by_a_late_request(sta
     )
     assert loader.engine_for(row) is None
     assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS
+
+
+def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_the_old_one_closes_first(stack, folders, settings, monkeypatch, caplog):
+    """WORKER_RELOAD_MODE "auto" where a second copy seemed to fit but did not: the load beside the
+    old engine fails for want of memory (raised here as PyTorch raises it on a full GPU, which these
+    CPUs cannot give safely), so the old engine closes and the new model loads again, alone."""
+    import torch
+
+    from workers import engines
+
+    row = Deployment.objects.create(name=f"oom-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
+    loader.load_deployment(row)
+    old = loader.ENGINES[row.name]
+    assert settings.WORKER_RELOAD_MODE == "auto" and reload._fits_beside(old, row)
+    real_engine_class, tries = engines.engine_class, []
+
+    def engine_class(name):
+        def build(deployment):
+            tries.append(old.scheduler._thread.is_alive())  # whether the old engine still runs at this load
+            if len(tries) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+            return real_engine_class(name)(deployment)
+
+        return build
+
+    monkeypatch.setattr(engines, "engine_class", engine_class)
+    row.model_source = folders["paris"]
+    row.save()
+    try:
+        with caplog.at_level(logging.INFO, logger="workers"):
+            reload._reload(row)
+        assert tries == [True, False], "loaded beside the old engine first, then after it closed"
+        assert any("found no room beside the old one" in r.getMessage() for r in caplog.records)
+        assert id(old) not in loader.RETIRING and old.model is None
+        row.refresh_from_db()
+        assert row.status == Deployment.Status.READY and row.name not in loader.FAILED, row.status_detail
+        new = loader.ENGINES[row.name]
+        params = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+        text = "".join(new.stream(new.prompt_ids("Where is the Louvre?"), params, GenerationResult(), lambda: False))
+        assert text.startswith(" Paris Paris"), text
+    finally:
+        reload._drop(row.name, None)
+
+
+def test_a_request_stopped_while_it_waits_for_its_model_ends_without_waiting_for_the_load(stack, user, folders):
+    """A request whose deployment is not loaded waits on the loader's lock, which a load or a reload
+    holds for minutes (held here by a thread of the test's): its Stop ends it as stopped while the
+    lock is still held, and nothing is loaded for it."""
+    row = Deployment.objects.create(name=f"waiting-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+    request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
+    record(user, request)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with loader.lock:
+            held.set()
+            release.wait(DEADLINE)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(DEADLINE)
+    try:
+        running = threading.Thread(target=services.run_generation, args=(request,))
+        running.start()
+        deadline = time.monotonic() + DEADLINE
+        while not events.sync_client().xlen(events.channel(request.request_id)):  # started: it waits for the lock now
+            assert running.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        events.sync_client().set(events.cancel_key(request.request_id), b"1", ex=60)  # as the web tier's Stop does
+        running.join(DEADLINE)
+        assert not running.is_alive() and holder.is_alive(), "it ended while the lock was still held"
+    finally:
+        release.set()
+        holder.join()
+    heard = events_of(request.request_id)
+    assert isinstance(heard[-1], contract.Final) and heard[-1].finish_reason == "cancelled" and heard[-1].text == "", heard
+    assert not any(isinstance(e, (contract.Delta, contract.Error)) for e in heard), heard
+    assert lifecycle.status_of(request.request_id) == lifecycle.Status.CANCELLED
+    assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS, "nothing was loaded for it"

@@ -127,10 +127,10 @@ class Engine:
         an answer short; a request that takes it after it closed gets an error at once)."""
         return True
 
-    def room_beside(self) -> bool:
-        """Whether a second model of this one's size fits beside it now: where not, a changed
-        deployment's engine closes before its new model loads (workers/reload.py). On CPUs the
-        machine's memory is not checked."""
+    def room_beside(self, deployment) -> bool:
+        """Whether the changed deployment's new model fits beside this engine now: where not, this
+        engine closes before the new model loads (workers/reload.py). On CPUs the machine's memory
+        is not checked."""
         return True
 
     def perplexity(self, text: str) -> float:

@@ -4,6 +4,7 @@ import os
 import importlib.util
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,36 @@ def check_loadable(folder: str, *, trust_remote_code: bool) -> None:
     )
 
 
+def weight_bytes(deployment) -> int | None:
+    """What the deployment's model weighs at its precision, counted from its safetensors files'
+    headers (no weight is read) where the files are here: a local folder, or a hub id already in
+    the hub cache. None where that cannot be told: a GGUF file, .bin weights, a model not
+    downloaded yet."""
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    try:
+        folder, gguf_file = resolve_source(deployment.model_source)
+        if gguf_file:
+            return None
+        if not Path(folder).is_dir():
+            folder = snapshot_download(folder, local_files_only=True)
+        index = Path(folder) / SAFE_WEIGHTS_INDEX_NAME
+        if index.is_file():  # shards, as transformers loads them (not a consolidated copy beside them)
+            files = sorted({Path(folder) / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = [Path(folder) / SAFE_WEIGHTS_NAME]
+        count = 0
+        for path in files:
+            with safe_open(path, "pt") as weights:
+                count += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    except Exception:  # not here, not safetensors, unreadable: not known
+        log.debug("cannot tell what %s weighs", deployment.model_source, exc_info=True)
+        return None
+    return count * DTYPES[deployment.precision].itemsize
+
+
 def cpu_dtype_for_fp16() -> torch.dtype:
     """What a CPU runs instead of fp16: bf16 where it has bf16 instructions, else fp32."""
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
@@ -145,13 +176,14 @@ class TransformersEngine(QueuedEngine):
         )
         self.load_notes.append(f"decode steps: {self.scheduler.decode_mode}")
 
-    def room_beside(self) -> bool:
-        """On CUDA: whether the GPUs' free memory holds another copy of its weights (the KV cache,
-        which grows with use, comes on top; a load that runs out still closes this one first)."""
+    def room_beside(self, deployment) -> bool:
+        """On CUDA: whether the GPUs' free memory holds the deployment's new model's weights (where
+        its files do not tell, another copy of this one's). The KV cache, which grows with use,
+        comes on top; a load that runs out still closes this one first."""
         if self.device != "cuda":
             return True
         free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
-        return free > self.model.get_memory_footprint()
+        return free > (weight_bytes(deployment) or self.model.get_memory_footprint())
 
     def close(self, timeout: float) -> bool:
         """The scheduler stopped, then the model and what holds it (the slot decoder's KV cache and

@@ -109,7 +109,7 @@ class VLLMEngine(Engine):
         self.shut_down()
         return True
 
-    def room_beside(self) -> bool:
+    def room_beside(self, deployment) -> bool:
         """On CUDA GPUs vLLM takes its share of each one's memory (gpu_memory_utilization, 0.9 by
         default) at its start: a second engine fits only where two shares do. (Asked without
         starting CUDA in this process, which would make vLLM start its processes another way.)"""
