@@ -78,10 +78,11 @@ run: $(STAMP) $(if $(filter vllm,$(ENGINE)),$(VLLM_STAMP))
 	  $(PY) -m llmsite.launcher run
 
 # The suite starts its own PostgreSQL and Redis in var/test (fresh each run), then its worker and
-# Daphne; pytest's exit code 5 (no tests collected) fails the run.
+# Daphne; pytest's exit code 5 (no tests collected) fails the run. The slowest tests are listed at
+# the end: the suite has a time budget (40 minutes on 2 cores).
 test: $(STAMP) $(CHROMIUM) $(VLLM_FOR_TESTS)
 	LLMSITE_DATA_DIR=var/test $(PY) -m llmsite.launcher services --fresh -- \
-	  $(VENV)/bin/pytest $(PYTEST_ARGS)
+	  $(VENV)/bin/pytest --durations=25 $(PYTEST_ARGS)
 
 # The site's screenshots in docs/screenshots, taken again by the browser tests (make test takes
 # them into a temporary folder, leaving the checkout as it was).

@@ -3,6 +3,8 @@ CPU runs, the bucketed static-buffer path a GPU captures as CUDA graphs (emulate
 buffers and buckets, replayed without capturing), the fallback to the padded cache, and the
 batched sampler (`sample_rows`)."""
 
+import gc
+import weakref
 from collections import Counter
 
 import pytest
@@ -397,6 +399,21 @@ def test_a_compiled_step_whose_logits_differ_is_checked_again_uncompiled(monkeyp
         assert _ask_one(scheduler, prompt, 6) == _greedy_without_cache(_tiny("llama"), prompt, 6)
     finally:
         scheduler.stop()
+
+
+def test_a_released_compiled_step_lets_go_of_its_model(monkeypatch):
+    # A reload closes the old engine and releases its scheduler: torch.compile's caches (the
+    # compiled graph, its guards, the code cache of the forward every model shares) must not keep
+    # the old model's weights alive, nor may what the step captured.
+    monkeypatch.setenv("LLMSITE_COMPILE", "1")
+    scheduler = _static(monkeypatch, ahead=True)
+    assert scheduler.decoder.compiled is not None
+    assert len(_ask_one(scheduler, [5, 6, 7], 4)) == 4
+    gone = weakref.ref(scheduler.model)
+    scheduler.stop()
+    scheduler.release()
+    gc.collect()
+    assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
 
 
 def test_growing_columns_keeps_the_rows_asked_for_and_their_values():
