@@ -215,9 +215,11 @@ class Subscription:
         found = await async_client().xread({channel(self.request_id): self.last_id}, block=block)
         return found[0][1] if found else []
 
-    async def events(self, timeout: float | None = None):
+    async def events(self, timeout: float | None = None, on_received=None):
         """Yield typed events until a terminal one (final, embeddings, error); raise StreamTimeout after `timeout` s of
-        silence, or WorkerLost as soon as the worker that took the request stops beating."""
+        silence, or WorkerLost as soon as the worker that took the request stops beating. A `received`
+        (a worker holds the request, or still waits for its model) is not yielded: `on_received()` is
+        awaited instead, where given."""
         timeout = settings.STREAM_TIMEOUT_SECONDS if timeout is None else timeout
         deadline = time.monotonic() + timeout
         worker, next_check = None, time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
@@ -237,6 +239,8 @@ class Subscription:
                 if isinstance(event, (contract.Received, contract.Start)):
                     worker = event.worker
                 if isinstance(event, contract.Received):
+                    if on_received is not None:
+                        await on_received()
                     continue  # a worker holds the request: watch it, but clients hear of it only at start
                 yield event
                 if isinstance(event, contract.TERMINAL):

@@ -233,7 +233,8 @@ class Generation:
 
     async def events(self):
         try:
-            async for event in self._in_line(self.subscription.events()):
+            renew = self.slot.renew if self.slot is not None else None  # also while its worker waits for the model
+            async for event in self._in_line(self.subscription.events(on_received=renew)):
                 if self.slot is not None:
                     await self.slot.renew()
                 if isinstance(event, contract.TERMINAL):

@@ -185,7 +185,8 @@ def _build(kind: type, data: Any, where: str, log_unknown: bool = False):
 
 @dataclass(frozen=True)
 class Received:
-    """A worker holds the request (not relayed to clients; the web tier watches that worker)."""
+    """A worker holds the request (not relayed to clients; the web tier watches that worker). Said
+    again while the request waits for its model to load, so that the wait is not taken for silence."""
 
     worker: str = ""
     type: ClassVar[str] = "received"

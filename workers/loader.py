@@ -115,10 +115,10 @@ class WaitCancelled(Exception):
     """The request was stopped (Stop, its client gone) while it waited for its deployment's model."""
 
 
-def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False):
+def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False, waiting: Callable[[], None] = lambda: None):
     """The engine of a deployment on this worker's queues, loaded on first use if it was added later.
     Waiting for a load (another deployment's, or this one's being reloaded: workers/reload.py) ends
-    with WaitCancelled once `cancelled()` says so."""
+    with WaitCancelled once `cancelled()` says so, and calls `waiting()` every WAIT_POLL_SECONDS."""
     engine = ENGINES.get(deployment.name)
     if engine is not None or deployment.name in FAILED:  # without the lock: a reload holds it for minutes
         return engine
@@ -129,6 +129,7 @@ def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False):
     while not lock.acquire(timeout=WAIT_POLL_SECONDS):
         if cancelled():
             raise WaitCancelled(deployment.name)
+        waiting()
     try:
         if deployment.name not in ENGINES and deployment.name not in FAILED:
             load_deployment(deployment)

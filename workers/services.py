@@ -6,6 +6,7 @@ request's row only through chat.lifecycle.
 
 import dataclasses
 import logging
+import time
 
 from django.conf import settings
 from django.db import Error as DBError, close_old_connections
@@ -125,11 +126,12 @@ def _claim(request_id: str, deployment: str) -> bool:
 
 
 def _engine(request: GenerationRequest, cancelled):
+    waiting = _keep_alive(request.request_id)
     target = _prompt_target(request.deployment, request.prompt_format)
-    engine = loader.engine_for(target, cancelled) if target is not None else None
+    engine = loader.engine_for(target, cancelled, waiting) if target is not None else None
     if engine is None and target is not None and target.pk is None:  # unloaded since (a reload replacing it): as a first load
         target = _prompt_target(request.deployment, None)
-        engine = loader.engine_for(target, cancelled) if target is not None else None
+        engine = loader.engine_for(target, cancelled, waiting) if target is not None else None
     if engine is None:
         reason = loader.FAILED.get(request.deployment) or (
             f"the deployment '{request.deployment}' is disabled" if target is not None and not target.enabled
@@ -137,6 +139,26 @@ def _engine(request: GenerationRequest, cancelled):
         )  # fmt: skip
         raise GenerationFailed(f"The model is not available: {reason}")
     return target, engine
+
+
+def _keep_alive(request_id: str):
+    """What a request waiting for its model's load calls: every quarter of STREAM_TIMEOUT_SECONDS,
+    a `received` on its stream (the web tier relays none to the client, but a wait of minutes is
+    then not taken for a silent worker, and the request keeps its in-flight slot)."""
+    every = settings.STREAM_TIMEOUT_SECONDS / 4
+    due = time.monotonic() + every
+
+    def waiting() -> None:
+        nonlocal due
+        if time.monotonic() < due:
+            return
+        due = time.monotonic() + every
+        try:
+            events.publish(request_id, contract.Received(worker=loader.HOSTNAME))
+        except Exception:  # Redis away for a moment: said again at the next turn
+            log.warning("generation %s: could not say it waits for its model", request_id, exc_info=True)
+
+    return waiting
 
 
 def _prompt_target(name: str, prompt_format: PromptFormat | dict | None) -> Deployment | None:

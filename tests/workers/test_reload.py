@@ -3,6 +3,7 @@ loaded and answers without restarting the worker, a failed one is tried again on
 disabled one's engine is closed, a re-enabled or added one is loaded; a replaced engine finishes
 the requests already on it, and a request that took it as it closed goes to the new one."""
 
+import asyncio
 import gc
 import logging
 import threading
@@ -330,16 +331,8 @@ def test_a_request_stopped_while_it_waits_for_its_model_ends_without_waiting_for
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
     request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
     record(user, request)
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with loader.lock:
-            held.set()
-            release.wait(DEADLINE)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(DEADLINE)
+    release = threading.Event()
+    holder = _hold_loader_lock(release)
     try:
         running = threading.Thread(target=services.run_generation, args=(request,))
         running.start()
@@ -358,3 +351,50 @@ def test_a_request_stopped_while_it_waits_for_its_model_ends_without_waiting_for
     assert not any(isinstance(e, (contract.Delta, contract.Error)) for e in heard), heard
     assert lifecycle.status_of(request.request_id) == lifecycle.Status.CANCELLED
     assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS, "nothing was loaded for it"
+
+
+def _hold_loader_lock(release: threading.Event) -> threading.Thread:
+    """A thread holding the loader's lock, as a load or a reload does, until `release` is set."""
+    held = threading.Event()
+
+    def hold():
+        with loader.lock:
+            held.set()
+            release.wait(DEADLINE)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(DEADLINE)
+    return holder
+
+
+def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_answered(stack, user, folders, settings):
+    """A load (here the loader's lock held for 2.5 stream timeouts) is not silence: the waiting
+    request says so on its stream, which the web tier's reader takes as a word from the worker
+    (and relays nothing of to the client), so the answer comes instead of a timeout error."""
+    settings.STREAM_TIMEOUT_SECONDS = 2
+    row = Deployment.objects.create(name=f"slow-load-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+    request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
+    record(user, request)
+    release, words = threading.Event(), []
+    holder = _hold_loader_lock(release)
+    threading.Timer(2.5 * settings.STREAM_TIMEOUT_SECONDS, release.set).start()
+    running = threading.Thread(target=services.run_generation, args=(request,))
+    running.start()
+
+    async def read():
+        async def received():
+            words.append(holder.is_alive())
+
+        return [e async for e in events.Subscription(request.request_id).events(on_received=received)]
+
+    try:
+        heard = asyncio.run(read())  # as the web tier reads it: StreamTimeout after 2 s of silence
+    finally:
+        release.set()
+        holder.join()
+        running.join(DEADLINE)
+        reload._drop(row.name, None)
+    assert isinstance(heard[-1], contract.Final) and heard[-1].text.startswith(" Paris Paris"), heard
+    assert words.count(True) >= 2, f"said while it waited: {words}"
