@@ -64,7 +64,9 @@ def _reload(deployment) -> None:
         try:
             loader.FAILED.pop(name, None)
             loader.load_deployment(deployment)  # ENGINES[name] the new engine, or FAILED[name] the reason
-            if old is not None and _out_of_memory(name) and settings.WORKER_RELOAD_MODE == "auto" and not _shared(old, name):
+            if old is not None and _out_of_memory(name) and (settings.WORKER_RELOAD_MODE != "auto" or _shared(old, name)):
+                _say_why_beside(deployment, old)
+            elif old is not None and _out_of_memory(name):
                 log.warning("deployment %s: its new model found no room beside the old one; the old one closes first", name)
                 old = None
                 _close_first(deployment)
@@ -88,6 +90,17 @@ def _close_first(deployment) -> None:
     detail = f"changed: on {loader.HOSTNAME}, the new model loads once the answers on the old one have ended (no room for both)"
     loader.set_status(deployment, Deployment.Status.LOADING, detail)
     _retire([loader.ENGINES.pop(deployment.name)], wait=True)  # held by nothing else here
+
+
+def _say_why_beside(deployment, old) -> None:
+    """The failure of a new model that ran out of memory beside an old engine that could not close
+    first says why that engine stayed."""
+    from chat.models import Deployment
+
+    others = sorted(n for n, e in loader.ENGINES.items() if e is old and n != deployment.name)
+    why = f"which {', '.join(others)} still use" if others else "as WORKER_RELOAD_MODE 'beside' asks ('auto' closes it first)"
+    loader.FAILED[deployment.name] += f" (loaded beside the old model, {why})"
+    loader.set_status(deployment, Deployment.Status.FAILED, loader.FAILED[deployment.name])
 
 
 def _out_of_memory(name: str) -> bool:

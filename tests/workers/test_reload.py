@@ -189,7 +189,7 @@ def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, u
         loader.ENGINES[name], loader.LOADED_AS[name] = new, loader.model_key(row)
     given = [None if taken == "unloaded" else old]  # what engine_for gave the request in that instant
     real_engine_for = loader.engine_for
-    monkeypatch.setattr(loader, "engine_for", lambda deployment, cancelled: given.pop() if given else real_engine_for(deployment, cancelled))
+    monkeypatch.setattr(loader, "engine_for", lambda deployment, *waits: given.pop() if given else real_engine_for(deployment, *waits))
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
     request = GenerationRequest(str(uuid.uuid4()), name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
     record(user, request)
@@ -232,7 +232,8 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
     row.save()
     old_model = weakref.ref(old.model)
     at_new_load = _AtLog(f"loading {folders['paris']}", lambda: old_model() is None)
-    at_close = _AtLog("a replaced or dropped engine closed", lambda: Deployment.objects.values_list("status", "status_detail").get(pk=row.pk))
+    shown = Deployment.objects.values_list("status", "status_detail")
+    at_close = _AtLog("a replaced or dropped engine closed", lambda: shown.get(pk=row.pk))
     for handler in (at_new_load, at_close):
         logging.getLogger("workers").addHandler(handler)
     try:
@@ -281,18 +282,26 @@ def test_a_deployment_moved_to_another_queue_is_not_loaded_by_a_late_request(sta
     assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS
 
 
-def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_the_old_one_closes_first(stack, folders, settings, monkeypatch, caplog):
+@pytest.mark.parametrize("case", ["alone", "shared", "beside"])
+def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_the_old_one_closes_first(stack, folders, settings, monkeypatch, case):
     """WORKER_RELOAD_MODE "auto" where a second copy seemed to fit but did not: the load beside the
     old engine fails for want of memory (raised here as PyTorch raises it on a full GPU, which these
-    CPUs cannot give safely), so the old engine closes and the new model loads again, alone."""
+    CPUs cannot give safely), so the old engine closes and the new model loads again, alone. Where
+    the old engine cannot close first (another deployment shares it, or the mode is "beside"), the
+    deployment fails with the reason and why the old engine stayed; the old engine serves on."""
     import torch
 
     from workers import engines
 
-    row = Deployment.objects.create(name=f"oom-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
+    prefix = f"oom-{uuid.uuid4().hex[:6]}"
+    row = Deployment.objects.create(name=prefix, model_source=folders["random"], model_type="llama2")
     loader.load_deployment(row)
     old = loader.ENGINES[row.name]
-    assert settings.WORKER_RELOAD_MODE == "auto" and reload._fits_beside(old, row)
+    if case == "shared":
+        loader.load_deployment(Deployment.objects.create(name=f"{prefix}-twin", model_source=folders["random"], model_type="llama2"))
+        assert loader.ENGINES[f"{prefix}-twin"] is old
+    settings.WORKER_RELOAD_MODE = "beside" if case == "beside" else "auto"
+    assert reload._fits_beside(old, row)
     real_engine_class, tries = engines.engine_class, []
 
     def engine_class(name):
@@ -308,19 +317,30 @@ def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_the_old_one_c
     row.model_source = folders["paris"]
     row.save()
     try:
-        with caplog.at_level(logging.INFO, logger="workers"):
-            reload._reload(row)
-        assert tries == [True, False], "loaded beside the old engine first, then after it closed"
-        assert any("found no room beside the old one" in r.getMessage() for r in caplog.records)
-        assert id(old) not in loader.RETIRING and old.model is None
+        reload._reload(row)
         row.refresh_from_db()
+        if case != "alone":
+            assert tries == [True] and row.status == Deployment.Status.FAILED and row.name not in loader.ENGINES
+            why = f"which {prefix}-twin still use" if case == "shared" else "as WORKER_RELOAD_MODE 'beside' asks"
+            assert "CUDA out of memory" in row.status_detail and why in row.status_detail, row.status_detail
+            assert loader.FAILED[row.name] == row.status_detail
+            deadline = time.monotonic() + DEADLINE
+            while id(old) in loader.RETIRING:  # closing, unless still used
+                assert time.monotonic() < deadline, "the engine was never closed"
+                time.sleep(0.1)
+            still_used = case == "shared"
+            assert old.scheduler._thread.is_alive() == still_used and (loader.ENGINES.get(f"{prefix}-twin") is old) == still_used
+            return
+        assert tries == [True, False], "loaded beside the old engine first, then after it closed"
+        assert id(old) not in loader.RETIRING and old.model is None
         assert row.status == Deployment.Status.READY and row.name not in loader.FAILED, row.status_detail
         new = loader.ENGINES[row.name]
         params = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
         text = "".join(new.stream(new.prompt_ids("Where is the Louvre?"), params, GenerationResult(), lambda: False))
         assert text.startswith(" Paris Paris"), text
     finally:
-        reload._drop(row.name, None)
+        for name in (row.name, f"{prefix}-twin"):
+            reload._drop(name, None)
 
 
 def test_a_request_stopped_while_it_waits_for_its_model_ends_without_waiting_for_the_load(stack, user, folders):
