@@ -113,3 +113,39 @@ def test_slots_of_a_web_process_that_died_expire_with_their_lease(stack, token, 
         response.close()
     answered = wait_admitted(stack.url, token, limited.name)
     assert answered.status_code == 200, answered.text
+
+
+def test_a_request_whose_worker_waits_for_the_model_keeps_its_slot(stack, limited, settings):
+    """While its worker waits for the model's load, it says so on the request's stream (a
+    `received` every quarter of STREAM_TIMEOUT_SECONDS, never relayed to the client: as
+    workers/services.py does, played here): the web tier renews the request's slot on it, so a
+    load longer than the lease does not free the slot of a request still in flight."""
+    import asyncio
+    import threading
+
+    from chat import concurrency, events
+    from chat.services import Generation
+    from llmsite import contract
+
+    settings.GENERATION_LEASE_SECONDS = 2
+    request_id = str(uuid.uuid4())
+
+    def worker():
+        for _ in range(8):  # 4 s of waiting: twice the lease
+            time.sleep(0.5)
+            events.publish(request_id, contract.Received(worker=""))
+        events.publish(request_id, contract.Final(text="Paris", finish_reason="stop"))
+
+    async def listen():
+        slot = await concurrency.acquire(deployment=limited)
+        generation = Generation(request_id, await events.Subscription(request_id).open(), slot=slot, deployment=limited.name)
+        threading.Thread(target=worker).start()
+        heard = [event async for event in generation.events()]
+        lease_ends = await events.async_client().zscore(slot.key, slot.member)
+        seconds, micros = await events.async_client().time()  # the clock the leases are scored on
+        await generation.close()
+        return heard, lease_ends, seconds + micros / 1e6
+
+    heard, lease_ends, now = asyncio.run(listen())
+    assert [type(event) for event in heard] == [contract.Final], heard
+    assert lease_ends is not None and lease_ends > now, "the slot's lease was renewed while the worker waited"
