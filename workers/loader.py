@@ -51,13 +51,15 @@ def set_status(deployment, status, detail="", **fields):
     )
 
 
-def load_deployment(deployment) -> None:
+def load_deployment(deployment, loading: str = "") -> None:
+    """Load the deployment's engine, or share the loaded one of its model key; `loading`: its
+    status's detail while it loads ("loading on <worker>" where empty)."""
     from chat.models import Deployment
 
     with lock:
         engine = BY_MODEL.get(model_key(deployment))
         if engine is None:
-            _load_new(deployment)
+            _load_new(deployment, loading)
             return
         ENGINES[deployment.name] = engine
         LOADED_AS[deployment.name] = model_key(deployment)
@@ -70,11 +72,11 @@ def load_deployment(deployment) -> None:
         )
 
 
-def _load_new(deployment) -> None:
+def _load_new(deployment, loading: str) -> None:
     from chat.models import Deployment
     from workers.engines import LoadError, engine_class
 
-    set_status(deployment, Deployment.Status.LOADING, f"loading on {HOSTNAME}")
+    set_status(deployment, Deployment.Status.LOADING, loading or f"loading on {HOSTNAME}")
     started = time.monotonic()
     LOADING.add(deployment.name)
     try:

@@ -63,7 +63,9 @@ def _reload(deployment) -> None:
             _close_first(deployment)
         try:
             loader.FAILED.pop(name, None)
-            loader.load_deployment(deployment)  # ENGINES[name] the new engine, or FAILED[name] the reason
+            beside = f"changed: loading its new model on {loader.HOSTNAME}; the old one answers until it is ready"
+            # ENGINES[name] the new engine, or FAILED[name] the reason
+            loader.load_deployment(deployment, beside if old is not None else "")
             if old is not None and _out_of_memory(name) and (settings.WORKER_RELOAD_MODE != "auto" or _shared(old, name)):
                 _say_why_beside(deployment, old)
             elif old is not None and _out_of_memory(name):

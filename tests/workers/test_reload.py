@@ -302,11 +302,12 @@ def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_the_old_one_c
         assert loader.ENGINES[f"{prefix}-twin"] is old
     settings.WORKER_RELOAD_MODE = "beside" if case == "beside" else "auto"
     assert reload._fits_beside(old, row)
-    real_engine_class, tries = engines.engine_class, []
+    real_engine_class, tries, shown = engines.engine_class, [], []
 
     def engine_class(name):
         def build(deployment):
             tries.append(old.scheduler._thread.is_alive())  # whether the old engine still runs at this load
+            shown.append(Deployment.objects.values_list("status_detail", flat=True).get(pk=row.pk))
             if len(tries) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
             return real_engine_class(name)(deployment)
@@ -332,6 +333,7 @@ def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_the_old_one_c
             assert old.scheduler._thread.is_alive() == still_used and (loader.ENGINES.get(f"{prefix}-twin") is old) == still_used
             return
         assert tries == [True, False], "loaded beside the old engine first, then after it closed"
+        assert "the old one answers until it is ready" in shown[0] and shown[1].startswith("loading on"), shown
         assert id(old) not in loader.RETIRING and old.model is None
         assert row.status == Deployment.Status.READY and row.name not in loader.FAILED, row.status_detail
         new = loader.ENGINES[row.name]
