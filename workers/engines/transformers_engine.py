@@ -178,10 +178,12 @@ class TransformersEngine(QueuedEngine):
 
     def room_beside(self, deployment) -> bool:
         """On CUDA: whether the GPUs' free memory holds the deployment's new model's weights (where
-        its files do not tell, another copy of this one's). The KV cache, which grows with use,
-        comes on top; a load that runs out still closes this one first."""
+        its files do not tell, another copy of this one's; never a vLLM engine's share). The KV
+        cache, which grows with use, comes on top; a load that runs out still closes this one first."""
         if self.device != "cuda":
             return True
+        if deployment.engine == "vllm":  # switched to vLLM, which takes 90% of every GPU's memory at its start
+            return False
         free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
         return free > (weight_bytes(deployment) or self.model.get_memory_footprint())
 
