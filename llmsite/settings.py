@@ -253,6 +253,9 @@ if WORKER_RELOAD_MODE not in ("auto", "beside", "replace"):
     from django.core.exceptions import ImproperlyConfigured
 
     raise ImproperlyConfigured(f"WORKER_RELOAD_MODE must be 'auto', 'beside' or 'replace', not {WORKER_RELOAD_MODE!r}")
+# A request whose deployment's model is loading on its worker (added since the worker started, or
+# reloaded in place: workers/loader.py) waits this long for it, then gets an error (the load goes on).
+WORKER_LOAD_WAIT_SECONDS = env.float("WORKER_LOAD_WAIT_SECONDS", default=600.0)
 # A request for a deployment that no live worker serves waits this long for one, then gets 503.
 WORKER_WAIT_SECONDS = env.float("WORKER_WAIT_SECONDS", default=10.0)
 # /api/health's one-token probe of each deployment gives up after this long.

@@ -117,10 +117,22 @@ class WaitCancelled(Exception):
     """The request was stopped (Stop, its client gone) while it waited for its deployment's model."""
 
 
+class StillLoading(Exception):
+    """The deployment's model was not loaded within WORKER_LOAD_WAIT_SECONDS (its load goes on)."""
+
+
 def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False, waiting: Callable[[], None] = lambda: None):
     """The engine of a deployment on this worker's queues, loaded on first use if it was added later.
-    Waiting for a load (another deployment's, or this one's being reloaded: workers/reload.py) ends
-    with WaitCancelled once `cancelled()` says so, and calls `waiting()` every WAIT_POLL_SECONDS."""
+
+    The load runs in a thread of its own, one per deployment at a time, once the loads and reloads
+    before it are done (the loader's lock: workers/reload.py holds it too). The caller (which must
+    not hold that lock) waits for it, calling `waiting()` every WAIT_POLL_SECONDS; the wait ends
+    with WaitCancelled once `cancelled()` says so, or StillLoading after WORKER_LOAD_WAIT_SECONDS,
+    and the load goes on for the requests after it."""
+    from django.conf import settings
+
+    from chat.services import release_connection
+
     engine = ENGINES.get(deployment.name)
     if engine is not None or deployment.name in FAILED:  # without the lock: a reload holds it for minutes
         return engine
@@ -128,16 +140,55 @@ def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False, waitin
         return None
     if QUEUES and deployment.queue not in QUEUES:  # moved to another queue since the request was sent
         return None
-    while not lock.acquire(timeout=WAIT_POLL_SECONDS):
+    release_connection()  # none held through a wait of minutes
+    load, deadline = _loading(deployment), time.monotonic() + settings.WORKER_LOAD_WAIT_SECONDS
+    while True:
+        load.join(WAIT_POLL_SECONDS)
+        if not load.is_alive():
+            break
         if cancelled():
             raise WaitCancelled(deployment.name)
+        if time.monotonic() > deadline:
+            raise StillLoading(deployment.name)
         waiting()
-    try:
-        if deployment.name not in ENGINES and deployment.name not in FAILED:
-            load_deployment(deployment)
-        return ENGINES.get(deployment.name)
-    finally:
-        lock.release()
+    if load.error is not None:  # the database away at its status, say: the request's failure too
+        raise load.error
+    return ENGINES.get(deployment.name)
+
+
+class _Load(threading.Thread):
+    """A deployment's load for the requests that wait for it: it waits for the loader's lock."""
+
+    def __init__(self, deployment):
+        super().__init__(name=f"load-{deployment.name}", daemon=True)
+        self.deployment, self.error = deployment, None
+
+    def run(self) -> None:
+        from django.db import connection
+
+        try:
+            with lock:
+                if self.deployment.name not in ENGINES and self.deployment.name not in FAILED:
+                    load_deployment(self.deployment)
+        except Exception as exc:
+            log.exception("deployment %s could not be loaded", self.deployment.name)
+            self.error = exc
+        finally:
+            connection.close()  # this thread's own
+
+
+_LOADS: dict[str, _Load] = {}
+_loads_lock = threading.Lock()
+
+
+def _loading(deployment) -> _Load:
+    """The deployment's load under way, or one started now."""
+    with _loads_lock:
+        load = _LOADS.get(deployment.name)
+        if load is None or not load.is_alive():
+            load = _LOADS[deployment.name] = _Load(deployment)
+            load.start()
+        return load
 
 
 def load_for_queues(queues) -> None:

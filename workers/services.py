@@ -28,6 +28,8 @@ from workers.engines.scheduling import EngineClosed
 
 log = logging.getLogger(__name__)
 
+KEEP_ALIVE_SECONDS = 10.0  # as often as workers/admission.py tells a waiting request its place
+
 
 class GenerationFailed(Exception):
     """Ends a generation with an error event (the message is the client's)."""
@@ -92,6 +94,10 @@ def _answer(request: GenerationRequest, answers: list[Answer], cancel, timing: m
             for each in answers:
                 each.result.finish_reason = "cancelled"
             return
+        except loader.StillLoading:  # the load goes on, for the requests after it
+            where = f"on {loader.HOSTNAME} " if loader.HOSTNAME else ""
+            wait = f"{settings.WORKER_LOAD_WAIT_SECONDS:g} s"
+            raise GenerationFailed(f"The model of '{request.deployment}' is still loading {where}after {wait}: try again later.") from None
         prompt_ids = _fit(request, target, engine)
         release_connection()  # back to the pool while the answer streams; the end takes one again
         for each in answers:
@@ -142,21 +148,24 @@ def _engine(request: GenerationRequest, cancelled):
 
 
 def _keep_alive(request_id: str):
-    """What a request waiting for its model's load calls: every quarter of STREAM_TIMEOUT_SECONDS,
-    a `received` on its stream (the web tier relays none to the client, but a wait of minutes is
-    then not taken for a silent worker, and the request keeps its in-flight slot)."""
-    every = settings.STREAM_TIMEOUT_SECONDS / 4
+    """What a request waiting for its model's load calls: every KEEP_ALIVE_SECONDS (or a quarter of
+    STREAM_TIMEOUT_SECONDS, where less), a `received` on its stream. The web tier relays none to
+    the client, but a wait of minutes is then not taken for a silent worker, and the request
+    keeps its in-flight slot."""
+    every = min(KEEP_ALIVE_SECONDS, settings.STREAM_TIMEOUT_SECONDS / 4)
     due = time.monotonic() + every
 
     def waiting() -> None:
         nonlocal due
         if time.monotonic() < due:
             return
-        due = time.monotonic() + every
         try:
             events.publish(request_id, contract.Received(worker=loader.HOSTNAME))
-        except Exception:  # Redis away for a moment: said again at the next turn
+        except Exception:  # Redis away for a moment: tried again in a second
             log.warning("generation %s: could not say it waits for its model", request_id, exc_info=True)
+            due = time.monotonic() + 1.0
+            return
+        due = time.monotonic() + every
 
     return waiting
 

@@ -128,24 +128,27 @@ def test_a_request_whose_worker_waits_for_the_model_keeps_its_slot(stack, limite
     from llmsite import contract
 
     settings.GENERATION_LEASE_SECONDS = 2
-    request_id = str(uuid.uuid4())
+    request_id, seen = str(uuid.uuid4()), []
 
-    def worker():
+    def worker(slot):
         for _ in range(8):  # 4 s of waiting: twice the lease
             time.sleep(0.5)
             events.publish(request_id, contract.Received(worker=""))
+        time.sleep(0.5)  # the last one read
+        redis = events.sync_client()
+        seconds, micros = redis.time()  # the clock the leases are scored on
+        seen.append((redis.zscore(slot.key, slot.member), seconds + micros / 1e6))  # before the answer's end renews it
         events.publish(request_id, contract.Final(text="Paris", finish_reason="stop"))
 
     async def listen():
         slot = await concurrency.acquire(deployment=limited)
         generation = Generation(request_id, await events.Subscription(request_id).open(), slot=slot, deployment=limited.name)
-        threading.Thread(target=worker).start()
+        threading.Thread(target=worker, args=(slot,)).start()
         heard = [event async for event in generation.events()]
-        lease_ends = await events.async_client().zscore(slot.key, slot.member)
-        seconds, micros = await events.async_client().time()  # the clock the leases are scored on
         await generation.close()
-        return heard, lease_ends, seconds + micros / 1e6
+        return heard
 
-    heard, lease_ends, now = asyncio.run(listen())
+    heard = asyncio.run(listen())
     assert [type(event) for event in heard] == [contract.Final], heard
+    [(lease_ends, now)] = seen
     assert lease_ends is not None and lease_ends > now, "the slot's lease was renewed while the worker waited"

@@ -345,10 +345,14 @@ def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_the_old_one_c
             reload._drop(name, None)
 
 
-def test_a_request_stopped_while_it_waits_for_its_model_ends_without_waiting_for_the_load(stack, user, folders):
-    """A request whose deployment is not loaded waits on the loader's lock, which a load or a reload
-    holds for minutes (held here by a thread of the test's): its Stop ends it as stopped while the
-    lock is still held, and nothing is loaded for it."""
+@pytest.mark.parametrize("end", ["stopped", "waited too long"])
+def test_a_request_stopped_or_waiting_too_long_for_its_model_ends_while_the_load_goes_on(stack, user, folders, settings, end):
+    """A request whose deployment is not loaded starts its load, which waits for the loader's lock
+    (a load or a reload holds it for minutes; a thread of the test's here): its Stop ends it as
+    stopped, or WORKER_LOAD_WAIT_SECONDS ends it with an error, while the lock is still held; the
+    load goes on for the requests after it."""
+    if end == "waited too long":
+        settings.WORKER_LOAD_WAIT_SECONDS = 1
     row = Deployment.objects.create(name=f"waiting-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
     request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
@@ -359,20 +363,29 @@ def test_a_request_stopped_while_it_waits_for_its_model_ends_without_waiting_for
         running = threading.Thread(target=services.run_generation, args=(request,))
         running.start()
         deadline = time.monotonic() + DEADLINE
-        while not events.sync_client().xlen(events.channel(request.request_id)):  # started: it waits for the lock now
+        while not events.sync_client().xlen(events.channel(request.request_id)):  # started: it waits for the load now
             assert running.is_alive() and time.monotonic() < deadline
             time.sleep(0.05)
-        events.sync_client().set(events.cancel_key(request.request_id), b"1", ex=60)  # as the web tier's Stop does
+        if end == "stopped":
+            events.sync_client().set(events.cancel_key(request.request_id), b"1", ex=60)  # as the web tier's Stop does
         running.join(DEADLINE)
         assert not running.is_alive() and holder.is_alive(), "it ended while the lock was still held"
     finally:
         release.set()
         holder.join()
     heard = events_of(request.request_id)
-    assert isinstance(heard[-1], contract.Final) and heard[-1].finish_reason == "cancelled" and heard[-1].text == "", heard
-    assert not any(isinstance(e, (contract.Delta, contract.Error)) for e in heard), heard
-    assert lifecycle.status_of(request.request_id) == lifecycle.Status.CANCELLED
-    assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS, "nothing was loaded for it"
+    assert not any(isinstance(e, contract.Delta) for e in heard), heard
+    if end == "stopped":
+        assert isinstance(heard[-1], contract.Final) and heard[-1].finish_reason == "cancelled" and heard[-1].text == "", heard
+        assert lifecycle.status_of(request.request_id) == lifecycle.Status.CANCELLED
+    else:
+        assert isinstance(heard[-1], contract.Error) and f"'{row.name}' is still loading after 1 s" in heard[-1].message, heard
+        assert lifecycle.status_of(request.request_id) == lifecycle.Status.ERROR
+    try:
+        loader._LOADS[row.name].join(DEADLINE)
+        assert row.name in loader.ENGINES, "the load went on once the lock was free"
+    finally:
+        reload._drop(row.name, None)
 
 
 def _hold_loader_lock(release: threading.Event) -> threading.Thread:
@@ -391,9 +404,10 @@ def _hold_loader_lock(release: threading.Event) -> threading.Thread:
 
 
 def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_answered(stack, user, folders, settings):
-    """A load (here the loader's lock held for 2.5 stream timeouts) is not silence: the waiting
-    request says so on its stream, which the web tier's reader takes as a word from the worker
-    (and relays nothing of to the client), so the answer comes instead of a timeout error."""
+    """A load (here the loader's lock held for 2.5 stream timeouts, then the model's own load) is
+    not silence: the waiting request says so on its stream, which the web tier's reader takes as a
+    word from the worker (and relays nothing of to the client), so the answer comes instead of a
+    timeout error."""
     settings.STREAM_TIMEOUT_SECONDS = 2
     row = Deployment.objects.create(name=f"slow-load-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
@@ -401,7 +415,8 @@ def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_an
     record(user, request)
     release, words = threading.Event(), []
     holder = _hold_loader_lock(release)
-    threading.Timer(2.5 * settings.STREAM_TIMEOUT_SECONDS, release.set).start()
+    timer = threading.Timer(2.5 * settings.STREAM_TIMEOUT_SECONDS, release.set)
+    timer.start()
     running = threading.Thread(target=services.run_generation, args=(request,))
     running.start()
 
@@ -414,6 +429,7 @@ def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_an
     try:
         heard = asyncio.run(read())  # as the web tier reads it: StreamTimeout after 2 s of silence
     finally:
+        timer.cancel()
         release.set()
         holder.join()
         running.join(DEADLINE)

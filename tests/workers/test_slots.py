@@ -407,10 +407,12 @@ def test_a_released_compiled_step_lets_go_of_its_model(monkeypatch):
     # the old model's weights alive, nor may what the step captured.
     monkeypatch.setenv("LLMSITE_COMPILE", "1")
     scheduler = _static(monkeypatch, ahead=True)
-    assert scheduler.decoder.compiled is not None
-    assert len(_ask_one(scheduler, [5, 6, 7], 4)) == 4
-    gone = weakref.ref(scheduler.model)
-    scheduler.stop()
+    try:
+        assert scheduler.decoder.compiled is not None
+        assert len(_ask_one(scheduler, [5, 6, 7], 4)) == 4
+        gone = weakref.ref(scheduler.model)
+    finally:
+        scheduler.stop()
     scheduler.release()
     gc.collect()
     assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]

@@ -178,9 +178,10 @@ class TransformersEngine(QueuedEngine):
 
     def room_beside(self, deployment) -> bool:
         """On CUDA: whether the GPUs' free memory holds the deployment's new model's weights (where
-        its files do not tell, another copy of this one's; never a vLLM engine's share). The KV
-        cache, which grows with use, comes on top; a load that runs out still closes this one first."""
-        if self.device != "cuda":
+        its files do not tell, another copy of this one's; never a vLLM engine's share; always a
+        llama.cpp model, which the CPUs run). The KV cache, which grows with use, comes on top; a
+        load that runs out still closes this one first."""
+        if self.device != "cuda" or deployment.engine == "llamacpp":  # llama.cpp loads into the machine's memory
             return True
         if deployment.engine == "vllm":  # switched to vLLM, which takes 90% of every GPU's memory at its start
             return False
