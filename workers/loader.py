@@ -166,12 +166,17 @@ class _Load(threading.Thread):
     def run(self) -> None:
         from django.db import connection
 
+        from chat.models import Deployment
+
+        name = self.deployment.name
         try:
             with lock:
-                if self.deployment.name not in ENGINES and self.deployment.name not in FAILED:
-                    load_deployment(self.deployment)
+                # read again once the loads before it are done: one may have dropped it (disabled, moved)
+                row = Deployment.objects.defer("tokenizer_files").filter(pk=self.deployment.pk, enabled=True).first()
+                if row is not None and (not QUEUES or row.queue in QUEUES) and name not in ENGINES and name not in FAILED:
+                    load_deployment(row)
         except Exception as exc:
-            log.exception("deployment %s could not be loaded", self.deployment.name)
+            log.exception("deployment %s could not be loaded", name)
             self.error = exc
         finally:
             connection.close()  # this thread's own

@@ -139,8 +139,9 @@ def _engine(request: GenerationRequest, cancelled):
         target = _prompt_target(request.deployment, None)
         engine = loader.engine_for(target, cancelled, waiting) if target is not None else None
     if engine is None:
+        current = Deployment.objects.filter(name=request.deployment).only("enabled").first()  # disabled while it waited?
         reason = loader.FAILED.get(request.deployment) or (
-            f"the deployment '{request.deployment}' is disabled" if target is not None and not target.enabled
+            f"the deployment '{request.deployment}' is disabled" if current is not None and not current.enabled
             else f"this worker does not serve the deployment '{request.deployment}'"
         )  # fmt: skip
         raise GenerationFailed(f"The model is not available: {reason}")

@@ -388,6 +388,34 @@ def test_a_request_stopped_or_waiting_too_long_for_its_model_ends_while_the_load
         reload._drop(row.name, None)
 
 
+def test_a_deployment_disabled_while_its_request_waited_for_its_load_is_not_loaded(stack, user, folders):
+    """The load a request started waits for the loads before it (the loader's lock), which may
+    have dropped its deployment meanwhile: it reads the row again and loads nothing; the request
+    says the deployment is disabled."""
+    row = Deployment.objects.create(name=f"dropped-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+    request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
+    record(user, request)
+    release = threading.Event()
+    holder = _hold_loader_lock(release)
+    try:
+        running = threading.Thread(target=services.run_generation, args=(request,))
+        running.start()
+        deadline = time.monotonic() + DEADLINE
+        while row.name not in loader._LOADS:  # its load started, and waits for the lock
+            assert running.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        Deployment.objects.filter(pk=row.pk).update(enabled=False)  # as the admin's change form does
+    finally:
+        release.set()
+        holder.join()
+    running.join(DEADLINE)
+    loader._LOADS[row.name].join(DEADLINE)
+    heard = events_of(request.request_id)
+    assert isinstance(heard[-1], contract.Error) and f"'{row.name}' is disabled" in heard[-1].message, heard
+    assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS, "nothing was loaded for it"
+
+
 def _hold_loader_lock(release: threading.Event) -> threading.Thread:
     """A thread holding the loader's lock, as a load or a reload does, until `release` is set."""
     held = threading.Event()
