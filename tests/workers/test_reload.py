@@ -190,9 +190,7 @@ def test_a_request_that_took_an_engine_as_it_closed_goes_to_the_new_one(stack, u
     given = [None if taken == "unloaded" else old]  # what engine_for gave the request in that instant
     real_engine_for = loader.engine_for
     monkeypatch.setattr(loader, "engine_for", lambda deployment, *waits: given.pop() if given else real_engine_for(deployment, *waits))
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
-    request = GenerationRequest(str(uuid.uuid4()), name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
-    record(user, request)
+    request = _request(user, row)
     try:
         services.run_generation(request)
         heard = events_of(request.request_id)
@@ -354,18 +352,11 @@ def test_a_request_stopped_or_waiting_too_long_for_its_model_ends_while_the_load
     if end == "waited too long":
         settings.WORKER_LOAD_WAIT_SECONDS = 1
     row = Deployment.objects.create(name=f"waiting-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
-    request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
-    record(user, request)
+    request = _request(user, row)
     release = threading.Event()
     holder = _hold_loader_lock(release)
     try:
-        running = threading.Thread(target=services.run_generation, args=(request,))
-        running.start()
-        deadline = time.monotonic() + DEADLINE
-        while not events.sync_client().xlen(events.channel(request.request_id)):  # started: it waits for the load now
-            assert running.is_alive() and time.monotonic() < deadline
-            time.sleep(0.05)
+        running = _run_until_its_load_waits(request)
         if end == "stopped":
             events.sync_client().set(events.cancel_key(request.request_id), b"1", ex=60)  # as the web tier's Stop does
         running.join(DEADLINE)
@@ -393,18 +384,11 @@ def test_a_deployment_disabled_while_its_request_waited_for_its_load_is_not_load
     have dropped its deployment meanwhile: it reads the row again and loads nothing; the request
     says the deployment is disabled."""
     row = Deployment.objects.create(name=f"dropped-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
-    request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
-    record(user, request)
+    request = _request(user, row)
     release = threading.Event()
     holder = _hold_loader_lock(release)
     try:
-        running = threading.Thread(target=services.run_generation, args=(request,))
-        running.start()
-        deadline = time.monotonic() + DEADLINE
-        while row.name not in loader._LOADS:  # its load started, and waits for the lock
-            assert running.is_alive() and time.monotonic() < deadline
-            time.sleep(0.05)
+        running = _run_until_its_load_waits(request)
         Deployment.objects.filter(pk=row.pk).update(enabled=False)  # as the admin's change form does
     finally:
         release.set()
@@ -414,6 +398,26 @@ def test_a_deployment_disabled_while_its_request_waited_for_its_load_is_not_load
     heard = events_of(request.request_id)
     assert isinstance(heard[-1], contract.Error) and f"'{row.name}' is disabled" in heard[-1].message, heard
     assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS, "nothing was loaded for it"
+
+
+def _request(user, row) -> GenerationRequest:
+    """A short greedy request for the deployment, stored as the web tier stores it."""
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+    request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
+    record(user, request)
+    return request
+
+
+def _run_until_its_load_waits(request) -> threading.Thread:
+    """The request run as a worker runs it, in a thread of its own, once the load of its deployment
+    that it started waits for the loader's lock."""
+    running = threading.Thread(target=services.run_generation, args=(request,))
+    running.start()
+    deadline = time.monotonic() + DEADLINE
+    while request.deployment not in loader._LOADS:
+        assert running.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    return running
 
 
 def _hold_loader_lock(release: threading.Event) -> threading.Thread:
@@ -438,9 +442,7 @@ def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_an
     timeout error."""
     settings.STREAM_TIMEOUT_SECONDS = 2
     row = Deployment.objects.create(name=f"slow-load-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
-    request = GenerationRequest(str(uuid.uuid4()), row.name, [{"role": "user", "content": "Where is the Louvre?"}], sampling)
-    record(user, request)
+    request = _request(user, row)
     release, words = threading.Event(), []
     holder = _hold_loader_lock(release)
     timer = threading.Timer(2.5 * settings.STREAM_TIMEOUT_SECONDS, release.set)
