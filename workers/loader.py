@@ -141,7 +141,7 @@ def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False, waitin
     if QUEUES and deployment.queue not in QUEUES:  # moved to another queue since the request was sent
         return None
     release_connection()  # none held through a wait of minutes
-    load, deadline = _loading(deployment), time.monotonic() + settings.WORKER_LOAD_WAIT_SECONDS
+    load, deadline = start_load(deployment), time.monotonic() + settings.WORKER_LOAD_WAIT_SECONDS
     while True:
         load.join(WAIT_POLL_SECONDS)
         if not load.is_alive():
@@ -186,8 +186,14 @@ _LOADS: dict[str, _Load] = {}
 _loads_lock = threading.Lock()
 
 
-def _loading(deployment) -> _Load:
-    """The deployment's load under way, or one started now."""
+def load_pending(name: str) -> bool:
+    """Whether a load of the deployment was started and has not ended."""
+    load = _LOADS.get(name)
+    return load is not None and load.is_alive()
+
+
+def start_load(deployment) -> _Load:
+    """The deployment's load under way, or one started now (it waits for the loads before it)."""
     with _loads_lock:
         load = _LOADS.get(deployment.name)
         if load is None or not load.is_alive():

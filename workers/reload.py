@@ -36,7 +36,7 @@ def start(queues) -> threading.Thread | None:
 
 def refresh(queues) -> None:
     """Load again, drop or retry each deployment of `queues` this worker holds whose row changed;
-    load those of `queues` enabled since."""
+    start loading those of `queues` enabled since."""
     from chat.models import Deployment
 
     rows = {d.name: d for d in Deployment.objects.defer("tokenizer_files") if d.queue in queues}
@@ -47,9 +47,9 @@ def refresh(queues) -> None:
         elif loader.model_key(row) != loader.LOADED_AS.get(name):
             _reload(row)
     for row in rows.values():
-        if row.enabled and row.name not in loader.LOADED_AS:
+        if row.enabled and row.name not in loader.LOADED_AS and not loader.load_pending(row.name):
             log.info("deployment %s added or enabled: loading it", row.name)
-            loader.engine_for(row)  # as a first request loads it (unless one did meanwhile)
+            loader.start_load(row)  # as a first request does, without waiting for it here
 
 
 def _reload(deployment) -> None:
