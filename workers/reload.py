@@ -85,8 +85,8 @@ def _reload(deployment) -> None:
 
 def _close_first(deployment) -> None:
     """Close the deployment's engine before its new model loads (no room for both): the answers on
-    it run to their end, which its status says; requests for it wait on the loader's lock, which
-    the caller holds (or until they are stopped)."""
+    it run to their end, which its status says; requests for it wait for the new model (their load
+    waits on the loader's lock, which the caller holds), unless stopped meanwhile."""
     from chat.models import Deployment
 
     detail = f"changed: on {loader.HOSTNAME}, the new model loads once the answers on the old one have ended (no room for both)"
