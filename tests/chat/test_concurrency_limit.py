@@ -117,9 +117,9 @@ def test_slots_of_a_web_process_that_died_expire_with_their_lease(stack, token, 
 
 def test_a_request_whose_worker_waits_for_the_model_keeps_its_slot(stack, limited, settings):
     """While its worker waits for the model's load, it says so on the request's stream (a
-    `received` every quarter of STREAM_TIMEOUT_SECONDS, never relayed to the client: as
-    workers/services.py does, played here): the web tier renews the request's slot on it, so a
-    load longer than the lease does not free the slot of a request still in flight."""
+    `received` every few seconds, never relayed to the client: as workers/services.py does, played
+    here): the web tier renews the request's slot on it, so a load longer than the lease does not
+    free the slot of a request still in flight."""
     import asyncio
     import threading
 

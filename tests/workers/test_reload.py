@@ -281,7 +281,7 @@ def test_a_deployment_moved_to_another_queue_is_not_loaded_by_a_late_request(sta
 
 
 @pytest.mark.parametrize("case", ["alone", "shared", "beside"])
-def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_the_old_one_closes_first(stack, folders, settings, monkeypatch, case):
+def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_that_one_closes_first_where_it_can(stack, folders, settings, monkeypatch, case):
     """WORKER_RELOAD_MODE "auto" where a second copy seemed to fit but did not: the load beside the
     old engine fails for want of memory (raised here as PyTorch raises it on a full GPU, which these
     CPUs cannot give safely), so the old engine closes and the new model loads again, alone. Where
