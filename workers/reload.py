@@ -66,14 +66,15 @@ def _reload(deployment) -> None:
             beside = f"changed: loading its new model on {loader.HOSTNAME}; the old one answers until it is ready"
             # ENGINES[name] the new engine, or FAILED[name] the reason
             loader.load_deployment(deployment, beside if old is not None else "")
-            if old is not None and _out_of_memory(name) and (settings.WORKER_RELOAD_MODE != "auto" or _shared(old, name)):
-                _say_why_beside(deployment, old)
-            elif old is not None and _out_of_memory(name):
-                log.warning("deployment %s: its new model found no room beside the old one; the old one closes first", name)
-                old = None
-                _close_first(deployment)
-                loader.FAILED.pop(name, None)
-                loader.load_deployment(deployment)
+            if old is not None and _out_of_memory(name):
+                if settings.WORKER_RELOAD_MODE != "auto" or _shared(old, name):  # it cannot close first
+                    _say_why_beside(deployment, old)
+                else:
+                    log.warning("deployment %s: its new model found no room beside the old one; the old one closes first", name)
+                    old = None
+                    _close_first(deployment)
+                    loader.FAILED.pop(name, None)
+                    loader.load_deployment(deployment)
         finally:
             if name in loader.FAILED:
                 loader.ENGINES.pop(name, None)  # requests get the reason, not the old model

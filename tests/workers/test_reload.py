@@ -4,6 +4,7 @@ disabled one's engine is closed, a re-enabled or added one is loaded; a replaced
 the requests already on it, and a request that took it as it closed goes to the new one."""
 
 import asyncio
+import contextlib
 import gc
 import logging
 import threading
@@ -281,7 +282,9 @@ def test_a_deployment_moved_to_another_queue_is_not_loaded_by_a_late_request(sta
 
 
 @pytest.mark.parametrize("case", ["alone", "shared", "beside"])
-def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_that_one_closes_first_where_it_can(stack, folders, settings, monkeypatch, case):
+def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_that_one_closes_first_where_it_can(
+    stack, folders, settings, monkeypatch, case
+):
     """WORKER_RELOAD_MODE "auto" where a second copy seemed to fit but did not: the load beside the
     old engine fails for want of memory (raised here as PyTorch raises it on a full GPU, which these
     CPUs cannot give safely), so the old engine closes and the new model loads again, alone. Where
@@ -351,19 +354,14 @@ def test_a_request_stopped_or_waiting_too_long_for_its_model_ends_while_the_load
     load goes on for the requests after it."""
     if end == "waited too long":
         settings.WORKER_LOAD_WAIT_SECONDS = 1
-    row = Deployment.objects.create(name=f"waiting-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
+    row = _paris_row(folders, "waiting")
     request = _request(user, row)
-    release = threading.Event()
-    holder = _hold_loader_lock(release)
-    try:
+    with _loader_lock_held() as (holder, _):
         running = _run_until_its_load_waits(request)
         if end == "stopped":
             events.sync_client().set(events.cancel_key(request.request_id), b"1", ex=60)  # as the web tier's Stop does
         running.join(DEADLINE)
         assert not running.is_alive() and holder.is_alive(), "it ended while the lock was still held"
-    finally:
-        release.set()
-        holder.join()
     heard = events_of(request.request_id)
     assert not any(isinstance(e, contract.Delta) for e in heard), heard
     if end == "stopped":
@@ -383,16 +381,11 @@ def test_a_deployment_disabled_while_its_request_waited_for_its_load_is_not_load
     """The load a request started waits for the loads before it (the loader's lock), which may
     have dropped its deployment meanwhile: it reads the row again and loads nothing; the request
     says the deployment is disabled."""
-    row = Deployment.objects.create(name=f"dropped-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
+    row = _paris_row(folders, "dropped")
     request = _request(user, row)
-    release = threading.Event()
-    holder = _hold_loader_lock(release)
-    try:
+    with _loader_lock_held():
         running = _run_until_its_load_waits(request)
         Deployment.objects.filter(pk=row.pk).update(enabled=False)  # as the admin's change form does
-    finally:
-        release.set()
-        holder.join()
     running.join(DEADLINE)
     loader._LOADS[row.name].join(DEADLINE)
     heard = events_of(request.request_id)
@@ -420,9 +413,16 @@ def _run_until_its_load_waits(request) -> threading.Thread:
     return running
 
 
-def _hold_loader_lock(release: threading.Event) -> threading.Thread:
-    """A thread holding the loader's lock, as a load or a reload does, until `release` is set."""
-    held = threading.Event()
+def _paris_row(folders, prefix: str) -> Deployment:
+    """A deployment of the tiny model that always answers " Paris", not loaded on any worker."""
+    return Deployment.objects.create(name=f"{prefix}-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
+
+
+@contextlib.contextmanager
+def _loader_lock_held():
+    """(a thread holding the loader's lock, as a load or a reload does, and the event that makes it
+    let go, which the block's end sets too)."""
+    held, release = threading.Event(), threading.Event()
 
     def hold():
         with loader.lock:
@@ -432,7 +432,11 @@ def _hold_loader_lock(release: threading.Event) -> threading.Thread:
     holder = threading.Thread(target=hold)
     holder.start()
     held.wait(DEADLINE)
-    return holder
+    try:
+        yield holder, release
+    finally:
+        release.set()
+        holder.join()
 
 
 def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_answered(stack, user, folders, settings):
@@ -441,27 +445,27 @@ def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_an
     word from the worker (and relays nothing of to the client), so the answer comes instead of a
     timeout error."""
     settings.STREAM_TIMEOUT_SECONDS = 2
-    row = Deployment.objects.create(name=f"slow-load-{uuid.uuid4().hex[:6]}", model_source=folders["paris"], model_type="llama2")
+    row = _paris_row(folders, "slow-load")
     request = _request(user, row)
-    release, words = threading.Event(), []
-    holder = _hold_loader_lock(release)
-    timer = threading.Timer(2.5 * settings.STREAM_TIMEOUT_SECONDS, release.set)
-    timer.start()
-    running = threading.Thread(target=services.run_generation, args=(request,))
-    running.start()
+    words = []
 
-    async def read():
+    async def read(holder):
         async def received():
             words.append(holder.is_alive())
 
         return [e async for e in events.Subscription(request.request_id).events(on_received=received)]
 
+    running = threading.Thread(target=services.run_generation, args=(request,))
     try:
-        heard = asyncio.run(read())  # as the web tier reads it: StreamTimeout after 2 s of silence
+        with _loader_lock_held() as (holder, release):
+            timer = threading.Timer(2.5 * settings.STREAM_TIMEOUT_SECONDS, release.set)
+            timer.start()
+            running.start()
+            try:
+                heard = asyncio.run(read(holder))  # as the web tier reads it: StreamTimeout after 2 s of silence
+            finally:
+                timer.cancel()
     finally:
-        timer.cancel()
-        release.set()
-        holder.join()
         running.join(DEADLINE)
         reload._drop(row.name, None)
     assert isinstance(heard[-1], contract.Final) and heard[-1].text.startswith(" Paris Paris"), heard
