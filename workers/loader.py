@@ -125,10 +125,11 @@ def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False, waitin
     """The engine of a deployment on this worker's queues, loaded on first use if it was added later.
 
     The load runs in a thread of its own, one per deployment at a time, once the loads and reloads
-    before it are done (the loader's lock: workers/reload.py holds it too). The caller (which must
-    not hold that lock) waits for it, calling `waiting()` every WAIT_POLL_SECONDS; the wait ends
-    with WaitCancelled once `cancelled()` says so, or StillLoading after WORKER_LOAD_WAIT_SECONDS,
-    and the load goes on for the requests after it."""
+    before it are done (the loader's lock: workers/reload.py holds it too); where the deployment's
+    reload is under way (its old engine closing first), the request waits for that instead. The
+    caller (which must not hold that lock) waits for it, calling `waiting()` every
+    WAIT_POLL_SECONDS; the wait ends with WaitCancelled once `cancelled()` says so, or StillLoading
+    after WORKER_LOAD_WAIT_SECONDS, and the load goes on for the requests after it."""
     from django.conf import settings
 
     from chat.services import release_connection
@@ -157,29 +158,39 @@ def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False, waitin
 
 
 class _Load(threading.Thread):
-    """A deployment's load for the requests that wait for it: it waits for the loader's lock."""
+    """A deployment's load (or reload: workers/reload.py) for the requests that wait for it."""
 
-    def __init__(self, deployment):
+    def __init__(self, deployment, work: Callable):
         super().__init__(name=f"load-{deployment.name}", daemon=True)
-        self.deployment, self.error = deployment, None
+        self.deployment, self.work, self.error = deployment, work, None
 
     def run(self) -> None:
         from django.db import connection
 
-        from chat.models import Deployment
-
-        name = self.deployment.name
         try:
-            with lock:
-                # read again once the loads before it are done: one may have dropped it (disabled, moved)
-                row = Deployment.objects.defer("tokenizer_files").filter(pk=self.deployment.pk, enabled=True).first()
-                if row is not None and (not QUEUES or row.queue in QUEUES) and name not in ENGINES and name not in FAILED:
-                    load_deployment(row)
+            self.work(self.deployment)
         except Exception as exc:
-            log.exception("deployment %s could not be loaded", name)
+            log.exception("deployment %s could not be loaded", self.deployment.name)
             self.error = exc
         finally:
             connection.close()  # this thread's own
+
+
+def still_served(deployment):
+    """The deployment's row as it is now, where it is still enabled on this worker's queues (a load
+    that waited may find it dropped or moved meanwhile); else None."""
+    from chat.models import Deployment
+
+    row = Deployment.objects.defer("tokenizer_files").filter(pk=deployment.pk, enabled=True).first()
+    return row if row is not None and (not QUEUES or row.queue in QUEUES) else None
+
+
+def _load_unless_dropped(deployment) -> None:
+    """A first load: once the loads before it are done, unless one of them dropped it or loaded it."""
+    with lock:
+        row = still_served(deployment)
+        if row is not None and row.name not in ENGINES and row.name not in FAILED:
+            load_deployment(row)
 
 
 _LOADS: dict[str, _Load] = {}
@@ -187,17 +198,18 @@ _loads_lock = threading.Lock()
 
 
 def load_pending(name: str) -> bool:
-    """Whether a load of the deployment was started and has not ended."""
+    """Whether a load or reload of the deployment was started and has not ended."""
     load = _LOADS.get(name)
     return load is not None and load.is_alive()
 
 
-def start_load(deployment) -> _Load:
-    """The deployment's load under way, or one started now (it waits for the loads before it)."""
+def start_load(deployment, work: Callable = _load_unless_dropped) -> _Load:
+    """The deployment's load or reload under way, or `work(deployment)` started now in a thread of
+    its own (which waits for the loads before it), for the requests of the deployment to wait on."""
     with _loads_lock:
         load = _LOADS.get(deployment.name)
         if load is None or not load.is_alive():
-            load = _LOADS[deployment.name] = _Load(deployment)
+            load = _LOADS[deployment.name] = _Load(deployment, work)
             load.start()
         return load
 

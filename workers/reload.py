@@ -10,7 +10,9 @@ reason (its row asks for that model) and the old engine closed the same way. A f
 tried again once one of those fields changes (a corrected folder, say); a disabled or deleted one
 is dropped and its engine closed the same way; a new or re-enabled one is loaded, as the worker's
 start loads those it finds. A reload needs room for both copies while the new one loads; where the
-GPUs lack it, the old engine closes first."""
+GPUs lack it, the old engine closes first. Each load or reload runs in a thread of its own, one per
+deployment, and loads one at a time (the loader's lock); an old engine waits for the answers on it
+to end without that lock, so that other deployments load, and change, meanwhile."""
 
 import gc
 import logging
@@ -36,63 +38,97 @@ def start(queues) -> threading.Thread | None:
 
 def refresh(queues) -> None:
     """Load again, drop or retry each deployment of `queues` this worker holds whose row changed;
-    start loading those of `queues` enabled since."""
+    start loading those of `queues` enabled since. Loads and reloads run in threads of their own
+    (loader.start_load): this one goes on to the next change meanwhile."""
     from chat.models import Deployment
 
     rows = {d.name: d for d in Deployment.objects.defer("tokenizer_files") if d.queue in queues}
     for name in set(loader.LOADED_AS):
         row = rows.get(name)
+        if loader.load_pending(name):
+            continue  # its reload is under way: a change since is seen at the next look
         if row is None or not row.enabled:
             _drop(name, row)
         elif loader.model_key(row) != loader.LOADED_AS.get(name):
-            _reload(row)
+            start_reload(row)
     for row in rows.values():
         if row.enabled and row.name not in loader.LOADED_AS and not loader.load_pending(row.name):
             log.info("deployment %s added or enabled: loading it", row.name)
             loader.start_load(row)  # as a first request does, without waiting for it here
 
 
+def start_reload(deployment):
+    """The deployment's reload, in its thread of loads (loader.start_load): the requests for it
+    that find no engine (its old one closing first) wait for it."""
+    log.info(
+        "deployment %s changed (%s): loading it again",
+        deployment.name, _change(loader.LOADED_AS.get(deployment.name), loader.model_key(deployment)),
+    )
+    return loader.start_load(deployment, _reload)
+
+
 def _reload(deployment) -> None:
     name = deployment.name
-    log.info("deployment %s changed (%s): loading it again", name, _change(loader.LOADED_AS.get(name), loader.model_key(deployment)))
     with loader.lock:  # the old engine keeps answering meanwhile: engine_for reads ENGINES without the lock
         old = loader.ENGINES.get(name)
-        if old is not None and not _fits_beside(old, deployment):
+        close_first = old is not None and not _fits_beside(old, deployment)
+        del old  # no reference left here: its memory is given back before the new model loads
+        if close_first:
             log.info("deployment %s: no room for both models; its engine closes first, requests wait for the new one", name)
-            old = None  # no reference left here: its memory is given back before the new model loads
-            _close_first(deployment)
-        try:
-            loader.FAILED.pop(name, None)
-            beside = f"changed: loading its new model on {loader.HOSTNAME}; the old one answers until it is ready"
-            # ENGINES[name] the new engine, or FAILED[name] the reason
-            loader.load_deployment(deployment, beside if old is not None else "")
-            if old is not None and _out_of_memory(name):
-                if settings.WORKER_RELOAD_MODE != "auto" or _shared(old, name):  # it cannot close first
-                    _say_why_beside(deployment, old)
-                else:
-                    log.warning("deployment %s: its new model found no room beside the old one; the old one closes first", name)
-                    old = None
-                    _close_first(deployment)
-                    loader.FAILED.pop(name, None)
-                    loader.load_deployment(deployment)
-        finally:
-            if name in loader.FAILED:
-                loader.ENGINES.pop(name, None)  # requests get the reason, not the old model
-            if old is not None and loader.ENGINES.get(name) is not old:
-                held, old = [old], None  # the retire thread's, alone: its memory goes when it closes
-                _retire(held)
-            # else: it failed before any result (the database away): it serves on, and is tried again
+        elif not _load_beside(deployment):
+            return
+        held = _take_out(deployment)
+    # without the loader's lock: other deployments load, and this worker drops or reloads them, meanwhile
+    _close_when_idle(held)
+    with loader.lock:
+        row = loader.still_served(deployment)  # as it is now: it may have changed, or been dropped, meanwhile
+        if row is None:
+            _drop(name, deployment)  # its status says so where it was disabled
+            return
+        loader.FAILED.pop(name, None)
+        loader.load_deployment(row)
 
 
-def _close_first(deployment) -> None:
-    """Close the deployment's engine before its new model loads (no room for both): the answers on
-    it run to their end, which its status says; requests for it wait for the new model (their load
-    waits on the loader's lock, which the caller holds), unless stopped meanwhile."""
+def _load_beside(deployment) -> bool:
+    """Load the deployment's new model beside its engine, which answers until it is ready; then
+    retire that engine. Whether the old engine must close first instead (the load ran out of
+    memory, and it can), the deployment's failure undone."""
+    name = deployment.name
+    old = loader.ENGINES.get(name)
+    try:
+        loader.FAILED.pop(name, None)
+        beside = f"changed: loading its new model on {loader.HOSTNAME}; the old one answers until it is ready"
+        # ENGINES[name] the new engine, or FAILED[name] the reason
+        loader.load_deployment(deployment, beside if old is not None else "")
+        if old is not None and _out_of_memory(name):
+            if settings.WORKER_RELOAD_MODE != "auto" or _shared(old, name):  # it cannot close first
+                _say_why_beside(deployment, old)
+            else:
+                log.warning("deployment %s: its new model found no room beside the old one; the old one closes first", name)
+                loader.FAILED.pop(name, None)
+                old = None  # for the caller to close first: it is still ENGINES[name]
+                return True
+    finally:
+        if name in loader.FAILED:
+            loader.ENGINES.pop(name, None)  # requests get the reason, not the old model
+        if old is not None and loader.ENGINES.get(name) is not old:
+            held, old = [old], None  # the retire thread's, alone: its memory goes when it closes
+            _retire(held)
+        # else: it failed before any result (the database away): it serves on, and is tried again
+    return False
+
+
+def _take_out(deployment) -> list:
+    """The deployment's engine, taken from the requests (which wait for its new model, unless stopped
+    meanwhile) to close before its new model loads (no room for both): [it] for _close_when_idle,
+    its only holder here. The answers on it run to their end, which the deployment's status says."""
     from chat.models import Deployment
 
     detail = f"changed: on {loader.HOSTNAME}, the new model loads once the answers on the old one have ended (no room for both)"
     loader.set_status(deployment, Deployment.Status.LOADING, detail)
-    _retire([loader.ENGINES.pop(deployment.name)], wait=True)  # held by nothing else here
+    held = [loader.ENGINES.pop(deployment.name)]
+    _retiring(held)  # not shared: nothing else loads it again
+    return held
 
 
 def _say_why_beside(deployment, old) -> None:
@@ -133,22 +169,24 @@ def _change(before: tuple | None, after: tuple) -> str:
     return ", ".join(f"{f}: {before.get(f)!r} -> {after.get(f)!r}" for f in fields if before.get(f) != after.get(f))
 
 
-def _retire(held: list, wait: bool = False) -> None:
-    """Close the engine in `held` once the requests on it have finished, unless a deployment still
-    uses it: in a thread of its own, or before returning (`wait`: its memory is given back then,
-    where the caller keeps no other reference to it)."""
+def _retire(held: list) -> None:
+    """Close the engine in `held` once the requests on it have finished, in a thread of its own,
+    unless a deployment still uses it."""
+    if _retiring(held):  # handed over in the list, emptied there: the thread's own arguments would keep it alive
+        threading.Thread(target=_close_when_idle, args=(held,), name="engine-retire", daemon=True).start()
+
+
+def _retiring(held: list) -> bool:
+    """Whether the engine in `held` is to close (no deployment uses it): then no deployment of its
+    model is given it again, and /metrics counts it as retiring until it has closed."""
     with loader.lock:
         engine = held[0]
         if _shared(engine):
-            return
+            return False
         for key in [k for k, e in loader.BY_MODEL.items() if e is engine]:
             del loader.BY_MODEL[key]
         loader.RETIRING[id(engine)] = engine
-        del engine
-    if wait:
-        _close_when_idle(held)
-    else:  # handed over in the list, emptied there: the thread's own arguments would keep it alive
-        threading.Thread(target=_close_when_idle, args=(held,), name="engine-retire", daemon=True).start()
+        return True
 
 
 def _shared(engine, name: str | None = None) -> bool:

@@ -32,13 +32,15 @@ DEADLINE = 300  # a bound on polling, not a speed check
 
 @pytest.fixture(scope="module")
 def folders(stack, tmp_path_factory, django_db_blocker):
-    """Two tiny Llamas: one of random weights, and one that always answers "Paris"."""
+    """Tiny Llamas: one of random weights, and ones that always answer "Paris"."""
     root = tmp_path_factory.mktemp("reload")
     with django_db_blocker.unblock():
         files = default_tokenizer_files()
     random = build_tiny_model(root / "random", "llama", files)
     paris = always_emitting(build_tiny_model(root / "paris", "llama", files), " Paris")
-    return {"random": str(random), "paris": str(paris)}
+    # one that answers " Paris" for 32768 tokens: an answer that runs until stopped
+    long = always_emitting(build_tiny_model(root / "long", "llama", files, max_position_embeddings=32768), " Paris")
+    return {"random": str(random), "paris": str(paris), "long": str(long)}
 
 
 def _ask(stack, token, name) -> requests.Response:
@@ -237,7 +239,7 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
         logging.getLogger("workers").addHandler(handler)
     try:
         with caplog.at_level(logging.INFO, logger="workers"):
-            reload._reload(row)
+            _reload(row)
         assert at_new_load.results == [True], "the old model's memory was given back before the new model loaded"
         [(status, detail)] = at_close.results  # what the admin showed while the answer on the old model ran on
         assert status == Deployment.Status.LOADING and "once the answers on the old one have ended" in detail, detail
@@ -256,6 +258,13 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
         for handler in (at_new_load, at_close):
             logging.getLogger("workers").removeHandler(handler)
         reload._drop(row.name, None)
+
+
+def _reload(row) -> None:
+    """The deployment's reload, as the worker's reload thread starts it, run to its end."""
+    load = reload.start_reload(row)
+    load.join(DEADLINE)
+    assert not load.is_alive() and load.error is None, load.error
 
 
 class _AtLog(logging.Handler):
@@ -319,7 +328,7 @@ def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_that_one_clos
     row.model_source = folders["paris"]
     row.save()
     try:
-        reload._reload(row)
+        _reload(row)
         row.refresh_from_db()
         if case != "alone":
             assert tries == [True] and row.status == Deployment.Status.FAILED and row.name not in loader.ENGINES
@@ -470,3 +479,94 @@ def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_an
         reload._drop(row.name, None)
     assert isinstance(heard[-1], contract.Final) and heard[-1].text.startswith(" Paris Paris"), heard
     assert words.count(True) >= 2, f"said while it waited: {words}"
+
+
+def test_while_an_old_engine_closes_first_other_deployments_load_and_its_requests_wait_for_its_new_model(
+    stack, user, folders, settings
+):
+    """WORKER_RELOAD_MODE "replace": while the answer on the old engine runs on (here until the test
+    stops it), the old engine waits without the loader's lock: another deployment's first load ends
+    meanwhile. A request for the reloaded deployment waits for its reload, not a load of its own
+    beside the old engine, and is answered by the new model once the old one has closed."""
+    row = Deployment.objects.create(name=f"drain-{uuid.uuid4().hex[:6]}", model_source=folders["long"], model_type="llama2")
+    other = Deployment.objects.create(
+        name=f"meanwhile-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2"
+    )
+    request = _request(user, row)
+    try:
+        with _closing_first(row, folders["paris"], settings) as (old, result, reloading, at_new_load):
+            asking = threading.Thread(target=services.run_generation, args=(request,))
+            asking.start()
+            first_load = loader.start_load(other)
+            _wait_until(lambda: not first_load.is_alive(), result)  # not until the answer on the old engine has ended
+            assert other.name in loader.ENGINES and first_load.error is None, first_load.error
+            assert reloading.is_alive() and asking.is_alive() and row.name not in loader.ENGINES
+        asking.join(DEADLINE)
+        assert at_new_load.results == [True], "the new model loaded once, after the old one's memory was given back"
+        heard = events_of(request.request_id)
+        assert isinstance(heard[-1], contract.Final) and heard[-1].text.startswith(" Paris Paris"), heard
+        assert loader.ENGINES[row.name] is not old and old.model is None
+    finally:
+        for name in (row.name, other.name):
+            reload._drop(name, None)
+
+
+def test_a_deployment_disabled_while_its_old_engine_closed_first_is_not_loaded_again(stack, user, folders, settings):
+    """Disabled in the admin while its old engine waited for the answer on it: the reload loads
+    nothing once that engine has closed, the deployment's status says it is disabled, and the
+    request that waited for the reload is told so."""
+    row = Deployment.objects.create(name=f"drain-{uuid.uuid4().hex[:6]}", model_source=folders["long"], model_type="llama2")
+    request = _request(user, row)
+    with _closing_first(row, folders["paris"], settings) as (_, _, reloading, at_new_load):
+        asking = threading.Thread(target=services.run_generation, args=(request,))
+        asking.start()
+        Deployment.objects.filter(pk=row.pk).update(enabled=False)  # as the admin's change form does
+    asking.join(DEADLINE)
+    assert at_new_load.results == [] and row.name not in loader.ENGINES and row.name not in loader.LOADED_AS
+    row.refresh_from_db()
+    assert row.status == Deployment.Status.UNKNOWN and row.status_detail.startswith("disabled"), row.status_detail
+    heard = events_of(request.request_id)
+    assert isinstance(heard[-1], contract.Error) and f"'{row.name}' is disabled" in heard[-1].message, heard
+
+
+@contextlib.contextmanager
+def _closing_first(row, new_source: str, settings):
+    """The deployment `row` loaded, then changed to `new_source` and reloaded with no room for both
+    models, while an answer runs on its old engine until the block's end stops it: (the old engine,
+    that answer's result, the reload's thread, what _AtLog saw at the new model's load: whether the
+    old one's memory was given back), once the old engine waits for that answer. At the end the
+    reload has ended."""
+    loader.load_deployment(row)
+    old = loader.ENGINES[row.name]
+    settings.WORKER_RELOAD_MODE = "replace"
+    result, stop = GenerationResult(), threading.Event()
+    params = SamplingParams(max_new_tokens=30000, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+    answer = old.stream(old.prompt_ids("Tell me a long story about a dragon."), params, result, cancelled=stop.is_set)
+    running = threading.Thread(target=lambda: [None for _ in answer])
+    running.start()
+    _wait_until(lambda: result.completion_tokens, result)  # the answer is under way on the old engine
+    row.model_source = new_source
+    row.save()
+    old_model = weakref.ref(old.model)
+    at_new_load = _AtLog(f"loading {new_source}", lambda: old_model() is None)
+    logging.getLogger("workers").addHandler(at_new_load)
+    try:
+        reloading = reload.start_reload(row)
+        _wait_until(lambda: id(old) in loader.RETIRING, result)  # the old engine waits for the answer on it
+        yield old, result, reloading, at_new_load
+        stop.set()
+        for thread in (running, reloading):
+            thread.join(DEADLINE)
+        assert result.finish_reason == "cancelled" and reloading.error is None, (result, reloading.error)
+    finally:
+        stop.set()
+        logging.getLogger("workers").removeHandler(at_new_load)
+
+
+def _wait_until(done, answer: GenerationResult) -> None:
+    """Until `done()`, while the answer on the old engine runs on: it must not end first."""
+    deadline = time.monotonic() + DEADLINE
+    while not done():
+        assert not answer.finish_reason, f"the answer on the old engine ended first ({answer.finish_reason})"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
