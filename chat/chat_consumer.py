@@ -5,7 +5,8 @@ Client messages: {"type": "send", "conversation": id or null, "deployment", "pro
 {"type": "regenerate", ...the same without prompt}; {"type": "stop"}; {"type": "resume",
 "request": id, "last_event": id or "0"} (after a reconnect or a reload). Server messages: "turn"
 (the stored rows), "request" (the answer's request id, to resume it), "queued" (position,
-wait_seconds: its place in line while it waits), "sources" (the knowledge base's chunks, before
+wait_seconds: its place in line while it waits), "loading" (worker, seconds: its worker waits for
+the model to load, said every 10 s), "sources" (the knowledge base's chunks, before
 the answer), "delta" (new text), "done" (status ok/cancelled/error and the text), "error" (nothing
 was started; "code": "insufficient_quota" when the user's token budget is used up), "usage" (after
 each turn: the user's tokens today and this month against their budgets, chat/quotas.py).
@@ -66,6 +67,10 @@ class _Answer(Formatter):
     def on_queued(self, event: contract.Queued) -> list:
         """The place in line, shown in place of the answer until its first token."""
         return [{"type": "queued", "position": event.position, "wait_seconds": event.wait_seconds}]
+
+    def on_received(self, event: contract.Received) -> list:
+        """The worker waits for the deployment's model to load: shown like the place in line."""
+        return [{"type": "loading", "worker": event.worker, "seconds": event.loading_seconds}]
 
     def on_sources(self, event: contract.Sources) -> list:
         self.sources = event.sources

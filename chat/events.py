@@ -217,9 +217,9 @@ class Subscription:
 
     async def events(self, timeout: float | None = None, on_received=None):
         """Yield typed events until a terminal one (final, embeddings, error); raise StreamTimeout after `timeout` s of
-        silence, or WorkerLost as soon as the worker that took the request stops beating. A `received`
-        (a worker holds the request, or still waits for its model) is not yielded: `on_received()` is
-        awaited instead, where given."""
+        silence, or WorkerLost as soon as the worker that took the request stops beating. On a
+        `received` (a worker holds the request, or still waits for its model) `on_received()` is
+        awaited, where given; it is yielded only where it tells of that wait (`loading_seconds`)."""
         timeout = settings.STREAM_TIMEOUT_SECONDS if timeout is None else timeout
         deadline = time.monotonic() + timeout
         worker, next_check = None, time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
@@ -241,7 +241,8 @@ class Subscription:
                 if isinstance(event, contract.Received):
                     if on_received is not None:
                         await on_received()
-                    continue  # a worker holds the request: watch it, but clients hear of it only at start
+                    if event.loading_seconds is None:
+                        continue  # a worker holds the request: watch it, but clients hear of it only at start
                 yield event
                 if isinstance(event, contract.TERMINAL):
                     return

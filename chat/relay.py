@@ -25,6 +25,10 @@ class Formatter:
         """The request waits its turn (only the chat page shows it; other wire formats say nothing)."""
         return []
 
+    def on_received(self, event: contract.Received) -> list:
+        """The worker waits for the model to load (only the chat page shows it)."""
+        return []
+
     def on_start(self, event: contract.Start) -> list:
         return []
 

@@ -5,7 +5,8 @@ last one, so a client that lost its connection reads them again from any event i
 over its socket (chat.chat_consumer), API clients here, as server-sent events:
 
     id: <event id>
-    event: <type>          (start, sources, delta, final, error, queued)
+    event: <type>          (start, sources, delta, final, error, queued, received: its worker
+                           waits for the model to load, `loading_seconds` so far)
     data: <the event as JSON: llmsite.contract.encode, e.g. {"type": "delta", "text": "..."}>
 
 ending after the final (or error) event. `Last-Event-ID` (or `?last_event_id=`) sends only what

@@ -185,10 +185,13 @@ def _build(kind: type, data: Any, where: str, log_unknown: bool = False):
 
 @dataclass(frozen=True)
 class Received:
-    """A worker holds the request (not relayed to clients; the web tier watches that worker). Said
-    again while the request waits for its model to load, so that the wait is not taken for silence."""
+    """A worker holds the request (the web tier watches that worker). Said again while the request
+    waits for its deployment's model to load, so that the wait is not taken for silence, with
+    `loading_seconds` (how long it has waited so far): those the web tier relays (the chat page
+    shows the load), the others not."""
 
     worker: str = ""
+    loading_seconds: float | None = None
     type: ClassVar[str] = "received"
 
 

@@ -29,6 +29,7 @@ from workers.engines.scheduling import EngineClosed
 log = logging.getLogger(__name__)
 
 KEEP_ALIVE_SECONDS = 10.0  # as often as workers/admission.py tells a waiting request its place
+LOADING_NOTICE_SECONDS = 1.0  # a wait for the model's load longer than this is told at once
 
 
 class GenerationFailed(Exception):
@@ -149,19 +150,21 @@ def _engine(request: GenerationRequest, cancelled):
 
 
 def _keep_alive(request_id: str):
-    """What a request waiting for its model's load calls: every KEEP_ALIVE_SECONDS (or a quarter of
-    STREAM_TIMEOUT_SECONDS, where less), a `received` on its stream. The web tier relays none to
-    the client, but a wait of minutes is then not taken for a silent worker, and the request
-    keeps its in-flight slot."""
+    """What a request waiting for its model's load calls: after LOADING_NOTICE_SECONDS, then every
+    KEEP_ALIVE_SECONDS (or a quarter of STREAM_TIMEOUT_SECONDS, where less), a `received` on its
+    stream saying how long it has waited. A wait of minutes is then not taken for a silent worker,
+    the request keeps its in-flight slot, and the chat page shows that the model is loading."""
     every = min(KEEP_ALIVE_SECONDS, settings.STREAM_TIMEOUT_SECONDS / 4)
-    due = time.monotonic() + every
+    started = time.monotonic()
+    due = started + min(LOADING_NOTICE_SECONDS, every)
 
     def waiting() -> None:
         nonlocal due
-        if time.monotonic() < due:
+        now = time.monotonic()
+        if now < due:
             return
         try:
-            events.publish(request_id, contract.Received(worker=loader.HOSTNAME))
+            events.publish(request_id, contract.Received(worker=loader.HOSTNAME, loading_seconds=round(now - started, 1)))
         except Exception:  # Redis away for a moment: tried again in a second
             log.warning("generation %s: could not say it waits for its model", request_id, exc_info=True)
             due = time.monotonic() + 1.0

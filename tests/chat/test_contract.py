@@ -28,6 +28,7 @@ def a_request(**changes) -> dict:
     "event",
     [
         contract.Received(worker="w1"),
+        contract.Received(worker="w1", loading_seconds=12.5),
         contract.Start(worker="w1"),
         contract.Sources([{"document": "a.md", "chunk": 0, "score": 0.5, "text": "x"}]),
         contract.Delta("Pa"),
@@ -45,6 +46,15 @@ def test_an_event_that_breaks_the_contract_is_named():
         contract.decode(json.dumps({"type": "telepathy"}))
     with pytest.raises(ContractError, match="delta event"):
         contract.decode(json.dumps({"type": "delta"}))
+
+
+def test_a_received_event_of_a_worker_that_does_not_say_how_long_it_waited_tells_of_no_load():
+    """An older worker's `received` (no `loading_seconds`): the web tier watches that worker and
+    shows nothing; a newer worker's field the web tier does not know is left out."""
+    assert contract.decode(json.dumps({"type": "received", "worker": "w1"})).loading_seconds is None
+    assert contract.decode(json.dumps({"type": "received", "worker": "w1", "later": 1})) == contract.Received(worker="w1")
+    with pytest.raises(ContractError, match="loading_seconds"):
+        contract.decode(json.dumps({"type": "received", "loading_seconds": "soon"}))
 
 
 def test_a_request_from_a_newer_web_tier_is_answered_without_its_new_fields(caplog):

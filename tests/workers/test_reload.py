@@ -450,9 +450,9 @@ def _loader_lock_held():
 
 def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_answered(stack, user, folders, settings):
     """A load (here the loader's lock held for 2.5 stream timeouts, then the model's own load) is
-    not silence: the waiting request says so on its stream, which the web tier's reader takes as a
-    word from the worker (and relays nothing of to the client), so the answer comes instead of a
-    timeout error."""
+    not silence: the waiting request says so on its stream, with how long it has waited, which the
+    web tier's reader takes as a word from the worker (and yields, for the chat page to show), so
+    the answer comes instead of a timeout error."""
     settings.STREAM_TIMEOUT_SECONDS = 2
     row = _paris_row(folders, "slow-load")
     request = _request(user, row)
@@ -479,6 +479,8 @@ def test_a_request_that_waits_for_its_model_longer_than_the_stream_timeout_is_an
         reload._drop(row.name, None)
     assert isinstance(heard[-1], contract.Final) and heard[-1].text.startswith(" Paris Paris"), heard
     assert words.count(True) >= 2, f"said while it waited: {words}"
+    waited = [e.loading_seconds for e in heard if isinstance(e, contract.Received)]  # what the chat page shows
+    assert len(waited) >= 2 and waited == sorted(waited) and waited[-1] >= 2 * settings.STREAM_TIMEOUT_SECONDS, waited
 
 
 def test_while_an_old_engine_closes_first_other_deployments_load_and_its_requests_wait_for_its_new_model(

@@ -148,6 +148,7 @@ function handle(message) {
   else if (message.type === "request" && state.answer) state.answer.request = message.request;
   else if (message.type === "delta") onDelta(message);
   else if (message.type === "queued") onQueued(message);
+  else if (message.type === "loading") onLoading(message);
   else if (message.type === "sources" && state.answer) {
     state.answer.lastEvent = message.id;
     showSources(state.answer.turn, message.sources);
@@ -188,10 +189,19 @@ export function waitingText(position, waitSeconds) {
 }
 
 function onQueued(message) {
+  showWaiting(waitingText(message.position, message.wait_seconds));
+}
+
+function onLoading(message) {
+  const where = message.worker ? ` on ${message.worker}` : "";
+  showWaiting(`Loading the model${where}… (${Math.round(message.seconds)} s)`);
+}
+
+function showWaiting(text) {
   if (!state.answer || state.answer.text) return;
   const waiting = document.createElement("p");
   waiting.className = "waiting";
-  waiting.textContent = waitingText(message.position, message.wait_seconds);
+  waiting.textContent = text;
   state.answer.article.replaceChildren(waiting);
 }
 
