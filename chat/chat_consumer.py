@@ -6,7 +6,7 @@ Client messages: {"type": "send", "conversation": id or null, "deployment", "pro
 "request": id, "last_event": id or "0"} (after a reconnect or a reload). Server messages: "turn"
 (the stored rows), "request" (the answer's request id, to resume it), "queued" (position,
 wait_seconds: its place in line while it waits), "loading" (worker, seconds: its worker waits for
-the model to load, said every 10 s), "sources" (the knowledge base's chunks, before
+the model to load, said after a second, then every 10 s), "sources" (the knowledge base's chunks, before
 the answer), "delta" (new text), "done" (status ok/cancelled/error and the text), "error" (nothing
 was started; "code": "insufficient_quota" when the user's token budget is used up), "usage" (after
 each turn: the user's tokens today and this month against their budgets, chat/quotas.py).

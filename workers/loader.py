@@ -135,8 +135,8 @@ def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False, waitin
     from chat.services import release_connection
 
     engine = ENGINES.get(deployment.name)
-    if engine is not None or deployment.name in FAILED:  # without the lock: a reload holds it for minutes
-        return engine
+    if engine is not None or (deployment.name in FAILED and not load_pending(deployment.name)):
+        return engine  # without the lock: a reload holds it for minutes (a failed one being reloaded is waited for)
     if deployment.pk is None or not deployment.enabled:  # a request from before it was dropped (workers/reload.py)
         return None
     if QUEUES and deployment.queue not in QUEUES:  # moved to another queue since the request was sent
@@ -145,14 +145,14 @@ def engine_for(deployment, cancelled: Callable[[], bool] = lambda: False, waitin
     load, deadline = start_load(deployment), time.monotonic() + settings.WORKER_LOAD_WAIT_SECONDS
     while True:
         load.join(WAIT_POLL_SECONDS)
-        if not load.is_alive():
+        if not load.is_alive() or deployment.name in ENGINES:  # loaded, by this load or one before it found
             break
         if cancelled():
             raise WaitCancelled(deployment.name)
         if time.monotonic() > deadline:
             raise StillLoading(deployment.name)
         waiting()
-    if load.error is not None:  # the database away at its status, say: the request's failure too
+    if deployment.name not in ENGINES and load.error is not None:  # the database away at its status, say
         raise load.error
     return ENGINES.get(deployment.name)
 
@@ -171,7 +171,7 @@ class _Load(threading.Thread):
             self.work(self.deployment)
         except Exception as exc:
             log.exception("deployment %s could not be loaded", self.deployment.name)
-            self.error = exc
+            self.error = exc.with_traceback(None)  # its frames (an old engine, say) are not kept alive with it
         finally:
             connection.close()  # this thread's own
 

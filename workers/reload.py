@@ -39,7 +39,8 @@ def start(queues) -> threading.Thread | None:
 def refresh(queues) -> None:
     """Load again, drop or retry each deployment of `queues` this worker holds whose row changed;
     start loading those of `queues` enabled since. Loads and reloads run in threads of their own
-    (loader.start_load): this one goes on to the next change meanwhile."""
+    (loader.start_load), this one going on to the next change; a drop is done here, once the
+    loader's lock is free."""
     from chat.models import Deployment
 
     rows = {d.name: d for d in Deployment.objects.defer("tokenizer_files") if d.queue in queues}
@@ -68,25 +69,39 @@ def start_reload(deployment):
 
 
 def _reload(deployment) -> None:
+    """The deployment's new model in place of its engine (module doc): loaded beside it, or, without
+    room for both, once it has closed. Runs in the deployment's thread of loads, from its row as it
+    is once the loads before it are done."""
     name = deployment.name
     with loader.lock:  # the old engine keeps answering meanwhile: engine_for reads ENGINES without the lock
-        old = loader.ENGINES.get(name)
-        close_first = old is not None and not _fits_beside(old, deployment)
-        del old  # no reference left here: its memory is given back before the new model loads
-        if close_first:
-            log.info("deployment %s: no room for both models; its engine closes first, requests wait for the new one", name)
-        elif not _load_beside(deployment):
-            return
-        held = _take_out(deployment)
-    # without the loader's lock: other deployments load, and this worker drops or reloads them, meanwhile
-    _close_when_idle(held)
-    with loader.lock:
-        row = loader.still_served(deployment)  # as it is now: it may have changed, or been dropped, meanwhile
+        row = loader.still_served(deployment)  # it may have been dropped, or changed again, while this waited
         if row is None:
             _drop(name, deployment)  # its status says so where it was disabled
             return
-        loader.FAILED.pop(name, None)
-        loader.load_deployment(row)
+        if loader.model_key(row) == loader.LOADED_AS.get(name) and (name in loader.ENGINES or name in loader.FAILED):
+            return  # changed back: what it has is what its row asks for
+        old = loader.ENGINES.get(name)
+        close_first = old is not None and not _fits_beside(old, row)
+        del old  # no reference left here: its memory is given back before the new model loads
+        if close_first:
+            log.info("deployment %s: no room for both models; its engine closes first, requests wait for the new one", name)
+        elif not _load_beside(row):
+            return
+        held, before = _take_out(row), set(loader.ENGINES)
+    try:
+        # without the loader's lock: other deployments load, and this worker drops or reloads them, meanwhile
+        _close_when_idle(held)
+        with loader.lock:
+            row = loader.still_served(row)
+            if row is None:
+                _drop(name, deployment)
+                return
+            loader.load_deployment(row)
+            taken = sorted(set(loader.ENGINES) - before)
+            if _out_of_memory(name) and taken:
+                _fail_saying(row, f"while its old model closed, {', '.join(taken)} loaded on {loader.HOSTNAME}")
+    finally:
+        loader.LOADING.discard(name)
 
 
 def _load_beside(deployment) -> bool:
@@ -121,11 +136,15 @@ def _load_beside(deployment) -> bool:
 def _take_out(deployment) -> list:
     """The deployment's engine, taken from the requests (which wait for its new model, unless stopped
     meanwhile) to close before its new model loads (no room for both): [it] for _close_when_idle,
-    its only holder here. The answers on it run to their end, which the deployment's status says."""
+    its only holder here. The answers on it run to their end, which the deployment's status says;
+    /metrics counts it as loading. Called with the loader's lock held."""
     from chat.models import Deployment
 
     detail = f"changed: on {loader.HOSTNAME}, the new model loads once the answers on the old one have ended (no room for both)"
     loader.set_status(deployment, Deployment.Status.LOADING, detail)
+    loader.LOADING.add(deployment.name)
+    loader.LOADED_AS.pop(deployment.name, None)  # should its reload end without a model, refresh loads it as added
+    loader.FAILED.pop(deployment.name, None)
     held = [loader.ENGINES.pop(deployment.name)]
     _retiring(held)  # not shared: nothing else loads it again
     return held
@@ -134,11 +153,16 @@ def _take_out(deployment) -> list:
 def _say_why_beside(deployment, old) -> None:
     """The failure of a new model that ran out of memory beside an old engine that could not close
     first says why that engine stayed."""
-    from chat.models import Deployment
-
     others = sorted(n for n, e in loader.ENGINES.items() if e is old and n != deployment.name)
     why = f"which {', '.join(others)} still use" if others else "as WORKER_RELOAD_MODE 'beside' asks ('auto' closes it first)"
-    loader.FAILED[deployment.name] += f" (loaded beside the old model, {why})"
+    _fail_saying(deployment, f"loaded beside the old model, {why}")
+
+
+def _fail_saying(deployment, why: str) -> None:
+    """The deployment's failure, with `why` it came to pass, in its status and its requests' errors."""
+    from chat.models import Deployment
+
+    loader.FAILED[deployment.name] += f" ({why})"
     loader.set_status(deployment, Deployment.Status.FAILED, loader.FAILED[deployment.name])
 
 

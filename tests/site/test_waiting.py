@@ -9,7 +9,8 @@ import uuid
 import websocket
 from playwright.sync_api import expect
 
-from chat.models import Deployment
+from chat import events
+from chat.models import Deployment, RequestLog
 from chat.tokens import token_create
 from llmsite.launcher import worker_command
 from tests.chat.test_fairness import fair_deployment, open_streams, rows, wait_until
@@ -67,9 +68,12 @@ def test_an_answer_whose_worker_loads_the_model_shows_the_load_until_it_starts(p
         page.get_by_label("Deployment").select_option(name)
         ask(page, "Where is the Louvre?", Temperature=0, **{"Max new tokens": 4})
         expect(last_answer(page)).to_have_text(re.compile(rf"^Loading the model on {name}@\S+… \(\d+ s\)$"), timeout=ANSWER_TIMEOUT_MS)
-        holding.close()  # the answer on the old engine is cancelled: it closes, the new model loads
+        held = RequestLog.objects.get(deployment=deployment, protocol="websocket")
+        events.sync_client().set(events.cancel_key(held.id), b"1", ex=60)  # stopped, as the web tier's Stop does
+        # the old engine closes once that answer has ended, then the new model loads
         text = wait_answered(page)
         assert "Loading" not in text and "Paris" in text, text
+        assert RequestLog.objects.get(pk=held.pk).status == RequestLog.Status.CANCELLED
         assert not page.script_errors
         assert worker.alive(), worker.log_tail()
     finally:

@@ -499,10 +499,12 @@ def test_while_an_old_engine_closes_first_other_deployments_load_and_its_request
         with _closing_first(row, folders["paris"], settings) as (old, result, reloading, at_new_load):
             asking = threading.Thread(target=services.run_generation, args=(request,))
             asking.start()
+            _wait_until(lambda: _told_loading(request.request_id), result)  # it waits for the reload, and says so
             first_load = loader.start_load(other)
             _wait_until(lambda: not first_load.is_alive(), result)  # not until the answer on the old engine has ended
             assert other.name in loader.ENGINES and first_load.error is None, first_load.error
             assert reloading.is_alive() and asking.is_alive() and row.name not in loader.ENGINES
+            assert row.name in loader.LOADING, "/metrics shows it loading"
         asking.join(DEADLINE)
         assert at_new_load.results == [True], "the new model loaded once, after the old one's memory was given back"
         heard = events_of(request.request_id)
@@ -519,9 +521,10 @@ def test_a_deployment_disabled_while_its_old_engine_closed_first_is_not_loaded_a
     request that waited for the reload is told so."""
     row = Deployment.objects.create(name=f"drain-{uuid.uuid4().hex[:6]}", model_source=folders["long"], model_type="llama2")
     request = _request(user, row)
-    with _closing_first(row, folders["paris"], settings) as (_, _, reloading, at_new_load):
+    with _closing_first(row, folders["paris"], settings) as (_, result, reloading, at_new_load):
         asking = threading.Thread(target=services.run_generation, args=(request,))
         asking.start()
+        _wait_until(lambda: _told_loading(request.request_id), result)  # it waits for the reload
         Deployment.objects.filter(pk=row.pk).update(enabled=False)  # as the admin's change form does
     asking.join(DEADLINE)
     assert at_new_load.results == [] and row.name not in loader.ENGINES and row.name not in loader.LOADED_AS
@@ -529,6 +532,42 @@ def test_a_deployment_disabled_while_its_old_engine_closed_first_is_not_loaded_a
     assert row.status == Deployment.Status.UNKNOWN and row.status_detail.startswith("disabled"), row.status_detail
     heard = events_of(request.request_id)
     assert isinstance(heard[-1], contract.Error) and f"'{row.name}' is disabled" in heard[-1].message, heard
+
+
+def test_a_new_model_that_runs_out_of_memory_after_the_old_one_closed_names_what_loaded_meanwhile(
+    stack, folders, settings, monkeypatch
+):
+    """Another deployment loaded while the old engine closed first, and took the memory it gave back
+    (the new model's load raises as PyTorch does on a full GPU): the deployment fails with the
+    reason and that deployment named."""
+    import torch
+
+    from workers import engines
+
+    row = Deployment.objects.create(name=f"drain-{uuid.uuid4().hex[:6]}", model_source=folders["long"], model_type="llama2")
+    other = Deployment.objects.create(name=f"took-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
+    real_engine_class = engines.engine_class
+
+    def engine_class(name):
+        def build(deployment):
+            if deployment.name == row.name and deployment.model_source == folders["paris"]:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+            return real_engine_class(name)(deployment)
+
+        return build
+
+    monkeypatch.setattr(engines, "engine_class", engine_class)
+    try:
+        with _closing_first(row, folders["paris"], settings) as (_, result, _, _):
+            first_load = loader.start_load(other)
+            _wait_until(lambda: not first_load.is_alive(), result)
+        failed = Deployment.objects.get(pk=row.pk)
+        assert failed.status == Deployment.Status.FAILED and "CUDA out of memory" in failed.status_detail, failed.status_detail
+        assert f"while its old model closed, {other.name} loaded on" in failed.status_detail, failed.status_detail
+        assert loader.FAILED[row.name] == failed.status_detail and row.name not in loader.ENGINES
+    finally:
+        for name in (row.name, other.name):
+            reload._drop(name, None)
 
 
 @contextlib.contextmanager
@@ -572,3 +611,116 @@ def _wait_until(done, answer: GenerationResult) -> None:
         assert not answer.finish_reason, f"the answer on the old engine ended first ({answer.finish_reason})"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def _told_loading(request_id: str) -> bool:
+    """Whether the request's stream says its worker waits for its model's load."""
+    told = (contract.decode(fields[b"e"]) for _, fields in events.sync_client().xrange(events.channel(request_id)))
+    return any(isinstance(e, contract.Received) and e.loading_seconds is not None for e in told)
+
+
+@pytest.mark.parametrize("meanwhile", ["disabled", "changed back"])
+def test_a_reload_that_waited_for_the_loaders_lock_works_from_its_row_as_it_is_then(stack, folders, meanwhile):
+    """A reload waits for the loads before it (the loader's lock, held by a thread of the test's
+    here), during which the row may change again: disabled, its engine is closed and nothing loads;
+    changed back, its engine stays."""
+    row = Deployment.objects.create(name=f"stale-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
+    loader.load_deployment(row)
+    old = loader.ENGINES[row.name]
+    row.model_source = folders["paris"]
+    row.save()
+    at_new_load = _AtLog(f"loading {folders['paris']}", lambda: True)
+    logging.getLogger("workers").addHandler(at_new_load)
+    try:
+        with _loader_lock_held():
+            reloading = reload.start_reload(row)
+            changed = {"enabled": False} if meanwhile == "disabled" else {"model_source": folders["random"]}
+            Deployment.objects.filter(pk=row.pk).update(**changed)  # as the admin's change form does
+        reloading.join(DEADLINE)
+        assert reloading.error is None and at_new_load.results == [], "the model of the row it was started from is not loaded"
+        if meanwhile == "changed back":
+            assert loader.ENGINES[row.name] is old and old.scheduler._thread.is_alive()
+            return
+        assert row.name not in loader.ENGINES and row.name not in loader.LOADED_AS
+        assert Deployment.objects.get(pk=row.pk).status_detail.startswith("disabled"), "its status says so"
+        deadline = time.monotonic() + DEADLINE
+        while id(old) in loader.RETIRING or old.scheduler._thread.is_alive():
+            assert time.monotonic() < deadline, "the engine was never closed"
+            time.sleep(0.1)
+    finally:
+        logging.getLogger("workers").removeHandler(at_new_load)
+        reload._drop(row.name, None)
+
+
+def test_a_request_for_a_failed_deployment_whose_fix_is_loading_waits_for_it(stack, user, folders):
+    """A failed deployment corrected in the admin: a request that comes while its reload waits for
+    the loads before it waits for that reload, and is answered, instead of getting the old failure."""
+    row = Deployment.objects.create(name=f"fixed-{uuid.uuid4().hex[:6]}", model_source=folders["paris"] + "-missing", model_type="llama2")
+    loader.load_deployment(row)
+    assert row.name in loader.FAILED
+    row.model_source = folders["paris"]
+    row.save()
+    request = _request(user, row)
+    try:
+        with _loader_lock_held():
+            reloading = reload.start_reload(row)
+            running = threading.Thread(target=services.run_generation, args=(request,))
+            running.start()
+            deadline = time.monotonic() + DEADLINE
+            while not _told_loading(request.request_id):  # it waits, and says so
+                assert running.is_alive() and time.monotonic() < deadline, events_of(request.request_id)
+                time.sleep(0.05)
+        running.join(DEADLINE)
+        assert reloading.error is None, reloading.error
+        heard = events_of(request.request_id)
+        assert isinstance(heard[-1], contract.Final) and heard[-1].text.startswith(" Paris Paris"), heard
+    finally:
+        reload._drop(row.name, None)
+
+
+def test_a_reload_that_ended_without_its_model_after_the_old_one_closed_is_loaded_at_the_next_look(stack, folders, monkeypatch):
+    """The new model ran out of memory beside the old one (raised as in the test above), so the old
+    one closed first; then the database went away before the new model's second load: the reload
+    ends with the deployment holding no model, and the worker's next look loads it, as an added one."""
+    import torch
+    from django.db import OperationalError
+
+    from workers import engines
+
+    queue = f"q-{uuid.uuid4().hex[:6]}"  # only this deployment: the worker's look loads every enabled one of its queues
+    monkeypatch.setattr(loader, "LOADED_AS", {})  # and drops every other it holds: none here
+    row = Deployment.objects.create(name=queue, queue=queue, model_source=folders["random"], model_type="llama2")
+    loader.load_deployment(row)
+    real_engine_class, real_still_served, builds, reads = engines.engine_class, loader.still_served, [], []
+
+    def engine_class(name):
+        def build(deployment):
+            builds.append(deployment.name)
+            if len(builds) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+            return real_engine_class(name)(deployment)
+
+        return build
+
+    def still_served(deployment):
+        reads.append(deployment.name)
+        if len(reads) == 2:  # the read after the old engine closed
+            raise OperationalError("the database went away")
+        return real_still_served(deployment)
+
+    monkeypatch.setattr(engines, "engine_class", engine_class)
+    monkeypatch.setattr(loader, "still_served", still_served)
+    row.model_source = folders["paris"]
+    row.save()
+    try:
+        reloading = reload.start_reload(row)
+        reloading.join(DEADLINE)
+        assert isinstance(reloading.error, OperationalError) and row.name not in loader.ENGINES and row.name not in loader.FAILED
+        reload.refresh({queue})
+        loader._LOADS[row.name].join(DEADLINE)
+        engine = loader.ENGINES[row.name]
+        params = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+        text = "".join(engine.stream(engine.prompt_ids("Where is the Louvre?"), params, GenerationResult(), lambda: False))
+        assert text.startswith(" Paris Paris"), text
+    finally:
+        reload._drop(row.name, None)
