@@ -5,11 +5,12 @@ Client messages: {"type": "send", "conversation": id or null, "deployment", "pro
 {"type": "regenerate", ...the same without prompt}; {"type": "stop"}; {"type": "resume",
 "request": id, "last_event": id or "0"} (after a reconnect or a reload). Server messages: "turn"
 (the stored rows), "request" (the answer's request id, to resume it), "queued" (position,
-wait_seconds: its place in line while it waits), "loading" (worker, seconds: its worker waits for
-the model to load, said after a second, then every 10 s), "sources" (the knowledge base's chunks, before
-the answer), "delta" (new text), "done" (status ok/cancelled/error and the text), "error" (nothing
-was started; "code": "insufficient_quota" when the user's token budget is used up), "usage" (after
-each turn: the user's tokens today and this month against their budgets, chat/quotas.py).
+wait_seconds: its place in line while it waits), "loading" (worker, seconds: its worker waits
+for the model to load, said after a second, then every 10 s), "sources" (the knowledge base's
+chunks, before the answer), "delta" (new text), "done" (status ok/cancelled/error and the text),
+"error" (nothing was started; "code": "insufficient_quota" when the user's token budget is used
+up), "usage" (after each turn: the user's tokens today and this month against their budgets,
+chat/quotas.py).
 "sources" and "delta" carry the event's "id"; a resume sends exactly the events after
 "last_event". Details: docs/chat-site.md.
 """

@@ -144,7 +144,6 @@ def _take_out(deployment) -> list:
     loader.set_status(deployment, Deployment.Status.LOADING, detail)
     loader.LOADING.add(deployment.name)
     loader.LOADED_AS.pop(deployment.name, None)  # should its reload end without a model, refresh loads it as added
-    loader.FAILED.pop(deployment.name, None)
     held = [loader.ENGINES.pop(deployment.name)]
     _retiring(held)  # not shared: nothing else loads it again
     return held

@@ -15,8 +15,8 @@ from chat.tokens import token_create
 from llmsite.launcher import worker_command
 from tests.chat.test_fairness import fair_deployment, open_streams, rows, wait_until
 from tests.conftest import Process
-from tests.tiny_models import always_emitting, build_tiny_model, default_tokenizer_files
 from tests.site.conftest import ANSWER_TIMEOUT_MS, ask, last_answer, make_user, wait_answered
+from tests.tiny_models import always_emitting, build_tiny_model, default_tokenizer_files
 
 
 def test_a_waiting_answer_shows_its_place_in_line_until_it_starts(page, chat_user, stack):
@@ -46,7 +46,7 @@ def test_an_answer_whose_worker_loads_the_model_shows_the_load_until_it_starts(p
     for as long as asked; while an answer on it runs, its deployment is switched to another model:
     the worker's old engine waits for that answer before the new model loads, and the page's answer,
     which waits for that load, shows "Loading the model on <worker>… (N s)" in place of it until it
-    starts."""
+    starts, once the test has stopped the answer on the old engine."""
     files = default_tokenizer_files()
     long_answers = always_emitting(build_tiny_model(tmp_path / "long", "llama", files, max_position_embeddings=32768), " Paris")
     short_answers = always_emitting(build_tiny_model(tmp_path / "short", "llama", files), " Paris")
