@@ -232,7 +232,9 @@ class Subscription:
                 if not await worker_alive(worker):
                     raise WorkerLost(f"The model worker {worker} stopped while generating this answer.")
             await self._renew()
-            for entry_id, fields in await self._read(left):
+            found = await self._read(left)
+            raise_if_cancelled()
+            for entry_id, fields in found:
                 deadline = time.monotonic() + timeout
                 self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 event = contract.decode(fields[b"e"])
@@ -249,6 +251,16 @@ class Subscription:
 
     async def close(self) -> None:
         self.listening = False
+
+
+def raise_if_cancelled() -> None:
+    """Raise again a cancel of this task that an await swallowed. redis-py's asyncio client loses
+    one now and then when it lands in a command (redis/redis-py#2028; about one in eight of a busy
+    XREAD's here): a reader that went on would keep its generation listened to, and running, after
+    its client left or pressed Stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _renew_interval() -> float:
