@@ -74,9 +74,8 @@ def _reload(deployment) -> None:
     is once the loads before it are done."""
     name = deployment.name
     with loader.lock:  # the old engine keeps answering meanwhile: engine_for reads ENGINES without the lock
-        row = loader.still_served(deployment)  # it may have been dropped, or changed again, while this waited
+        row = _still_wanted(deployment)  # it may have been dropped, or changed again, while this waited
         if row is None:
-            _drop(name, deployment)  # its status says so where it was disabled
             return
         if loader.model_key(row) == loader.LOADED_AS.get(name) and (name in loader.ENGINES or name in loader.FAILED):
             return  # changed back: what it has is what its row asks for
@@ -92,9 +91,8 @@ def _reload(deployment) -> None:
         # without the loader's lock: other deployments load, and this worker drops or reloads them, meanwhile
         _close_when_idle(held)
         with loader.lock:
-            row = loader.still_served(row)
+            row = _still_wanted(row)
             if row is None:
-                _drop(name, deployment)
                 return
             loader.load_deployment(row)
             taken = sorted(set(loader.ENGINES) - before)
@@ -102,6 +100,15 @@ def _reload(deployment) -> None:
                 _fail_saying(row, f"while its old model closed, {', '.join(taken)} loaded on {loader.HOSTNAME}")
     finally:
         loader.LOADING.discard(name)
+
+
+def _still_wanted(deployment):
+    """The deployment's row as it is now; None, and the deployment dropped here (its status saying
+    so where it was disabled), where it is no longer enabled on this worker's queues."""
+    row = loader.still_served(deployment)
+    if row is None:
+        _drop(deployment.name, deployment)
+    return row
 
 
 def _load_beside(deployment) -> bool:

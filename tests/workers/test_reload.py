@@ -249,10 +249,7 @@ def test_without_room_for_both_models_the_old_engine_closes_before_the_new_one_l
         ready = max(i for i, m in enumerate(messages) if m.startswith(f"deployment {row.name} ready"))  # the new model's
         assert messages.index("a replaced or dropped engine closed") < ready, messages
         assert not old.scheduler._thread.is_alive() and id(old) not in loader.RETIRING
-        new = loader.ENGINES[row.name]
-        answer = GenerationResult()
-        params = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
-        text = "".join(new.stream(new.prompt_ids("Where is the Louvre?"), params, answer, lambda: False))
+        text = _louvre_answer(loader.ENGINES[row.name])
         assert text.startswith(" Paris Paris"), text
     finally:
         for handler in (at_new_load, at_close):
@@ -346,9 +343,7 @@ def test_where_the_new_model_runs_out_of_memory_beside_the_old_one_that_one_clos
         assert "the old one answers until it is ready" in shown[0] and shown[1].startswith("loading on"), shown
         assert id(old) not in loader.RETIRING and old.model is None
         assert row.status == Deployment.Status.READY and row.name not in loader.FAILED, row.status_detail
-        new = loader.ENGINES[row.name]
-        params = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
-        text = "".join(new.stream(new.prompt_ids("Where is the Louvre?"), params, GenerationResult(), lambda: False))
+        text = _louvre_answer(loader.ENGINES[row.name])
         assert text.startswith(" Paris Paris"), text
     finally:
         for name in (row.name, f"{prefix}-twin"):
@@ -540,23 +535,9 @@ def test_a_new_model_that_runs_out_of_memory_after_the_old_one_closed_names_what
     """Another deployment loaded while the old engine closed first, and took the memory it gave back
     (the new model's load raises as PyTorch does on a full GPU): the deployment fails with the
     reason and that deployment named."""
-    import torch
-
-    from workers import engines
-
     row = Deployment.objects.create(name=f"drain-{uuid.uuid4().hex[:6]}", model_source=folders["long"], model_type="llama2")
     other = Deployment.objects.create(name=f"took-{uuid.uuid4().hex[:6]}", model_source=folders["random"], model_type="llama2")
-    real_engine_class = engines.engine_class
-
-    def engine_class(name):
-        def build(deployment):
-            if deployment.name == row.name and deployment.model_source == folders["paris"]:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-            return real_engine_class(name)(deployment)
-
-        return build
-
-    monkeypatch.setattr(engines, "engine_class", engine_class)
+    _out_of_memory_where(monkeypatch, lambda deployment: deployment.name == row.name and deployment.model_source == folders["paris"])
     try:
         with _closing_first(row, folders["paris"], settings) as (_, result, _, _):
             first_load = loader.start_load(other)
@@ -682,25 +663,14 @@ def test_a_reload_that_ended_without_its_model_after_the_old_one_closed_is_loade
     """The new model ran out of memory beside the old one (raised as in the test above), so the old
     one closed first; then the database went away before the new model's second load: the reload
     ends with the deployment holding no model, and the worker's next look loads it, as an added one."""
-    import torch
     from django.db import OperationalError
-
-    from workers import engines
 
     queue = f"q-{uuid.uuid4().hex[:6]}"  # only this deployment: the worker's look loads every enabled one of its queues
     monkeypatch.setattr(loader, "LOADED_AS", {})  # and drops every other it holds: none here
     row = Deployment.objects.create(name=queue, queue=queue, model_source=folders["random"], model_type="llama2")
     loader.load_deployment(row)
-    real_engine_class, real_still_served, builds, reads = engines.engine_class, loader.still_served, [], []
-
-    def engine_class(name):
-        def build(deployment):
-            builds.append(deployment.name)
-            if len(builds) == 1:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-            return real_engine_class(name)(deployment)
-
-        return build
+    real_still_served, builds, reads = loader.still_served, [], []
+    _out_of_memory_where(monkeypatch, lambda deployment: builds.append(deployment.name) or len(builds) == 1)  # the first load
 
     def still_served(deployment):
         reads.append(deployment.name)
@@ -708,7 +678,6 @@ def test_a_reload_that_ended_without_its_model_after_the_old_one_closed_is_loade
             raise OperationalError("the database went away")
         return real_still_served(deployment)
 
-    monkeypatch.setattr(engines, "engine_class", engine_class)
     monkeypatch.setattr(loader, "still_served", still_served)
     row.model_source = folders["paris"]
     row.save()
@@ -718,9 +687,33 @@ def test_a_reload_that_ended_without_its_model_after_the_old_one_closed_is_loade
         assert isinstance(reloading.error, OperationalError) and row.name not in loader.ENGINES and row.name not in loader.FAILED
         reload.refresh({queue})
         loader._LOADS[row.name].join(DEADLINE)
-        engine = loader.ENGINES[row.name]
-        params = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
-        text = "".join(engine.stream(engine.prompt_ids("Where is the Louvre?"), params, GenerationResult(), lambda: False))
+        text = _louvre_answer(loader.ENGINES[row.name])
         assert text.startswith(" Paris Paris"), text
     finally:
         reload._drop(row.name, None)
+
+
+def _louvre_answer(engine) -> str:
+    """The engine's greedy answer of 4 tokens to "Where is the Louvre?"."""
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, do_sample=False)
+    return "".join(engine.stream(engine.prompt_ids("Where is the Louvre?"), params, GenerationResult(), lambda: False))
+
+
+def _out_of_memory_where(monkeypatch, fails) -> None:
+    """Loads of a deployment for which `fails(deployment)` raise as PyTorch does on a full GPU
+    (which these CPUs cannot give safely); the others load as they do."""
+    import torch
+
+    from workers import engines
+
+    real_engine_class = engines.engine_class
+
+    def engine_class(name):
+        def build(deployment):
+            if fails(deployment):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+            return real_engine_class(name)(deployment)
+
+        return build
+
+    monkeypatch.setattr(engines, "engine_class", engine_class)
