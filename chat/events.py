@@ -173,6 +173,12 @@ def valid_event_id(value) -> bool:
     return True
 
 
+# Events taken from Redis per read. A reader that comes late to a long answer (a second tab, a
+# resume, a web process that fell behind under load) would otherwise take the whole stream in one
+# reply, and hold all of it in memory at once, however slowly its client reads.
+READ_BATCH = 256
+
+
 class StreamTimeout(Exception):
     pass
 
@@ -212,7 +218,7 @@ class Subscription:
 
     async def _read(self, wait: float) -> list:
         block = max(1, int(min(wait, 1.0, _renew_interval()) * 1000))
-        found = await async_client().xread({channel(self.request_id): self.last_id}, block=block)
+        found = await async_client().xread({channel(self.request_id): self.last_id}, count=READ_BATCH, block=block)
         return found[0][1] if found else []
 
     async def events(self, timeout: float | None = None, on_received=None):
