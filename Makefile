@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(filter-out requirements/vllm%,$(wildcard requirements/*.txt))
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean screenshots bench bench-conversation bench-dashboard bench-slots bench-sampling vllm-venv bench-vllm bench-peers llama-server
+.PHONY: run test install clean screenshots bench bench-conversation bench-dashboard bench-slots bench-sampling bench-streams vllm-venv bench-vllm bench-peers llama-server
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -109,6 +109,11 @@ bench-conversation: $(STAMP)
 # writes bench/results/dashboard.json.
 bench-dashboard: $(STAMP)
 	LLMSITE_DATA_DIR=var/bench-dashboard $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/dashboard.py
+
+# The web tier's readers of event streams, one shared Redis read against one per reader, at 1 to
+# 400 concurrent streams; writes bench/results/stream_reader.json.
+bench-streams: $(STAMP)
+	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/stream_reader.py
 
 # The transformers engine's decode on CPU: slots against the padded cache, same prompts, one run
 # (issue 24); writes bench/results/slots_cpu.json.

@@ -23,6 +23,8 @@ import time
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from chat import stream_reader
+from chat.stream_reader import raise_if_cancelled
 from llmsite import contract
 from llmsite.workers_alive import queue_alive_key, sync_client, worker_host_key  # noqa: F401  (the key names and the client live there)
 
@@ -126,11 +128,15 @@ _async_clients: dict[int, aioredis.Redis] = {}
 
 
 def async_client() -> aioredis.Redis:
-    # One pool per event loop (Daphne runs one; tests may run several).
+    """This event loop's client, for short commands (Daphne runs one loop; tests may run several).
+    Readers of events share one connection (`chat.stream_reader`), so the pool's connections are
+    never held for long; where more commands are in flight at once than it holds, a command waits
+    for a connection (up to 10 s) rather than failing at once."""
     loop_id = id(asyncio.get_running_loop())
     client = _async_clients.get(loop_id)
     if client is None:
-        client = _async_clients[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL)
+        pool = aioredis.BlockingConnectionPool.from_url(settings.REDIS_URL, max_connections=settings.REDIS_WEB_CONNECTIONS, timeout=10)
+        client = _async_clients[loop_id] = aioredis.Redis(connection_pool=pool)
     return client
 
 
@@ -157,12 +163,7 @@ async def listened(request_id) -> bool:
 
 def id_after(event_id: str, last: str) -> bool:
     """Whether the stream id `event_id` comes after `last` ("0": before everything)."""
-
-    def parts(value: str) -> tuple[int, int]:
-        ms, _, seq = str(value).partition("-")
-        return int(ms), int(seq or 0)
-
-    return parts(event_id) > parts(last)
+    return stream_reader.id_parts(event_id) > stream_reader.id_parts(last)
 
 
 def valid_event_id(value) -> bool:
@@ -171,12 +172,6 @@ def valid_event_id(value) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-# Events taken from Redis per read. A reader that comes late to a long answer (a second tab, a
-# resume, a web process that fell behind under load) would otherwise take the whole stream in one
-# reply, and hold all of it in memory at once, however slowly its client reads.
-READ_BATCH = 256
 
 
 class StreamTimeout(Exception):
@@ -217,9 +212,8 @@ class Subscription:
         self.listening = False
 
     async def _read(self, wait: float) -> list:
-        block = max(1, int(min(wait, 1.0, _renew_interval()) * 1000))
-        found = await async_client().xread({channel(self.request_id): self.last_id}, count=READ_BATCH, block=block)
-        return found[0][1] if found else []
+        """The next events after `last_id` (at most READ_BATCH), or [] after at most `wait` seconds."""
+        return await stream_reader.reader(async_client()).read(channel(self.request_id), self.last_id, min(wait, 1.0, _renew_interval()))
 
     async def events(self, timeout: float | None = None, on_received=None):
         """Yield typed events until a terminal one (final, embeddings, error); raise StreamTimeout after `timeout` s of
@@ -257,16 +251,6 @@ class Subscription:
 
     async def close(self) -> None:
         self.listening = False
-
-
-def raise_if_cancelled() -> None:
-    """Raise again a cancel of this task that an await swallowed. redis-py's asyncio client loses
-    one now and then when it lands in a command (redis/redis-py#2028; about one in eight of a busy
-    XREAD's here): a reader that went on would keep its generation listened to, and running, after
-    its client left or pressed Stop."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _renew_interval() -> float:

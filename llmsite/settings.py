@@ -232,6 +232,9 @@ QUOTA_TOKENS_PER_MONTH = env.int("QUOTA_TOKENS_PER_MONTH", default=0)
 RESUME_KEEP_SECONDS = env.int("RESUME_KEEP_SECONDS", default=600)
 RESUME_MAX_EVENTS = env.int("RESUME_MAX_EVENTS", default=100_000)
 RESUME_GRACE_SECONDS = env.float("RESUME_GRACE_SECONDS", default=10.0)
+# Connections a web process opens to Redis for its short commands (its stream readers share one
+# more); a command that finds all of them busy waits for one, up to 10 s.
+REDIS_WEB_CONNECTIONS = env.int("REDIS_WEB_CONNECTIONS", default=64)
 # Workers: the vllm engine skips vLLM's compilation (its `enforce_eager`): starts in seconds
 # instead of minutes, decodes somewhat slower; for tiny models and tests.
 VLLM_ENFORCE_EAGER = env.bool("LLMSITE_VLLM_ENFORCE_EAGER", default=False)

@@ -89,7 +89,7 @@ def test_one_watcher_reads_the_cancel_flags_of_every_running_generation():
 def test_a_cancelled_reader_of_a_busy_stream_ends_every_time(stack):
     """The web tier's reader of a request's events (a client gone, Stop) is cancelled while events
     keep coming, 100 times at moments spread over its reads: each time it ends as cancelled (the
-    Redis client swallows such a cancel now and then: chat.events.raise_if_cancelled)."""
+    Redis client swallows such a cancel now and then: chat.stream_reader.raise_if_cancelled)."""
     import asyncio
     import random
     import threading

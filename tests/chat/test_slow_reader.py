@@ -7,7 +7,6 @@ and the web tier sees the same events either way. The concurrent normal answer c
 worker and model.
 """
 
-import asyncio
 import json
 import socket
 import threading
@@ -20,7 +19,6 @@ from django.conf import settings
 
 from chat import events
 from chat.models import RequestLog
-from llmsite import contract
 from tests.chat import clients
 from tests.chat.test_stream_failures import deployment_on_queue, hung_worker_on
 from tests.conftest import start_web
@@ -134,27 +132,3 @@ def test_a_client_that_does_not_read_holds_back_only_its_own_stream(stack, db_us
         for row in RequestLog.objects.filter(user__in=[http_user, ws_user]):
             events.sync_client().delete(events.channel(str(row.id)))  # the floods' 100 MiB, not left for 10 minutes
 
-
-def test_a_reader_that_comes_late_to_a_long_answer_takes_it_a_bounded_batch_at_a_time():
-    """A second tab, a resume, or a web process that fell behind under load reads a stream that
-    already holds the whole answer: it gets every event, in order, without holding all of them at once."""
-    request_id, count = str(uuid.uuid4()), 5 * events.READ_BATCH
-    for n in range(count):
-        events.publish(request_id, contract.Delta(f"{n} "))
-    events.publish(request_id, contract.Final(text="", finish_reason="length", usage={"prompt_tokens": 1, "completion_tokens": count}))
-
-    class Recording(events.Subscription):
-        batches: list[int] = []
-
-        async def _read(self, wait):
-            found = await super()._read(wait)
-            self.batches.append(len(found))
-            return found
-
-    async def read():
-        return [event async for event in Recording(request_id).events(timeout=60)]
-
-    read_events = asyncio.run(read())
-    assert "".join(e.text for e in read_events[:-1]) == "".join(f"{n} " for n in range(count))
-    assert isinstance(read_events[-1], contract.Final)
-    assert max(Recording.batches) <= events.READ_BATCH, f"one read took {max(Recording.batches)} events"
