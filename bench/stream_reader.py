@@ -2,9 +2,9 @@
 (chat.stream_reader) against a blocking XREAD per reader (what the web tier did before), measured
 in one run.
 
-At each count of concurrent streams a publisher thread appends a delta to every stream every
-50 ms (20 tokens/s per stream, as workers publish them: `events.publish`, one pipeline per
-tick) and each stream's reader, in this process's event loop, reads it to its final event.
+At each count of concurrent streams a publisher process appends a delta to every stream every
+50 ms (20 tokens/s per stream), one event at a time as workers publish them (`events.publish`),
+and each stream's reader, in this process's event loop, reads it to its final event.
 Reported per side: the streams that ended whole, the median and 99th-percentile time from an
 event's publish to its reader, the event loop's CPU and Redis's CPU per 1000 events, and the
 Redis clients open meanwhile. The per-reader read holds one of redis-py's pooled connections
@@ -16,8 +16,8 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -54,23 +54,27 @@ class PerReader(events.Subscription):
         return found[0][1] if found else []
 
 
-def publish(streams: list[str], clients: list) -> None:
-    redis = events.sync_client()
+def publish(streams: list[str]) -> None:
+    """The publisher process: the streams' events, then the Redis clients seen halfway (on stdout)."""
+    redis, clients = events.sync_client(), None
     next_tick = time.monotonic()
     for n in range(EVENTS):
-        pipe = redis.pipeline(transaction=False)
         for request_id in streams:
-            pipe.xadd(events.channel(request_id), {"e": contract.encode(contract.Delta(f"{time.time()!r} "))})
-        pipe.execute()
+            events.publish(request_id, contract.Delta(f"{time.time()!r} "))
         if n == EVENTS // 2:
-            clients.append(redis.info("clients")["connected_clients"] - 1)  # less this publisher's
+            clients = redis.info("clients")["connected_clients"] - 1  # less this publisher's
         next_tick += TICK
         time.sleep(max(0.0, next_tick - time.monotonic()))
-    pipe = redis.pipeline(transaction=False)
     for request_id in streams:
-        pipe.xadd(events.channel(request_id), {"e": contract.encode(contract.Final(text="", finish_reason="length"))})
-        pipe.expire(events.channel(request_id), 60)
-    pipe.execute()
+        events.publish(request_id, contract.Final(text="", finish_reason="length"))
+    print(clients)
+
+
+def start_publisher(streams: list[str]) -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, __file__, "publish"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child.stdin.write("\n".join(streams))
+    child.stdin.close()
+    return child
 
 
 async def read(subscription, delays: list) -> int:
@@ -99,21 +103,20 @@ def redis_cpu() -> float:
 
 def run(kind, count: int) -> dict:
     streams = [str(uuid.uuid4()) for _ in range(count)]
-    delays, clients = [], []
+    delays = []
 
     async def everyone():
         readers = [asyncio.create_task(read(kind(request_id), delays)) for request_id in streams]
         await asyncio.sleep(0.5)  # every reader waits before the first event
         cpu, redis_before = time.thread_time(), redis_cpu()
-        publisher = threading.Thread(target=publish, args=(streams, clients))
-        publisher.start()
+        publisher = start_publisher(streams)
         results = await asyncio.gather(*readers, return_exceptions=True)
-        await asyncio.to_thread(publisher.join)
-        measured = results, time.thread_time() - cpu, redis_cpu() - redis_before
+        clients = (await asyncio.to_thread(publisher.stdout.read)).strip()
+        measured = results, time.thread_time() - cpu, redis_cpu() - redis_before, clients
         await close_clients()
         return measured
 
-    results, loop_cpu, redis_seconds = asyncio.run(everyone())
+    results, loop_cpu, redis_seconds, clients = asyncio.run(everyone())
     whole = sum(1 for r in results if r == EVENTS)
     errors = sorted({type(r).__name__ for r in results if isinstance(r, BaseException)})
     delays.sort()
@@ -126,7 +129,7 @@ def run(kind, count: int) -> dict:
         "p99_ms": round(delays[int(len(delays) * 0.99) - 1] * 1000, 2) if delays else None,
         "loop_cpu_ms_per_1000": round(loop_cpu * 1e6 / delivered, 1),
         "redis_cpu_ms_per_1000": round(redis_seconds * 1e6 / delivered, 1),
-        "redis_clients": clients[0] if clients else None,
+        "redis_clients": int(clients) if clients.isdigit() else None,
     }
 
 
@@ -156,4 +159,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["publish"]:
+        publish(sys.stdin.read().split())
+    else:
+        main()

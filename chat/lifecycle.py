@@ -29,13 +29,14 @@ ALLOWED_FROM = {
 
 
 def storable(value):
-    """PostgreSQL text and jsonb refuse NUL characters: the stored copy shows them as U+FFFD."""
+    """PostgreSQL text and jsonb refuse NUL characters: the stored copy shows them as U+FFFD (in
+    keys too)."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
     if isinstance(value, list):
         return [storable(v) for v in value]
     if isinstance(value, dict):
-        return {k: storable(v) for k, v in value.items()}
+        return {storable(k): storable(v) for k, v in value.items()}
     return value
 
 

@@ -9,6 +9,7 @@ import datetime
 
 import pydantic
 
+from chat.lifecycle import storable
 from chat.models import StoredResponse
 from chat.protocols import openai as wire
 from chat import responses_protocol as rp
@@ -215,21 +216,25 @@ def response_history(*, user_id: int, response_id: str) -> list[dict]:
 
 
 def response_store(*, draft: Draft) -> None:
-    params = draft.params()
+    fields = storable(  # what the client sent may hold NUL characters, which PostgreSQL refuses
+        {
+            "model": draft.body.model,
+            "instructions": draft.body.instructions or "",
+            "history": draft.history,
+            "input": input_messages(draft.body),
+            "output": draft.output,
+            "error": draft.error,
+            "params": draft.params(),
+            "previous_response_id": draft.body.previous_response_id or "",
+        }
+    )
     StoredResponse.objects.create(
         id=draft.id,
         user_id=draft.user_id,
-        model=draft.body.model,
         status=draft.status,
-        instructions=draft.body.instructions or "",
-        history=draft.history,
-        input=input_messages(draft.body),
-        output=draft.output,
         usage=draft.usage,
-        error=draft.error,
-        params=params,
-        previous_response_id=draft.body.previous_response_id or "",
         created_at=datetime.datetime.fromtimestamp(draft.created_at, tz=datetime.timezone.utc),
+        **fields,
     )
 
 

@@ -4,19 +4,24 @@ A reader of a request's events used to wait in an XREAD of its own, holding one 
 pool's connections while it waited: redis-py's asyncio pool holds 100, so a web process's 101st
 concurrent stream failed at once with "Too many connections", and every stream cost Redis a
 client. Here one task per event loop reads the streams of all readers that are waiting in one
-XREAD, on a connection of its own, and hands each reader the events after its last id. A reader
-that starts waiting while that XREAD blocks wakes it (an entry in the process's wake stream,
-which the XREAD also reads), so it never waits on another reader's timeout.
+XREAD, on a connection of its own, and hands each reader the events after its last id where the
+read began at or before that id (a reader that starts behind the read in flight waits for the
+next one, so it skips nothing). A reader that starts waiting while that XREAD blocks wakes it (an
+entry in the process's wake stream, which the XREAD also reads), so it does not wait out the
+read's block.
 
 A reader waits only while its consumer asks for more (`read`), so a client that reads slowly is
 read for slowly: it holds back only itself. Events stay in their Redis Stream until they expire,
 so a reader that gave up a read (its timeout, a cancel) misses nothing: it asks again from its
-last id. A Redis error in the shared read reaches every reader waiting on it.
+last id. A Redis error in the shared read reaches every reader waiting on it; an id that Redis
+would refuse fails its own reader before it gets there (`id_parts`).
 """
 
 import asyncio
+import contextlib
+import copy
 import logging
-import time
+import re
 import uuid
 import weakref
 
@@ -32,12 +37,27 @@ READ_BATCH = 256
 # The shared read's longest wait: readers come and go by the wake stream meanwhile. Under redis-py's
 # socket timeout (5 s), which would end a longer one with a TimeoutError.
 BLOCK_MS = 1000
+# Before each read, the task waits this long per waiting reader (at most LINGER_MAX_SECONDS), so
+# that events that workers publish one by one gather into one read: a read costs Redis and this
+# process in proportion to the streams it names, and would otherwise often bring one event.
+LINGER_PER_READER_SECONDS = 10e-6
+LINGER_MAX_SECONDS = 0.005
 WAKE_KEEP_SECONDS = 3600  # a wake stream outlives its process by this much at most
 
 
+_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+_ID_PART_MAX = 2**64 - 1  # Redis's stream ids are two unsigned 64-bit numbers
+
+
 def id_parts(event_id) -> tuple[int, int]:
-    ms, _, seq = str(event_id).partition("-")
-    return int(ms), int(seq or 0)
+    """A stream id's two numbers ("0": before everything); ValueError for anything Redis would refuse."""
+    found = _ID.fullmatch(event_id.decode() if isinstance(event_id, bytes) else str(event_id))
+    if found is None:
+        raise ValueError(f"not a stream id: {event_id!r}")
+    parts = int(found[1]), int(found[2] or 0)
+    if max(parts) > _ID_PART_MAX:
+        raise ValueError(f"not a stream id: {event_id!r}")
+    return parts
 
 
 class _Wait:
@@ -59,25 +79,24 @@ class StreamReader:
         self._arrived = asyncio.Event()
         self._in_flight: dict[str, str] | None = None  # what the XREAD that blocks now reads: key → after
         self._woken = False  # whether a reader woke that XREAD already
-        self._wake_expires_at = 0.0
         self._task: asyncio.Task | None = None
+        self._loop = asyncio.get_running_loop()
 
     async def read(self, key: str, after: str, timeout: float) -> list:
         """The entries of stream `key` after id `after` (at most READ_BATCH), or [] after `timeout`
         seconds without any."""
-        wait = _Wait(key, after, asyncio.get_running_loop().create_future())
+        ms, seq = id_parts(after)  # a bad id fails its own reader here, not the shared read
+        wait = _Wait(key, f"{ms}-{seq}", asyncio.get_running_loop().create_future())
         self._waits.add(wait)
         try:
-            self._start()
-            if not self._covered(wait):
-                self._arrived.set()
-                if self._in_flight is not None and not self._woken:  # one wake per read: it gathers everyone who came meanwhile
-                    self._woken = True
-                    await self._wake()
-            try:
-                return await asyncio.wait_for(wait.future, timeout)
-            except TimeoutError:
-                return []
+            async with asyncio.timeout(timeout):
+                self._start()
+                if not self._covered(wait):
+                    self._arrived.set()
+                    await self._wake_once()
+                return await wait.future
+        except TimeoutError:
+            return []
         finally:
             self._waits.discard(wait)
 
@@ -87,26 +106,45 @@ class StreamReader:
 
     def _covered(self, wait: _Wait) -> bool:
         """Whether the XREAD that blocks now would return what `wait` waits for."""
-        reading = self._in_flight or {}
-        return wait.key in reading and id_parts(reading[wait.key]) <= id_parts(wait.after)
+        return _reads_for(self._in_flight or {}, wait)
 
-    async def _wake(self) -> None:
-        if time.monotonic() < self._wake_expires_at:
-            await self._pool.xadd(self._wake_key, {"w": b"1"}, maxlen=1, approximate=False)
+    async def _wake_once(self) -> None:
+        """Wake the XREAD that blocks now, unless a reader did already: one wake gathers everyone
+        who came meanwhile. A wake that failed or was cancelled leaves the next reader to wake it."""
+        reading = self._in_flight
+        if reading is None or self._woken:
             return
-        pipe = self._pool.pipeline(transaction=False)
-        pipe.xadd(self._wake_key, {"w": b"1"}, maxlen=1, approximate=False)
-        pipe.expire(self._wake_key, WAKE_KEEP_SECONDS)
-        await pipe.execute()
-        self._wake_expires_at = time.monotonic() + WAKE_KEEP_SECONDS / 2
+        self._woken = True
+        try:
+            pipe = self._pool.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {"w": b"1"}, maxlen=1, approximate=False)
+            pipe.expire(self._wake_key, WAKE_KEEP_SECONDS)  # each time: a Redis restarted meanwhile forgot it
+            await pipe.execute()
+        except BaseException:
+            if self._in_flight is reading:
+                self._woken = False
+            raise
 
     async def _run(self) -> None:
+        try:
+            await self._read_for_everyone()
+        finally:  # cancelled (its event loop closing) or broken: the next read starts a new one
+            if _readers.get(self._loop) is self:
+                del _readers[self._loop]
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._conn.aclose(), 1)
+
+    async def _read_for_everyone(self) -> None:
         while True:
-            await asyncio.sleep(0)  # readers just handed events ask again first: one read serves them all
             waiting = [wait for wait in self._waits if not wait.future.done()]
             if not waiting:
                 self._arrived.clear()
                 await self._arrived.wait()
+                continue
+            # Readers just handed events ask again, and more events arrive, meanwhile.
+            await asyncio.sleep(min(LINGER_MAX_SECONDS, LINGER_PER_READER_SECONDS * len(waiting)))
+            waiting = [wait for wait in self._waits if not wait.future.done()]
+            if not waiting:
                 continue
             streams: dict[str, str] = {}
             for wait in waiting:
@@ -124,25 +162,29 @@ class StreamReader:
             finally:
                 self._in_flight = None
             raise_if_cancelled()
-            self._hand_out(found or [])
+            self._hand_out(streams, found or [])
 
-    def _hand_out(self, found: list) -> None:
-        entries = {(key.decode() if isinstance(key, bytes) else key): got for key, got in found}
+    def _hand_out(self, streams: dict[str, str], found: list) -> None:
+        """Each waiting reader's entries from what the XREAD of `streams` found: only to a reader the
+        read covered (its stream read from the reader's place or before it), so that nobody skips the
+        events between its place and where the read began."""
+        entries = {_text(key): got for key, got in found}
         wakes = entries.pop(self._wake_key, None)
         if wakes:
-            last = wakes[-1][0]
-            self._wake_after = last.decode() if isinstance(last, bytes) else last
+            self._wake_after = _text(wakes[-1][0])
         for wait in list(self._waits):
+            if wait.future.done() or not _reads_for(streams, wait):
+                continue
             after = id_parts(wait.after)
-            mine = [entry for entry in entries.get(wait.key, ()) if id_parts(_text(entry[0])) > after]
-            if mine and not wait.future.done():
+            mine = [entry for entry in entries.get(wait.key, ()) if id_parts(entry[0]) > after]
+            if mine:
                 wait.future.set_result(mine)
 
     def _fail(self, error: Exception) -> None:
         log.warning("the shared read of %d event streams failed: %s", len(self._waits), error)
         for wait in list(self._waits):
             if not wait.future.done():
-                wait.future.set_exception(error)
+                wait.future.set_exception(_own_copy(error))
 
 
 def raise_if_cancelled() -> None:
@@ -153,6 +195,22 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def _reads_for(streams: dict[str, str], wait: _Wait) -> bool:
+    """Whether a read of `streams` returns what `wait` waits for: its stream, from its place or before."""
+    return wait.key in streams and id_parts(streams[wait.key]) <= id_parts(wait.after)
+
+
+def _own_copy(error: Exception) -> Exception:
+    """A reader's own copy of the shared read's error: one object raised in many tasks would gather
+    all their tracebacks."""
+    try:
+        mine = copy.copy(error)
+    except Exception:
+        return error
+    mine.__cause__ = error.__cause__
+    return mine
 
 
 def _text(value) -> str:

@@ -4,15 +4,21 @@ Daphne hands every reply straight to Twisted, which keeps whatever the client ha
 in memory without limit, so a client that reads slowly (or not at all) would grow the web
 process by the whole stream. Here a reply waits while its connection still has more than
 WEB_SEND_BUFFER_BYTES unsent: the slow stream holds itself back, and nothing else waits for it.
-`python -m llmsite.daphne_server` takes Daphne's own command-line arguments.
+`python -m llmsite.daphne_server` takes Daphne's own command-line arguments; it first raises its
+soft limit of open files (one per client) toward the hard limit.
 """
 
 import asyncio
+import logging
+import resource
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 
 DRAIN_POLL_SECONDS = 0.05
+OPEN_FILES_WANTED = 65536
+
+log = logging.getLogger(__name__)
 
 
 def unsent_bytes(transport) -> int:
@@ -59,5 +65,22 @@ class WebCommandLine(CommandLineInterface):
     server_class = FlowControlledServer
 
 
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """Raise this process's soft limit of open files toward its hard limit (the most a process may
+    take without privileges), up to `wanted`; return the soft limit now. Each client's socket is an
+    open file, and many systems start processes with a soft limit of 1024, which would refuse a web
+    process's clients past about a thousand ("Too many open files")."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            log.warning("could not raise the open files limit from %d to %d", soft, target, exc_info=True)
+    return soft
+
+
 if __name__ == "__main__":
+    raise_open_files_limit()
     WebCommandLine.entrypoint()

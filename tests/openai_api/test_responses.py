@@ -264,6 +264,21 @@ def test_a_function_call_output_continues_the_stored_response(client):
     assert answer.output_text and StoredResponse.objects.get(pk=answer.id).input[0]["role"] == "tool"
 
 
+def test_nul_characters_in_the_input_are_stored_as_replacement_characters(stack, token, user):
+    """PostgreSQL's text and jsonb refuse NUL: an input that holds one (found by the schema fuzz:
+    a 503 "database unavailable") is answered, and its stored copy shows U+FFFD."""
+    body = {
+        "input": [{"role": "user", "content": "Say hi.\u0000"}, {"role": "assistant", "content": "Hi\u0000"}, {"role": "user", "content": "Again."}],
+        "instructions": "Be brief.\u0000",
+        "metadata": {"k\u0000": "v\u0000"},
+        **ASK,
+    }
+    answered = requests.post(f"{stack.url}/v1/responses", headers={"Authorization": f"Bearer {token}"}, json=body, timeout=180)
+    assert answered.status_code == 200, answered.text
+    row = StoredResponse.objects.get(pk=answered.json()["id"])
+    assert row.input[0] == {"role": "user", "content": "Say hi.\ufffd"} and row.instructions == "Be brief.\ufffd"
+
+
 def test_a_whole_response_the_database_refuses_to_store_is_a_503_naming_its_request(stack, token, user):
     from django.db import connection
 
