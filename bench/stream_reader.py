@@ -87,11 +87,11 @@ async def read(subscription, delays: list) -> int:
 
 
 async def close_clients() -> None:
-    """This loop's connections, so that the next count's Redis clients are its own."""
+    """This loop's pooled connections, so that the next count's Redis clients are its own (the
+    shared reader closes its own as the loop ends)."""
     loop = asyncio.get_running_loop()
     if (mine := PerReader.clients.pop(id(loop), None)) is not None:
         await mine.aclose()
-    await stream_reader.reader(events.async_client())._conn.aclose()
     await events.async_client().connection_pool.disconnect()
     events._async_clients.pop(id(loop), None)
 

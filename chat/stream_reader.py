@@ -63,8 +63,8 @@ def id_parts(event_id) -> tuple[int, int]:
 class _Wait:
     __slots__ = ("key", "after", "future")
 
-    def __init__(self, key: str, after: str, future: asyncio.Future):
-        self.key, self.after, self.future = key, after, future
+    def __init__(self, key: str, after: tuple[int, int], future: asyncio.Future):
+        self.key, self.after, self.future = key, after, future  # after: the id's two numbers, parsed once
 
 
 class StreamReader:
@@ -77,7 +77,7 @@ class StreamReader:
         self._wake_after = "0"
         self._waits: set[_Wait] = set()
         self._arrived = asyncio.Event()
-        self._in_flight: dict[str, str] | None = None  # what the XREAD that blocks now reads: key → after
+        self._in_flight: dict[str, tuple] | None = None  # what the XREAD that blocks now reads: key → after
         self._woken = False  # whether a reader woke that XREAD already
         self._task: asyncio.Task | None = None
         self._loop = asyncio.get_running_loop()
@@ -85,13 +85,12 @@ class StreamReader:
     async def read(self, key: str, after: str, timeout: float) -> list:
         """The entries of stream `key` after id `after` (at most READ_BATCH), or [] after `timeout`
         seconds without any."""
-        ms, seq = id_parts(after)  # a bad id fails its own reader here, not the shared read
-        wait = _Wait(key, f"{ms}-{seq}", asyncio.get_running_loop().create_future())
+        wait = _Wait(key, id_parts(after), asyncio.get_running_loop().create_future())  # a bad id fails its own reader here
         self._waits.add(wait)
         try:
             async with asyncio.timeout(timeout):
                 self._start()
-                if not self._covered(wait):
+                if not _reads_for(self._in_flight or {}, wait):  # the XREAD that blocks now would not return its events
                     self._arrived.set()
                     await self._wake_once()
                 return await wait.future
@@ -103,10 +102,6 @@ class StreamReader:
     def _start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="stream-reader")
-
-    def _covered(self, wait: _Wait) -> bool:
-        """Whether the XREAD that blocks now would return what `wait` waits for."""
-        return _reads_for(self._in_flight or {}, wait)
 
     async def _wake_once(self) -> None:
         """Wake the XREAD that blocks now, unless a reader did already: one wake gathers everyone
@@ -146,14 +141,15 @@ class StreamReader:
             waiting = [wait for wait in self._waits if not wait.future.done()]
             if not waiting:
                 continue
-            streams: dict[str, str] = {}
+            streams: dict[str, tuple] = {}
             for wait in waiting:
-                if wait.key not in streams or id_parts(wait.after) < id_parts(streams[wait.key]):
+                if wait.key not in streams or wait.after < streams[wait.key]:
                     streams[wait.key] = wait.after
             self._arrived.clear()
             self._in_flight, self._woken = streams, False
             try:
-                found = await self._conn.xread({**streams, self._wake_key: self._wake_after}, count=READ_BATCH, block=BLOCK_MS)
+                ids = {key: f"{ms}-{seq}" for key, (ms, seq) in streams.items()}
+                found = await self._conn.xread({**ids, self._wake_key: self._wake_after}, count=READ_BATCH, block=BLOCK_MS)
             except Exception as error:  # Redis gone: each waiting reader hears of it, as from its own read
                 raise_if_cancelled()
                 self._fail(error)
@@ -164,7 +160,7 @@ class StreamReader:
             raise_if_cancelled()
             self._hand_out(streams, found or [])
 
-    def _hand_out(self, streams: dict[str, str], found: list) -> None:
+    def _hand_out(self, streams: dict[str, tuple], found: list) -> None:
         """Each waiting reader's entries from what the XREAD of `streams` found: only to a reader the
         read covered (its stream read from the reader's place or before it), so that nobody skips the
         events between its place and where the read began."""
@@ -175,8 +171,7 @@ class StreamReader:
         for wait in list(self._waits):
             if wait.future.done() or not _reads_for(streams, wait):
                 continue
-            after = id_parts(wait.after)
-            mine = [entry for entry in entries.get(wait.key, ()) if id_parts(entry[0]) > after]
+            mine = [entry for entry in entries.get(wait.key, ()) if _position(entry[0]) > wait.after]
             if mine:
                 wait.future.set_result(mine)
 
@@ -197,9 +192,15 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-def _reads_for(streams: dict[str, str], wait: _Wait) -> bool:
+def _reads_for(streams: dict[str, tuple], wait: _Wait) -> bool:
     """Whether a read of `streams` returns what `wait` waits for: its stream, from its place or before."""
-    return wait.key in streams and id_parts(streams[wait.key]) <= id_parts(wait.after)
+    return wait.key in streams and streams[wait.key] <= wait.after
+
+
+def _position(entry_id) -> tuple[int, int]:
+    """The two numbers of an id Redis gave (always "<ms>-<seq>"; no need to check it as id_parts does)."""
+    ms, seq = _text(entry_id).split("-")
+    return int(ms), int(seq)
 
 
 def _own_copy(error: Exception) -> Exception:
