@@ -73,6 +73,15 @@ class Slot:
             await events.async_client().zrem(self.key, self.member)
 
 
+async def give_back(slot: Slot | None) -> None:
+    """Give a slot back; if Redis is gone, its lease expires instead."""
+    if slot is not None:
+        try:
+            await slot.release()
+        except Exception:
+            log.warning("could not release an in-flight slot; its lease will expire", exc_info=True)
+
+
 async def acquire(*, deployment) -> Slot:
     """A slot for one more generation of `deployment`, or RateLimited (429) when it has its limit."""
     slot = Slot(deployment.pk)

@@ -16,6 +16,7 @@ from django.utils import timezone
 from chat import services
 from llmsite.errors import InvalidRequest, UnknownDeployment
 from chat.generation import Conversation as Prompt
+from chat.lifecycle import storable
 from chat.models import Conversation, Deployment, Message
 from chat.prompting import count_tokens, deployment_tokenizer, render_prompt
 from chat.protocols.predict import PredictFields, fields_from_object
@@ -59,9 +60,10 @@ def chat_deployments() -> QuerySet:
 
 
 def chat_deployment(*, name: str) -> Deployment:
-    deployment = chat_deployments().filter(name=name or "").first()
+    name = name or ""
+    deployment = chat_deployments().filter(name=name).first() if "\x00" not in name else None  # no name holds NUL
     if deployment is None:
-        raise UnknownDeployment(name or "")
+        raise UnknownDeployment(name)
     return deployment
 
 
@@ -173,6 +175,9 @@ def turn_start(*, user, conversation_id=None, data: dict, regenerate: bool = Fal
     The history comes from the stored messages, trimmed to the deployment's context.
     """
     fields = chat_fields(data)
+    # PostgreSQL text refuses NUL: the stored messages, which later turns' history comes from, and
+    # what the model gets show it as U+FFFD.
+    fields = fields.model_copy(update={"prompt": storable(fields.prompt), "system_prompt": storable(fields.system_prompt)})
     deployment = chat_deployment(name=data.get("deployment"))
     created = False
     if conversation_id:

@@ -65,10 +65,10 @@ def record_done(*, request_id: str, user, token, protocol: str, prompt: str, par
             token=token,
             protocol=protocol,
             prompt=storable(prompt),
-            params=params,
+            params=storable(params),
             prompt_tokens=prompt_tokens,
             status=Status.ERROR if error else Status.OK,
-            error=error,
+            error=storable(error),
             started_at=now,
             finished_at=now,
         )
@@ -116,7 +116,7 @@ def finish(request_id, *, response: str, finish_reason: str, prompt_tokens: int,
 
 def fail(request_id, message: str, **fields) -> bool:
     """A queued or running request failed; `fields` keep what it had (the answer so far)."""
-    return _end(request_id, Status.ERROR, error=message, finished_at=timezone.now(), **fields)
+    return _end(request_id, Status.ERROR, error=storable(message), finished_at=timezone.now(), **fields)
 
 
 def cancel_queued(request_id) -> bool:

@@ -46,7 +46,7 @@ def access_deployment(*, token: ApiToken, name: str) -> Deployment:
         .filter(name=name, enabled=True)
         .annotate(token_scoped=Exists(scope), in_token_scope=Exists(scope.filter(deployment_id=OuterRef("pk"))))
         .first()
-    )
+    ) if "\x00" not in name else None  # PostgreSQL text refuses NUL: no name holds one
     if deployment is None:
         raise UnknownDeployment(name)
     if deployment.token_scoped and not deployment.in_token_scope:
@@ -302,7 +302,7 @@ class Generation:
         await self.subscription.close()
         if self.finished:
             await _withdraw(self.deployment, self.request_id)  # its turn, if its worker died
-        await _release(self.slot)
+        await concurrency.give_back(self.slot)
 
 
 async def _withdraw(deployment: str, request_id: str) -> bool:
@@ -343,15 +343,6 @@ async def _cancel_if_unheard(request_id: str, deployment: str) -> None:
         log.exception("could not cancel %s", request_id)
 
 
-async def _release(slot: concurrency.Slot | None) -> None:
-    """Give a deployment's in-flight slot back; if Redis is gone, its lease expires instead."""
-    if slot is not None:
-        try:
-            await slot.release()
-        except Exception:
-            log.warning("could not release an in-flight slot; its lease will expire", exc_info=True)
-
-
 async def wait_for_worker(queue: str) -> None:
     """Return once a live worker consumes `queue`; 503 after WORKER_WAIT_SECONDS without one."""
     deadline = time.monotonic() + settings.WORKER_WAIT_SECONDS
@@ -379,11 +370,15 @@ async def dispatch(prepared: Prepared) -> Generation:
     request_id = str(uuid.uuid4())
     subscription = events.Subscription(request_id, listen=True)
     try:
+        events.raise_if_cancelled()  # a cancel that one of the Redis commands above swallowed
         await subscription.open()
         await sync_to_async(store_and_enqueue)(prepared, request_id)
-    except Exception as exc:
+    except BaseException as exc:  # a cancel too (the client left): its slot was held for the lease
         await subscription.close()
-        await _release(slot)
+        await concurrency.give_back(slot)
+        if not isinstance(exc, Exception):
+            cancel_when_unheard(request_id, prepared.deployment.name)  # in case it is stored all the same
+            raise
         if isinstance(exc, ApiError):
             raise
         raise ServerError(outage("The request could not be queued", exc)) from None

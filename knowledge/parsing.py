@@ -150,7 +150,12 @@ def parse(name: str, data: bytes) -> list[Section]:
         sections = _pdf_sections(data)
     else:
         raise ParseError(f"Unsupported file type '.{kind}': use one of {', '.join('.' + t for t in SUPPORTED_TYPES)}.")
-    sections = [s for s in sections if s.text.strip()]
+    # PostgreSQL text refuses NUL, which PDFs' text and plain text files can hold: U+FFFD shows where.
+    sections = [
+        Section(s.text.replace("\x00", "\ufffd"), heading=s.heading.replace("\x00", "\ufffd"), page=s.page)
+        for s in sections
+        if s.text.replace("\x00", "").strip()
+    ]
     if not sections:
         raise ParseError("The file contains no text.")
     return sections

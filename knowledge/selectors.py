@@ -84,6 +84,7 @@ def text_ranking(*, knowledge_base_id: int, question: str, limit: int) -> list[t
         "WHERE q.text <> '' AND c.knowledge_base_id = %s AND c.search_vector @@ to_tsquery(%s::regconfig, q.text) "
         "ORDER BY rank DESC, c.id LIMIT %s"
     )
+    question = question.replace("\x00", " ")  # PostgreSQL text refuses NUL; it separates words here
     params = [TEXT_SEARCH_CONFIG, question, TEXT_SEARCH_CONFIG, knowledge_base_id, TEXT_SEARCH_CONFIG, limit]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

@@ -1,4 +1,5 @@
-"""Middleware without thread hops, and the token APIs' own short middleware list.
+"""Middleware without thread hops, the token APIs' own short middleware list, and the site's
+refusal of NUL characters in query strings (NulQueryMiddleware).
 
 Django runs a classic middleware's process_request/process_response hooks in a thread when the
 request is async (the predict and /v1 views are): one thread hop per hook, each on the way to a
@@ -7,10 +8,14 @@ headers, so for the token APIs they run inline on the event loop. (The site's ow
 Django's classes, which `manage.py check --deploy` looks for by name.)
 """
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
+from django.http import HttpResponseBadRequest, JsonResponse
 from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
+
+from llmsite.errors import InvalidRequest
 
 
 class _Inline:
@@ -51,3 +56,35 @@ class TokenApiHandler(ASGIHandler):
             super().load_middleware(is_async=is_async)
         finally:
             settings.MIDDLEWARE = site
+
+
+class NulQueryMiddleware:
+    """A query string that holds a NUL character (%00) is refused with 400 naming the parameter:
+    PostgreSQL text refuses NUL, so an admin list filtered on such a value failed with 500. No
+    query parameter of the site means anything with one. Sync and async alike; it only reads."""
+
+    sync_capable = async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self._acall(request)
+        return self._refusal(request) or self.get_response(request)
+
+    async def _acall(self, request):
+        return self._refusal(request) or await self.get_response(request)
+
+    @staticmethod
+    def _refusal(request):
+        for name, values in request.GET.lists():
+            if "\x00" in name or any("\x00" in value for value in values):
+                name = name.replace("\x00", "\ufffd")
+                error = InvalidRequest(f"{name}: must not contain NUL characters.", param=name)
+                if request.path.startswith("/api/"):
+                    return JsonResponse(error.body(), status=error.status)
+                return HttpResponseBadRequest(error.message, content_type="text/plain; charset=utf-8")
+        return None

@@ -152,3 +152,59 @@ def test_a_request_whose_worker_waits_for_the_model_keeps_its_slot(stack, limite
     assert [type(event) for event in heard] == [contract.Final], heard
     [(lease_ends, now)] = seen
     assert lease_ends is not None and lease_ends > now, "the slot's lease was renewed while the worker waited"
+
+
+def test_a_client_that_leaves_while_its_request_is_stored_gives_its_slot_back_at_once(stack, token, limited):
+    """Storing the request waits here (its row refers to the deployment's row, which the test holds
+    locked) and the client leaves meanwhile: its slot was held for the whole lease
+    (GENERATION_LEASE_SECONDS, minutes); now it goes back as the view is cancelled. The request,
+    stored once the lock goes, has nobody listening and still ends."""
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
+
+    from django.db import connections, transaction
+
+    from chat import concurrency, events
+
+    locked, unlock = threading.Event(), threading.Event()
+
+    def hold_the_deployment_row():
+        try:
+            with transaction.atomic():
+                Deployment.objects.select_for_update().get(pk=limited.pk)
+                locked.set()
+                unlock.wait(120)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold_the_deployment_row)
+    holder.start()
+    slots, key = events.sync_client(), concurrency.key(limited.pk)
+    try:
+        assert locked.wait(30)
+        address = urlsplit(stack.url)
+        client = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        body = json.dumps({"prompt": LONG_PROMPT, "max_new_tokens": 400, "temperature": 0})
+        client.request("POST", f"/api/predict/{limited.name}", body, {"Authorization": token, "Content-Type": "application/json"})
+        deadline = time.monotonic() + FREE_DEADLINE
+        while not slots.zcard(key):
+            assert time.monotonic() < deadline, "the request never took its slot"
+            time.sleep(0.05)
+        time.sleep(0.5)  # well inside the insert that waits for the lock
+        assert not RequestLog.objects.filter(deployment=limited).exists()
+        client.close()  # the client leaves
+        deadline = time.monotonic() + 30
+        while slots.zcard(key) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert slots.zcard(key) == 0, "the slot of a request whose client left is still held"
+    finally:
+        unlock.set()
+        holder.join()
+    deadline = time.monotonic() + FREE_DEADLINE
+    while time.monotonic() < deadline:
+        row = RequestLog.objects.filter(deployment=limited).first()
+        if row is not None and row.status not in (RequestLog.Status.QUEUED, RequestLog.Status.RUNNING):
+            break
+        time.sleep(0.5)
+    assert row is not None and row.status in (RequestLog.Status.OK, RequestLog.Status.CANCELLED), row
