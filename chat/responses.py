@@ -206,10 +206,17 @@ def response_object(*, status: str, params: dict, **fields) -> dict:
 # --- storage ------------------------------------------------------------------------------------
 
 
+def _stored(*, user_id: int, response_id: str):
+    """This user's stored response of that id (none for an id with NUL, which no id holds and
+    PostgreSQL text refuses)."""
+    found = StoredResponse.objects.filter(user_id=user_id)
+    return found.filter(pk=response_id) if "\x00" not in response_id else found.none()
+
+
 def response_history(*, user_id: int, response_id: str) -> list[dict]:
     """The chat messages that continue a stored response of this user: its chain's earlier
     messages, its input and its output (its instructions stay its own, as OpenAI does)."""
-    row = StoredResponse.objects.filter(pk=response_id, user_id=user_id).only("history", "input", "output").first()
+    row = _stored(user_id=user_id, response_id=response_id).only("history", "input", "output").first()
     if row is None:
         raise ResponseNotFound(response_id, param="previous_response_id")
     return [*row.history, *row.input, *output_messages(row.output)]
@@ -240,7 +247,7 @@ def response_store(*, draft: Draft) -> None:
 
 def response_get(*, user_id: int, response_id: str) -> dict:
     """A stored response of this user as its object; 404 for another user's or an unknown id."""
-    row = StoredResponse.objects.filter(pk=response_id, user_id=user_id).first()
+    row = _stored(user_id=user_id, response_id=response_id).first()
     if row is None:
         raise ResponseNotFound(response_id)
     return response_object(
@@ -251,7 +258,7 @@ def response_get(*, user_id: int, response_id: str) -> dict:
 
 
 def response_delete(*, user_id: int, response_id: str) -> dict:
-    deleted, _ = StoredResponse.objects.filter(pk=response_id, user_id=user_id).delete()
+    deleted, _ = _stored(user_id=user_id, response_id=response_id).delete()
     if not deleted:
         raise ResponseNotFound(response_id)
     return rp.DeletedResponse(id=response_id).model_dump()

@@ -4,6 +4,7 @@ store: false, another user's ids, and bad input."""
 
 import json
 import uuid
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -192,11 +193,16 @@ def test_bad_input_is_a_400_naming_the_field_and_reaches_no_worker(client, user,
     assert not RequestLog.objects.filter(user=user).exists()
 
 
-def test_unknown_previous_response_id_is_a_404_naming_the_field(client, user):
+@pytest.mark.parametrize("response_id", ["resp_nosuchthing", "resp_\u0000"], ids=["unknown", "nul"])
+def test_unknown_previous_response_id_is_a_404_naming_the_field(client, user, response_id):
+    """An id with a NUL character (which PostgreSQL text refuses: a 503 before) is unknown too."""
     with pytest.raises(NotFoundError) as caught:
-        client.responses.create(input="hi", previous_response_id="resp_nosuchthing", **ASK)
+        client.responses.create(input="hi", previous_response_id=response_id, **ASK)
     assert caught.value.body["param"] == "previous_response_id" and caught.value.body["code"] is None
     assert not RequestLog.objects.filter(user=user).exists()
+    for method in ("get", "delete"):
+        response = requests.request(method, f"{client.base_url}responses/{quote(response_id)}", headers={"Authorization": f"Bearer {client.api_key}"}, timeout=30)
+        assert response.status_code == 404, (method, response.text)
 
 
 def test_schema_describes_the_responses_endpoints(stack):
