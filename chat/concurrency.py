@@ -8,6 +8,7 @@ web process died is never given back, so it simply expires with its lease: nothi
 A worker that dies is noticed by the stream's watchdog, which ends the stream and so frees the slot.
 """
 
+import asyncio
 import logging
 import time
 import uuid
@@ -74,19 +75,28 @@ class Slot:
 
 
 async def give_back(slot: Slot | None) -> None:
-    """Give a slot back; if Redis is gone, its lease expires instead."""
+    """Give a slot back, to the end even where the caller is cancelled meanwhile (a client that
+    left, a shutdown); if Redis is gone, its lease expires instead."""
     if slot is not None:
-        try:
-            await slot.release()
-        except Exception:
-            log.warning("could not release an in-flight slot; its lease will expire", exc_info=True)
+        await asyncio.shield(_release_quietly(slot))
+
+
+async def _release_quietly(slot: Slot) -> None:
+    try:
+        await slot.release()
+    except Exception:
+        log.warning("could not release an in-flight slot; its lease will expire", exc_info=True)
 
 
 async def acquire(*, deployment) -> Slot:
     """A slot for one more generation of `deployment`, or RateLimited (429) when it has its limit."""
     slot = Slot(deployment.pk)
     limit = deployment.max_concurrent_generations
-    count = await events.async_client().eval(_ACQUIRE, 1, slot.key, limit, slot.lease, slot.member)
+    try:
+        count = await events.async_client().eval(_ACQUIRE, 1, slot.key, limit, slot.lease, slot.member)
+    except asyncio.CancelledError:  # the script may have run, and taken the slot, on the server
+        await give_back(slot)
+        raise
     if int(count) >= 0:
         raise RateLimited(
             f"The deployment '{deployment.name}' is generating its limit of {limit} answers at once: "

@@ -60,7 +60,7 @@ def chat_deployments() -> QuerySet:
 
 
 def chat_deployment(*, name: str) -> Deployment:
-    name = name or ""
+    name = str(name) if name else ""  # the chat socket's JSON may hold any type here
     deployment = chat_deployments().filter(name=name).first() if "\x00" not in name else None  # no name holds NUL
     if deployment is None:
         raise UnknownDeployment(name)

@@ -40,13 +40,15 @@ def access_deployment(*, token: ApiToken, name: str) -> Deployment:
     """The deployment `name` if this token may use it (404 for unknown, 403 for out of scope)."""
     # Without its tokenizer files (megabytes): every request and open socket holds its deployment.
     # The token's scope comes in the same query (each round trip is on the way to the first token).
+    if "\x00" in name:  # no name holds one (PostgreSQL text refuses NUL)
+        raise UnknownDeployment(name)
     scope = ApiToken.deployments.through.objects.filter(apitoken_id=token.pk)
     deployment = (
         Deployment.objects.defer("tokenizer_files")
         .filter(name=name, enabled=True)
         .annotate(token_scoped=Exists(scope), in_token_scope=Exists(scope.filter(deployment_id=OuterRef("pk"))))
         .first()
-    ) if "\x00" not in name else None  # PostgreSQL text refuses NUL: no name holds one
+    )
     if deployment is None:
         raise UnknownDeployment(name)
     if deployment.token_scoped and not deployment.in_token_scope:
@@ -373,12 +375,14 @@ async def dispatch(prepared: Prepared) -> Generation:
         events.raise_if_cancelled()  # a cancel that one of the Redis commands above swallowed
         await subscription.open()
         await sync_to_async(store_and_enqueue)(prepared, request_id)
-    except BaseException as exc:  # a cancel too (the client left): its slot was held for the lease
+    except asyncio.CancelledError:  # the client left: its slot was held for the whole lease
+        cancel_when_unheard(request_id, prepared.deployment.name)  # it may be stored all the same
         await subscription.close()
         await concurrency.give_back(slot)
-        if not isinstance(exc, Exception):
-            cancel_when_unheard(request_id, prepared.deployment.name)  # in case it is stored all the same
-            raise
+        raise
+    except Exception as exc:
+        await subscription.close()
+        await concurrency.give_back(slot)
         if isinstance(exc, ApiError):
             raise
         raise ServerError(outage("The request could not be queued", exc)) from None

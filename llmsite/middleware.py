@@ -59,9 +59,10 @@ class TokenApiHandler(ASGIHandler):
 
 
 class NulQueryMiddleware:
-    """A query string that holds a NUL character (%00) is refused with 400 naming the parameter:
-    PostgreSQL text refuses NUL, so an admin list filtered on such a value failed with 500. No
-    query parameter of the site means anything with one. Sync and async alike; it only reads."""
+    """A path or query string that holds a NUL character (%00) is refused with 400 naming it:
+    PostgreSQL text refuses NUL, so an admin list filtered on such a value, or the admin's page of
+    a stored response whose id held one, failed with 500. No path or query parameter of the site
+    means anything with one. Sync and async alike; it only reads."""
 
     sync_capable = async_capable = True
 
@@ -80,11 +81,12 @@ class NulQueryMiddleware:
 
     @staticmethod
     def _refusal(request):
-        for name, values in request.GET.lists():
-            if "\x00" in name or any("\x00" in value for value in values):
-                name = name.replace("\x00", "\ufffd")
-                error = InvalidRequest(f"{name}: must not contain NUL characters.", param=name)
-                if request.path.startswith("/api/"):
-                    return JsonResponse(error.body(), status=error.status)
-                return HttpResponseBadRequest(error.message, content_type="text/plain; charset=utf-8")
-        return None
+        named = ["path"] if "\x00" in request.path else []
+        named += [name for name, values in request.GET.lists() if "\x00" in name or any("\x00" in v for v in values)]
+        if not named:
+            return None
+        name = named[0].replace("\x00", "\ufffd")
+        error = InvalidRequest(f"{name}: must not contain NUL characters.", param=name)
+        if request.path.startswith("/api/"):
+            return JsonResponse(error.body(), status=error.status)
+        return HttpResponseBadRequest(error.message, content_type="text/plain; charset=utf-8")

@@ -63,6 +63,9 @@ def test_bad_sampling_value_is_refused_with_the_field_named_and_nothing_stored(s
         socket.send(json.dumps({"type": "send", "deployment": "nope", "prompt": "hi"}))
         reply = json.loads(socket.recv())
         assert reply["type"] == "error" and "nope" in reply["message"]
+        socket.send(json.dumps({"type": "send", "deployment": 5, "prompt": "hi"}))  # not a string
+        reply = json.loads(socket.recv())
+        assert reply["type"] == "error" and "'5'" in reply["message"], reply
         socket.send("not json")
         assert json.loads(socket.recv())["param"] == "body"
     finally:

@@ -163,7 +163,7 @@ def test_a_client_that_leaves_while_its_request_is_stored_gives_its_slot_back_at
     import threading
     from urllib.parse import urlsplit
 
-    from django.db import connections, transaction
+    from django.db import connection, connections, transaction
 
     from chat import concurrency, events
 
@@ -178,6 +178,14 @@ def test_a_client_that_leaves_while_its_request_is_stored_gives_its_slot_back_at
         finally:
             connections.close_all()
 
+    def waiting_insert() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                ['INSERT INTO "chat_requestlog"%'],
+            )
+            return cursor.fetchone()[0] > 0
+
     holder = threading.Thread(target=hold_the_deployment_row)
     holder.start()
     slots, key = events.sync_client(), concurrency.key(limited.pk)
@@ -191,8 +199,9 @@ def test_a_client_that_leaves_while_its_request_is_stored_gives_its_slot_back_at
         while not slots.zcard(key):
             assert time.monotonic() < deadline, "the request never took its slot"
             time.sleep(0.05)
-        time.sleep(0.5)  # well inside the insert that waits for the lock
-        assert not RequestLog.objects.filter(deployment=limited).exists()
+        while not waiting_insert():  # the request's row is being stored, behind the lock
+            assert time.monotonic() < deadline, "the request's INSERT never waited for the lock"
+            time.sleep(0.05)
         client.close()  # the client leaves
         deadline = time.monotonic() + 30
         while slots.zcard(key) and time.monotonic() < deadline:

@@ -2,8 +2,8 @@
 them (psycopg raises DataError, which the site answered as 503 "database unavailable" or 500).
 
 Text that is stored shows them as U+FFFD; a name that is looked up finds nothing (no name holds
-one); a query string that holds one is refused with 400 naming the parameter. The Responses API's
-case is tests/openai_api/test_responses.py.
+one); a path or query string of the site's pages that holds one is refused with 400 naming it.
+The Responses API's cases are in tests/openai_api/test_responses.py.
 """
 
 import json
@@ -67,14 +67,7 @@ def test_deployment_names_with_nul_characters_are_unknown(stack, token, user):
     assert not Conversation.objects.filter(user=user).exists()
 
 
-def test_knowledge_base_names_with_nul_characters_are_unknown(stack, site_user):
-    user, password = site_user
-    session = site_session(stack.url, user.username, password)
-    response = session.get(f"{stack.url}/knowledge/{quote(f'kb{NUL}')}/", timeout=30)
-    assert response.status_code == 404, response.text[:300]
-
-
-def test_a_query_string_with_a_nul_character_is_refused_naming_the_parameter(stack, db_user_factory, token):
+def test_a_path_or_query_string_with_a_nul_character_is_refused_naming_it(stack, db_user_factory, token):
     """An admin list filtered on a value with a NUL answered 500 (DataError); every query string
     is checked the same way, the admin's searches, the usage page and the site's search included."""
     from django.contrib import admin
@@ -90,6 +83,10 @@ def test_a_query_string_with_a_nul_character_is_refused_naming_the_parameter(sta
     for path, name in pages:
         response = session.get(f"{stack.url}{path}", params={name: f"a{NUL}b"}, timeout=30)
         assert (response.status_code, response.text) == (400, f"{name}: must not contain NUL characters."), path
+    # And a path: the admin's page of a stored response (its id is text) was a 500.
+    for path in ("/admin/chat/storedresponse/resp_%00/change/", "/knowledge/kb%00/"):
+        response = session.get(f"{stack.url}{path}", timeout=30)
+        assert (response.status_code, response.text) == (400, "path: must not contain NUL characters."), path
 
     # An API path answers in its JSON error shape.
     response = requests.get(
@@ -97,6 +94,8 @@ def test_a_query_string_with_a_nul_character_is_refused_naming_the_parameter(sta
         headers={"Authorization": token}, timeout=30,
     )
     assert_error(response, 400, "invalid_request_error", "last_event_id")
+    response = requests.get(f"{stack.url}/api/knowledge/kb%00/documents", headers={"Authorization": token}, timeout=30)
+    assert_error(response, 400, "invalid_request_error", "path")
 
 
 @pytest.fixture
@@ -113,7 +112,7 @@ def test_a_document_with_nul_characters_is_stored_with_replacement_characters(st
     texts = "".join(Chunk.objects.filter(document_id=done["id"]).values_list("text", flat=True))
     assert "Vellum\ufffd Hall" in texts and NUL not in texts
 
-    # A question with a NUL is searched for (the text search reads it as a space).
+    # A question with a NUL is answered from the knowledge base (the text search failed on it).
     body = {"prompt": f"What is the gate{NUL}code of Vellum Hall?", "langchain": True, "knowledge_base": kb.name,
             "temperature": 0, "max_new_tokens": 16}
     response = requests.post(stack.predict_url(), headers={"Authorization": token}, json=body, timeout=300)
