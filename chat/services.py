@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 def access_deployment(*, token: ApiToken, name: str) -> Deployment:
     """The deployment `name` if this token may use it (404 for unknown, 403 for out of scope)."""
-    # Without its tokenizer files (megabytes): every request and open socket holds its deployment.
-    # The token's scope comes in the same query (each round trip is on the way to the first token).
     if "\x00" in name:  # no name holds one (PostgreSQL text refuses NUL)
         raise UnknownDeployment(name)
+    # Without its tokenizer files (megabytes): every request and open socket holds its deployment.
+    # The token's scope comes in the same query (each round trip is on the way to the first token).
     scope = ApiToken.deployments.through.objects.filter(apitoken_id=token.pk)
     deployment = (
         Deployment.objects.defer("tokenizer_files")

@@ -1,5 +1,5 @@
 """Middleware without thread hops, the token APIs' own short middleware list, and the site's
-refusal of NUL characters in query strings (NulQueryMiddleware).
+refusal of NUL characters in paths and query strings (NulRefusalMiddleware).
 
 Django runs a classic middleware's process_request/process_response hooks in a thread when the
 request is async (the predict and /v1 views are): one thread hop per hook, each on the way to a
@@ -58,7 +58,7 @@ class TokenApiHandler(ASGIHandler):
             settings.MIDDLEWARE = site
 
 
-class NulQueryMiddleware:
+class NulRefusalMiddleware:
     """A path or query string that holds a NUL character (%00) is refused with 400 naming it:
     PostgreSQL text refuses NUL, so an admin list filtered on such a value, or the admin's page of
     a stored response whose id held one, failed with 500. No path or query parameter of the site

@@ -102,7 +102,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "llmsite.middleware.NulQueryMiddleware",
+    "llmsite.middleware.NulRefusalMiddleware",
     "llmsite.static_files.StaticFilesMiddleware",  # WhiteNoise, async-capable
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
