@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 REQUIREMENTS := $(filter-out requirements/vllm%,$(wildcard requirements/*.txt))
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 
-.PHONY: run test install clean screenshots bench bench-conversation bench-dashboard bench-slots bench-sampling bench-streams vllm-venv bench-vllm bench-peers llama-server
+.PHONY: run test install clean screenshots bench bench-conversation bench-dashboard bench-slots bench-sampling bench-streams bench-linger vllm-venv bench-vllm bench-peers llama-server
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -114,6 +114,9 @@ bench-dashboard: $(STAMP)
 # 400 concurrent streams; writes bench/results/stream_reader.json.
 bench-streams: $(STAMP)
 	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/stream_reader.py
+
+bench-linger: $(STAMP)
+	LLMSITE_DATA_DIR=var/bench $(PY) -m llmsite.launcher services --fresh -- $(PY) bench/stream_reader.py linger
 
 # The transformers engine's decode on CPU: slots against the padded cache, same prompts, one run
 # (issue 24); writes bench/results/slots_cpu.json.

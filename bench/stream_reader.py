@@ -9,7 +9,9 @@ Reported per side: the streams that ended whole, the median and 99th-percentile 
 event's publish to its reader, the event loop's CPU and Redis's CPU per 1000 events, and the
 Redis clients open meanwhile. The per-reader read holds one of redis-py's pooled connections
 (100) per waiting reader, so it fails past 100 streams. `make bench-streams`; writes
-bench/results/stream_reader.json.
+bench/results/stream_reader.json. `make bench-linger` (`stream_reader.py linger`) measures the
+shared read alone at several lingers, with its XREADs per 1000 events; writes
+bench/results/stream_linger.json.
 """
 
 import asyncio
@@ -101,6 +103,10 @@ def redis_cpu() -> float:
     return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
+def xread_calls() -> int:
+    return events.sync_client().info("commandstats").get("cmdstat_xread", {}).get("calls", 0)
+
+
 def run(kind, count: int) -> dict:
     streams = [str(uuid.uuid4()) for _ in range(count)]
     delays = []
@@ -108,15 +114,15 @@ def run(kind, count: int) -> dict:
     async def everyone():
         readers = [asyncio.create_task(read(kind(request_id), delays)) for request_id in streams]
         await asyncio.sleep(0.5)  # every reader waits before the first event
-        cpu, redis_before = time.thread_time(), redis_cpu()
+        cpu, redis_before, reads_before = time.thread_time(), redis_cpu(), xread_calls()
         publisher = start_publisher(streams)
         results = await asyncio.gather(*readers, return_exceptions=True)
         clients = (await asyncio.to_thread(publisher.stdout.read)).strip()
-        measured = results, time.thread_time() - cpu, redis_cpu() - redis_before, clients
+        measured = results, time.thread_time() - cpu, redis_cpu() - redis_before, clients, xread_calls() - reads_before
         await close_clients()
         return measured
 
-    results, loop_cpu, redis_seconds, clients = asyncio.run(everyone())
+    results, loop_cpu, redis_seconds, clients, reads = asyncio.run(everyone())
     whole = sum(1 for r in results if r == EVENTS)
     errors = sorted({type(r).__name__ for r in results if isinstance(r, BaseException)})
     delays.sort()
@@ -130,7 +136,33 @@ def run(kind, count: int) -> dict:
         "loop_cpu_ms_per_1000": round(loop_cpu * 1e6 / delivered, 1),
         "redis_cpu_ms_per_1000": round(redis_seconds * 1e6 / delivered, 1),
         "redis_clients": int(clients) if clients.isdigit() else None,
+        "xreads_per_1000": round(reads * 1000 / delivered, 1),
     }
+
+
+LINGERS_US = [0, 2.5, 5, 10, 20, 40]  # per waiting reader; at most LINGER_MAX_SECONDS in all
+
+
+def linger_sweep() -> None:
+    """The shared read's linger before each XREAD (`stream_reader.LINGER_PER_READER_SECONDS`)
+    against the reads it saves and the latency it adds, in one run; writes stream_linger.json."""
+    chosen, rows = stream_reader.LINGER_PER_READER_SECONDS, []
+    for count in STREAMS[1:]:
+        for micros in LINGERS_US:
+            stream_reader.LINGER_PER_READER_SECONDS = micros * 1e-6
+            row = {"linger_us": micros, **run(events.Subscription, count)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    stream_reader.LINGER_PER_READER_SECONDS = chosen
+    print(f"\n{EVENTS} events per stream, one every {TICK * 1000:.0f} ms; the linger is capped at "
+          f"{stream_reader.LINGER_MAX_SECONDS * 1000:g} ms; the site's is {chosen * 1e6:g} us a reader\n")
+    print("| streams | linger us / reader | ended whole | XREADs / 1000 events | median ms | p99 ms | loop CPU ms / 1000 events | Redis CPU ms / 1000 events |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['streams']} | {r['linger_us']:g} | {r['whole']} of {r['streams']} | {r['xreads_per_1000']} | {r['median_ms']} | {r['p99_ms']} | {r['loop_cpu_ms_per_1000']} | {r['redis_cpu_ms_per_1000']} |")
+    out = BASE_DIR / "bench" / "results" / "stream_linger.json"
+    out.write_text(json.dumps({"events_per_stream": EVENTS, "tick_seconds": TICK, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(BASE_DIR)}")
 
 
 def main() -> None:
@@ -161,5 +193,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["publish"]:
         publish(sys.stdin.read().split())
+    elif sys.argv[1:] == ["linger"]:
+        linger_sweep()
     else:
         main()
