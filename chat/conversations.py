@@ -16,7 +16,7 @@ from django.utils import timezone
 from chat import services
 from llmsite.errors import InvalidRequest, UnknownDeployment
 from chat.generation import Conversation as Prompt
-from chat.lifecycle import storable
+from llmsite.text import storable
 from chat.models import Conversation, Deployment, Message
 from chat.prompting import count_tokens, deployment_tokenizer, render_prompt
 from chat.protocols.predict import PredictFields, fields_from_object

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from chat import rollup
 from chat.models import RequestLog
+from llmsite.text import storable
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,6 @@ ALLOWED_FROM = {
     Status.CANCELLED: (Status.QUEUED, Status.RUNNING),
     Status.ERROR: (Status.QUEUED, Status.RUNNING),
 }
-
-
-def storable(value):
-    """PostgreSQL text and jsonb refuse NUL characters: the stored copy shows them as U+FFFD (in
-    keys too)."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, list):
-        return [storable(v) for v in value]
-    if isinstance(value, dict):
-        return {storable(k): storable(v) for k, v in value.items()}
-    return value
 
 
 def record(*, request_id, user, token, deployment, protocol: str, prompt: str, system_prompt: str, history, params: dict) -> RequestLog:

@@ -9,7 +9,7 @@ import datetime
 
 import pydantic
 
-from chat.lifecycle import storable
+from llmsite.text import storable
 from chat.models import StoredResponse
 from chat.protocols import openai as wire
 from chat import responses_protocol as rp

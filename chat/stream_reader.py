@@ -85,7 +85,7 @@ class StreamReader:
     async def read(self, key: str, after: str, timeout: float) -> list:
         """The entries of stream `key` after id `after` (at most READ_BATCH), or [] after `timeout`
         seconds without any."""
-        wait = _Wait(key, id_parts(after), asyncio.get_running_loop().create_future())  # a bad id fails its own reader here
+        wait = _Wait(key, id_parts(after), self._loop.create_future())  # a bad id fails its own reader here
         self._waits.add(wait)
         try:
             async with asyncio.timeout(timeout):
@@ -101,7 +101,7 @@ class StreamReader:
 
     def _start(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="stream-reader")
+            self._task = self._loop.create_task(self._run(), name="stream-reader")
 
     async def _wake_once(self) -> None:
         """Wake the XREAD that blocks now, unless a reader did already: one wake gathers everyone

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from llmsite.text import storable
+
 SUPPORTED_TYPES = ("txt", "md", "docx", "pdf")
 MARKDOWN_HEADINGS = [("#", "h1"), ("##", "h2"), ("###", "h3"), ("####", "h4")]
 
@@ -152,9 +154,7 @@ def parse(name: str, data: bytes) -> list[Section]:
         raise ParseError(f"Unsupported file type '.{kind}': use one of {', '.join('.' + t for t in SUPPORTED_TYPES)}.")
     # PostgreSQL text refuses NUL, which PDFs' text and plain text files can hold: U+FFFD shows where.
     sections = [
-        Section(s.text.replace("\x00", "\ufffd"), heading=s.heading.replace("\x00", "\ufffd"), page=s.page)
-        for s in sections
-        if s.text.replace("\x00", "").strip()
+        Section(storable(s.text), heading=storable(s.heading), page=s.page) for s in sections if s.text.replace("\x00", "").strip()
     ]
     if not sections:
         raise ParseError("The file contains no text.")
