@@ -9,26 +9,29 @@ wait_seconds: its place in line while it waits), "loading" (worker, seconds: its
 for the model to load, said after a second, then every 10 s), "sources" (the knowledge base's
 chunks, before the answer), "delta" (new text), "done" (status ok/cancelled/error and the text),
 "error" (nothing was started; "code": "insufficient_quota" when the user's token budget is used
-up), "usage" (after each turn: the user's tokens today and this month against their budgets,
-chat/quotas.py).
+up; "code": "server_error" for a failure nothing expected: the page stops following the answer),
+"usage" (as each turn ends, before its "done": the user's tokens today and this month against
+their budgets, chat/quotas.py). "done" is a turn's last message: the next may follow at once.
 "sources" and "delta" carry the event's "id"; a resume sends exactly the events after
 "last_event". Details: docs/chat-site.md.
 """
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.db import DatabaseError
 from django.http import Http404
 
 from chat import conversations, events, quotas, resume, services
 from chat.models import Message
 from chat.relay import Formatter, relay
 from llmsite import contract, metrics
-from llmsite.errors import ApiError, InvalidRequest, QuotaExceeded
+from llmsite.errors import ApiError, InvalidRequest, QuotaExceeded, outage
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +113,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive_json(self, content, **kwargs):
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "stop":
-            await self._stop()
+            await self._guarded(self._stop)
         elif kind in ("send", "regenerate", "resume"):
             if self.task is not None and not self.task.done():
                 await self._say({"type": "error", "message": "An answer is still streaming: stop it first."})
                 return
             if kind == "resume":
-                self.task = asyncio.create_task(self._resume(content))
+                work = functools.partial(_resume_view, self, content)
             else:
-                self.task = asyncio.create_task(self._turn(content, regenerate=kind == "regenerate"))
+                work = functools.partial(self._turn, content, regenerate=kind == "regenerate")
+            self.task = asyncio.create_task(self._guarded(work))
         else:
             await self._say({"type": "error", "message": f"Unknown message type {kind!r}.", "param": "type"})
 
@@ -136,6 +140,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         task.add_done_callback(_detached.discard)
         if answer is not None and answer.generation is not None:
             answer.generation.detach()
+
+    async def _guarded(self, work) -> None:
+        """Run one message's work (a coroutine function); a failure that nothing in it expected
+        (a bug, Redis away) is logged and told to the page, which would otherwise wait for a
+        reply that never comes."""
+        try:
+            await work()
+        except Exception as exc:
+            message = outage("The server could not handle this message", exc, trace=True)
+            await self._say({"type": "error", "message": message, "code": "server_error"})
 
     async def _say(self, message: dict) -> None:
         if self.gone:
@@ -169,8 +183,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
         except QuotaExceeded as exc:
             metrics.refused(exc)
-            await self._say({"type": "error", "message": exc.message, "param": exc.param, "code": exc.code})
             await self._usage()
+            await self._say({"type": "error", "message": exc.message, "param": exc.param, "code": exc.code})
             return
         except ApiError as exc:
             metrics.refused(exc)
@@ -184,10 +198,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             await self._say(_turn_message(turn))
             await self._generate(answer)
+        except Exception as exc:  # the turn is stored: it ends as an error, not left streaming
+            answer.error = answer.error or outage("The answer failed", exc, trace=True)
         finally:
-            await self._finish(answer)
             self.answer = None
-        await self._usage()
+            await self._finish(answer)
 
     async def _usage(self) -> None:
         """The user's tokens against their budgets, for the line under the sampling controls."""
@@ -207,21 +222,29 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if self.gone:  # the page left while the request was being queued
             answer.generation.detach()
-        await database_sync_to_async(conversations.answer_link)(
-            answer=answer.turn.answer, request_id=answer.generation.request_id
-        )
-        await self._say({"type": "request", "request": answer.generation.request_id})
-        answer.reader = asyncio.create_task(self._relay(answer))
-        if answer.stopped:  # Stop arrived while the request was being queued
-            await self._cancel(answer)
         try:
+            await database_sync_to_async(conversations.answer_link)(
+                answer=answer.turn.answer, request_id=answer.generation.request_id
+            )
+            await self._say({"type": "request", "request": answer.generation.request_id})
+            await self._read(answer)
+        finally:
+            await answer.generation.close()
+
+    async def _read(self, answer: _Answer) -> None:
+        """Relay the answer's events in a task of their own, which Stop's grace period cancels
+        when the worker never confirms: that ends the read quietly (the answer is kept as shown,
+        marked cancelled); any other cancel goes on."""
+        answer.reader = asyncio.create_task(self._relay(answer))
+        try:
+            if answer.stopped:  # Stop arrived while the request was being queued
+                await self._cancel(answer)
             await answer.reader
         except asyncio.CancelledError:
             if not answer.reader.cancelled() or asyncio.current_task().cancelling():
-                raise
-            # Stopped and the worker never confirmed: keep what was shown, marked cancelled.
+                raise  # the server is stopping, or the page of a resumed view went away
         finally:
-            await answer.generation.close()
+            answer.reader.cancel()  # a no-op once it ended
 
     async def _relay(self, answer: _Answer) -> None:
         async with contextlib.aclosing(relay(answer.generation, answer)) as messages:
@@ -229,6 +252,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await self._say(message)
 
     async def _finish(self, answer: _Answer) -> None:
+        """Store how the answer ended; then the usage line and, last of all, "done": the page may
+        send its next message as soon as it has it."""
         cancelled = answer.final is not None and answer.final.finish_reason == "cancelled"
         if answer.final is not None and not (answer.stopped and cancelled):
             text = answer.final.text
@@ -240,17 +265,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             text, status = answer.text, Message.Status.ERROR
         else:  # the task was cancelled (the server is stopping) before the worker's final word
             text, status = answer.text, Message.Status.CANCELLED
+        error = answer.error if status == Message.Status.ERROR else ""
         try:
             stored = await database_sync_to_async(conversations.answer_finish)(
-                answer=answer.turn.answer, content=text, status=status, error=answer.error, sources=answer.sources
+                answer=answer.turn.answer, content=text, status=status, error=error, sources=answer.sources
             )
-        except Exception:
-            log.exception("could not store the answer %s", answer.turn.answer.pk)
-            return
-        await self._say(_done_message(stored.pk, stored.status, stored.content, stored.error))
-
-    async def _resume(self, content: dict) -> None:
-        await _resume_view(self, content)
+            done = _done_message(stored.pk, stored.status, stored.content, stored.error)
+        except Exception as exc:  # the database away: the page still learns the answer's end
+            error = outage(f"The answer {answer.turn.answer.pk} could not be saved", exc, trace=not isinstance(exc, DatabaseError))
+            done = _done_message(answer.turn.answer.pk, Message.Status.ERROR, text, error)
+        await self._usage()
+        await self._say(done)
 
 
 class _View(_Answer):
@@ -266,31 +291,34 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
     if not events.valid_event_id(after):
         await consumer._say({"type": "error", "message": "'last_event' must be an event id.", "param": "last_event"})
         return
-    found = await database_sync_to_async(resume.answer_of)(user=consumer.user, request_id=request_id)
-    if found is None:
-        await consumer._say({"type": "error", "message": "No such answer to resume.", "param": "request"})
+    try:
+        found = await services.edge(resume.answer_of, user=consumer.user, request_id=request_id)
+        if found is None:
+            raise InvalidRequest("No such answer to resume.", param="request")
+        if found.status != Message.Status.STREAMING:  # it ended (and was stored) meanwhile
+            await consumer._say(_done_message(found.pk, found.status, found.content, found.error))
+            return
+        ended = await services.edge(resume.stored_end, request_id=found.request_id)
+    except ApiError as exc:  # the page stops waiting for this answer
+        await consumer._say({"type": "error", "message": exc.message, "param": "request"})
         return
-    if found.status != Message.Status.STREAMING:  # it ended (and was stored) meanwhile
-        await consumer._say(_done_message(found.pk, found.status, found.content, found.error))
-        return
-    ended = await database_sync_to_async(resume.stored_end)(found.request_id)
     if ended is not None:  # its socket's process died before storing it, and the events are gone
         await consumer._say(_done_message(found.pk, ended.status, ended.response, ended.error))
         return
     view = consumer.answer = _View(found.pk, after)
-    view.generation = await resume.follow(request_id, after="0")  # from the start: the final's missing tail is known
-    view.reader = asyncio.current_task()
-    if view.stopped:
-        await consumer._cancel(view)
     try:
-        await consumer._relay(view)
+        view.generation = await resume.follow(request_id, after="0")  # from the start: the final's missing tail is known
+        await consumer._read(view)
     finally:
         consumer.answer = None
-        await view.generation.close()
+        if view.generation is not None:
+            await view.generation.close()
     final = view.final
     if final is not None:
         status = Message.Status.CANCELLED if final.finish_reason == "cancelled" else Message.Status.OK
         await consumer._say(_done_message(found.pk, status, final.text, ""))
+    elif view.stopped:
+        await consumer._say(_done_message(found.pk, Message.Status.CANCELLED, view.text, ""))
     else:
         await consumer._say(_done_message(found.pk, Message.Status.ERROR, view.text, view.error))
 

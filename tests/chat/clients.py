@@ -30,6 +30,19 @@ class Received:
         self.error, self.error_at = error, time.monotonic()
 
 
+def receive_json(socket: websocket.WebSocket, timeout: float = 300) -> dict:
+    """The socket's next message, parsed; fails after `timeout` s without one. A socket's own
+    timeout is per frame, and Daphne's pings (every 20 s) would keep a silent server from ever
+    reaching it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"no message within {timeout:g} s"
+        opcode, frame = socket.recv_data_frame(control_frame=True)  # answers pings itself
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            return json.loads(frame.data)
+        assert opcode != websocket.ABNF.OPCODE_CLOSE, f"the server closed the socket: {frame.data!r}"
+
+
 def predict_http_stream(url: str, token: str, body: dict, out: Received | None = None) -> Received:
     """`POST /api/predict/<d>` with use_stream_chat: NUL-delimited cumulative objects."""
     out = out or Received()

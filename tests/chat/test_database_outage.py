@@ -116,7 +116,7 @@ def isolated_site(tmp_path, stack):
     web, web_url = start_web(env=env)
     try:
         wait_for_log(worker, " ready.")
-        yield {"url": web_url, "token": token, "data_dir": data_dir, "database": database, "worker": worker, "web": web}
+        yield {"url": web_url, "token": token, "data_dir": data_dir, "database": database, "worker": worker, "web": web, "env": env}
     finally:
         web.stop()
         worker.stop()
@@ -177,6 +177,67 @@ def test_postgresql_going_down_mid_answer_still_ends_the_stream(isolated_site):
     assert len(out.pieces[-1]) > 100  # the whole answer, not the part before the outage
     wait_for_log(site["worker"], "its end could not be stored", timeout=60)
     assert site["worker"].alive() and site["web"].alive()
+
+
+def test_the_chat_page_learns_how_an_answer_ended_while_postgresql_is_down(isolated_site):
+    """PostgreSQL gone mid-answer: the chat page still gets the answer's end, marked as not saved,
+    rather than waiting for ever; a resume or a new turn meanwhile gets an error naming the database."""
+    import websocket
+
+    from tests.chat import clients
+
+    site = isolated_site
+    session = manage(site["env"], "shell", "-c", (
+        "from django.contrib.auth import get_user_model; from django.test import Client; "
+        "client = Client(); client.force_login(get_user_model().objects.create_user('chatter')); "
+        "print(client.cookies['sessionid'].value)"
+    )).split()[-1]
+    socket = websocket.create_connection(
+        "ws" + site["url"][len("http"):] + "/ws/chat/", origin=site["url"], cookie=f"sessionid={session}", timeout=150
+    )
+
+    def reply(*skipped: str) -> dict:
+        while (message := clients.receive_json(socket, timeout=150))["type"] in skipped:
+            pass
+        return message
+
+    try:
+        story = "Tell me a very long story about a dragon and a knight."
+        socket.send(json.dumps({"type": "send", "deployment": "default", "prompt": story, "temperature": 0, "max_new_tokens": 400}))
+        received = []
+        while sum(m["type"] == "delta" for m in received) < 3:
+            received.append(reply("queued", "loading"))
+            assert received[-1]["type"] in ("turn", "request", "delta"), received
+        request_id = next(m["request"] for m in received if m["type"] == "request")
+        stop_database(site["database"])
+        while received[-1]["type"] != "done":
+            received.append(reply())
+        done = received[-1]
+        assert done["status"] == "error" and "could not be saved (OperationalError)" in done["error"], done
+        assert done["content"] == "".join(m["text"] for m in received if m["type"] == "delta")
+        assert len(done["content"]) > 100  # the whole answer, not the part before the outage
+
+        question = {"type": "send", "deployment": "default", "prompt": "What is the capital of France?", "temperature": 0, "max_new_tokens": 16}
+        for message in ({"type": "resume", "request": request_id}, question):
+            socket.send(json.dumps(message))
+            refused = reply()
+            assert refused["type"] == "error" and "database is unavailable (OperationalError)" in refused["message"], refused
+
+        restarted = start_database(site["data_dir"])  # the same socket is served again
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                socket.send(json.dumps(question))
+                if (answered := reply("turn", "request", "queued", "loading", "delta", "usage"))["type"] == "done":
+                    break
+                assert time.monotonic() < deadline, answered
+                time.sleep(1)
+            assert answered["status"] == "ok" and "Paris" in answered["content"], answered
+        finally:
+            stop_database(restarted)
+    finally:
+        socket.close()
+    assert site["web"].alive()
 
 
 def test_a_site_postgresql_starts_and_stops_while_the_machine_wide_pgserver_lock_is_held(tmp_path):

@@ -239,7 +239,13 @@ function onError(message) {
   }
   if (message.code === "insufficient_quota") showQuotaNotice(message.message);
   else showError(message.message);
-  if (!state.answer || message.param === "request" || message.param === "last_event") finishRequest();
+  // A resume refused, or a failure the server did not expect: the answer is no longer followed.
+  const ends = message.param === "request" || message.param === "last_event" || message.code === "server_error";
+  if (state.answer && ends) {
+    state.answer.turn.classList.remove("streaming");
+    setNote(state.answer.turn, "This answer could not be followed: reload the page to see how it ended.", true);
+  }
+  if (!state.answer || ends) finishRequest();
 }
 
 // An answer still being written when the page loaded (a reload, a second tab): show it from its

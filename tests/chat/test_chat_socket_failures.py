@@ -1,0 +1,106 @@
+"""The chat socket and failures nothing in it expects (a bug, a service away): the page is told,
+with the error's kind and not its text, instead of waiting for a reply that never comes; a turn
+already stored ends as an error, and the socket goes on answering.
+
+The failures are made by replacing one of the site's own functions with one that raises; the
+consumer runs in this process (Channels' communicator) against the suite's PostgreSQL, Redis
+and worker.
+"""
+
+import asyncio
+
+from channels.testing import WebsocketCommunicator
+
+from chat import chat_consumer, conversations, events, resume, services
+from chat.chat_consumer import ChatConsumer
+from chat.models import Conversation, Message, RequestLog
+from llmsite import contract
+
+
+def broken(**kwargs):
+    raise RuntimeError("secret detail of a bug")
+
+
+async def connected(user) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(ChatConsumer.as_asgi(), "/ws/chat/")
+    communicator.scope["user"] = user
+    accepted, _ = await communicator.connect()
+    assert accepted
+    return communicator
+
+
+async def talk(user, messages: list[dict], *, until: int) -> list[dict]:
+    """Send `messages` over one chat socket of `user`; the replies until `until` of them ended
+    in a "done" or an "error"."""
+    communicator = await connected(user)
+    received, ended = [], 0
+    try:
+        for message in messages:
+            await communicator.send_json_to(message)
+        while ended < until:
+            received.append(await communicator.receive_json_from(timeout=60))
+            ended += received[-1]["type"] in ("done", "error")
+    finally:
+        await communicator.disconnect()
+    return received
+
+
+def test_a_failure_before_the_turn_is_stored_is_told_to_the_page(user, monkeypatch):
+    monkeypatch.setattr(conversations, "turn_start", broken)
+    received = asyncio.run(talk(user, [{"type": "send", "deployment": "default", "prompt": "hi"}, {"type": "nope"}], until=2))
+    unknown, failed = sorted(received, key=lambda m: m.get("param") != "type")
+    assert unknown["param"] == "type", received  # the socket went on answering
+    assert failed["type"] == "error" and failed["code"] == "server_error", received
+    assert "RuntimeError" in failed["message"] and "secret" not in failed["message"], failed
+
+
+def test_a_failure_after_the_turn_is_stored_ends_it_as_an_error_and_lets_its_request_go(stack, user, monkeypatch):
+    monkeypatch.setattr(conversations, "answer_link", broken)
+    closed, close = [], services.Generation.close
+
+    async def noted_close(generation):
+        closed.append(generation.request_id)
+        await close(generation)
+
+    monkeypatch.setattr(services.Generation, "close", noted_close)
+    send = {"type": "send", "deployment": "default", "prompt": "Say hi.", "temperature": 0, "max_new_tokens": 4}
+    received = asyncio.run(talk(user, [send], until=1))
+    assert [m["type"] for m in received] == ["turn", "usage", "done"], received
+    done = received[-1]
+    assert done["status"] == "error" and "RuntimeError" in done["error"] and "secret" not in done["error"], done
+    answer = Message.objects.get(pk=received[0]["answer"]["id"])
+    assert answer.status == Message.Status.ERROR and answer.error == done["error"]
+    assert len(closed) == 1, "the request's listener (and its slot) was let go"
+
+
+def test_a_resume_that_fails_is_told_to_the_page(user, monkeypatch):
+    monkeypatch.setattr(resume, "answer_of", broken)
+    received = asyncio.run(talk(user, [{"type": "resume", "request": "00000000-0000-0000-0000-000000000000"}], until=1))
+    assert received[-1]["type"] == "error" and received[-1]["code"] == "server_error", received
+
+
+def test_a_stopped_resume_the_worker_never_confirms_still_ends(user, monkeypatch):
+    """Stop on a resumed answer whose worker never answers (here: none was ever given it): after
+    the stop's grace period the page gets the end, marked cancelled."""
+    monkeypatch.setattr(chat_consumer, "STOP_GRACE_SECONDS", 0.5)
+    conversation = Conversation.objects.create(user=user, title="resumed")
+    request = RequestLog.objects.create(user=user, protocol="chat", status=RequestLog.Status.RUNNING)
+    Message.objects.create(conversation=conversation, role=Message.Role.USER, content="Tell me a story.")
+    Message.objects.create(
+        conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, request=request
+    )
+    events.publish(str(request.pk), contract.Delta("Once upon a time"))
+
+    async def resume_then_stop():
+        communicator = await connected(user)
+        try:
+            await communicator.send_json_to({"type": "resume", "request": str(request.pk)})
+            shown = await communicator.receive_json_from(timeout=60)
+            assert shown["type"] == "delta", shown  # the view follows the answer: Stop reaches it
+            await communicator.send_json_to({"type": "stop"})
+            return await communicator.receive_json_from(timeout=60)
+        finally:
+            await communicator.disconnect()
+
+    done = asyncio.run(resume_then_stop())
+    assert done["type"] == "done" and done["status"] == "cancelled" and done["content"] == "Once upon a time", done
