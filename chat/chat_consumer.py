@@ -303,6 +303,7 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
         await consumer._say({"type": "error", "message": exc.message, "param": "request"})
         return
     if ended is not None:  # its socket's process died before storing it, and the events are gone
+        await _settle(found.pk, ended.status, ended.response, ended.error)
         await consumer._say(_done_message(found.pk, ended.status, ended.response, ended.error))
         return
     view = consumer.answer = _View(found.pk, after)
@@ -316,11 +317,23 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
     final = view.final
     if final is not None:
         status = Message.Status.CANCELLED if final.finish_reason == "cancelled" else Message.Status.OK
+        await _settle(found.pk, status, final.text, "", view.sources)
         await consumer._say(_done_message(found.pk, status, final.text, ""))
     elif view.stopped:
         await consumer._say(_done_message(found.pk, Message.Status.CANCELLED, view.text, ""))
     else:
         await consumer._say(_done_message(found.pk, Message.Status.ERROR, view.text, view.error))
+
+
+async def _settle(message_id: int, status: str, content: str, error: str, sources=None) -> None:
+    """A resumed view saw the answer's end: stored, if its own socket never did (that web process
+    stopped mid-answer), so that the conversation's history and its page hold it from now on."""
+    try:
+        await database_sync_to_async(conversations.answer_settle)(
+            answer_id=message_id, content=content, status=status, error=error, sources=sources
+        )
+    except DatabaseError as exc:  # the page is still told the end
+        outage(f"The answer {message_id} could not be saved", exc)
 
 
 def _done_message(message_id, status, content, error) -> dict:

@@ -232,3 +232,12 @@ def answer_finish(*, answer: Message, content: str, status: str, error: str = ""
     answer.content, answer.status, answer.error, answer.sources = content, status, error, sources or []
     answer.save(update_fields=["content", "status", "error", "sources"])
     return answer
+
+
+def answer_settle(*, answer_id: int, content: str, status: str, error: str = "", sources: list | None = None) -> None:
+    """Store the end a resumed view saw, for an answer its own socket never stored (that web
+    process stopped mid-answer, or the database was away as it ended); only while the answer is
+    still marked streaming, so that the socket which started it, where it lives on, has the last word."""
+    Message.objects.filter(pk=answer_id, status=Message.Status.STREAMING).update(
+        content=content, status=status, error=error, sources=sources or []
+    )

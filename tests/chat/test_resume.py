@@ -10,7 +10,10 @@ import time
 import pytest
 import requests
 
-from chat.models import Message, RequestLog
+from chat import events
+from chat.conversations import _answered_pairs, answer_settle
+from chat.models import Conversation, Message, RequestLog
+from llmsite import contract
 from tests.chat.test_chat_socket import chat_socket, until_done
 from tests.conftest import start_web
 from tests.metrics.conftest import scrape, value, wait_until
@@ -187,3 +190,44 @@ def test_every_predict_and_v1_response_names_its_request(stack, token):
     assert all(r.status_code == 200 for r in (streamed, *v1))
     assert v1[0].json()["id"].endswith(ids[1])
     assert RequestLog.objects.filter(pk__in=ids).count() == 3
+
+
+def orphaned_answer(user, **request_fields) -> tuple[Message, RequestLog]:
+    """An answer still marked streaming that its own socket will never store, as a web process
+    stopped mid-answer (a restart) leaves it."""
+    conversation = Conversation.objects.create(user=user, title="orphaned")
+    request = RequestLog.objects.create(user=user, protocol="browser", **request_fields)
+    Message.objects.create(conversation=conversation, role=Message.Role.USER, content="Where is the Louvre?")
+    answer = Message.objects.create(
+        conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, request=request
+    )
+    return answer, request
+
+
+@pytest.mark.parametrize("events_kept", [True, False], ids=["events-kept", "events-expired"])
+def test_a_resume_stores_the_end_of_an_answer_its_own_socket_never_stored(stack, user, events_kept):
+    """The page reloaded after such a restart resumes the answer and is shown its end; that end is
+    stored then, so the conversation's next turns have it in their history (and the page no longer
+    resumes it at each load): from the worker's events while they are kept, else from the row."""
+    text = "The Louvre is in Paris."
+    if events_kept:
+        answer, request = orphaned_answer(user, status=RequestLog.Status.RUNNING)
+        events.publish(str(request.pk), contract.Delta(text))  # as its worker published them
+        events.publish(str(request.pk), contract.Final(text=text, finish_reason="stop", usage={"prompt_tokens": 5, "completion_tokens": 7}))
+    else:
+        answer, request = orphaned_answer(user, status=RequestLog.Status.OK, response=text)
+    received = resume(stack, user, str(request.pk), "0")
+    assert received[-1] == {"type": "done", "message_id": answer.pk, "status": "ok", "content": text, "error": ""}, received
+    answer.refresh_from_db()
+    assert answer.status == Message.Status.OK and answer.content == text
+    assert _answered_pairs(list(answer.conversation.messages.order_by("pk"))) == [["Where is the Louvre?", text]]
+
+
+def test_a_resumed_view_stores_nothing_over_what_the_answers_own_socket_stored(user):
+    """The socket that started an answer has the last word (a stopped answer keeps what its page
+    showed): the end a resumed view saw is stored only over an answer still marked streaming."""
+    answer, _request = orphaned_answer(user, status=RequestLog.Status.RUNNING)
+    Message.objects.filter(pk=answer.pk).update(status=Message.Status.CANCELLED, content="The Louvre")
+    answer_settle(answer_id=answer.pk, content="The Louvre is in Paris.", status=Message.Status.OK)
+    answer.refresh_from_db()
+    assert answer.status == Message.Status.CANCELLED and answer.content == "The Louvre"
