@@ -113,7 +113,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive_json(self, content, **kwargs):
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "stop":
-            await self._guarded(self._stop)
+            try:
+                await self._stop()
+            except Exception as exc:  # Redis away: the answer goes on, and ends after the grace period
+                message = outage("The answer could not be stopped", exc, trace=True)
+                await self._say({"type": "error", "message": message, "param": "stop"})
         elif kind in ("send", "regenerate", "resume"):
             if self.task is not None and not self.task.done():
                 await self._say({"type": "error", "message": "An answer is still streaming: stop it first."})
@@ -168,9 +172,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._cancel(answer)
 
     async def _cancel(self, answer: _Answer) -> None:
-        """Ask the worker to stop; its final event ends the stream, or the grace period does."""
-        await answer.generation.cancel()
+        """Ask the worker to stop; its final event ends the stream, or the grace period does
+        (also where the asking failed)."""
         asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, answer.reader.cancel)
+        await answer.generation.cancel()
 
     async def _turn(self, content: dict, *, regenerate: bool) -> None:
         try:
@@ -254,17 +259,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _finish(self, answer: _Answer) -> None:
         """Store how the answer ended; then the usage line and, last of all, "done": the page may
         send its next message as soon as it has it."""
-        cancelled = answer.final is not None and answer.final.finish_reason == "cancelled"
-        if answer.final is not None and not (answer.stopped and cancelled):
-            text = answer.final.text
-            status = Message.Status.CANCELLED if cancelled else Message.Status.OK
-        elif answer.stopped:
-            # Stopped: keep exactly what the page showed (words the worker wrote after Stop are dropped).
-            text, status = answer.text, Message.Status.CANCELLED
-        elif answer.error:
-            text, status = answer.text, Message.Status.ERROR
-        else:  # the task was cancelled (the server is stopping) before the worker's final word
-            text, status = answer.text, Message.Status.CANCELLED
+        text, status = _ending(answer)
         error = answer.error if status == Message.Status.ERROR else ""
         try:
             stored = await database_sync_to_async(conversations.answer_finish)(
@@ -272,14 +267,32 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
             done = _done_message(stored.pk, stored.status, stored.content, stored.error)
         except Exception as exc:  # the database away: the page still learns the answer's end
-            error = outage(f"The answer {answer.turn.answer.pk} could not be saved", exc, trace=not isinstance(exc, DatabaseError))
-            done = _done_message(answer.turn.answer.pk, Message.Status.ERROR, text, error)
+            done = _done_message(answer.turn.answer.pk, Message.Status.ERROR, text, _unsaved(answer.turn.answer.pk, exc))
         await self._usage()
         await self._say(done)
 
 
+def _ending(answer: _Answer) -> tuple[str, str]:
+    """The text and status an answer ended with: the worker's final word, unless the page stopped
+    it first (then exactly what the page showed: words the worker wrote after Stop are dropped);
+    else what was shown, marked error, or cancelled (the server stopping before the final word)."""
+    final = answer.final
+    cancelled = final is not None and final.finish_reason == "cancelled"
+    if final is not None and not (answer.stopped and cancelled):
+        return final.text, Message.Status.CANCELLED if cancelled else Message.Status.OK
+    if answer.stopped:
+        return answer.text, Message.Status.CANCELLED
+    return answer.text, Message.Status.ERROR if answer.error else Message.Status.CANCELLED
+
+
+def _unsaved(message_id: int, exc: Exception) -> str:
+    """The page's (and the log's) word for an answer's end that could not be stored."""
+    return outage(f"The answer {message_id} could not be saved", exc, trace=not isinstance(exc, DatabaseError))
+
+
 class _View(_Answer):
-    """A resumed answer: the events after the page's last one; the answer's own turn stores it."""
+    """A resumed answer: the events after the page's last one. The answer's own turn stores it; a
+    view stores the end it saw only where that turn never did (`_settle`)."""
 
     def __init__(self, message_id: int, after: str):
         super().__init__(None, after)
@@ -306,6 +319,8 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
         await _settle(found.pk, ended.status, ended.response, ended.error)
         await consumer._say(_done_message(found.pk, ended.status, ended.response, ended.error))
         return
+    if consumer.gone:  # the page left during the lookups: nobody to follow it for
+        return
     view = consumer.answer = _View(found.pk, after)
     try:
         view.generation = await resume.follow(request_id, after="0")  # from the start: the final's missing tail is known
@@ -314,15 +329,12 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
         consumer.answer = None
         if view.generation is not None:
             await view.generation.close()
-    final = view.final
-    if final is not None:
-        status = Message.Status.CANCELLED if final.finish_reason == "cancelled" else Message.Status.OK
-        await _settle(found.pk, status, final.text, "", view.sources)
-        await consumer._say(_done_message(found.pk, status, final.text, ""))
-    elif view.stopped:
-        await consumer._say(_done_message(found.pk, Message.Status.CANCELLED, view.text, ""))
-    else:
+    if view.final is None and not view.stopped:  # an error: the answer's end is not known here
         await consumer._say(_done_message(found.pk, Message.Status.ERROR, view.text, view.error))
+        return
+    text, status = _ending(view)
+    await _settle(found.pk, status, text, "", view.sources)
+    await consumer._say(_done_message(found.pk, status, text, ""))
 
 
 async def _settle(message_id: int, status: str, content: str, error: str, sources=None) -> None:
@@ -333,7 +345,7 @@ async def _settle(message_id: int, status: str, content: str, error: str, source
             answer_id=message_id, content=content, status=status, error=error, sources=sources
         )
     except DatabaseError as exc:  # the page is still told the end
-        outage(f"The answer {message_id} could not be saved", exc)
+        _unsaved(message_id, exc)
 
 
 def _done_message(message_id, status, content, error) -> dict:

@@ -230,7 +230,8 @@ def answer_link(*, answer: Message, request_id: str) -> None:
 def answer_finish(*, answer: Message, content: str, status: str, error: str = "", sources: list | None = None) -> Message:
     """Store how an answer ended: its text (also what a stopped answer had), status, error, sources."""
     answer.content, answer.status, answer.error, answer.sources = content, status, error, sources or []
-    answer.save(update_fields=["content", "status", "error", "sources"])
+    # A row deleted meanwhile (its conversation deleted in another tab) has nothing left to store.
+    Message.objects.filter(pk=answer.pk).update(content=content, status=status, error=error, sources=answer.sources)
     return answer
 
 

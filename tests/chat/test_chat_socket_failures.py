@@ -104,3 +104,39 @@ def test_a_stopped_resume_the_worker_never_confirms_still_ends(user, monkeypatch
 
     done = asyncio.run(resume_then_stop())
     assert done["type"] == "done" and done["status"] == "cancelled" and done["content"] == "Once upon a time", done
+    answer = Message.objects.get(request=request)  # its own socket is gone: the view stored what it showed
+    assert answer.status == Message.Status.CANCELLED and answer.content == "Once upon a time"
+
+
+def test_a_stop_that_fails_is_told_and_the_answer_still_ends(stack, user, monkeypatch):
+    """Stop while the worker cannot be told (Redis away; made here by a cancel that raises): the
+    page is told, naming Stop, goes on following the answer, and gets its end after the stop's
+    grace period: what it showed, marked cancelled."""
+    monkeypatch.setattr(chat_consumer, "STOP_GRACE_SECONDS", 0.5)
+
+    async def broken_cancel(generation):
+        raise RuntimeError("secret detail of a bug")
+
+    monkeypatch.setattr(services.Generation, "cancel", broken_cancel)
+    story = {"type": "send", "deployment": "default", "prompt": "Tell me a long story about a dragon.", "temperature": 0, "max_new_tokens": 400}
+
+    async def send_then_stop():
+        communicator = await connected(user)
+        try:
+            await communicator.send_json_to(story)
+            received = []
+            while not any(m["type"] == "delta" for m in received):
+                received.append(await communicator.receive_json_from(timeout=120))
+            await communicator.send_json_to({"type": "stop"})
+            while received[-1]["type"] != "done":
+                received.append(await communicator.receive_json_from(timeout=60))
+            return received
+        finally:
+            await communicator.disconnect()
+
+    received = asyncio.run(send_then_stop())
+    refused = next(m for m in received if m["type"] == "error")
+    assert refused["param"] == "stop" and "RuntimeError" in refused["message"] and "secret" not in refused["message"], refused
+    done = received[-1]
+    assert done["status"] == "cancelled", done
+    assert done["content"] == "".join(m["text"] for m in received if m["type"] == "delta")
