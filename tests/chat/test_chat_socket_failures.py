@@ -13,8 +13,9 @@ from channels.testing import WebsocketCommunicator
 
 from chat import chat_consumer, conversations, events, resume, services
 from chat.chat_consumer import ChatConsumer
-from chat.models import Conversation, Message, RequestLog
+from chat.models import Message, RequestLog
 from llmsite import contract
+from tests.chat.test_resume import orphaned_answer
 
 
 def broken(**kwargs):
@@ -83,12 +84,7 @@ def test_a_stopped_resume_the_worker_never_confirms_still_ends(user, monkeypatch
     """Stop on a resumed answer whose worker never answers (here: none was ever given it): after
     the stop's grace period the page gets the end, marked cancelled."""
     monkeypatch.setattr(chat_consumer, "STOP_GRACE_SECONDS", 0.5)
-    conversation = Conversation.objects.create(user=user, title="resumed")
-    request = RequestLog.objects.create(user=user, protocol="chat", status=RequestLog.Status.RUNNING)
-    Message.objects.create(conversation=conversation, role=Message.Role.USER, content="Tell me a story.")
-    Message.objects.create(
-        conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, request=request
-    )
+    _answer, request = orphaned_answer(user, status=RequestLog.Status.RUNNING)
     events.publish(str(request.pk), contract.Delta("Once upon a time"))
 
     async def resume_then_stop():
