@@ -30,17 +30,25 @@ class Received:
         self.error, self.error_at = error, time.monotonic()
 
 
-def receive_json(socket: websocket.WebSocket, timeout: float = 300) -> dict:
-    """The socket's next message, parsed; fails after `timeout` s without one. A socket's own
-    timeout is per frame, and Daphne's pings (every 20 s) would keep a silent server from ever
-    reaching it."""
+def receive(socket: websocket.WebSocket, timeout: float = 300) -> str:
+    """The socket's next text message ("" once the server closed it); fails after `timeout` s
+    without one. A socket's own timeout is per frame, and Daphne's pings (every 20 s) would keep
+    a silent server from ever reaching it."""
     deadline = time.monotonic() + timeout
     while True:
         assert time.monotonic() < deadline, f"no message within {timeout:g} s"
         opcode, frame = socket.recv_data_frame(control_frame=True)  # answers pings itself
         if opcode == websocket.ABNF.OPCODE_TEXT:
-            return json.loads(frame.data)
-        assert opcode != websocket.ABNF.OPCODE_CLOSE, f"the server closed the socket: {frame.data!r}"
+            return frame.data.decode("utf-8")
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return ""
+
+
+def receive_json(socket: websocket.WebSocket, timeout: float = 300) -> dict:
+    """The socket's next message, parsed (see `receive`)."""
+    message = receive(socket, timeout)
+    assert message, "the server closed the socket"
+    return json.loads(message)
 
 
 def predict_http_stream(url: str, token: str, body: dict, out: Received | None = None) -> Received:
@@ -65,7 +73,7 @@ def predict_ws_stream(url: str, token: str, body: dict, out: Received | None = N
     ws = websocket.create_connection(url, header=[f"Authorization: {token}"], timeout=300)
     try:
         ws.send(json.dumps(body, ensure_ascii=False))
-        while (message := ws.recv()) != EOS:
+        while (message := receive(ws)) != EOS:
             if message.startswith('{"error"'):
                 out.fail(json.loads(message)["error"])
             else:

@@ -7,6 +7,7 @@ import requests
 import websocket
 
 from chat.models import RequestLog
+from tests.chat import clients
 
 LONG = {"prompt": "Tell me a very long story about a dragon and a knight.", "temperature": 0, "max_new_tokens": 600}
 
@@ -37,7 +38,7 @@ def test_http_client_closing_mid_stream_cancels_the_generation(stack, token, use
 def test_websocket_closing_mid_stream_cancels_the_generation(stack, token, user):
     ws = websocket.create_connection(stack.predict_ws_url(), header=[f"Authorization: {token}"], timeout=60)
     ws.send(json.dumps(LONG))
-    pieces = [ws.recv() for _ in range(3)]
+    pieces = [clients.receive(ws) for _ in range(3)]
     ws.close()
     row = wait_for_status(user, RequestLog.Status.CANCELLED)
     assert row.response.startswith("".join(pieces))
@@ -47,7 +48,7 @@ def test_websocket_closing_mid_stream_cancels_the_generation(stack, token, user)
 def test_after_a_cancel_the_worker_answers_the_next_request(stack, token, user):
     ws = websocket.create_connection(stack.predict_ws_url(), header=[f"Authorization: {token}"], timeout=60)
     ws.send(json.dumps(LONG))
-    ws.recv()
+    clients.receive(ws)
     ws.close()
     wait_for_status(user, RequestLog.Status.CANCELLED)
     answer = requests.post(

@@ -16,6 +16,7 @@ from chat.conversations import answer_reserve, trim_history
 from chat.generation import Conversation as Prompt
 from chat.models import Conversation, Deployment, Message, RequestLog
 from chat.prompting import count_tokens, edge_tokenizer, render_prompt
+from tests.chat import clients
 
 
 def chat_socket(stack, user=None):
@@ -32,7 +33,7 @@ def chat_socket(stack, user=None):
 def until_done(socket) -> list[dict]:
     received = []
     while not received or received[-1]["type"] not in ("done", "error"):
-        received.append(json.loads(socket.recv()))
+        received.append(clients.receive_json(socket))
     return received
 
 
@@ -50,24 +51,24 @@ TURNS = [(f"Question {n}: tell me about the number {n} in a few words.", f"Answe
 def test_anonymous_socket_is_refused(stack):
     with pytest.raises(websocket.WebSocketException):
         socket = chat_socket(stack)
-        socket.recv()
+        clients.receive(socket)
 
 
 def test_bad_sampling_value_is_refused_with_the_field_named_and_nothing_stored(stack, user):
     socket = chat_socket(stack, user)
     try:
         socket.send(json.dumps({"type": "send", "deployment": "default", "prompt": "hi", "temperature": 5}))
-        reply = json.loads(socket.recv())
+        reply = clients.receive_json(socket)
         assert reply["type"] == "error" and reply["param"] == "temperature"
         assert "less than or equal to 2" in reply["message"]
         socket.send(json.dumps({"type": "send", "deployment": "nope", "prompt": "hi"}))
-        reply = json.loads(socket.recv())
+        reply = clients.receive_json(socket)
         assert reply["type"] == "error" and "nope" in reply["message"]
         socket.send(json.dumps({"type": "send", "deployment": 5, "prompt": "hi"}))  # not a string
-        reply = json.loads(socket.recv())
+        reply = clients.receive_json(socket)
         assert reply["type"] == "error" and "'5'" in reply["message"], reply
         socket.send("not json")
-        assert json.loads(socket.recv())["param"] == "body"
+        assert clients.receive_json(socket)["param"] == "body"
     finally:
         socket.close()
     assert not Conversation.objects.filter(user=user).exists()
@@ -126,7 +127,7 @@ def test_a_message_too_long_for_the_context_is_refused_and_nothing_is_stored(sta
     socket = chat_socket(stack, user)
     try:
         socket.send(json.dumps({"type": "send", "deployment": "default", "prompt": "word " * 200}))
-        reply = json.loads(socket.recv())
+        reply = clients.receive_json(socket)
     finally:
         socket.close()
         Deployment.objects.filter(pk=deployment.pk).update(context_length=deployment.context_length)
@@ -141,8 +142,8 @@ def test_an_answer_whose_page_closed_is_stopped_and_stored_as_cancelled(stack, u
         "type": "send", "deployment": "default", "max_new_tokens": 300,
         "prompt": "Write a very long story about a lighthouse keeper.",
     }))
-    turn = json.loads(socket.recv())
-    while json.loads(socket.recv())["type"] != "delta":
+    turn = clients.receive_json(socket)
+    while clients.receive_json(socket)["type"] != "delta":
         pass
     socket.close()  # the tab went away mid-answer
 

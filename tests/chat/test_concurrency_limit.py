@@ -11,6 +11,7 @@ import requests
 import websocket
 
 from chat.models import Deployment, RequestLog
+from tests.chat import clients
 
 LIMIT = 2
 # Greedy SmolLM2 counts on for hundreds of tokens: the two streams are still running when the
@@ -81,9 +82,9 @@ def test_a_third_generation_over_a_limit_of_two_gets_429_at_once_on_every_protoc
     ws = websocket.create_connection(stack.predict_ws_url(limited.name), header=[f"Authorization: {token}"], timeout=60)
     try:
         ws.send(json.dumps({"prompt": "Hi", "max_new_tokens": 2}))
-        error = json.loads(ws.recv())["error"]
+        error = clients.receive_json(ws)["error"]
         assert error["type"] == "rate_limit_error" and str(LIMIT) in error["message"]
-        assert ws.recv() == "<EOS>"
+        assert clients.receive(ws) == "<EOS>"
     finally:
         ws.close()
 

@@ -14,6 +14,7 @@ import websocket
 
 from chat.models import Deployment, RequestLog
 from llmsite.launcher import worker_command
+from tests.chat import clients
 from tests.chat.test_chat_socket import chat_socket
 from tests.conftest import Process, wait_for_log, wait_ready
 
@@ -135,11 +136,11 @@ def test_a_waiting_chat_answer_hears_its_place_in_line_down_to_0_before_its_firs
         socket.send(json.dumps({"type": "send", "deployment": deployment.name, "prompt": "Say hi.", "max_new_tokens": 4}))
         received = []
         while not any(m["type"] == "queued" for m in received):
-            received.append(json.loads(socket.recv()))
+            received.append(clients.receive_json(socket))
         for response in ahead:
             response.close()  # the running answer is cancelled, the waiting ones leave: the line moves
         while received[-1]["type"] not in ("delta", "done", "error"):
-            received.append(json.loads(socket.recv()))
+            received.append(clients.receive_json(socket))
         positions = [m["position"] for m in received if m["type"] == "queued"]
         print(f"\nplaces heard before the first token: {positions}")
         assert received[-1]["type"] == "delta", received[-1]

@@ -41,7 +41,7 @@ def ask(question: str) -> dict:
 
 def read_answer(ws) -> tuple[str, dict | None]:
     pieces, error = [], None
-    while (message := ws.recv()) != clients.EOS:
+    while (message := clients.receive(ws)) != clients.EOS:
         if message.startswith('{"error"'):
             error = json.loads(message)["error"]
         else:
@@ -132,7 +132,7 @@ def test_200_open_sockets_with_50_streaming_each_get_their_own_answer_and_memory
         idle_alive = 0
         for ws in sockets[STREAMING:]:
             ws.send(json.dumps({"system_prompt": ""}))
-            idle_alive += ws.recv() == clients.EOS
+            idle_alive += clients.receive(ws) == clients.EOS
         for ws in sockets:
             ws.close()
         sockets = []

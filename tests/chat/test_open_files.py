@@ -46,7 +46,7 @@ def test_a_web_process_started_with_a_low_open_files_limit_serves_more_sockets_t
                 pytest.fail(f"socket {n + 1} of {SOCKETS} was refused ({error!r}):\n{web.log_tail()}")
         for ws in sockets:  # each is served: a settings-only message is answered with <EOS>
             ws.send(json.dumps({"system_prompt": ""}))
-            assert ws.recv() == clients.EOS
+            assert clients.receive(ws) == clients.EOS
         assert web.alive()
     finally:
         for ws in sockets:

@@ -7,6 +7,7 @@ import threading
 import websocket
 
 from chat.models import RequestLog
+from tests.chat import clients
 
 EOS = "<EOS>"
 
@@ -105,7 +106,7 @@ def test_a_bad_message_gets_an_error_and_the_socket_stays_open(stack, token):
 def _handshake_close_code(url, header):
     ws = websocket.create_connection(url, header=header, timeout=30)
     try:
-        body = ws.recv()
+        body = clients.receive(ws)
         opcode, frame = ws.recv_data(control_frame=True)
     finally:
         ws.close()
@@ -139,7 +140,7 @@ def test_each_message_uses_the_deployment_as_it_is_now(stack, user):
         for default in (5, 3):
             Deployment.objects.filter(pk=deployment.pk).update(default_max_new_tokens=default)
             ws.send(json.dumps({"prompt": "Write a short paragraph about owls.", "temperature": 0}))
-            while ws.recv() != EOS:
+            while clients.receive(ws) != EOS:
                 pass
     finally:
         ws.close()

@@ -19,6 +19,7 @@ from chat import quotas
 from chat.models import Quota, RequestLog
 from chat.tokens import token_create
 from llmsite.errors import QuotaExceeded
+from tests.chat import clients
 from tests.conftest import start_web
 
 EOS = "<EOS>"
@@ -51,7 +52,7 @@ def ws_refusal(url: str, raw: str) -> tuple[dict, int]:
     ws = websocket.create_connection(url, header=[f"Authorization: {raw}"], timeout=60)
     try:
         ws.send(json.dumps(ASK))
-        body = json.loads(ws.recv())
+        body = clients.receive_json(ws)
         opcode, frame = ws.recv_data(control_frame=True)
     finally:
         ws.close()
@@ -126,12 +127,12 @@ def test_a_request_running_when_the_budget_runs_out_finishes(stack, user, token)
     ws = websocket.create_connection(stack.predict_ws_url(), header=[f"Authorization: {token}"], timeout=300)
     try:
         ws.send(json.dumps({"prompt": "Count from one to twenty.", "max_new_tokens": 24, "temperature": 0}))
-        pieces = [ws.recv()]  # the first text: the request is running
+        pieces = [clients.receive(ws)]  # the first text: the request is running
         Quota.objects.create(user=user, tokens_per_day=1)  # what is stored already is over it
-        while (piece := ws.recv()) != EOS:
+        while (piece := clients.receive(ws)) != EOS:
             pieces.append(piece)
         ws.send(json.dumps(ASK))  # the next message is refused, and the socket closed
-        error = json.loads(ws.recv())["error"]
+        error = clients.receive_json(ws)["error"]
         opcode, frame = ws.recv_data(control_frame=True)
     finally:
         ws.close()

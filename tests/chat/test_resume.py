@@ -14,6 +14,7 @@ from chat import events
 from chat.conversations import _answered_pairs, answer_settle
 from chat.models import Conversation, Message, RequestLog
 from llmsite import contract
+from tests.chat import clients
 from tests.chat.test_chat_socket import chat_socket, until_done
 from tests.conftest import start_web
 from tests.metrics.conftest import scrape, value, wait_until
@@ -31,7 +32,7 @@ def first_deltas(socket, n: int, story: dict = STORY) -> tuple[dict, str, list[d
     socket.send(json.dumps(story))
     turn, request_id, deltas = None, None, []
     while len(deltas) < n:
-        message = json.loads(socket.recv())
+        message = clients.receive_json(socket)
         assert message["type"] not in ("done", "error"), message
         if message["type"] == "turn":
             turn = message

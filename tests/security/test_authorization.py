@@ -14,6 +14,7 @@ from chat.models import Conversation, Deployment, Message, RequestLog
 from chat.tokens import token_create
 from knowledge import services as knowledge_services
 from knowledge.models import Document
+from tests.chat import clients
 from tests.security.conftest import csrf, site_session
 
 
@@ -42,7 +43,7 @@ def test_a_token_limited_to_one_deployment_gets_403_on_another_however_it_is_sen
         assert response.status_code == 403 and response.json()["error"]["type"] == "permission_error", response.text
 
         ws = websocket.create_connection(stack.predict_ws_url("default"), header=[f"Authorization: {header}"], timeout=60)
-        assert json.loads(ws.recv())["error"]["type"] == "permission_error"
+        assert clients.receive_json(ws)["error"]["type"] == "permission_error"
         assert close_code_of(ws) == 4403
         ws.close()
 
@@ -68,13 +69,13 @@ def test_a_revoked_token_is_refused_at_once_everywhere_even_on_an_open_socket(st
     kb = kb_of(user)
     ws = websocket.create_connection(stack.predict_ws_url(), header=[f"Authorization: {raw}"], timeout=120)
     ws.send(json.dumps({"prompt": "Hi", "max_new_tokens": 2}))
-    while ws.recv() != "<EOS>":
+    while clients.receive(ws) != "<EOS>":
         pass
 
     token.revoke()
     rows = RequestLog.objects.count()
     ws.send(json.dumps({"prompt": "Hi again", "max_new_tokens": 2}))  # the socket was opened before
-    assert json.loads(ws.recv())["error"]["type"] == "authentication_error"
+    assert clients.receive_json(ws)["error"]["type"] == "authentication_error"
     assert close_code_of(ws) == 4401
     ws.close()
     for header in (raw, f"Bearer {raw}"):
@@ -83,7 +84,7 @@ def test_a_revoked_token_is_refused_at_once_everywhere_even_on_an_open_socket(st
         for path in ("/v1/models", f"/api/knowledge/{kb.name}/documents", "/api/health"):
             assert requests.get(f"{stack.url}{path}", headers={"Authorization": header}, timeout=60).status_code == 401, path
         ws = websocket.create_connection(stack.predict_ws_url(), header=[f"Authorization: {header}"], timeout=60)
-        assert json.loads(ws.recv())["error"]["type"] == "authentication_error"
+        assert clients.receive_json(ws)["error"]["type"] == "authentication_error"
         assert close_code_of(ws) == 4401
         ws.close()
     assert RequestLog.objects.count() == rows
@@ -160,7 +161,7 @@ def test_another_users_things_are_404_by_every_page_socket_and_api(stack, site_u
             {"type": "send", "deployment": "default", "prompt": "What is the vault code?", "knowledge_base": kb.name, "max_new_tokens": 2},
         ):
             ws.send(json.dumps(message))
-            answer = json.loads(ws.recv())
+            answer = clients.receive_json(ws)
             assert answer["type"] == "error", answer
             assert "secret" not in json.dumps(answer) and "4411" not in json.dumps(answer)
     finally:

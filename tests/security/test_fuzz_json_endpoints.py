@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from chat.models import RequestLog
 from chat.tokens import token_create
 from knowledge.models import Document, KnowledgeBase
+from tests.chat import clients
 from tests.security.conftest import site_session
 
 EXAMPLES = {}  # test name -> examples run, for the summary
@@ -236,7 +237,7 @@ def test_chat_socket_answers_random_messages_with_an_error_and_stays_open(stack,
     def reply() -> dict:
         """The socket's answer to one message: an error, or a whole turn up to its end."""
         while True:
-            message = json.loads(ws.recv())
+            message = clients.receive_json(ws)
             if message["type"] in ("error", "done"):
                 return message
 

@@ -15,6 +15,7 @@ import requests
 
 from chat.models import Conversation, Message
 from knowledge.models import Chunk, KnowledgeBase
+from tests.chat import clients
 from tests.chat.test_chat_socket import chat_socket, until_done
 from tests.chat.test_predict_errors import assert_error
 from tests.knowledge.conftest import txt_file, upload, wait_done
@@ -60,7 +61,7 @@ def test_deployment_names_with_nul_characters_are_unknown(stack, token, user):
     socket = chat_socket(stack, user)
     try:
         socket.send(json.dumps({"type": "send", "deployment": f"default{NUL}", "prompt": "hi"}))
-        reply = json.loads(socket.recv())
+        reply = clients.receive_json(socket)
     finally:
         socket.close()
     assert reply["type"] == "error" and reply["param"] == "deployment", reply

@@ -10,6 +10,7 @@ import websocket
 from django.conf import settings
 
 from chat.tokens import token_create
+from tests.chat import clients
 from tests.security.conftest import login
 
 
@@ -51,7 +52,7 @@ def test_tokens_passwords_and_the_secret_key_appear_in_no_log_or_error_body(stac
         ws = websocket.create_connection(stack.predict_ws_url(), header=[f"Authorization: {header}"], timeout=300)
         try:
             ws.send(json.dumps({"prompt": "Hi", "max_new_tokens": 2}))
-            while (message := ws.recv()) not in ("<EOS>", ""):
+            while (message := clients.receive(ws)) not in ("<EOS>", ""):
                 bodies.append(message)
         except (websocket.WebSocketConnectionClosedException, BrokenPipeError, ConnectionResetError):
             pass  # a refused token: the server closed the socket after its error message

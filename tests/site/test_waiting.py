@@ -13,6 +13,7 @@ from chat import events
 from chat.models import Deployment, RequestLog
 from chat.tokens import token_create
 from llmsite.launcher import worker_command
+from tests.chat import clients
 from tests.chat.test_fairness import fair_deployment, open_streams, rows, wait_until
 from tests.conftest import Process
 from tests.site.conftest import ANSWER_TIMEOUT_MS, ask, last_answer, make_user, wait_answered
@@ -59,7 +60,7 @@ def test_an_answer_whose_worker_loads_the_model_shows_the_load_until_it_starts(p
         wait_until(lambda: Deployment.objects.get(pk=deployment.pk).status == Deployment.Status.READY, "the worker's load")
         holding = websocket.create_connection(stack.predict_ws_url(name), header=[f"Authorization: {token_create(user=chat_user)[1]}"])
         holding.send(json.dumps({"prompt": "Tell me a story.", "temperature": 0, "max_new_tokens": 30000}))
-        first = holding.recv()  # the answer that keeps the old engine open runs
+        first = clients.receive(holding)  # the answer that keeps the old engine open runs
         assert " Paris".startswith(first) or first.startswith(" Paris"), first
         deployment.model_source = str(short_answers)
         deployment.save()  # as the admin's change form does

@@ -17,6 +17,7 @@ import websocket
 
 from chat.models import Deployment, RequestLog
 from llmsite.launcher import worker_command
+from tests.chat import clients
 from tests.conftest import Process
 from tests.tiny_models import ARCHITECTURES, always_emitting, build_tiny_model, default_tokenizer_files, with_remote_code
 
@@ -132,7 +133,7 @@ def test_tiny_model_of_each_architecture_streams_over_websocket(stack, token, us
     try:
         ws.send(json.dumps({"prompt": "Hello there", "system_prompt": "Be brief."}))
         deltas = []
-        while (message := ws.recv()) != "<EOS>":
+        while (message := clients.receive(ws)) != "<EOS>":
             assert not message.startswith('{"error"'), message
             deltas.append(message)
     finally:

@@ -24,6 +24,7 @@ import websocket
 from chat.models import Deployment, RequestLog
 from llmsite.embedded import _free_port
 from llmsite.launcher import worker_command
+from tests.chat import clients
 from tests.chat.clients import openai_sse_stream, predict_http_stream, predict_ws_stream
 from tests.chat.test_chat_socket import chat_socket, until_done
 from tests.conftest import BASE_DIR, Process, start_web, wait_ready
@@ -314,7 +315,7 @@ def test_stop_on_the_chat_socket_aborts_the_request_in_vllm(vllm_stack, user):
     socket = chat_socket(vllm_stack, user)
     try:
         socket.send(json.dumps({"type": "send", "deployment": vllm_stack.name, "prompt": STORY, "max_new_tokens": 400}))
-        while json.loads(socket.recv())["type"] != "delta":
+        while clients.receive_json(socket)["type"] != "delta":
             pass
         assert vllm_stack.running() >= 1  # vLLM is generating it
         socket.send(json.dumps({"type": "stop"}))
@@ -328,7 +329,7 @@ def test_stop_on_the_chat_socket_aborts_the_request_in_vllm(vllm_stack, user):
 def test_a_client_that_disconnects_aborts_the_request_in_vllm(vllm_stack, token, user):
     ws = websocket.create_connection(vllm_stack.predict_ws_url, header=[f"Authorization: {token}"], timeout=300)
     ws.send(json.dumps({"prompt": STORY, "max_new_tokens": 400}))
-    ws.recv()
+    clients.receive(ws)
     assert vllm_stack.running() >= 1
     ws.close()  # gone mid-answer
     _wait(lambda: vllm_stack.running() == 0, "vLLM's running count back to 0")
