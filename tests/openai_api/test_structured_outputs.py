@@ -5,6 +5,7 @@ makes the JSON valid: the prompts here do not even ask for JSON."""
 import enum
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
 import pytest
@@ -68,8 +69,11 @@ def engine_model(request, stack):
 
 
 def test_twenty_sampled_recipes_all_parse_against_the_schema(client, engine_model):
-    for seed, dish in enumerate(DISHES):
-        completion = client.chat.completions.parse(
+    """Sixteen at a time (a user's most waiting requests, `max_waiting_per_user`): the engine
+    decodes them in one batch, each row under its own grammar."""
+
+    def ask(seed: int, dish: str):
+        return client.chat.completions.parse(
             model=engine_model,
             messages=[{"role": "user", "content": f"How do I make {dish}?"}],
             response_format=Recipe,
@@ -77,6 +81,10 @@ def test_twenty_sampled_recipes_all_parse_against_the_schema(client, engine_mode
             seed=seed,
             max_tokens=400,
         )
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        completions = list(pool.map(ask, range(len(DISHES)), DISHES))
+    for dish, completion in zip(DISHES, completions):
         choice = completion.choices[0]
         assert choice.finish_reason == "stop", f"{dish}: {choice.finish_reason}: {choice.message.content!r}"
         assert isinstance(choice.message.parsed, Recipe), choice.message.content
