@@ -20,7 +20,7 @@ from chat.services import release_connection
 from llmsite import contract
 from llmsite.contract import ContractError, GenerationRequest, PromptFormat, StopText
 from llmsite.errors import ContextTooLong
-from workers import loader, metrics, retrieval
+from workers import loader, metrics, retrieval, unstored
 from workers.answers import Answer, kept_logprobs, unsent_logprobs
 from workers.engines import GenerationResult
 from workers.engines.sampling import PolicyError
@@ -326,11 +326,13 @@ def _end_failed(request_id: str, failure: GenerationFailed, *, timing: metrics.T
 
 def _end(request_id: str, event: contract.Event, store) -> None:
     """Store how the request ended, then end its stream with `event`: the client hears the end
-    even when the database cannot take the record (PostgreSQL gone mid-answer; logged)."""
+    even when the database cannot take the record (PostgreSQL gone mid-answer; logged, and
+    stored once it is back: workers/unstored.py)."""
     try:
         store()
     except DBError:  # InterfaceError (a closed connection) as well as DatabaseError
-        log.exception("generation %s: its end could not be stored", request_id)
+        log.exception("generation %s: its end could not be stored (kept to store later)", request_id)
+        unstored.keep(request_id, store)
     events.publish(request_id, event)
 
 

@@ -113,7 +113,9 @@ def isolated_site(tmp_path, stack):
         "print(token_create(user=get_user_model().objects.create_user('ops'))[1])"
     )).split()[-1]
     worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h"), env).start()
-    web, web_url = start_web(env=env)
+    # The web process's uses of the database while it is away fail after 3 s instead of 10 (the
+    # worker keeps 10: its pool may still be waiting to reconnect as the first request comes back)
+    web, web_url = start_web(env={**env, "DB_POOL_TIMEOUT": "3"})
     try:
         wait_for_log(worker, " ready.")
         yield {"url": web_url, "token": token, "data_dir": data_dir, "database": database, "worker": worker, "web": web, "env": env}
@@ -157,7 +159,8 @@ def test_requests_get_503_while_postgresql_is_down_and_succeed_when_it_returns(i
 
 def test_postgresql_going_down_mid_answer_still_ends_the_stream(isolated_site):
     """The worker stores an answer's end, then ends its stream: with PostgreSQL gone by then, the
-    client still gets the whole answer and its end (the record's loss is logged)."""
+    client still gets the whole answer and its end, and the worker stores the end once PostgreSQL
+    is back (the row is not left running, its tokens reach the usage rollup)."""
     from tests.chat import clients
 
     site = isolated_site
@@ -176,6 +179,18 @@ def test_postgresql_going_down_mid_answer_still_ends_the_stream(isolated_site):
     assert out.ended and out.error is None, (out.error, site["worker"].log_tail())
     assert len(out.pieces[-1]) > 100  # the whole answer, not the part before the outage
     wait_for_log(site["worker"], "its end could not be stored", timeout=60)
+    restarted = start_database(site["data_dir"])
+    try:
+        wait_for_log(site["worker"], "its end was stored after the database came back", timeout=60)
+        row = json.loads(manage(site["env"], "shell", "-c", (
+            "import json; from chat.models import DailyUsage, RequestLog; "
+            "row = RequestLog.objects.get(protocol='http'); "
+            "print(json.dumps([row.status, row.response, row.completion_tokens, "
+            "sum(DailyUsage.objects.filter(token_id=row.token_id, status='ok').values_list('completion_tokens', flat=True))]))"
+        )).splitlines()[-1])
+    finally:
+        stop_database(restarted)
+    assert row == ["ok", out.pieces[-1], row[2], row[2]] and row[2] > 20, row
     assert site["worker"].alive() and site["web"].alive()
 
 
