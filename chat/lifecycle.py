@@ -88,8 +88,12 @@ def start(request_id, *, worker: str) -> bool:
     return _move(request_id, Status.RUNNING, started_at=timezone.now(), worker=worker)
 
 
-def finish(request_id, *, response: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int, first_token_at) -> bool:
-    """A running request ended: ok, or cancelled where the engine stopped it (Stop, client gone)."""
+def finish(
+    request_id, *, response: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int, first_token_at,
+    finished_at=None,
+) -> bool:
+    """A running request ended: ok, or cancelled where the engine stopped it (Stop, client gone);
+    `finished_at` (now by default) is when, for an end stored later than it happened."""
     return _end(
         request_id,
         Status.CANCELLED if finish_reason == "cancelled" else Status.OK,
@@ -99,13 +103,13 @@ def finish(request_id, *, response: str, finish_reason: str, prompt_tokens: int,
         completion_tokens=completion_tokens,
         cached_tokens=cached_tokens,
         first_token_at=first_token_at,
-        finished_at=timezone.now(),
+        finished_at=finished_at or timezone.now(),
     )
 
 
-def fail(request_id, message: str, **fields) -> bool:
+def fail(request_id, message: str, *, finished_at=None, **fields) -> bool:
     """A queued or running request failed; `fields` keep what it had (the answer so far)."""
-    return _end(request_id, Status.ERROR, error=storable(message), finished_at=timezone.now(), **fields)
+    return _end(request_id, Status.ERROR, error=storable(message), finished_at=finished_at or timezone.now(), **fields)
 
 
 def cancel_queued(request_id) -> bool:

@@ -17,7 +17,7 @@ from django import db
 
 from chat import concurrency
 from llmsite import admission
-from workers import services
+from workers import services, unstored
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +116,4 @@ def _stop_taking(**kwargs):
 def _drain(**kwargs):
     for admitter in _admitters:
         admitter.drain(DRAIN_SECONDS)
+    unstored.last_try()  # ends the database could not take, the drained answers' among them

@@ -5,6 +5,7 @@ request's row only through chat.lifecycle.
 """
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -300,8 +301,9 @@ def _end_finished(request: GenerationRequest, answers: list[Answer], timing: met
     _end(
         request_id,
         final,
-        lambda: lifecycle.finish(
+        lambda ended: lifecycle.finish(
             request_id,
+            finished_at=ended,
             response=first.stopper.text,
             finish_reason=result.finish_reason,
             first_token_at=first.first_token_at,
@@ -321,18 +323,19 @@ def _end_failed(request_id: str, failure: GenerationFailed, *, timing: metrics.T
     if timing is not None:  # a refusal the worker found (a prompt over the context) is counted as one
         refused = failure.event.kind == "invalid_request"
         timing.end(result or GenerationResult(), outcome="rejected" if refused else "error", reason="invalid_request" if refused else "")
-    _end(request_id, failure.event, lambda: lifecycle.fail(request_id, failure.event.message, **fields))
+    _end(request_id, failure.event, lambda ended: lifecycle.fail(request_id, failure.event.message, finished_at=ended, **fields))
 
 
 def _end(request_id: str, event: contract.Event, store) -> None:
-    """Store how the request ended, then end its stream with `event`: the client hears the end
-    even when the database cannot take the record (PostgreSQL gone mid-answer; logged, and
-    stored once it is back: workers/unstored.py)."""
+    """Store how the request ended (`store(finished_at)`), then end its stream with `event`: the
+    client hears the end even when the database cannot take the record (PostgreSQL gone
+    mid-answer: logged, and stored once it is back, workers/unstored.py)."""
+    store = functools.partial(store, timezone.now())
     try:
         store()
-    except DBError:  # InterfaceError (a closed connection) as well as DatabaseError
-        log.exception("generation %s: its end could not be stored (kept to store later)", request_id)
-        unstored.keep(request_id, store)
+    except DBError as exc:  # InterfaceError (a closed connection) as well as DatabaseError
+        kept = unstored.keep(request_id, store, exc)
+        log.exception("generation %s: its end could not be stored%s", request_id, " (kept to store once the database is back)" if kept else "")
     events.publish(request_id, event)
 
 

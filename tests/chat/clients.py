@@ -30,25 +30,39 @@ class Received:
         self.error, self.error_at = error, time.monotonic()
 
 
-def receive(socket: websocket.WebSocket, timeout: float = 300) -> str:
+def receive(socket: websocket.WebSocket, timeout: float = 300, *, until: float | None = None) -> str:
     """The socket's next text message ("" once the server closed it); fails after `timeout` s
-    without one. A socket's own timeout is per frame, and Daphne's pings (every 20 s) would keep
-    a silent server from ever reaching it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert time.monotonic() < deadline, f"no message within {timeout:g} s"
-        opcode, frame = socket.recv_data_frame(control_frame=True)  # answers pings itself
-        if opcode == websocket.ABNF.OPCODE_TEXT:
-            return frame.data.decode("utf-8")
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            return ""
+    without one, or at `until` (a `time.monotonic()` deadline: a loop that reads until some
+    message gives all its reads one). A socket's own timeout is per frame, and Daphne's pings
+    (every 20 s) or the chat page's place-in-line reminders would keep a silent server from ever
+    reaching it."""
+    opcode, data = _next_message(socket, time.monotonic() + timeout if until is None else until)
+    return data.decode("utf-8") if opcode == websocket.ABNF.OPCODE_TEXT else ""
 
 
-def receive_json(socket: websocket.WebSocket, timeout: float = 300) -> dict:
+def receive_json(socket: websocket.WebSocket, timeout: float = 300, *, until: float | None = None) -> dict:
     """The socket's next message, parsed (see `receive`)."""
-    message = receive(socket, timeout)
-    assert message, "the server closed the socket"
-    return json.loads(message)
+    opcode, data = _next_message(socket, time.monotonic() + timeout if until is None else until)
+    assert opcode == websocket.ABNF.OPCODE_TEXT, f"the server closed the socket: {data!r}"
+    return json.loads(data)
+
+
+def _next_message(socket: websocket.WebSocket, deadline: float) -> tuple[int, bytes]:
+    """The next text or close frame (pings are answered on the way), read by `deadline`."""
+    kept = socket.gettimeout()
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, "no message in time"
+            socket.settimeout(left)
+            try:
+                opcode, frame = socket.recv_data_frame(control_frame=True)
+            except (websocket.WebSocketTimeoutException, TimeoutError):
+                raise AssertionError("no message in time") from None
+            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_CLOSE):
+                return opcode, frame.data
+    finally:
+        socket.settimeout(kept)
 
 
 def predict_http_stream(url: str, token: str, body: dict, out: Received | None = None) -> Received:

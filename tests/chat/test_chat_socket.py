@@ -31,9 +31,9 @@ def chat_socket(stack, user=None):
 
 
 def until_done(socket) -> list[dict]:
-    received = []
+    received, until = [], time.monotonic() + 300
     while not received or received[-1]["type"] not in ("done", "error"):
-        received.append(clients.receive_json(socket))
+        received.append(clients.receive_json(socket, until=until))
     return received
 
 
@@ -143,7 +143,8 @@ def test_an_answer_whose_page_closed_is_stopped_and_stored_as_cancelled(stack, u
         "prompt": "Write a very long story about a lighthouse keeper.",
     }))
     turn = clients.receive_json(socket)
-    while clients.receive_json(socket)["type"] != "delta":
+    until = time.monotonic() + 300
+    while clients.receive_json(socket, until=until)["type"] != "delta":
         pass
     socket.close()  # the tab went away mid-answer
 

@@ -134,13 +134,13 @@ def test_a_waiting_chat_answer_hears_its_place_in_line_down_to_0_before_its_firs
             wait_until(lambda: rows(someone, deployment.name).exists(), "its row")
         wait_until(lambda: rows(a, deployment.name).filter(status="running").exists(), "A's answer running")
         socket.send(json.dumps({"type": "send", "deployment": deployment.name, "prompt": "Say hi.", "max_new_tokens": 4}))
-        received = []
+        received, until = [], time.monotonic() + 300
         while not any(m["type"] == "queued" for m in received):
-            received.append(clients.receive_json(socket))
+            received.append(clients.receive_json(socket, until=until))
         for response in ahead:
             response.close()  # the running answer is cancelled, the waiting ones leave: the line moves
         while received[-1]["type"] not in ("delta", "done", "error"):
-            received.append(clients.receive_json(socket))
+            received.append(clients.receive_json(socket, until=until))
         positions = [m["position"] for m in received if m["type"] == "queued"]
         print(f"\nplaces heard before the first token: {positions}")
         assert received[-1]["type"] == "delta", received[-1]

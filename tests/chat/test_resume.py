@@ -30,9 +30,9 @@ class _Url:
 def first_deltas(socket, n: int, story: dict = STORY) -> tuple[dict, str, list[dict]]:
     """Send the story and read until `n` deltas arrived: (the turn, the request id, the deltas)."""
     socket.send(json.dumps(story))
-    turn, request_id, deltas = None, None, []
+    turn, request_id, deltas, until = None, None, [], time.monotonic() + 300
     while len(deltas) < n:
-        message = clients.receive_json(socket)
+        message = clients.receive_json(socket, until=until)
         assert message["type"] not in ("done", "error"), message
         if message["type"] == "turn":
             turn = message

@@ -10,6 +10,7 @@ so the run stays short. The number of examples run is printed in pytest's summar
 
 import json
 import string
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -236,8 +237,9 @@ def test_chat_socket_answers_random_messages_with_an_error_and_stays_open(stack,
 
     def reply() -> dict:
         """The socket's answer to one message: an error, or a whole turn up to its end."""
+        until = time.monotonic() + TIMEOUT
         while True:
-            message = clients.receive_json(ws)
+            message = clients.receive_json(ws, until=until)
             if message["type"] in ("error", "done"):
                 return message
 

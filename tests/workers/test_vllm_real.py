@@ -315,7 +315,8 @@ def test_stop_on_the_chat_socket_aborts_the_request_in_vllm(vllm_stack, user):
     socket = chat_socket(vllm_stack, user)
     try:
         socket.send(json.dumps({"type": "send", "deployment": vllm_stack.name, "prompt": STORY, "max_new_tokens": 400}))
-        while clients.receive_json(socket)["type"] != "delta":
+        until = time.monotonic() + 300
+        while clients.receive_json(socket, until=until)["type"] != "delta":
             pass
         assert vllm_stack.running() >= 1  # vLLM is generating it
         socket.send(json.dumps({"type": "stop"}))
