@@ -32,10 +32,10 @@ class Received:
 
 def receive(socket: websocket.WebSocket, timeout: float = 300, *, until: float | None = None) -> str:
     """The socket's next text message ("" once the server closed it); fails after `timeout` s
-    without one, or at `until` (a `time.monotonic()` deadline: a loop that reads until some
-    message gives all its reads one). A socket's own timeout is per frame, and Daphne's pings
-    (every 20 s) or the chat page's place-in-line reminders would keep a silent server from ever
-    reaching it."""
+    without one, or at `until` (a `time.monotonic()` deadline). A socket's own timeout is per
+    frame, and Daphne's pings (every 20 s) would keep a silent server from ever reaching it; a
+    loop that reads until some message passes all its reads one `until`, as the chat page's
+    place-in-line reminders (every 10 s) would keep each read's own timeout from passing."""
     opcode, data = _next_message(socket, time.monotonic() + timeout if until is None else until)
     return data.decode("utf-8") if opcode == websocket.ABNF.OPCODE_TEXT else ""
 
