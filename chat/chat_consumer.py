@@ -329,12 +329,30 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
         consumer.answer = None
         if view.generation is not None:
             await view.generation.close()
-    if view.final is None and not view.stopped:  # an error: the answer's end is not known here
-        await consumer._say(_done_message(found.pk, Message.Status.ERROR, view.text, view.error))
+    if view.final is None and not view.stopped:  # an error: stored only where the request's row ended
+        await _end_after_error(consumer, found.pk, found.request_id, view)
         return
     text, status = _ending(view)
     await _settle(found.pk, status, text, "", view.sources)
     await consumer._say(_done_message(found.pk, status, text, ""))
+
+
+async def _end_after_error(consumer: ChatConsumer, message_id: int, request_id, view: _View) -> None:
+    """A resumed view that ended in an error: where the request's row ended (its worker failed
+    it, or died and a web process or a worker's sweep failed the row), that end is stored, so a
+    reload shows it instead of resuming the answer again; else (the view's own stream broke, the
+    request may still run) the page is told the error and nothing is stored."""
+    try:
+        ended = await services.edge(resume.ended_row, request_id=request_id)
+    except ApiError:  # the database away: the page is still told the error
+        ended = None
+    if ended is None:
+        await consumer._say(_done_message(message_id, Message.Status.ERROR, view.text, view.error))
+        return
+    text = ended.response or view.text
+    error = (ended.error or view.error) if ended.status == Message.Status.ERROR else ""
+    await _settle(message_id, ended.status, text, error, view.sources)
+    await consumer._say(_done_message(message_id, ended.status, text, error))
 
 
 async def _settle(message_id: int, status: str, content: str, error: str, sources=None) -> None:

@@ -182,6 +182,11 @@ class WorkerLost(StreamTimeout):
     pass
 
 
+def worker_lost(worker: str) -> str:
+    """The error of a request whose worker stopped beating (this stream's watch, workers/orphans.py)."""
+    return f"The model worker {worker} stopped while generating this answer."
+
+
 class Subscription:
     """A reader of one request's events from `after` on ("0": all of them); iterate it, then
     `close()`. A listener (`listen=True`) renews the request's listen key while it reads, until
@@ -230,7 +235,7 @@ class Subscription:
             if worker and time.monotonic() >= next_check:
                 next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
                 if not await worker_alive(worker):
-                    raise WorkerLost(f"The model worker {worker} stopped while generating this answer.")
+                    raise WorkerLost(worker_lost(worker))
             await self._renew()
             found = await self._read(left)
             raise_if_cancelled()

@@ -83,9 +83,10 @@ def _end(request_id, to: str, **fields) -> bool:
     return moved
 
 
-def start(request_id, *, worker: str) -> bool:
-    """A worker takes a queued request, once: a second delivery of its task finds it taken."""
-    return _move(request_id, Status.RUNNING, started_at=timezone.now(), worker=worker)
+def start(request_id, *, worker: str, run: str = "") -> bool:
+    """A worker takes a queued request, once: a second delivery of its task finds it taken.
+    `run` names the worker's process, which a restarted worker of the same name is not."""
+    return _move(request_id, Status.RUNNING, started_at=timezone.now(), worker=worker, worker_run=run)
 
 
 def finish(

@@ -195,6 +195,9 @@ class RequestLog(models.Model):
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True)
+    worker_run = models.CharField(
+        max_length=32, blank=True, help_text="the run id of the worker process that took it (its heartbeat names it: workers/orphans.py)"
+    )
 
     class Meta:
         ordering = ["-queued_at"]

@@ -36,11 +36,17 @@ def answer_of(*, user, request_id) -> Message | None:
     return Message.objects.filter(request_id=key, conversation__user=user, role=Message.Role.ASSISTANT).first()
 
 
+def ended_row(request_id) -> RequestLog | None:
+    """The request's row if it ended (ok, error, cancelled), else None."""
+    row = RequestLog.objects.filter(pk=request_id).only("status", "response", "error").first()
+    return row if row is not None and row.status in ENDED else None
+
+
 def stored_end(request_id) -> RequestLog | None:
     """The row of a request that ended and whose events are no longer kept (a page left streaming
     by a web process that died); None while its events can still be read."""
-    row = RequestLog.objects.filter(pk=request_id).only("status", "response", "error").first()
-    if row is None or row.status not in ENDED or events.sync_client().exists(events.channel(row.pk)):
+    row = ended_row(request_id)
+    if row is None or events.sync_client().exists(events.channel(row.pk)):
         return None
     return row
 

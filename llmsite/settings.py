@@ -248,6 +248,9 @@ GENERATION_LEASE_SECONDS = env.float("GENERATION_LEASE_SECONDS", default=STREAM_
 # Workers renew a liveness key this often; a key not renewed for the TTL means the worker is gone.
 WORKER_HEARTBEAT_INTERVAL = env.float("WORKER_HEARTBEAT_INTERVAL", default=2.0)
 WORKER_HEARTBEAT_TTL = env.int("WORKER_HEARTBEAT_TTL", default=6)
+# Workers look this often for request rows left running by a worker that died while no web
+# process watched its stream (workers/orphans.py), and fail them.
+ORPHAN_SWEEP_SECONDS = env.float("ORPHAN_SWEEP_SECONDS", default=15.0)
 # how often a worker looks for changed deployments of its queues (workers/reload.py); 0: never
 WORKER_RELOAD_INTERVAL = env.float("WORKER_RELOAD_INTERVAL", default=5.0)
 # where a changed deployment's new model loads: beside the old one (which answers meanwhile), or in

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 
-from celery.signals import worker_shutdown, worker_shutting_down
+from celery.signals import worker_shutting_down
 from django import db
 
 from chat import concurrency
@@ -112,8 +112,9 @@ def _stop_taking(**kwargs):
         admitter.closing = True
 
 
-@worker_shutdown.connect
-def _drain(**kwargs):
+def drain() -> None:
+    """The stopping worker's answers end (for up to DRAIN_SECONDS), then its kept ends are stored;
+    called by the worker's one shutdown receiver (workers/loader.py), before its engines stop."""
     for admitter in _admitters:
         admitter.drain(DRAIN_SECONDS)
     unstored.last_try()  # ends the database could not take, the drained answers' among them

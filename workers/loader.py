@@ -239,6 +239,9 @@ def _load_models(sender, instance, conf, **kwargs):
     from workers import heartbeat
 
     heartbeat.start(hostname=HOSTNAME, queues=sorted(queues))
+    from workers import orphans
+
+    orphans.start_sweeper()  # rows a dead worker left running, where no web process saw it die
     from workers import admission
 
     admission.start(queues)  # fair turns: this worker takes waiting requests only when it has room
@@ -271,8 +274,15 @@ def _tell_received(sender=None, request=None, **kwargs):
 
 
 @worker_shutdown.connect
-def _shut_down_engines(**kwargs):
-    """Engines that run processes of their own (vLLM's) stop them before the worker exits."""
-    for engine in {id(e): e for e in [*BY_MODEL.values(), *RETIRING.copy().values()]}.values():
-        if hasattr(engine, "shut_down"):
-            engine.shut_down()
+def _shut_down(**kwargs):
+    """The stopping worker's running answers end first; then engines that run processes of their
+    own (vLLM's) stop them. One receiver, in that order: Celery runs a signal's receivers in the
+    order they connected, and admission's module connects after this one."""
+    from workers import admission
+
+    try:
+        admission.drain()
+    finally:
+        for engine in {id(e): e for e in [*BY_MODEL.values(), *RETIRING.copy().values()]}.values():
+            if hasattr(engine, "shut_down"):
+                engine.shut_down()

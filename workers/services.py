@@ -21,7 +21,7 @@ from chat.services import release_connection
 from llmsite import contract
 from llmsite.contract import ContractError, GenerationRequest, PromptFormat, StopText
 from llmsite.errors import ContextTooLong
-from workers import loader, metrics, retrieval, unstored
+from workers import heartbeat, loader, metrics, retrieval, unstored
 from workers.answers import Answer, kept_logprobs, unsent_logprobs
 from workers.engines import GenerationResult
 from workers.engines.sampling import PolicyError
@@ -123,7 +123,7 @@ def _claim(request_id: str, deployment: str) -> bool:
     model work (counted as stopped), and its stream still ends, so a listener waiting for the end hears it."""
     if events.is_cancelled(request_id):
         lifecycle.cancel_queued(request_id)
-    if lifecycle.start(request_id, worker=loader.HOSTNAME):
+    if lifecycle.start(request_id, worker=loader.HOSTNAME, run=heartbeat.RUN):
         return True
     status = lifecycle.status_of(request_id)
     log.warning("generation %s not run: its request is already %s", request_id, status)

@@ -36,19 +36,20 @@ def receive(socket: websocket.WebSocket, timeout: float = 300, *, until: float |
     frame, and Daphne's pings (every 20 s) would keep a silent server from ever reaching it; a
     loop that reads until some message passes all its reads one `until`, as the chat page's
     place-in-line reminders (every 10 s) would keep each read's own timeout from passing."""
-    opcode, data = _next_message(socket, time.monotonic() + timeout if until is None else until)
+    opcode, data = _next_message(socket, timeout, until)
     return data.decode("utf-8") if opcode == websocket.ABNF.OPCODE_TEXT else ""
 
 
 def receive_json(socket: websocket.WebSocket, timeout: float = 300, *, until: float | None = None) -> dict:
     """The socket's next message, parsed (see `receive`)."""
-    opcode, data = _next_message(socket, time.monotonic() + timeout if until is None else until)
+    opcode, data = _next_message(socket, timeout, until)
     assert opcode == websocket.ABNF.OPCODE_TEXT, f"the server closed the socket: {data!r}"
     return json.loads(data)
 
 
-def _next_message(socket: websocket.WebSocket, deadline: float) -> tuple[int, bytes]:
-    """The next text or close frame (pings are answered on the way), read by `deadline`."""
+def _next_message(socket: websocket.WebSocket, timeout: float, until: float | None) -> tuple[int, bytes]:
+    """The next text or close frame (pings are answered on the way), read by `until`, else within `timeout` s."""
+    deadline = time.monotonic() + timeout if until is None else until
     kept = socket.gettimeout()
     try:
         while True:

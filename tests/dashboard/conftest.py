@@ -51,7 +51,7 @@ def end_request(*, day, deployment, user, token, outcome, prompt_tokens, complet
     if outcome == "cancelled-queued":
         assert lifecycle.cancel_queued(request_id)
         return request_id
-    assert lifecycle.start(request_id, worker="dashboard-seed")
+    assert lifecycle.start(request_id, worker="")  # no worker's: the orphan sweep leaves a running one alone
     if outcome == "running":
         return request_id
     if outcome == "error":

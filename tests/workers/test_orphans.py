@@ -1,0 +1,89 @@
+"""Request rows a dead worker left running where no web process saw it die (workers/orphans.py):
+the stack's worker fails them, and a page reloaded on such an answer is shown that end and stores
+it (chat.chat_consumer._end_after_error), so the conversation no longer resumes it at each load.
+
+The suite's workers sweep every 2 s (tests/conftest.py)."""
+
+import datetime
+import json
+import time
+import uuid
+
+from django.conf import settings
+from django.utils import timezone
+
+from chat import events, lifecycle
+from chat.models import Message, RequestLog
+from tests.chat.test_resume import orphaned_answer, resume
+from tests.metrics.conftest import wait_until
+from workers import orphans
+
+
+def beat(worker: str, run: str | None) -> None:
+    """A heartbeat key for `worker`, as workers/heartbeat.py writes it (an older worker's names no run)."""
+    value = {"pid": 1, "queues": ["nowhere"], **({"run": run} if run is not None else {})}
+    events.sync_client().set(events.worker_host_key(worker), json.dumps(value), ex=600)
+
+
+def left_running(user, worker: str, run: str) -> RequestLog:
+    """An answer whose row `worker` (its process `run`) took a minute ago, and whose web process died since."""
+    started = timezone.now() - datetime.timedelta(seconds=60)
+    return orphaned_answer(user, status=RequestLog.Status.RUNNING, worker=worker, worker_run=run, started_at=started)[1]
+
+
+def name(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex[:6]}@nowhere"
+
+
+def lost(worker: str) -> str:
+    return f"The model worker {worker} stopped while generating this answer."
+
+
+def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_that_end(stack, user):
+    ghost, phoenix, alive, older = name("ghost"), name("phoenix"), name("alive"), name("older")
+    beat(phoenix, "the-run-after")  # restarted under its name: beats again, but not as the run that took the row
+    beat(alive, "its-run")
+    beat(older, None)
+    rows = {worker: left_running(user, worker, run).pk for worker, run in [(ghost, "a-run"), (phoenix, "a-run"), (alive, "its-run"), (older, "")]}
+
+    def status(worker: str) -> str:
+        return RequestLog.objects.get(pk=rows[worker]).status
+
+    try:
+        wait_until(lambda: status(ghost) != "running" and status(phoenix) != "running", "the stack's worker swept both rows", 120)
+        assert status(alive) == status(older) == RequestLog.Status.RUNNING, "a live worker's row was failed"
+    finally:
+        for worker in (alive, older):
+            lifecycle.fail(rows[worker], "the test is over")
+    for worker in (ghost, phoenix):
+        row = RequestLog.objects.get(pk=rows[worker])
+        assert (row.status, row.error) == (RequestLog.Status.ERROR, lost(worker))
+        assert row.finished_at is not None
+
+    answer = Message.objects.get(request_id=rows[ghost])
+    received = resume(stack, user, str(rows[ghost]), "0")
+    assert received[-1] == {"type": "done", "message_id": answer.pk, "status": "error", "content": "", "error": lost(ghost)}, received
+    answer.refresh_from_db()
+    assert (answer.status, answer.error) == (Message.Status.ERROR, lost(ghost))  # stored: a reload no longer resumes it
+
+
+def test_a_worker_is_gone_only_once_its_key_stayed_away_a_heartbeat_ttl_over_consecutive_sweeps():
+    """A restarted Redis holds no keys until the next beat: one look without the key is not a death,
+    nor are two absences with a sweep between them that did not look (it failed part way)."""
+    client, worker, absences = events.sync_client(), name("blip"), orphans.Absences()
+    ttl, now = settings.WORKER_HEARTBEAT_TTL, time.time()
+
+    def look(at: float) -> bool:
+        absences.next_sweep()
+        return orphans._gone(client, absences, worker, "a-run", at)
+
+    assert not look(now)
+    assert not look(now + ttl - 1)
+    assert look(now + ttl)
+    beat(worker, "a-run")  # it beat again: the count starts over
+    assert not look(now + ttl + 1)
+    client.delete(events.worker_host_key(worker))
+    assert not look(now + ttl + 2)
+    absences.next_sweep()  # a sweep that failed before it looked at this worker
+    assert not look(now + 2 * ttl + 3)
+    assert look(now + 3 * ttl + 3)
