@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 
+import requests
 from django.conf import settings
 from django.utils import timezone
 
@@ -17,6 +18,7 @@ from chat.models import Message, RequestLog
 from tests.chat.test_resume import orphaned_answer, resume
 from tests.metrics.conftest import wait_until
 from workers import orphans
+from workers.heartbeat import run_of
 
 
 def beat(worker: str, run: str | None) -> None:
@@ -87,3 +89,12 @@ def test_a_worker_is_gone_only_once_its_key_stayed_away_a_heartbeat_ttl_over_con
     absences.next_sweep()  # a sweep that failed before it looked at this worker
     assert not look(now + 2 * ttl + 3)
     assert look(now + 3 * ttl + 3)
+
+
+def test_a_workers_rows_name_the_run_its_heartbeat_names(stack, token):
+    """What the sweep compares: the run on a row the stack's worker took, and the one its key names."""
+    response = requests.post(stack.predict_url(), headers={"Authorization": token}, json={"prompt": "Hi", "max_new_tokens": 1}, timeout=120)
+    assert response.status_code == 200, response.text
+    row = RequestLog.objects.get(pk=response.headers["X-Request-Id"])
+    beating = events.sync_client().get(events.worker_host_key(row.worker))
+    assert len(row.worker_run) == 32 and run_of(beating) == row.worker_run
