@@ -95,7 +95,7 @@ async def close_clients() -> None:
     if (mine := PerReader.clients.pop(id(loop), None)) is not None:
         await mine.aclose()
     await events.async_client().connection_pool.disconnect()
-    events._async_clients.pop(id(loop), None)
+    events._async_clients.pop(loop, None)
 
 
 def redis_cpu() -> float:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -124,7 +125,9 @@ cancel_watcher = CancelWatcher()
 
 # --- web side (async) -----------------------------------------------------------------------
 
-_async_clients: dict[int, aioredis.Redis] = {}
+# Keyed by the loop itself, not its id(): a loop that is gone takes its client along, and a new
+# loop given the old one's address never gets a client bound to it.
+_async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = weakref.WeakKeyDictionary()
 
 
 def async_client() -> aioredis.Redis:
@@ -132,11 +135,11 @@ def async_client() -> aioredis.Redis:
     Readers of events share one connection (`chat.stream_reader`), so the pool's connections are
     never held for long; where more commands are in flight at once than it holds, a command waits
     for a connection (up to 10 s) rather than failing at once."""
-    loop_id = id(asyncio.get_running_loop())
-    client = _async_clients.get(loop_id)
+    loop = asyncio.get_running_loop()
+    client = _async_clients.get(loop)
     if client is None:
         pool = aioredis.BlockingConnectionPool.from_url(settings.REDIS_URL, max_connections=settings.REDIS_WEB_CONNECTIONS, timeout=10)
-        client = _async_clients[loop_id] = aioredis.Redis(connection_pool=pool)
+        client = _async_clients[loop] = aioredis.Redis(connection_pool=pool)
     return client
 
 
