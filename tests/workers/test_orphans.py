@@ -15,7 +15,9 @@ from django.utils import timezone
 
 from chat import events, lifecycle
 from chat.models import Message, RequestLog
+from llmsite.launcher import worker_command
 from tests.chat.test_resume import orphaned_answer, resume
+from tests.conftest import Process, wait_for_log
 from tests.metrics.conftest import wait_until
 from workers import orphans
 from workers.heartbeat import run_of
@@ -98,3 +100,17 @@ def test_a_workers_rows_name_the_run_its_heartbeat_names(stack, token):
     row = RequestLog.objects.get(pk=response.headers["X-Request-Id"])
     beating = events.sync_client().get(events.worker_host_key(row.worker))
     assert len(row.worker_run) == 32 and run_of(beating) == row.worker_run
+
+
+def test_two_live_worker_processes_under_one_name_log_an_error():
+    """Each would take the other's rows for a dead process's: the operator is told, in the logs."""
+    queue = f"twins-{uuid.uuid4().hex[:6]}"  # no deployment uses it: nothing to load
+    twins = [Process(f"worker-{queue}-{n}", worker_command([queue], hostname=f"{queue}@%h")).start() for n in "ab"]
+    try:
+        for twin in twins:
+            wait_for_log(twin, " ready.")
+        told = lambda: any(f"another worker process beats as {queue}@" in t.log_path.read_text(errors="replace") for t in twins)  # noqa: E731
+        wait_until(told, "a twin logged the other", 60)
+    finally:
+        for twin in twins:
+            twin.stop()
