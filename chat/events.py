@@ -27,6 +27,7 @@ from django.conf import settings
 from chat import stream_reader
 from chat.stream_reader import raise_if_cancelled
 from llmsite import contract
+from llmsite.text import storable
 from llmsite.workers_alive import queue_alive_key, sync_client, worker_host_key  # noqa: F401  (the key names and the client live there)
 
 CANCEL_TTL_SECONDS = 3600
@@ -57,6 +58,17 @@ def publish(request_id, event: contract.Event) -> None:
     pipe.xadd(key, {"e": contract.encode(event)}, maxlen=settings.RESUME_MAX_EVENTS, approximate=True)
     pipe.expire(key, settings.RESUME_KEEP_SECONDS)
     pipe.execute()
+
+
+def said_so_far(request_id) -> str:
+    """What the request's deltas said, read back from its stream ("" once it expired, or with Redis
+    away): the answer so far of a request whose worker went silent or died, kept on its row."""
+    try:
+        decoded = (contract.decode(fields[b"e"]) for _, fields in sync_client().xrange(channel(request_id)))
+        return storable("".join(event.text for event in decoded if isinstance(event, contract.Delta)))
+    except Exception:
+        log.warning("could not read back what request %s said", request_id, exc_info=True)
+        return ""
 
 
 def is_cancelled(request_id) -> bool:

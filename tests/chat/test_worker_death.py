@@ -91,6 +91,8 @@ def test_worker_killed_mid_stream_errors_every_protocol_and_a_new_worker_serves_
         assert all(out.pieces for _, out in streams)
         rows = RequestLog.objects.filter(user__in=users[:3])
         assert sorted(r.status for r in rows) == [RequestLog.Status.ERROR] * 3
+        said = RequestLog.objects.get(user=users[1]).response  # the WebSocket's row: what the dead worker said is kept
+        assert said and said.startswith("".join(streams[1][1].pieces)), (said, streams[1][1].pieces)
         assert RequestLog.objects.get(pk=waiting.pk).status == RequestLog.Status.QUEUED  # still in line
 
         restarted = start_worker(queue, concurrency=3, env={})

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from chat import events, lifecycle
 from chat.models import Message, RequestLog
+from llmsite import contract
 from llmsite.launcher import worker_command
 from tests.chat.test_resume import orphaned_answer, resume
 from tests.conftest import Process, wait_for_log
@@ -49,6 +50,8 @@ def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_t
     beat(alive, "its-run")
     beat(older, None)
     rows = {worker: left_running(user, worker, run).pk for worker, run in [(ghost, "a-run"), (phoenix, "a-run"), (alive, "its-run"), (older, "")]}
+    for piece in ("The Louvre ", "is"):  # what the ghost said before it died (its sweep takes a heartbeat TTL)
+        events.publish(str(rows[ghost]), contract.Delta(piece))
 
     def status(worker: str) -> str:
         return RequestLog.objects.get(pk=rows[worker]).status
@@ -59,16 +62,16 @@ def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_t
     finally:
         for worker in (alive, older):
             lifecycle.fail(rows[worker], "the test is over")
-    for worker in (ghost, phoenix):
+    for worker, said in ((ghost, "The Louvre is"), (phoenix, "")):
         row = RequestLog.objects.get(pk=rows[worker])
-        assert (row.status, row.error) == (RequestLog.Status.ERROR, lost(worker))
+        assert (row.status, row.error, row.response) == (RequestLog.Status.ERROR, lost(worker), said)  # what it said is kept
         assert row.finished_at is not None
 
     answer = Message.objects.get(request_id=rows[ghost])
     received = resume(stack, user, str(rows[ghost]), "0")
-    assert received[-1] == {"type": "done", "message_id": answer.pk, "status": "error", "content": "", "error": lost(ghost)}, received
+    assert received[-1] == {"type": "done", "message_id": answer.pk, "status": "error", "content": "The Louvre is", "error": lost(ghost)}, received
     answer.refresh_from_db()
-    assert (answer.status, answer.error) == (Message.Status.ERROR, lost(ghost))  # stored: a reload no longer resumes it
+    assert (answer.status, answer.error, answer.content) == (Message.Status.ERROR, lost(ghost), "The Louvre is")  # a reload no longer resumes it
 
 
 def test_a_worker_is_gone_only_once_its_key_stayed_away_a_heartbeat_ttl_over_consecutive_sweeps():
