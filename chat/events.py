@@ -71,6 +71,11 @@ def said_so_far(request_id) -> str:
         return ""
 
 
+def request_cancel(request_id) -> None:
+    """Ask the worker to stop the request (what `cancel` does, from a thread)."""
+    sync_client().set(cancel_key(request_id), b"1", ex=CANCEL_TTL_SECONDS)
+
+
 def is_cancelled(request_id) -> bool:
     return bool(sync_client().exists(cancel_key(request_id)))
 

@@ -11,7 +11,7 @@ same transaction, so the rollup counts each ended request exactly once.
 
 import logging
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from chat import rollup
@@ -111,6 +111,23 @@ def finish(
 def fail(request_id, message: str, *, finished_at=None, **fields) -> bool:
     """A queued or running request failed; `fields` keep what it had (the answer so far)."""
     return _end(request_id, Status.ERROR, error=storable(message), finished_at=finished_at or timezone.now(), **fields)
+
+
+def fail_unanswered(request_id, message: str) -> None:
+    """The web tier ended a request's stream itself (silence, a dead worker): its worker is asked to
+    stop, and the row fails keeping what the answer had said. Redis or the database away is logged,
+    not raised, so the client still gets its error event (a row a dead worker left running is
+    ended by a worker's sweep, workers/orphans.py; a silent worker's by that worker)."""
+    from chat import events  # Redis: only this function needs it
+
+    try:
+        events.request_cancel(request_id)
+    except Exception:
+        log.warning("request %s: could not ask its worker to stop", request_id, exc_info=True)
+    try:
+        fail(request_id, message, response=events.said_so_far(request_id))
+    except DatabaseError:
+        log.warning("request %s: its row could not be failed", request_id, exc_info=True)
 
 
 def cancel_queued(request_id) -> bool:

@@ -276,8 +276,8 @@ def _tell_received(sender=None, request=None, **kwargs):
 @worker_shutdown.connect
 def _shut_down(**kwargs):
     """The stopping worker's running answers end first; then engines that run processes of their
-    own (vLLM's) stop them. One receiver, in that order: Celery runs a signal's receivers in the
-    order they connected, and admission's module connects after this one."""
+    own (vLLM's) stop them, even where the drain failed. One receiver, so that the order holds:
+    Celery runs a signal's receivers in the order they connected."""
     from workers import admission
 
     try:

@@ -7,9 +7,10 @@ page resumed the answer, and for good where none would (an API request). Every w
 ORPHAN_SWEEP_SECONDS for running rows whose worker is gone and fails them (counted in the usage
 like any other end), with an error event in the request's stream for whoever resumes it.
 
-A worker is gone when its heartbeat key (workers/heartbeat.py) stayed away for at least
-WORKER_HEARTBEAT_TTL seconds, over consecutive sweeps (not one look: a restarted Redis holds no
-keys until the next beat), or at once when the key names another run than the row does (a worker
+A worker is gone when its heartbeat key (workers/heartbeat.py) was found away by consecutive
+sweeps at least WORKER_HEARTBEAT_TTL seconds apart (not one look: a restarted Redis holds no keys
+until the next beat; the key is looked at, not watched, so a key back between two looks is not
+seen), or at once when the key names another run than the row does (a worker
 restarted under its name beats for it again, but never ran that request).
 """
 
@@ -58,14 +59,16 @@ def _gone(client, absences: Absences, worker: str, run: str, now: float) -> bool
         return absences.away_for(worker, now) >= settings.WORKER_HEARTBEAT_TTL
     absences.back(worker)
     beating = run_of(beat)
-    return bool(run and beating and beating != run)  # a row or a beat of an older worker names no run: kept
+    # A beat of an older worker names no run: its rows are kept. A row that names none, under a beat
+    # that names one, was taken by a worker from before run ids, which is gone.
+    return bool(beating and beating != run)
 
 
 def fail_orphaned(absences: Absences = _absences) -> list[str]:
     """Fail every running row whose worker is gone (module doc); returns their ids."""
     client = events.sync_client()
     absences.next_sweep()
-    now = time.time()
+    now = time.monotonic()
     rows = RequestLog.objects.filter(status=RequestLog.Status.RUNNING, started_at__isnull=False).exclude(worker="")
     failed = []
     for request_id, worker, run in rows.values_list("pk", "worker", "worker_run"):

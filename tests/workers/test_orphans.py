@@ -45,11 +45,12 @@ def lost(worker: str) -> str:
 
 
 def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_that_end(stack, user):
-    ghost, phoenix, alive, older = name("ghost"), name("phoenix"), name("alive"), name("older")
+    ghost, phoenix, upgraded, alive, older = name("ghost"), name("phoenix"), name("upgraded"), name("alive"), name("older")
     beat(phoenix, "the-run-after")  # restarted under its name: beats again, but not as the run that took the row
+    beat(upgraded, "the-run-after")  # its row was taken before workers had run ids
     beat(alive, "its-run")
     beat(older, None)
-    rows = {worker: left_running(user, worker, run).pk for worker, run in [(ghost, "a-run"), (phoenix, "a-run"), (alive, "its-run"), (older, "")]}
+    rows = {worker: left_running(user, worker, run).pk for worker, run in [(ghost, "a-run"), (phoenix, "a-run"), (upgraded, ""), (alive, "its-run"), (older, "")]}
     for piece in ("The Louvre ", "is"):  # what the ghost said before it died (its sweep takes a heartbeat TTL)
         events.publish(str(rows[ghost]), contract.Delta(piece))
 
@@ -57,12 +58,12 @@ def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_t
         return RequestLog.objects.get(pk=rows[worker]).status
 
     try:
-        wait_until(lambda: status(ghost) != "running" and status(phoenix) != "running", "the stack's worker swept both rows", 120)
+        wait_until(lambda: all(status(w) != "running" for w in (ghost, phoenix, upgraded)), "the stack's worker swept the three rows", 120)
         assert status(alive) == status(older) == RequestLog.Status.RUNNING, "a live worker's row was failed"
     finally:
         for worker in (alive, older):
             lifecycle.fail(rows[worker], "the test is over")
-    for worker, said in ((ghost, "The Louvre is"), (phoenix, "")):
+    for worker, said in ((ghost, "The Louvre is"), (phoenix, ""), (upgraded, "")):
         row = RequestLog.objects.get(pk=rows[worker])
         assert (row.status, row.error, row.response) == (RequestLog.Status.ERROR, lost(worker), said)  # what it said is kept
         assert row.finished_at is not None
