@@ -247,7 +247,7 @@ class Generation:
         except events.StreamTimeout as exc:
             self.finished = True
             self._count_error()
-            await sync_to_async(lifecycle.fail_unanswered, thread_sensitive=False)(self.request_id, str(exc))
+            await sync_to_async(lifecycle.fail_unanswered)(self.request_id, str(exc))
             yield contract.Error(str(exc))
         except Exception as exc:  # Redis gone mid-stream: the client still gets an error event
             self.finished = True
