@@ -142,8 +142,8 @@ cancel_watcher = CancelWatcher()
 
 # --- web side (async) -----------------------------------------------------------------------
 
-# Keyed by the loop itself, not its id(): a loop that is gone takes its client along, and a new
-# loop given the old one's address never gets a client bound to it.
+# Keyed by the loop itself, not its id(): a new loop never gets a client made in another (a
+# client keeps its loop alive, so no new loop takes that address; the entries are not freed either).
 _async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = weakref.WeakKeyDictionary()
 
 
