@@ -14,7 +14,7 @@ import logging
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 
-from chat import rollup
+from chat import events, rollup
 from chat.models import RequestLog
 from llmsite.text import storable
 
@@ -113,21 +113,21 @@ def fail(request_id, message: str, *, finished_at=None, **fields) -> bool:
     return _end(request_id, Status.ERROR, error=storable(message), finished_at=finished_at or timezone.now(), **fields)
 
 
-def fail_unanswered(request_id, message: str) -> None:
-    """The web tier ended a request's stream itself (silence, a dead worker): its worker is asked to
-    stop, and the row fails keeping what the answer had said. Redis or the database away is logged,
-    not raised, so the client still gets its error event (a row a dead worker left running is
-    ended by a worker's sweep, workers/orphans.py; a silent worker's by that worker)."""
-    from chat import events  # Redis: only this function needs it
-
+def fail_unanswered(request_id, message: str) -> bool:
+    """A request nobody will answer now: its stream the web tier ended itself (silence, a dead
+    worker), or its worker is gone (workers/orphans.py). Its worker is asked to stop, and the row
+    fails keeping what the answer had said; whether it moved. Redis or the database away is
+    logged, not raised, so the client still gets its error event (a row a dead worker left running
+    is ended by a worker's sweep; a silent worker's by that worker)."""
     try:
         events.request_cancel(request_id)
     except Exception:
         log.warning("request %s: could not ask its worker to stop", request_id, exc_info=True)
     try:
-        fail(request_id, message, response=events.said_so_far(request_id))
+        return fail(request_id, message, response=events.said_so_far(request_id))
     except DatabaseError:
         log.warning("request %s: its row could not be failed", request_id, exc_info=True)
+        return False
 
 
 def cancel_queued(request_id) -> bool:

@@ -75,7 +75,7 @@ def fail_orphaned(absences: Absences = _absences) -> list[str]:
         if not _gone(client, absences, worker, run, now):
             continue
         message = events.worker_lost(worker)
-        if not lifecycle.fail(request_id, message, response=events.said_so_far(request_id)):  # refused (and logged): another worker's sweep was first
+        if not lifecycle.fail_unanswered(request_id, message):  # refused (and logged): another worker's sweep was first
             continue
         log.warning("request %s: its worker %s is gone; the row was running, now error", request_id, worker)
         failed.append(str(request_id))
