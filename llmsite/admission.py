@@ -184,5 +184,10 @@ def line_moves(deployment: str, *, everyone: bool = False) -> list[tuple[str, in
     return moves
 
 
+def started(deployment: str) -> list[str]:
+    """The ids counted as running: a worker took them, and nobody has said `done` for them yet."""
+    return [rid.decode() for rid in sync_client().hkeys(f"{prefix(deployment)}:running")]
+
+
 def has_waiting(deployment: str) -> bool:
     return bool(sync_client().exists(prefix(deployment) + ":ring"))

@@ -4,7 +4,8 @@ its engine has room, so it never holds work another worker could start.
 One thread per worker waits for a queued request (its queues' bells) and starts the next ones by
 fair order while this worker runs fewer of a deployment's answers than the deployment's
 `max_batch_size`; each answer runs on its own thread, and when it ends that thread takes the
-next one. Each start and each end tells the waiting requests their new places.
+next one. Each start and each end tells the waiting requests their new places. A sweep ends
+the turns of answers that ended without their worker saying so (it was killed mid-answer).
 """
 
 import logging
@@ -14,15 +15,19 @@ from collections import Counter
 
 from celery.signals import worker_shutting_down
 from django import db
+from django.conf import settings
 
 from chat import concurrency
+from chat.models import RequestLog
 from llmsite import admission
 from workers import services, unstored
+from workers.periodic import every
 
 log = logging.getLogger(__name__)
 
 BELL_TIMEOUT_SECONDS = 0.5  # a worker also looks this often (a bell another worker took)
 DRAIN_SECONDS = 20.0  # a worker that stops lets its running answers end for this long (as Celery's warm shutdown did)
+LIVE = (RequestLog.Status.QUEUED, RequestLog.Status.RUNNING)  # a started request in these still holds its turn
 REMIND_SECONDS = 10.0  # every waiting request hears its place this often (well within STREAM_TIMEOUT_SECONDS)
 
 
@@ -88,7 +93,6 @@ class Admitter:
             except Exception:
                 log.warning("admission: could not end %s's turn", request_id, exc_info=True)
 
-
     def drain(self, timeout: float) -> None:
         """Wait for the answers running here to end (the waiting ones stay in line for other workers)."""
         deadline = time.monotonic() + timeout
@@ -103,7 +107,29 @@ def start(queues) -> Admitter:
     admitter = Admitter(queues)
     admitter.start()
     _admitters.append(admitter)
+    every(settings.ORPHAN_SWEEP_SECONDS, lambda: end_lost_turns(queues), name="turn-sweep", failure="the sweep of ended turns failed")
     return admitter
+
+
+def end_lost_turns(queues) -> list[str]:
+    """End the turns of requests that ended without their worker saying so (it was killed
+    mid-answer). The web process that streams such an answer ends its turn (chat.services
+    Generation.close); where none did (it died too, or Redis was away then), its user counted one
+    more running answer for good, so that everybody else's requests went ahead of theirs. A turn
+    ends here once its request's row has ended (workers/orphans.py failed it) or is gone. Returns
+    the ids whose turns this call ended."""
+    ended = []
+    for deployment in admission.deployments_of(queues):
+        started = admission.started(deployment)
+        if not started:
+            continue
+        live = {str(pk) for pk in RequestLog.objects.filter(pk__in=started, status__in=LIVE).values_list("pk", flat=True)}
+        for request_id in set(started) - live:
+            if admission.done(deployment=deployment, request_id=request_id) == 1:  # 0: its worker said so meanwhile
+                ended.append(request_id)
+        if len(live) < len(started):
+            concurrency.announce(deployment)  # fewer running answers for those users: places may improve
+    return ended
 
 
 @worker_shutting_down.connect

@@ -14,12 +14,13 @@ from django.conf import settings
 from django.utils import timezone
 
 from chat import events, lifecycle
-from chat.models import Message, RequestLog
-from llmsite import contract
+from chat.models import Deployment, Message, RequestLog
+from llmsite import admission, contract
 from llmsite.launcher import worker_command
 from tests.chat.test_resume import orphaned_answer, resume
 from tests.conftest import Process, wait_for_log
 from tests.metrics.conftest import wait_until
+from tests.workers.test_turns import runs_of
 from workers import orphans
 from workers.heartbeat import run_of
 
@@ -30,10 +31,19 @@ def beat(worker: str, run: str | None) -> None:
     events.sync_client().set(events.worker_host_key(worker), json.dumps(value), ex=600)
 
 
-def left_running(user, worker: str, run: str) -> RequestLog:
+def left_running(user, worker: str, run: str, **fields) -> RequestLog:
     """An answer whose row `worker` (its process `run`) took a minute ago, and whose web process died since."""
     started = timezone.now() - datetime.timedelta(seconds=60)
-    return orphaned_answer(user, status=RequestLog.Status.RUNNING, worker=worker, worker_run=run, started_at=started)[1]
+    return orphaned_answer(user, status=RequestLog.Status.RUNNING, worker=worker, worker_run=run, started_at=started, **fields)[1]
+
+
+def taken(deployment: Deployment, user, request_id: str) -> None:
+    """The request's turn as a worker that took it from the deployment's line leaves it
+    (llmsite/admission.py's _NEXT): counted as running for its user until somebody says it ended."""
+    client, line = events.sync_client(), admission.prefix(deployment.name)
+    client.sadd(admission.served_key(deployment.queue), deployment.name)
+    client.hset(f"{line}:running", request_id, admission.user_key(user.pk))
+    client.hincrby(f"{line}:runs", admission.user_key(user.pk), 1)
 
 
 def name(kind: str) -> str:
@@ -50,7 +60,10 @@ def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_t
     beat(upgraded, "the-run-after")  # its row was taken before workers had run ids
     beat(alive, "its-run")
     beat(older, None)
-    rows = {worker: left_running(user, worker, run).pk for worker, run in [(ghost, "a-run"), (phoenix, "a-run"), (upgraded, ""), (alive, "its-run"), (older, "")]}
+    rows = {worker: left_running(user, worker, run).pk for worker, run in [(phoenix, "a-run"), (upgraded, ""), (alive, "its-run"), (older, "")]}
+    default = Deployment.objects.get(name="default")
+    rows[ghost] = left_running(user, ghost, "a-run", deployment=default).pk
+    taken(default, user, str(rows[ghost]))
     for piece in ("The Louvre ", "is"):  # what the ghost said before it died (its sweep takes a heartbeat TTL)
         events.publish(str(rows[ghost]), contract.Delta(piece))
 
@@ -67,6 +80,10 @@ def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_t
         row = RequestLog.objects.get(pk=rows[worker])
         assert (row.status, row.error, row.response) == (RequestLog.Status.ERROR, lost(worker), said)  # what it said is kept
         assert row.finished_at is not None
+    # Nobody said the ghost's answer ended (no web process streamed it): the stack's worker ends its
+    # turn, or its user would count one more running answer for good (workers/admission.end_lost_turns).
+    wait_until(lambda: str(rows[ghost]) not in admission.started(default.name), "the ghost's turn ended", 30)
+    assert runs_of(default.name, user) == 0
 
     answer = Message.objects.get(request_id=rows[ghost])
     received = resume(stack, user, str(rows[ghost]), "0")
