@@ -132,9 +132,18 @@ def fail_unanswered(request_id, message: str) -> bool:
 
 def cancel_queued(request_id) -> bool:
     """The client left before any worker took the request."""
+    return _end_queued(request_id, Status.CANCELLED)
+
+
+def fail_queued(request_id, message: str) -> bool:
+    """A request no worker will start: it is in no waiting line (workers/admission.py)."""
+    return _end_queued(request_id, Status.ERROR, error=storable(message))
+
+
+def _end_queued(request_id, to: str, **fields) -> bool:
     # Only from queued: a running request is ended by its worker (not a refused transition).
     with transaction.atomic():
-        moved = RequestLog.objects.filter(id=request_id, status=Status.QUEUED).update(status=Status.CANCELLED, finished_at=timezone.now())
+        moved = RequestLog.objects.filter(id=request_id, status=Status.QUEUED).update(status=to, finished_at=timezone.now(), **fields)
         if moved:
             rollup.add(request_id)
     return bool(moved)

@@ -4,10 +4,12 @@ its engine has room, so it never holds work another worker could start.
 One thread per worker waits for a queued request (its queues' bells) and starts the next ones by
 fair order while this worker runs fewer of a deployment's answers than the deployment's
 `max_batch_size`; each answer runs on its own thread, and when it ends that thread takes the
-next one. Each start and each end tells the waiting requests their new places. A sweep ends
-the turns of answers that ended without their worker saying so (it was killed mid-answer).
+next one. Each start and each end tells the waiting requests their new places. A sweep fails
+the requests that are in no line (lost), and ends the turns of answers that ended without their
+worker saying so (it was killed mid-answer).
 """
 
+import datetime
 import logging
 import threading
 import time
@@ -16,10 +18,11 @@ from collections import Counter
 from celery.signals import worker_shutting_down
 from django import db
 from django.conf import settings
+from django.utils import timezone
 
-from chat import concurrency
+from chat import concurrency, events, lifecycle
 from chat.models import RequestLog
-from llmsite import admission
+from llmsite import admission, contract
 from workers import services, unstored
 from workers.periodic import every
 
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 BELL_TIMEOUT_SECONDS = 0.5  # a worker also looks this often (a bell another worker took)
 DRAIN_SECONDS = 20.0  # a worker that stops lets its running answers end for this long (as Celery's warm shutdown did)
 LIVE = (RequestLog.Status.QUEUED, RequestLog.Status.RUNNING)  # a started request in these still holds its turn
+LOST = "The request was lost from its deployment's waiting line (Redis lost its data): send it again."
 REMIND_SECONDS = 10.0  # every waiting request hears its place this often (well within STREAM_TIMEOUT_SECONDS)
 
 
@@ -107,8 +111,36 @@ def start(queues) -> Admitter:
     admitter = Admitter(queues)
     admitter.start()
     _admitters.append(admitter)
-    every(settings.ORPHAN_SWEEP_SECONDS, lambda: end_lost_turns(queues), name="turn-sweep", failure="the sweep of ended turns failed")
+    every(settings.ORPHAN_SWEEP_SECONDS, lambda: sweep(queues), name="line-sweep", failure="the sweep of the waiting lines failed")
     return admitter
+
+
+def sweep(queues) -> None:
+    fail_lost(queues)
+    end_lost_turns(queues)
+
+
+def fail_lost(queues) -> list[str]:
+    """Fail the requests of this worker's deployments that are in no line: queued for longer than
+    STREAM_TIMEOUT_SECONDS (a web process that watched one would have given up on its silence by
+    then) and neither waiting nor taken by a worker: Redis lost its lines (a restart with no
+    persistence, a failover). Nobody would ever start them, and their rows stayed queued for good
+    (in flight on /metrics, out of the usage). Their streams are told, for a page that resumes one.
+    Returns their ids."""
+    before = timezone.now() - datetime.timedelta(seconds=settings.STREAM_TIMEOUT_SECONDS)
+    rows = RequestLog.objects.filter(status=RequestLog.Status.QUEUED, queued_at__lt=before, deployment__queue__in=queues)
+    found = {str(pk): name for pk, name in rows.values_list("pk", "deployment__name")}
+    if not found:
+        return []
+    # Every line of these queues is looked in: a deployment renamed while the request waited.
+    kept = admission.in_line(admission.deployments_of(queues) | set(found.values()), list(found))
+    failed = []
+    for request_id in found.keys() - kept:
+        if lifecycle.fail_queued(request_id, LOST):
+            log.warning("request %s was in no waiting line; failed", request_id)
+            events.publish(request_id, contract.Error(LOST))
+            failed.append(request_id)
+    return failed
 
 
 def end_lost_turns(queues) -> list[str]:

@@ -20,7 +20,7 @@ from llmsite.launcher import worker_command
 from tests.chat.test_resume import orphaned_answer, resume
 from tests.conftest import Process, wait_for_log
 from tests.metrics.conftest import wait_until
-from tests.workers.test_turns import runs_of
+from tests.workers.test_turns import queued, runs_of
 from workers import orphans
 from workers.heartbeat import run_of
 
@@ -135,3 +135,9 @@ def test_two_live_worker_processes_under_one_name_log_an_error():
     finally:
         for twin in twins:
             twin.stop()
+
+
+def test_the_stacks_worker_fails_a_request_its_line_lost(stack, user):
+    """Redis lost the line it waited in (workers/admission.fail_lost; tests/workers/test_turns.py has the cases kept)."""
+    lost = queued(user, Deployment.objects.get(name="default"), since=settings.STREAM_TIMEOUT_SECONDS + 60, line="")
+    wait_until(lambda: RequestLog.objects.get(pk=lost).status == RequestLog.Status.ERROR, "the stack's worker failed it", 30)

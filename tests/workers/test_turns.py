@@ -1,15 +1,43 @@
-"""A worker killed mid-answer never says its answers ended. Where no web process streamed them
-either, their turns stayed counted as running in the deployment's line (llmsite/admission.py) for
-good: their users went behind everybody else's first requests from then on. A worker's sweep ends
-the turns of requests whose rows ended or are gone (workers/admission.end_lost_turns);
-tests/workers/test_orphans.py shows the stack's worker doing so."""
+"""What a worker's sweep of its deployments' waiting lines (llmsite/admission.py) mends.
 
+A worker killed mid-answer never says its answers ended. Where no web process streamed them
+either, their turns stayed counted as running for good: their users went behind everybody else's
+first requests from then on. The sweep ends the turns of requests whose rows ended or are gone
+(workers/admission.end_lost_turns); tests/workers/test_orphans.py shows the stack's worker doing so.
+
+A Redis that lost its data (no persistence, a failover) lost the lines: their requests' rows
+stayed queued for good. The sweep fails those in no line (workers/admission.fail_lost)."""
+
+import datetime
 import uuid
+
+from django.conf import settings
+from django.utils import timezone
 
 from chat import concurrency, events, lifecycle
 from chat.models import Deployment, RequestLog
-from llmsite import admission
-from workers.admission import end_lost_turns
+from llmsite import admission, contract
+from workers.admission import LOST, end_lost_turns, fail_lost
+
+
+def a_deployment() -> Deployment:
+    queue = f"turns-{uuid.uuid4().hex[:6]}"  # no worker: each test takes the requests as one would
+    return Deployment.objects.create(name=f"turns-{uuid.uuid4().hex[:8]}", model_source="x/y", queue=queue, max_batch_size=8)
+
+
+def queued(user, deployment: Deployment, *, since: float = 0, line: str | None = None) -> str:
+    """A request row queued `since` seconds ago, waiting in the line of `line` (its deployment's
+    by default; "" for none)."""
+    row = lifecycle.record(
+        request_id=uuid.uuid4(), user=user, token=None, deployment=deployment, protocol="http", prompt="Hi", system_prompt="", history=[], params={}
+    )
+    RequestLog.objects.filter(pk=row.pk).update(queued_at=timezone.now() - datetime.timedelta(seconds=since))
+    line = deployment.name if line is None else line
+    if line:
+        assert admission.enqueue(
+            deployment=line, queue=deployment.queue, user=admission.user_key(user.pk), request_id=str(row.pk), body={}, max_waiting=8, capacity=8
+        )
+    return str(row.pk)
 
 
 def runs_of(deployment: str, user) -> int:
@@ -18,15 +46,9 @@ def runs_of(deployment: str, user) -> int:
 
 
 def test_the_turns_of_requests_that_ended_without_their_worker_saying_so_are_ended(user, db_user_factory):
-    queue = f"turns-{uuid.uuid4().hex[:6]}"  # no worker: this test takes the requests as one would
-    deployment = Deployment.objects.create(name=f"turns-{uuid.uuid4().hex[:8]}", model_source="x/y", queue=queue, max_batch_size=8)
-    rows = []
-    for _ in range(3):
-        row = lifecycle.record(
-            request_id=uuid.uuid4(), user=user, token=None, deployment=deployment, protocol="http", prompt="Hi", system_prompt="", history=[], params={}
-        )
-        concurrency.enqueue(deployment=deployment, user_id=user.pk, request_id=str(row.pk), body={})
-        rows.append(str(row.pk))
+    deployment = a_deployment()
+    queue = deployment.queue
+    rows = [queued(user, deployment) for _ in range(3)]
     for request_id in rows:  # a worker took all three, and was killed while they ran
         assert admission.next_request(deployment=deployment.name, running_here=0)[0] == request_id
         assert lifecycle.start(request_id, worker="killed@nowhere", run="its-run")
@@ -47,3 +69,27 @@ def test_the_turns_of_requests_that_ended_without_their_worker_saying_so_are_end
         for request_id in (running, waiting):
             admission.done(deployment=deployment.name, request_id=request_id)
         lifecycle.fail(running, "the test is over")
+
+
+def test_a_request_queued_long_ago_in_no_line_is_failed_and_its_stream_told(user):
+    deployment, old = a_deployment(), settings.STREAM_TIMEOUT_SECONDS + 60
+    lost = queued(user, deployment, since=old, line="")
+    fresh = queued(user, deployment, line="")  # its web process puts it in line right after recording it
+    taken = queued(user, deployment, since=old)
+    assert admission.next_request(deployment=deployment.name, running_here=0)[0] == taken  # a worker is starting it
+    waiting = queued(user, deployment, since=old)  # a long wait in line is no loss
+    renamed = queued(user, deployment, since=old, line=f"{deployment.name}-before")  # the deployment was renamed as it waited
+    try:
+        assert fail_lost([deployment.queue]) == [lost]
+        assert fail_lost([deployment.queue]) == []
+        statuses = dict(RequestLog.objects.filter(deployment=deployment).values_list("pk", "status"))
+        assert {str(pk): status for pk, status in statuses.items()} == {
+            lost: "error", fresh: "queued", waiting: "queued", renamed: "queued", taken: "queued"
+        }
+        assert RequestLog.objects.get(pk=lost).error == LOST
+        (_, fields), = events.sync_client().xrange(events.channel(lost))
+        assert contract.decode(fields[b"e"]) == contract.Error(LOST)  # a page that resumes it hears the end
+    finally:
+        for line, request_id in ((deployment.name, waiting), (deployment.name, taken), (f"{deployment.name}-before", renamed)):
+            admission.done(deployment=line, request_id=request_id)
+        RequestLog.objects.filter(deployment=deployment, status="queued").update(status="cancelled")
