@@ -189,13 +189,12 @@ def started(deployment: str) -> list[str]:
     return [rid.decode() for rid in sync_client().hkeys(f"{prefix(deployment)}:running")]
 
 
-def in_line(deployments, request_ids: list[str]) -> set[str]:
-    """Those of `request_ids` that wait in the line of one of `deployments`, or that a worker took from it."""
+def waiting(deployments, request_ids: list[str]) -> set[str]:
+    """Those of `request_ids` that wait in the line of one of `deployments`."""
     pipe = sync_client().pipeline(transaction=False)
     for deployment in deployments:
-        for key in ("body", "running"):
-            for request_id in request_ids:
-                pipe.hexists(f"{prefix(deployment)}:{key}", request_id)
+        for request_id in request_ids:
+            pipe.hexists(f"{prefix(deployment)}:body", request_id)
     found = pipe.execute()
     return {request_id for i, request_id in enumerate(request_ids) if any(found[i :: len(request_ids)])}
 

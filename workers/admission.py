@@ -5,8 +5,8 @@ One thread per worker waits for a queued request (its queues' bells) and starts 
 fair order while this worker runs fewer of a deployment's answers than the deployment's
 `max_batch_size`; each answer runs on its own thread, and when it ends that thread takes the
 next one. Each start and each end tells the waiting requests their new places. A sweep fails
-the requests that are in no line (lost), and ends the turns of answers that ended without their
-worker saying so (it was killed mid-answer).
+the requests that nobody will start (lost with Redis's data, or taken by a worker that died), and
+ends the turns of answers that ended without their worker saying so (it was killed mid-answer).
 """
 
 import datetime
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 BELL_TIMEOUT_SECONDS = 0.5  # a worker also looks this often (a bell another worker took)
 DRAIN_SECONDS = 20.0  # a worker that stops lets its running answers end for this long (as Celery's warm shutdown did)
 LIVE = (RequestLog.Status.QUEUED, RequestLog.Status.RUNNING)  # a started request in these still holds its turn
-LOST = "The request was lost from its deployment's waiting line (Redis lost its data): send it again."
+LOST = "The request was lost before it started (its waiting line was lost with Redis's data, or the worker that took it stopped): send it again."
 REMIND_SECONDS = 10.0  # every waiting request hears its place this often (well within STREAM_TIMEOUT_SECONDS)
 
 
@@ -120,27 +120,39 @@ def sweep(queues) -> None:
     end_lost_turns(queues)
 
 
-def fail_lost(queues) -> list[str]:
-    """Fail the requests of this worker's deployments that are in no line: queued for longer than
-    STREAM_TIMEOUT_SECONDS (a web process that watched one would have given up on its silence by
-    then) and neither waiting nor taken by a worker: Redis lost its lines (a restart with no
-    persistence, a failover). Nobody would ever start them, and their rows stayed queued for good
-    (in flight on /metrics, out of the usage). Their streams are told, for a page that resumes one.
+def fail_lost(queues, suspects: set[str] | None = None) -> list[str]:
+    """Fail the requests of this worker's deployments that nobody will start: queued for longer
+    than STREAM_TIMEOUT_SECONDS (a web process that watched one would have given up on its silence
+    by then) and found waiting in no line by this sweep and the one before it (`suspects`: the ids
+    it found so; a request leaves its line for a moment before its row moves, as a worker starts it
+    or a client cancels it). Redis lost the lines (a restart with no persistence, a failover), or
+    the worker that took one died before it started it: their rows stayed queued for good (in
+    flight on /metrics, out of the usage). Their streams are told, for a page that resumes one.
     Returns their ids."""
+    suspects = _suspects if suspects is None else suspects
     before = timezone.now() - datetime.timedelta(seconds=settings.STREAM_TIMEOUT_SECONDS)
     rows = RequestLog.objects.filter(status=RequestLog.Status.QUEUED, queued_at__lt=before, deployment__queue__in=queues)
     found = {str(pk): name for pk, name in rows.values_list("pk", "deployment__name")}
-    if not found:
-        return []
-    # Every line of these queues is looked in: a deployment renamed while the request waited.
-    kept = admission.in_line(admission.deployments_of(queues) | set(found.values()), list(found))
+    lost = set()
+    if found:  # every line of these queues is looked in: a deployment renamed while the request waited
+        lost = found.keys() - admission.waiting(admission.deployments_of(queues) | set(found.values()), list(found))
+    confirmed = lost & suspects
+    suspects.clear()
+    suspects.update(lost - confirmed)
     failed = []
-    for request_id in found.keys() - kept:
-        if lifecycle.fail_queued(request_id, LOST):
-            log.warning("request %s was in no waiting line; failed", request_id)
+    for request_id in confirmed:
+        if not lifecycle.fail_queued(request_id, LOST):
+            continue
+        log.warning("request %s was in no waiting line and not started; failed", request_id)
+        failed.append(request_id)
+        try:
             events.publish(request_id, contract.Error(LOST))
-            failed.append(request_id)
+        except Exception:  # Redis away: a resume finds the ended row instead
+            log.warning("could not publish the end of request %s", request_id, exc_info=True)
     return failed
+
+
+_suspects: set[str] = set()
 
 
 def end_lost_turns(queues) -> list[str]:

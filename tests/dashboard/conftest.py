@@ -38,8 +38,6 @@ class Seed:
 
 def end_request(*, day, deployment, user, token, outcome, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, minute=0):
     """One request through the lifecycle, queued at 10:00 + `minute` UTC on `day`."""
-    from django.db import transaction
-
     from chat import lifecycle
     from chat.models import RequestLog
 
@@ -49,12 +47,11 @@ def end_request(*, day, deployment, user, token, outcome, prompt_tokens, complet
         prompt="hello", system_prompt="", history=[], params={},
     )
     queued_at = datetime.datetime.combine(day, datetime.time(10, minute % 60), datetime.UTC)
-    with transaction.atomic():  # never seen queued since long ago: a worker's line sweep would fail it as lost
-        RequestLog.objects.filter(id=request_id).update(queued_at=queued_at)
-        if outcome == "cancelled-queued":
-            assert lifecycle.cancel_queued(request_id)
-            return request_id
-        assert lifecycle.start(request_id, worker="")  # no worker's: the orphan sweep leaves a running one alone
+    RequestLog.objects.filter(id=request_id).update(queued_at=queued_at)
+    if outcome == "cancelled-queued":
+        assert lifecycle.cancel_queued(request_id)
+        return request_id
+    assert lifecycle.start(request_id, worker="")  # no worker's: the orphan sweep leaves a running one alone
     if outcome == "running":
         return request_id
     if outcome == "error":

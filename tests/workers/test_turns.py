@@ -71,25 +71,32 @@ def test_the_turns_of_requests_that_ended_without_their_worker_saying_so_are_end
         lifecycle.fail(running, "the test is over")
 
 
-def test_a_request_queued_long_ago_in_no_line_is_failed_and_its_stream_told(user):
+def test_a_request_queued_long_ago_and_found_in_no_line_twice_is_failed_and_its_stream_told(user):
+    """Lost with Redis's data, or taken by a worker that died before it started it; but a request
+    found out of line once may be starting, or leaving its line as its client cancels it."""
     deployment, old = a_deployment(), settings.STREAM_TIMEOUT_SECONDS + 60
     lost = queued(user, deployment, since=old, line="")
     fresh = queued(user, deployment, line="")  # its web process puts it in line right after recording it
-    taken = queued(user, deployment, since=old)
-    assert admission.next_request(deployment=deployment.name, running_here=0)[0] == taken  # a worker is starting it
+    taken, starting = queued(user, deployment, since=old), queued(user, deployment, since=old)
+    for request_id in (taken, starting):
+        assert admission.next_request(deployment=deployment.name, running_here=0)[0] == request_id
     waiting = queued(user, deployment, since=old)  # a long wait in line is no loss
     renamed = queued(user, deployment, since=old, line=f"{deployment.name}-before")  # the deployment was renamed as it waited
+    suspects = set()
     try:
-        assert fail_lost([deployment.queue]) == [lost]
-        assert fail_lost([deployment.queue]) == []
-        statuses = dict(RequestLog.objects.filter(deployment=deployment).values_list("pk", "status"))
-        assert {str(pk): status for pk, status in statuses.items()} == {
-            lost: "error", fresh: "queued", waiting: "queued", renamed: "queued", taken: "queued"
-        }
+        assert fail_lost([deployment.queue], suspects) == []  # found out of line once: not yet
+        assert suspects == {lost, taken, starting}
+        assert lifecycle.start(starting, worker="w@nowhere", run="its-run")  # it was starting
+        assert sorted(fail_lost([deployment.queue], suspects)) == sorted([lost, taken])
+        assert fail_lost([deployment.queue], suspects) == [] and suspects == set()
+        statuses = {str(pk): status for pk, status in RequestLog.objects.filter(deployment=deployment).values_list("pk", "status")}
+        assert statuses == {lost: "error", taken: "error", fresh: "queued", starting: "running", waiting: "queued", renamed: "queued"}
         assert RequestLog.objects.get(pk=lost).error == LOST
         (_, fields), = events.sync_client().xrange(events.channel(lost))
         assert contract.decode(fields[b"e"]) == contract.Error(LOST)  # a page that resumes it hears the end
+        assert end_lost_turns([deployment.queue]) == [taken]  # the dead worker's turn
     finally:
-        for line, request_id in ((deployment.name, waiting), (deployment.name, taken), (f"{deployment.name}-before", renamed)):
+        for line, request_id in ((deployment.name, waiting), (deployment.name, starting), (f"{deployment.name}-before", renamed)):
             admission.done(deployment=line, request_id=request_id)
+        lifecycle.fail(starting, "the test is over")
         RequestLog.objects.filter(deployment=deployment, status="queued").update(status="cancelled")
