@@ -62,13 +62,23 @@ def publish(request_id, event: contract.Event) -> None:
 
 def said_so_far(request_id) -> str:
     """What the request's deltas said, read back from its stream ("" once it expired, or with Redis
-    away): the answer so far of a request whose worker went silent or died, kept on its row."""
+    away): the answer so far of a request whose worker went silent or died, kept on its row. An
+    entry that is no event (written by something else) is left out, and the rest kept."""
     try:
-        decoded = (contract.decode(fields[b"e"]) for _, fields in sync_client().xrange(channel(request_id)))
-        return storable("".join(event.text for event in decoded if isinstance(event, contract.Delta)))
+        entries = sync_client().xrange(channel(request_id))
     except Exception:
         log.warning("could not read back what request %s said", request_id, exc_info=True)
         return ""
+    said = []
+    for entry_id, fields in entries:
+        try:
+            event = contract.decode(fields[b"e"])
+        except (KeyError, contract.ContractError) as exc:
+            log.warning("request %s: stream entry %s is no event (%s)", request_id, entry_id, exc)
+            continue
+        if isinstance(event, contract.Delta):
+            said.append(event.text)
+    return storable("".join(said))
 
 
 def request_cancel(request_id) -> None:

@@ -20,10 +20,10 @@ from django import db
 from django.conf import settings
 from django.utils import timezone
 
-from chat import concurrency, events, lifecycle
+from chat import concurrency, lifecycle
 from chat.models import RequestLog
-from llmsite import admission, contract
-from workers import services, unstored
+from llmsite import admission
+from workers import orphans, services, unstored
 from workers.periodic import every
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def fail_lost(queues, suspects: set[str] | None = None) -> list[str]:
     it found so; a request leaves its line for a moment before its row moves, as a worker starts it
     or a client cancels it). Redis lost the lines (a restart with no persistence, a failover), or
     the worker that took one died before it started it: their rows stayed queued for good (in
-    flight on /metrics, out of the usage). Their streams are told, for a page that resumes one.
+    flight on /metrics, out of the usage). Each is counted and its stream told (`orphans.tell_failed`).
     Returns their ids."""
     suspects = _suspects if suspects is None else suspects
     before = timezone.now() - datetime.timedelta(seconds=settings.STREAM_TIMEOUT_SECONDS)
@@ -145,10 +145,7 @@ def fail_lost(queues, suspects: set[str] | None = None) -> list[str]:
             continue
         log.warning("request %s was in no waiting line and not started; failed", request_id)
         failed.append(request_id)
-        try:
-            events.publish(request_id, contract.Error(LOST))
-        except Exception:  # Redis away: a resume finds the ended row instead
-            log.warning("could not publish the end of request %s", request_id, exc_info=True)
+        orphans.tell_failed(request_id, found[request_id], LOST)
     return failed
 
 

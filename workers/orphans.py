@@ -22,6 +22,7 @@ from django.conf import settings
 from chat import events, lifecycle
 from chat.models import RequestLog
 from llmsite import contract
+from workers import metrics
 from workers.heartbeat import run_of
 from workers.periodic import every
 
@@ -71,7 +72,7 @@ def fail_orphaned(absences: Absences = _absences) -> list[str]:
     now = time.monotonic()
     rows = RequestLog.objects.filter(status=RequestLog.Status.RUNNING, started_at__isnull=False).exclude(worker="")
     failed = []
-    for request_id, worker, run in rows.values_list("pk", "worker", "worker_run"):
+    for request_id, worker, run, deployment in rows.values_list("pk", "worker", "worker_run", "deployment__name"):
         if not _gone(client, absences, worker, run, now):
             continue
         message = events.worker_lost(worker)
@@ -79,11 +80,19 @@ def fail_orphaned(absences: Absences = _absences) -> list[str]:
             continue
         log.warning("request %s: its worker %s is gone; the row was running, now error", request_id, worker)
         failed.append(str(request_id))
-        try:
-            events.publish(request_id, contract.Error(message))  # a page resuming it hears the end now
-        except Exception:  # Redis away: a resume finds the ended row instead
-            log.warning("could not publish the end of request %s", request_id, exc_info=True)
+        tell_failed(request_id, deployment, message)
     return failed
+
+
+def tell_failed(request_id, deployment: str | None, message: str) -> None:
+    """A request a sweep failed: counted as an error on this worker's /metrics (its own worker is
+    gone or never started it), and its stream told, so that a page resuming it hears the end now
+    (a web process that streams it ends on that event, and counts nothing)."""
+    metrics.count(deployment=deployment or "", outcome="error")
+    try:
+        events.publish(request_id, contract.Error(message))
+    except Exception:  # Redis away: a resume finds the ended row instead
+        log.warning("could not publish the end of request %s", request_id, exc_info=True)
 
 
 def start_sweeper():

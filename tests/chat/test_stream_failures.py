@@ -123,3 +123,17 @@ def test_worker_killed_mid_stream_ends_the_stream_with_an_error_object(stack, to
         assert RequestLog.objects.get(user=user).status == RequestLog.Status.ERROR
     finally:
         worker.stop()
+
+
+def test_what_a_failed_answer_had_said_keeps_the_deltas_around_an_entry_that_is_no_event():
+    """The row of an answer whose worker went silent or died keeps its text (chat.events.said_so_far):
+    something else writing to its stream costs that one entry, not the whole text."""
+    from chat import events
+    from llmsite import contract
+
+    request_id = str(uuid.uuid4())
+    events.publish(request_id, contract.Delta("The Louvre "))
+    events.sync_client().xadd(events.channel(request_id), {"e": b"not an event"})
+    events.sync_client().xadd(events.channel(request_id), {"other": b"field"})
+    events.publish(request_id, contract.Delta("is in Paris."))
+    assert events.said_so_far(request_id) == "The Louvre is in Paris."

@@ -38,11 +38,12 @@ def test_requests_waiting_rises_while_a_deployment_is_saturated_and_returns_to_z
             sockets.append(ws)
 
         def saturated():
+            # Both at once: the first one's row is still queued for a moment after the worker took it.
             web = scrape(f"{stack.url}/metrics")
-            return web if value(web, "llmsite:requests_in_flight", deployment=name, status="queued") == 2 else None
+            state = {status: value(web, "llmsite:requests_in_flight", deployment=name, status=status) for status in ("queued", "running")}
+            return state == {"queued": 2, "running": 1}
 
-        web = wait_until(saturated, "two requests waited behind the running one")
-        assert value(web, "llmsite:requests_in_flight", deployment=name, status="running") == 1  # only one taken
+        wait_until(saturated, "two requests waited behind the running one (only one taken)")
         samples = scrape(stack.worker_metrics_url)
         assert value(samples, "llmsite:num_requests_running", deployment=name) == 1  # its batch is full
         assert value(samples, "llmsite:num_requests_waiting", deployment=name) == 0  # the worker holds none waiting

@@ -19,7 +19,7 @@ from llmsite import admission, contract
 from llmsite.launcher import worker_command
 from tests.chat.test_resume import orphaned_answer, resume
 from tests.conftest import Process, wait_for_log
-from tests.metrics.conftest import wait_until
+from tests.metrics.conftest import copy_of_default, scrape, value, wait_until
 from tests.workers.test_turns import queued, runs_of
 from workers import orphans
 from workers.heartbeat import run_of
@@ -61,9 +61,9 @@ def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_t
     beat(alive, "its-run")
     beat(older, None)
     rows = {worker: left_running(user, worker, run).pk for worker, run in [(phoenix, "a-run"), (upgraded, ""), (alive, "its-run"), (older, "")]}
-    default = Deployment.objects.get(name="default")
-    rows[ghost] = left_running(user, ghost, "a-run", deployment=default).pk
-    taken(default, user, str(rows[ghost]))
+    ghosts = copy_of_default("ghost")  # the default model on the stack's worker's queue, with series of its own
+    rows[ghost] = left_running(user, ghost, "a-run", deployment=ghosts).pk
+    taken(ghosts, user, str(rows[ghost]))
     for piece in ("The Louvre ", "is"):  # what the ghost said before it died (its sweep takes a heartbeat TTL)
         events.publish(str(rows[ghost]), contract.Delta(piece))
 
@@ -82,8 +82,9 @@ def test_the_rows_of_a_dead_or_restarted_worker_are_failed_and_a_reload_stores_t
         assert row.finished_at is not None
     # Nobody said the ghost's answer ended (no web process streamed it): the stack's worker ends its
     # turn, or its user would count one more running answer for good (workers/admission.end_lost_turns).
-    wait_until(lambda: str(rows[ghost]) not in admission.started(default.name), "the ghost's turn ended", 30)
-    assert runs_of(default.name, user) == 0
+    wait_until(lambda: str(rows[ghost]) not in admission.started(ghosts.name), "the ghost's turn ended", 30)
+    assert runs_of(ghosts.name, user) == 0
+    assert errors_counted(stack, ghosts) == 1  # on the sweeping worker's /metrics: nobody else counts it
 
     answer = Message.objects.get(request_id=rows[ghost])
     received = resume(stack, user, str(rows[ghost]), "0")
@@ -139,5 +140,11 @@ def test_two_live_worker_processes_under_one_name_log_an_error():
 
 def test_the_stacks_worker_fails_a_request_its_line_lost(stack, user):
     """Redis lost the line it waited in (workers/admission.fail_lost; tests/workers/test_turns.py has the cases kept)."""
-    lost = queued(user, Deployment.objects.get(name="default"), since=settings.STREAM_TIMEOUT_SECONDS + 60, line="")
+    deployment = copy_of_default("lost")
+    lost = queued(user, deployment, since=settings.STREAM_TIMEOUT_SECONDS + 60, line="")
     wait_until(lambda: RequestLog.objects.get(pk=lost).status == RequestLog.Status.ERROR, "the stack's worker failed it", 30)
+    assert errors_counted(stack, deployment) == 1
+
+
+def errors_counted(stack, deployment: Deployment) -> float:
+    return value(scrape(stack.worker_metrics_url), "llmsite:requests_total", deployment=deployment.name, outcome="error")
