@@ -62,8 +62,9 @@ def publish(request_id, event: contract.Event) -> None:
 
 def said_so_far(request_id) -> str:
     """What the request's deltas said, read back from its stream ("" once it expired, or with Redis
-    away): the answer so far of a request whose worker went silent or died, kept on its row. An
-    entry that is no event (written by something else) is left out, and the rest kept."""
+    away): the answer so far of a request whose worker went silent or died, kept on its row (its
+    first answer's, as a finished row keeps). An entry this version cannot read (an event type of
+    a newer worker, in a rolling upgrade) is left out, and the rest kept."""
     try:
         entries = sync_client().xrange(channel(request_id))
     except Exception:
@@ -76,7 +77,7 @@ def said_so_far(request_id) -> str:
         except (KeyError, contract.ContractError) as exc:
             log.warning("request %s: stream entry %s is no event (%s)", request_id, entry_id, exc)
             continue
-        if isinstance(event, contract.Delta):
+        if isinstance(event, contract.Delta) and event.index == 0:
             said.append(event.text)
     return storable("".join(said))
 

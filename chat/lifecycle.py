@@ -136,8 +136,14 @@ def cancel_queued(request_id) -> bool:
 
 
 def fail_queued(request_id, message: str) -> bool:
-    """A request no worker will start: it is in no waiting line (workers/admission.py)."""
-    return _end_queued(request_id, Status.ERROR, error=storable(message))
+    """A request no worker will start: its client's stream broke while it waited (a worker that
+    takes it later finds it ended), or it is in no waiting line (workers/admission.py). Whether it
+    moved; the database away is logged, not raised."""
+    try:
+        return _end_queued(request_id, Status.ERROR, error=storable(message))
+    except DatabaseError:
+        log.warning("request %s: its row could not be failed", request_id, exc_info=True)
+        return False
 
 
 def _end_queued(request_id, to: str, **fields) -> bool:

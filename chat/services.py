@@ -252,7 +252,9 @@ class Generation:
         except Exception as exc:  # Redis gone mid-stream: the client still gets an error event
             self.finished = True
             self._count_error()
-            yield contract.Error(outage(f"The token stream of {self.request_id} broke", exc, trace=True))
+            message = outage(f"The token stream of {self.request_id} broke", exc, trace=True)
+            await sync_to_async(lifecycle.fail_queued)(self.request_id, message)  # not started: none will start it now
+            yield contract.Error(message)
 
     async def _in_line(self, stream):
         """The events with the place in line kept honest: no `queued` after the start, and a last

@@ -189,7 +189,7 @@ def started(deployment: str) -> list[str]:
     return [rid.decode() for rid in sync_client().hkeys(f"{prefix(deployment)}:running")]
 
 
-def waiting(deployments, request_ids: list[str]) -> set[str]:
+def waiting_among(deployments, request_ids: list[str]) -> set[str]:
     """Those of `request_ids` that wait in the line of one of `deployments`."""
     pipe = sync_client().pipeline(transaction=False)
     for deployment in deployments:

@@ -23,7 +23,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 # The stack's processes (started from here) cancel a generation nobody listens to after 1 s, not
 # 10: the tests of a client leaving keep their meaning without waiting the default grace period.
 os.environ.setdefault("RESUME_GRACE_SECONDS", "1")
-# Their workers look for rows a dead worker left running every 2 s, not 15.
+# Their workers look for rows a dead worker left running, and sweep their waiting lines, every 2 s, not 15.
 os.environ.setdefault("ORPHAN_SWEEP_SECONDS", "2")
 READY_TIMEOUT = 600  # a first run de-quantizes the GGUF model once (about 30 s on 2 cores)
 

@@ -6,7 +6,7 @@ fair order while this worker runs fewer of a deployment's answers than the deplo
 `max_batch_size`; each answer runs on its own thread, and when it ends that thread takes the
 next one. Each start and each end tells the waiting requests their new places. A sweep fails
 the requests that nobody will start (lost with Redis's data, or taken by a worker that died), and
-ends the turns of answers that ended without their worker saying so (it was killed mid-answer).
+ends the turns of answers that ended without their worker saying so (it died).
 """
 
 import datetime
@@ -116,26 +116,34 @@ def start(queues) -> Admitter:
 
 
 def sweep(queues) -> None:
-    fail_lost(queues)
-    end_lost_turns(queues)
+    """Both mends, each whatever the other met (the database or Redis away: the next sweep tries again)."""
+    for mend in (fail_lost, end_lost_turns):
+        try:
+            mend(queues)
+        except Exception:
+            log.warning("the line sweep's %s failed", mend.__name__, exc_info=True)
+
+
+_suspects: set[str] = set()  # the ids the last sweep found queued long and in no line
 
 
 def fail_lost(queues, suspects: set[str] | None = None) -> list[str]:
     """Fail the requests of this worker's deployments that nobody will start: queued for longer
-    than STREAM_TIMEOUT_SECONDS (a web process that watched one would have given up on its silence
-    by then) and found waiting in no line by this sweep and the one before it (`suspects`: the ids
-    it found so; a request leaves its line for a moment before its row moves, as a worker starts it
-    or a client cancels it). Redis lost the lines (a restart with no persistence, a failover), or
-    the worker that took one died before it started it: their rows stayed queued for good (in
-    flight on /metrics, out of the usage). Each is counted and its stream told (`orphans.tell_failed`).
-    Returns their ids."""
+    than STREAM_TIMEOUT_SECONDS and found waiting in no line by this sweep and by the one before it
+    (`suspects`, the ids that one found so, updated in place). The age keeps clear of the moment
+    between a request's row and its place in line; the second look, of the moment a request leaves
+    its line before its row moves (a worker starting it, its client cancelling it). Redis lost the
+    lines (a restart with no persistence, a failover), or the worker that took one died before it
+    started it: their rows stayed queued for good (in flight on /metrics, out of the usage). Each
+    is counted, and its stream told, for a web process that still reads it or a page that resumes
+    it (`orphans.tell_failed`). Returns their ids."""
     suspects = _suspects if suspects is None else suspects
     before = timezone.now() - datetime.timedelta(seconds=settings.STREAM_TIMEOUT_SECONDS)
     rows = RequestLog.objects.filter(status=RequestLog.Status.QUEUED, queued_at__lt=before, deployment__queue__in=queues)
     found = {str(pk): name for pk, name in rows.values_list("pk", "deployment__name")}
     lost = set()
     if found:  # every line of these queues is looked in: a deployment renamed while the request waited
-        lost = found.keys() - admission.waiting(admission.deployments_of(queues) | set(found.values()), list(found))
+        lost = found.keys() - admission.waiting_among(admission.deployments_of(queues) | set(found.values()), list(found))
     confirmed = lost & suspects
     suspects.clear()
     suspects.update(lost - confirmed)
@@ -149,26 +157,23 @@ def fail_lost(queues, suspects: set[str] | None = None) -> list[str]:
     return failed
 
 
-_suspects: set[str] = set()
-
-
 def end_lost_turns(queues) -> list[str]:
-    """End the turns of requests that ended without their worker saying so (it was killed
-    mid-answer). The web process that streams such an answer ends its turn (chat.services
-    Generation.close); where none did (it died too, or Redis was away then), its user counted one
-    more running answer for good, so that everybody else's requests went ahead of theirs. A turn
-    ends here once its request's row has ended (workers/orphans.py failed it) or is gone. Returns
-    the ids whose turns this call ended."""
+    """End the turns of requests that ended without their worker saying so: it was killed
+    mid-answer (workers/orphans.py or the web tier failed the row), or died before it started one
+    (`fail_lost` failed it). The web process that streams such an answer ends its turn
+    (chat.services Generation.close); where none did (it died too, or Redis was away then), its
+    user counted one more running answer for good, so that everybody else's requests went ahead of
+    theirs. A turn ends here once its request's row has ended or is gone. Returns the ids whose
+    turns this call ended."""
     ended = []
     for deployment in admission.deployments_of(queues):
         started = admission.started(deployment)
         if not started:
             continue
         live = {str(pk) for pk in RequestLog.objects.filter(pk__in=started, status__in=LIVE).values_list("pk", flat=True)}
-        for request_id in set(started) - live:
-            if admission.done(deployment=deployment, request_id=request_id) == 1:  # 0: its worker said so meanwhile
-                ended.append(request_id)
-        if len(live) < len(started):
+        here = [rid for rid in set(started) - live if admission.done(deployment=deployment, request_id=rid) == 1]  # 0: its worker said so meanwhile
+        if here:
+            ended += here
             concurrency.announce(deployment)  # fewer running answers for those users: places may improve
     return ended
 

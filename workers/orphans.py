@@ -5,7 +5,9 @@ A web process that streams an answer fails its row as soon as the answer's worke
 nothing did: the row stayed `running` (in flight on /metrics, out of the usage rollup) until a
 page resumed the answer, and for good where none would (an API request). Every worker looks every
 ORPHAN_SWEEP_SECONDS for running rows whose worker is gone and fails them (counted in the usage
-like any other end), with an error event in the request's stream for whoever resumes it.
+like any other end, and as an error on the sweeping worker's /metrics: `tell_failed`, which the
+line sweep of workers/admission.py shares), with an error event in the request's stream for
+whoever resumes it.
 
 A worker is gone when its heartbeat key (workers/heartbeat.py) was found away by consecutive
 sweeps at least WORKER_HEARTBEAT_TTL seconds apart (not one look: a restarted Redis holds no keys
@@ -86,8 +88,9 @@ def fail_orphaned(absences: Absences = _absences) -> list[str]:
 
 def tell_failed(request_id, deployment: str | None, message: str) -> None:
     """A request a sweep failed: counted as an error on this worker's /metrics (its own worker is
-    gone or never started it), and its stream told, so that a page resuming it hears the end now
-    (a web process that streams it ends on that event, and counts nothing)."""
+    gone or never started it; only the sweep that moved the row counts it), and its stream told,
+    so that a page resuming it hears the end now (a web process still reading it ends on that
+    event, and counts nothing)."""
     metrics.count(deployment=deployment or "", outcome="error")
     try:
         events.publish(request_id, contract.Error(message))

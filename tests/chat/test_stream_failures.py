@@ -135,5 +135,6 @@ def test_what_a_failed_answer_had_said_keeps_the_deltas_around_an_entry_that_is_
     events.publish(request_id, contract.Delta("The Louvre "))
     events.sync_client().xadd(events.channel(request_id), {"e": b"not an event"})
     events.sync_client().xadd(events.channel(request_id), {"other": b"field"})
+    events.publish(request_id, contract.Delta("The Eiffel Tower", index=1))  # a second answer (n=2): the row keeps the first's
     events.publish(request_id, contract.Delta("is in Paris."))
     assert events.said_so_far(request_id) == "The Louvre is in Paris."

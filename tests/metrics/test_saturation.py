@@ -44,8 +44,12 @@ def test_requests_waiting_rises_while_a_deployment_is_saturated_and_returns_to_z
             return state == {"queued": 2, "running": 1}
 
         wait_until(saturated, "two requests waited behind the running one (only one taken)")
-        samples = scrape(stack.worker_metrics_url)
-        assert value(samples, "llmsite:num_requests_running", deployment=name) == 1  # its batch is full
+
+        def full():
+            samples = scrape(stack.worker_metrics_url)
+            return samples if value(samples, "llmsite:num_requests_running", deployment=name) == 1 else None
+
+        samples = wait_until(full, "its batch is full (the engine took the claimed request in)")
         assert value(samples, "llmsite:num_requests_waiting", deployment=name) == 0  # the worker holds none waiting
     finally:
         for ws in sockets:
