@@ -26,11 +26,12 @@ from django.conf import settings
 
 from chat import stream_reader
 from chat.stream_reader import raise_if_cancelled
-from llmsite import contract
+from llmsite import contract, redis_outage
 from llmsite.text import storable
 from llmsite.workers_alive import queue_alive_key, sync_client, worker_host_key  # noqa: F401  (the key names and the client live there)
 
 CANCEL_TTL_SECONDS = 3600
+OUTAGE_PAUSE_SECONDS = 0.25  # a reader's pause between reads while Redis is away
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,10 @@ def cancel_key(request_id) -> str:
 
 
 def publish(request_id, event: contract.Event) -> None:
-    """Append `event` to the request's stream; the stream expires RESUME_KEEP_SECONDS after its last event."""
-    key = channel(request_id)
-    pipe = sync_client().pipeline(transaction=False)
-    pipe.xadd(key, {"e": contract.encode(event)}, maxlen=settings.RESUME_MAX_EVENTS, approximate=True)
-    pipe.expire(key, settings.RESUME_KEEP_SECONDS)
-    pipe.execute()
+    """Append `event` to the request's stream, once, waiting for a Redis that is away for a moment
+    (llmsite.redis_outage); the stream expires RESUME_KEEP_SECONDS after its last event."""
+    fields = {"e": contract.encode(event)}
+    redis_outage.append(sync_client(), channel(request_id), fields, maxlen=settings.RESUME_MAX_EVENTS, keep_seconds=settings.RESUME_KEEP_SECONDS)
 
 
 def said_so_far(request_id) -> str:
@@ -180,7 +179,13 @@ async def queue_has_worker(queue: str) -> bool:
 
 
 async def worker_alive(hostname: str) -> bool:
-    return bool(await async_client().exists(worker_host_key(hostname)))
+    """Whether the worker beat within WORKER_HEARTBEAT_TTL, or may have: a Redis that restarted
+    without its data since the worker's last beat forgot its key, and the next beat brings it back."""
+    client = async_client()
+    if await client.exists(worker_host_key(hostname)):
+        return True
+    uptime = (await client.info("server")).get("uptime_in_seconds")
+    return isinstance(uptime, int) and uptime <= settings.WORKER_HEARTBEAT_TTL
 
 
 async def renew_listen(request_id) -> None:
@@ -253,22 +258,35 @@ class Subscription:
 
     async def events(self, timeout: float | None = None, on_received=None):
         """Yield typed events until a terminal one (final, embeddings, error); raise StreamTimeout after `timeout` s of
-        silence, or WorkerLost as soon as the worker that took the request stops beating. On a
+        silence, or WorkerLost as soon as the worker that took the request stops beating. A Redis
+        that is away raises its error, except for a request a worker took, whose events are read on
+        once it is back (for up to REDIS_OUTAGE_SECONDS: llmsite.redis_outage). On a
         `received` (a worker holds the request, or still waits for its model) `on_received()` is
         awaited, where given; it is yielded only where it tells of that wait (`loading_seconds`)."""
         timeout = settings.STREAM_TIMEOUT_SECONDS if timeout is None else timeout
         deadline = time.monotonic() + timeout
         worker, next_check = None, time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
+        outage = redis_outage.Outage()
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StreamTimeout(f"No answer from the model worker within {timeout:g} seconds.")
-            if worker and time.monotonic() >= next_check:
-                next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
-                if not await worker_alive(worker):
-                    raise WorkerLost(worker_lost(worker))
-            await self._renew()
-            found = await self._read(left)
+            try:
+                if worker and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
+                    if not await worker_alive(worker):
+                        raise WorkerLost(worker_lost(worker))
+                await self._renew()
+                found = await self._read(left)
+            except redis_outage.AWAY:
+                raise_if_cancelled()
+                # A request a worker holds goes on there: read on from `last_id` once Redis is
+                # back. One still waiting in line is ended (its place may be lost with Redis's data).
+                if worker is None or not outage.try_again():
+                    raise
+                await asyncio.sleep(OUTAGE_PAUSE_SECONDS)
+                continue
+            outage.back()
             raise_if_cancelled()
             for entry_id, fields in found:
                 deadline = time.monotonic() + timeout

