@@ -9,7 +9,7 @@ and sees nothing twice; the stream's ids are the events' ids.
 
 Every reader of a generation renews its listen key (`listened`, a lease of RESUME_GRACE_SECONDS);
 when the last one leaves, the key lapses, and a generation nobody listens to is cancelled (see
-`chat.services.Generation.detach`). Cancellation has one path: the web tier sets the request's
+`chat.in_flight.Generation.detach`). Cancellation has one path: the web tier sets the request's
 cancel key (`cancel`), and the worker's one `CancelWatcher` thread sees it and sets the
 generation's `threading.Event`, which is the engine's `cancelled`.
 """

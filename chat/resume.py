@@ -19,7 +19,7 @@ import uuid
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_GET
 
-from chat import events, services
+from chat import events, in_flight, services
 from chat.models import Message, RequestLog
 from llmsite import auth, contract
 from llmsite.errors import ApiError, InvalidRequest, Unauthorized
@@ -51,10 +51,10 @@ def stored_end(request_id) -> RequestLog | None:
     return row
 
 
-async def follow(request_id: str, *, after: str = "0") -> services.Generation:
+async def follow(request_id: str, *, after: str = "0") -> in_flight.Generation:
     """A listener of the request's events after `after`: the Generation to relay, then close."""
     subscription = await events.Subscription(request_id, after=after, listen=True).open()
-    return services.Generation(request_id, subscription)
+    return in_flight.Generation(request_id, subscription)
 
 
 def _readable_row(request) -> RequestLog:
@@ -108,7 +108,7 @@ def _sse(event_id: str | None, event: contract.Event) -> bytes:
     return f"{head}event: {event.type}\ndata: {contract.encode(event)}\n\n".encode()
 
 
-async def _stream(generation: services.Generation):
+async def _stream(generation: in_flight.Generation):
     sent = None
     try:
         async for event in generation.events():

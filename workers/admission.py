@@ -161,7 +161,7 @@ def end_lost_turns(queues) -> list[str]:
     """End the turns of requests that ended without their worker saying so: it was killed
     mid-answer (workers/orphans.py or the web tier failed the row), or died before it started one
     (`fail_lost` failed it). The web process that streams such an answer ends its turn
-    (chat.services Generation.close); where none did (it died too, or Redis was away then), its
+    (chat.in_flight Generation.close); where none did (it died too, or Redis was away then), its
     user counted one more running answer for good, so that everybody else's requests went ahead of
     theirs. A turn ends here once its request's row has ended or is gone. Returns the ids whose
     turns this call ended."""

@@ -11,7 +11,7 @@ import asyncio
 
 from channels.testing import WebsocketCommunicator
 
-from chat import chat_consumer, conversations, events, resume, services
+from chat import chat_consumer, conversations, events, in_flight, resume
 from chat.chat_consumer import ChatConsumer
 from chat.models import Message, RequestLog
 from llmsite import contract
@@ -57,13 +57,13 @@ def test_a_failure_before_the_turn_is_stored_is_told_to_the_page(user, monkeypat
 
 def test_a_failure_after_the_turn_is_stored_ends_it_as_an_error_and_lets_its_request_go(stack, user, monkeypatch):
     monkeypatch.setattr(conversations, "answer_link", broken)
-    closed, close = [], services.Generation.close
+    closed, close = [], in_flight.Generation.close
 
     async def noted_close(generation):
         closed.append(generation.request_id)
         await close(generation)
 
-    monkeypatch.setattr(services.Generation, "close", noted_close)
+    monkeypatch.setattr(in_flight.Generation, "close", noted_close)
     send = {"type": "send", "deployment": "default", "prompt": "Say hi.", "temperature": 0, "max_new_tokens": 4}
     received = asyncio.run(talk(user, [send], until=1))
     assert [m["type"] for m in received] == ["turn", "usage", "done"], received
@@ -113,7 +113,7 @@ def test_a_stop_that_fails_is_told_and_the_answer_still_ends(stack, user, monkey
     async def broken_cancel(generation):
         raise RuntimeError("secret detail of a bug")
 
-    monkeypatch.setattr(services.Generation, "cancel", broken_cancel)
+    monkeypatch.setattr(in_flight.Generation, "cancel", broken_cancel)
     story = {"type": "send", "deployment": "default", "prompt": "Tell me a long story about a dragon.", "temperature": 0, "max_new_tokens": 400}
 
     async def send_then_stop():

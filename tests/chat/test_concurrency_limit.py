@@ -125,7 +125,7 @@ def test_a_request_whose_worker_waits_for_the_model_keeps_its_slot(stack, limite
     import threading
 
     from chat import concurrency, events
-    from chat.services import Generation
+    from chat.in_flight import Generation
     from llmsite import contract
 
     settings.GENERATION_LEASE_SECONDS = 2
