@@ -13,6 +13,7 @@ import datetime
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 
 from celery.signals import worker_shutting_down
@@ -170,12 +171,21 @@ def end_lost_turns(queues) -> list[str]:
         started = admission.started(deployment)
         if not started:
             continue
-        live = {str(pk) for pk in RequestLog.objects.filter(pk__in=started, status__in=LIVE).values_list("pk", flat=True)}
+        ids = [rid for rid in started if _is_uuid(rid)]  # anything else names no row: its turn is ended
+        live = {str(pk) for pk in RequestLog.objects.filter(pk__in=ids, status__in=LIVE).values_list("pk", flat=True)}
         here = [rid for rid in set(started) - live if admission.done(deployment=deployment, request_id=rid) == 1]  # 0: its worker said so meanwhile
         if here:
             ended += here
             concurrency.announce(deployment)  # fewer running answers for those users: places may improve
     return ended
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 @worker_shutting_down.connect

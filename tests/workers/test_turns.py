@@ -55,12 +55,14 @@ def test_the_turns_of_requests_that_ended_without_their_worker_saying_so_are_end
     failed, deleted, running = rows
     lifecycle.fail(failed, "The model worker killed@nowhere stopped while generating this answer.")  # as the orphan sweep does
     RequestLog.objects.filter(pk=deleted).delete()  # an operator deleted it
+    events.sync_client().hset(f"{admission.prefix(deployment.name)}:running", "not-a-request-id", admission.user_key(user.pk))  # no code writes one
+    events.sync_client().hincrby(f"{admission.prefix(deployment.name)}:runs", admission.user_key(user.pk), 1)
     waiting_user = db_user_factory()
     waiting = str(uuid.uuid4())
     concurrency.enqueue(deployment=deployment, user_id=waiting_user.pk, request_id=waiting, body={})
     try:
-        assert runs_of(deployment.name, user) == 3
-        assert sorted(end_lost_turns([queue])) == sorted([failed, deleted])
+        assert runs_of(deployment.name, user) == 4
+        assert sorted(end_lost_turns([queue])) == sorted([failed, deleted, "not-a-request-id"])
         assert admission.started(deployment.name) == [running]  # its worker may still say it ended
         assert runs_of(deployment.name, user) == 1
         assert end_lost_turns([queue]) == []  # each turn ends once
