@@ -146,7 +146,7 @@ def announce(deployment: str, *, everyone: bool = False) -> None:
     each waiting request, which also keeps its stream's watchdog from taking a long wait for a
     silent worker)."""
     for request_id, position, wait in admission.line_moves(deployment, everyone=everyone):
-        events.publish(request_id, contract.Queued(position=position, wait_seconds=wait))
+        events.publish(request_id, contract.Queued(position=position, wait_seconds=wait), ride_out=False)
 
 
 def withdraw(deployment: str, request_id: str) -> bool:

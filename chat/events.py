@@ -52,11 +52,14 @@ def cancel_key(request_id) -> str:
 # --- worker side (sync) ---------------------------------------------------------------------
 
 
-def publish(request_id, event: contract.Event) -> None:
-    """Append `event` to the request's stream, once, waiting for a Redis that is away for a moment
-    (llmsite.redis_outage); the stream expires RESUME_KEEP_SECONDS after its last event."""
+def publish(request_id, event: contract.Event, *, ride_out: bool = True) -> None:
+    """Append `event` to the request's stream, once; a generation's own events wait for a Redis
+    that is away for a moment, others (`ride_out=False`: a place in line, a sweep's error) try
+    once (llmsite.redis_outage). The stream expires RESUME_KEEP_SECONDS after its last event."""
     fields = {"e": contract.encode(event)}
-    redis_outage.append(sync_client(), channel(request_id), fields, maxlen=settings.RESUME_MAX_EVENTS, keep_seconds=settings.RESUME_KEEP_SECONDS)
+    redis_outage.append(
+        sync_client(), channel(request_id), fields, maxlen=settings.RESUME_MAX_EVENTS, keep_seconds=settings.RESUME_KEEP_SECONDS, ride_out=ride_out
+    )
 
 
 def said_so_far(request_id) -> str:
@@ -69,8 +72,10 @@ def said_so_far(request_id) -> str:
     except Exception:
         log.warning("could not read back what request %s said", request_id, exc_info=True)
         return ""
-    said = []
+    said, tags = [], redis_outage.Tags()
     for entry_id, fields in entries:
+        if tags.seen(fields):
+            continue
         try:
             event = contract.decode(fields[b"e"])
         except (KeyError, contract.ContractError) as exc:
@@ -184,7 +189,10 @@ async def worker_alive(hostname: str) -> bool:
     client = async_client()
     if await client.exists(worker_host_key(hostname)):
         return True
-    uptime = (await client.info("server")).get("uptime_in_seconds")
+    try:
+        uptime = (await client.info("server")).get("uptime_in_seconds")
+    except aioredis.ResponseError:  # INFO refused (an ACL user without @dangerous): no grace
+        return False
     return isinstance(uptime, int) and uptime <= settings.WORKER_HEARTBEAT_TTL
 
 
@@ -226,10 +234,12 @@ def worker_lost(worker: str) -> str:
 class Subscription:
     """A reader of one request's events from `after` on ("0": all of them); iterate it, then
     `close()`. A listener (`listen=True`) renews the request's listen key while it reads, until
-    `detach()` or `close()`. `last_id` is the id of the event last yielded."""
+    `detach()` or `close()`. `last_id` is the id of the event last yielded; `worker`, the worker
+    that holds the request, once known (from its events, or given: a reader that resumes after them)."""
 
-    def __init__(self, request_id, after: str = "0", listen: bool = False):
+    def __init__(self, request_id, after: str = "0", listen: bool = False, worker: str = ""):
         self.request_id = request_id
+        self.worker = worker
         self.last_id = after
         self.listening = listen
         self._renewed_at = 0.0
@@ -256,44 +266,54 @@ class Subscription:
         """The next events after `last_id` (at most READ_BATCH), or [] after at most `wait` seconds."""
         return await stream_reader.reader(async_client()).read(channel(self.request_id), self.last_id, min(wait, 1.0, _renew_interval()))
 
-    async def events(self, timeout: float | None = None, on_received=None):
+    async def events(self, timeout: float | None = None, on_received=None, ended=None):
         """Yield typed events until a terminal one (final, embeddings, error); raise StreamTimeout after `timeout` s of
         silence, or WorkerLost as soon as the worker that took the request stops beating. A Redis
         that is away raises its error, except for a request a worker took, whose events are read on
-        once it is back (for up to REDIS_OUTAGE_SECONDS: llmsite.redis_outage). On a
+        once it is back (for up to REDIS_OUTAGE_SECONDS: llmsite.redis_outage); after such an
+        outage, `ended()` (where given) is awaited at each look at the worker, for an end event read
+        elsewhere (its row: an end that Redis lost with its data). On a
         `received` (a worker holds the request, or still waits for its model) `on_received()` is
         awaited, where given; it is yielded only where it tells of that wait (`loading_seconds`)."""
         timeout = settings.STREAM_TIMEOUT_SECONDS if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        worker, next_check = None, time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
-        outage = redis_outage.Outage()
+        next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
+        outage, rode_out, tags = redis_outage.Outage(), False, redis_outage.Tags()
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StreamTimeout(f"No answer from the model worker within {timeout:g} seconds.")
             try:
-                if worker and time.monotonic() >= next_check:
+                if self.worker and time.monotonic() >= next_check:
                     next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
-                    if not await worker_alive(worker):
-                        raise WorkerLost(worker_lost(worker))
+                    if rode_out and ended is not None and (end := await ended()) is not None:
+                        yield end
+                        return
+                    if not await worker_alive(self.worker):
+                        raise WorkerLost(worker_lost(self.worker))
+                    outage.back()  # Redis answered
                 await self._renew()
                 found = await self._read(left)
             except redis_outage.AWAY:
                 raise_if_cancelled()
                 # A request a worker holds goes on there: read on from `last_id` once Redis is
                 # back. One still waiting in line is ended (its place may be lost with Redis's data).
-                if worker is None or not outage.try_again():
+                if not self.worker or not outage.try_again():
                     raise
+                rode_out = True
                 await asyncio.sleep(OUTAGE_PAUSE_SECONDS)
                 continue
-            outage.back()
             raise_if_cancelled()
+            if found:
+                outage.back()
             for entry_id, fields in found:
                 deadline = time.monotonic() + timeout
                 self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if tags.seen(fields):
+                    continue  # appended twice (llmsite.redis_outage)
                 event = contract.decode(fields[b"e"])
                 if isinstance(event, (contract.Received, contract.Start)):
-                    worker = event.worker
+                    self.worker = event.worker
                 if isinstance(event, contract.Received):
                     if on_received is not None:
                         await on_received()

@@ -7,6 +7,7 @@ import logging
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import DatabaseError
 
 from chat import concurrency, events, lifecycle, ratelimits
 from chat.models import ApiToken
@@ -35,14 +36,17 @@ class Generation:
         self.deployment = deployment  # its name, for /metrics
         self.finished = False
         self.closed = False
+        self._said: list[str] = []  # answer 0's text as heard here, kept on the row where the stream breaks
 
     async def events(self):
         try:
             renew = self.slot.renew if self.slot is not None else None  # also while its worker waits for the model
-            async for event in self._in_line(self.subscription.events(on_received=renew)):
+            async for event in self._in_line(self.subscription.events(on_received=renew, ended=self._row_end)):
                 if self.slot is not None:
                     await self.slot.renew()
-                if isinstance(event, contract.TERMINAL):
+                if isinstance(event, contract.Delta) and event.index == 0:
+                    self._said.append(event.text)
+                elif isinstance(event, contract.TERMINAL):
                     self.finished = True
                 if isinstance(event, contract.Final) and self.token is not None:
                     await ratelimits.record_tokens(token=self.token, tokens=event.total_tokens)
@@ -52,12 +56,24 @@ class Generation:
             self._count_error()
             await sync_to_async(lifecycle.fail_unanswered)(self.request_id, str(exc))
             yield contract.Error(str(exc))
-        except Exception as exc:  # Redis gone mid-stream: the client still gets an error event
+        except Exception as exc:  # Redis gone mid-stream (for longer than REDIS_OUTAGE_SECONDS where a worker holds it)
             self.finished = True
             self._count_error()
             message = outage(f"The token stream of {self.request_id} broke", exc, trace=True)
-            await sync_to_async(lifecycle.fail_queued)(self.request_id, message)  # not started: none will start it now
+            if self.subscription.worker:  # its worker's end is refused: the client was told it failed
+                await sync_to_async(lifecycle.fail_unanswered)(self.request_id, message, said="".join(self._said))
+            else:  # not started: none will start it now
+                await sync_to_async(lifecycle.fail_queued)(self.request_id, message)
             yield contract.Error(message)
+
+    async def _row_end(self) -> contract.Event | None:
+        """The request's end as its row keeps it, for a stream whose end Redis lost (None: none yet,
+        or the database away)."""
+        try:
+            return await sync_to_async(lifecycle.end_event)(self.request_id)
+        except DatabaseError:
+            log.warning("request %s: could not read its row", self.request_id, exc_info=True)
+            return None
 
     async def _in_line(self, stream):
         """The events with the place in line kept honest: no `queued` after the start, and a last
@@ -122,7 +138,7 @@ async def _withdraw(deployment: str, request_id: str) -> bool:
 
 def _cancelled_waiting(request_id: str) -> None:
     lifecycle.cancel_queued(request_id)
-    events.publish(request_id, contract.Final(text="", finish_reason="cancelled"))
+    events.publish(request_id, contract.Final(text="", finish_reason="cancelled"), ride_out=False)
 
 
 _unheard_checks: set[asyncio.Task] = set()

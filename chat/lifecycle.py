@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from chat import events, rollup
 from chat.models import RequestLog
+from llmsite import contract
 from llmsite.text import storable
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,11 @@ def fail(request_id, message: str, *, finished_at=None, **fields) -> bool:
     return _end(request_id, Status.ERROR, error=storable(message), finished_at=finished_at or timezone.now(), **fields)
 
 
-def fail_unanswered(request_id, message: str) -> bool:
+def fail_unanswered(request_id, message: str, said: str = "") -> bool:
     """A request nobody will answer now: its stream the web tier ended itself (silence, a dead
-    worker), or its worker is gone (workers/orphans.py). Its worker is asked to stop, and the row
-    fails keeping what the answer had said; whether it moved. Redis or the database away is
+    worker, Redis away too long), or its worker is gone (workers/orphans.py). Its worker is asked
+    to stop, and the row fails keeping what the answer had said (`said`, where the caller heard
+    it, else read back from the stream); whether it moved. Redis or the database away is
     logged, not raised, so the client still gets its error event (a row a dead worker left running
     is ended by a worker's sweep; a silent worker's by that worker)."""
     try:
@@ -124,7 +126,7 @@ def fail_unanswered(request_id, message: str) -> bool:
     except Exception:
         log.warning("request %s: could not ask its worker to stop", request_id, exc_info=True)
     try:
-        return fail(request_id, message, response=events.said_so_far(request_id))
+        return fail(request_id, message, response=storable(said) or events.said_so_far(request_id))
     except DatabaseError:
         log.warning("request %s: its row could not be failed", request_id, exc_info=True)
         return False
@@ -157,3 +159,17 @@ def _end_queued(request_id, to: str, **fields) -> bool:
 
 def status_of(request_id) -> str | None:
     return RequestLog.objects.filter(id=request_id).values_list("status", flat=True).first()
+
+
+def end_event(request_id) -> contract.Event | None:
+    """The event the request's stream ended with, as its row keeps it (None while it runs, or
+    without a row): for a reader whose stream's end Redis lost. The row keeps answer 0's text,
+    without logprobs or the other answers of n > 1."""
+    row = RequestLog.objects.filter(pk=request_id).only("status", "response", "error", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens").first()
+    if row is None or row.status in (Status.QUEUED, Status.RUNNING):
+        return None
+    if row.status == Status.ERROR:
+        return contract.Error(row.error or "The request failed.")
+    usage = {"prompt_tokens": row.prompt_tokens or 0, "completion_tokens": row.completion_tokens or 0}
+    reason = row.finish_reason or ("cancelled" if row.status == Status.CANCELLED else "stop")
+    return contract.Final(text=row.response, finish_reason=reason, usage=usage, cached_tokens=row.cached_tokens or 0)

@@ -51,9 +51,10 @@ def stored_end(request_id) -> RequestLog | None:
     return row
 
 
-async def follow(request_id: str, *, after: str = "0") -> in_flight.Generation:
-    """A listener of the request's events after `after`: the Generation to relay, then close."""
-    subscription = await events.Subscription(request_id, after=after, listen=True).open()
+async def follow(request_id: str, *, after: str = "0", worker: str = "") -> in_flight.Generation:
+    """A listener of the request's events after `after`: the Generation to relay, then close.
+    `worker`: the worker that holds it, where its row says (its `start` may come before `after`)."""
+    subscription = await events.Subscription(request_id, after=after, listen=True, worker=worker).open()
     return in_flight.Generation(request_id, subscription)
 
 
@@ -71,20 +72,20 @@ def _readable_row(request) -> RequestLog:
         rows = rows.filter(user=request.user, token__isnull=True)
     else:
         raise Unauthorized("Missing API token: send it in the Authorization header, or log in.")
-    row = rows.only("id", "status").first()
+    row = rows.only("id", "status", "worker").first()
     if row is None:
         raise NoSuchRequest()
     return row
 
 
-def _check(request) -> tuple[str, str]:
+def _check(request) -> tuple[str, str, str]:
     after = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id") or "0"
     if not events.valid_event_id(after):
         raise InvalidRequest("Last-Event-ID: not an event id of this stream.", param="Last-Event-ID")
     row = _readable_row(request)
     if row.status in ENDED and not events.sync_client().exists(events.channel(row.pk)):
         raise Gone()
-    return str(row.pk), after
+    return str(row.pk), after, row.worker if row.status == RequestLog.Status.RUNNING else ""
 
 
 class NoSuchRequest(ApiError):
@@ -124,10 +125,10 @@ async def request_events(request, request_id):
     """`GET /api/requests/<id>/events`: the request's events as server-sent events (module doc)."""
     try:
         request.user = await request.auser()
-        request_id, after = await services.edge(_check, request=request)
+        request_id, after, worker = await services.edge(_check, request=request)
     except ApiError as exc:
         return JsonResponse(exc.body(), status=exc.status)
-    generation = await follow(request_id, after=after)
+    generation = await follow(request_id, after=after, worker=worker)
     response = StreamingHttpResponse(_stream(generation), content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"

@@ -1,20 +1,25 @@
-"""Riding out a Redis that is away for a moment: a restart, a failover, a dropped connection.
+"""Riding out a Redis that is away for a moment: a restart, a dropped connection.
 
 A started answer's events go on through such a moment: its worker's appends wait for Redis and
 try again (`append`), and a web reader of the answer reads on from its last id
-(`chat.events.Subscription`). Each waits at most REDIS_OUTAGE_SECONDS from the moment it found
-Redis away, then fails as before: the stream ends with an error and never hangs.
+(`chat.events.Subscription`). Each gives up once Redis has been away for REDIS_OUTAGE_SECONDS
+(a worker counts from the first append of its process that found it away, a reader from its own
+first failed read), and fails as before: the stream ends with an error and never hangs. Other
+appends (a place in line, an error a sweep tells) try once, so that no sweep, line or web request
+waits on a Redis that is away.
 
 An append carries a tag of its own (the entry's field `p`), so a retry whose first try was
 carried out (its reply lost with the connection) finds that entry and does not add it again: a
-delta appended twice would say its text twice. A Redis that restarted without its data lost the
-entry with everything else, and the retry appends it again (a reader that read it in the
-instant before sees it twice). The site's clients are made with `from_url`, which gives them no
-retries of their own (a `redis.Redis(host=...)` retries up to 10 times by default, and would).
+delta appended twice would say its text twice. Where the look cannot tell (a Redis that restarted
+without its data lost the entry, after a reader read it), readers skip a tag they have just seen
+(`Tags`). The site's clients are made with `from_url`, which gives them no retries of their own
+(a `redis.Redis(host=...)` retries up to 10 times by default, and would append twice).
 """
 
+import collections
 import logging
 import os
+import threading
 import time
 
 import redis
@@ -29,28 +34,36 @@ AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 # answer's events (the web tier adds a few while it waits in line).
 LOOK_BACK = 64
 PAUSE_FIRST, PAUSE_MAX = 0.05, 1.0
+# A failure this long after the last one that anybody saw starts a new outage: callers that wait
+# find Redis away at least every PAUSE_MAX, so a quiet spell means Redis was back meanwhile.
+QUIET_SECONDS = 3 * PAUSE_MAX
 
 
 class Outage:
     """How long Redis has been away as its callers found it: `try_again()` after a failed call
-    (False once away for REDIS_OUTAGE_SECONDS), `back()` after one that worked."""
+    (False once away for REDIS_OUTAGE_SECONDS), `back()` after one that worked. Thread-safe."""
 
     def __init__(self, what: str = ""):
         self.what = what  # logged as it begins and ends, where named
         self.since: float | None = None
+        self.last_failed = 0.0
+        self._lock = threading.Lock()
 
     def try_again(self) -> bool:
-        now, since = time.monotonic(), self.since  # (read once: another thread's back() may clear it)
-        if since is None:
-            since = self.since = now
-            if self.what:
-                log.warning("Redis is away: %s waits for it for up to %g s", self.what, settings.REDIS_OUTAGE_SECONDS)
-        return now - since < settings.REDIS_OUTAGE_SECONDS
+        now = time.monotonic()
+        with self._lock:
+            if self.since is None or now - self.last_failed > QUIET_SECONDS:
+                self.since = now
+                if self.what:
+                    log.warning("Redis is away: %s waits for it for up to %g s", self.what, settings.REDIS_OUTAGE_SECONDS)
+            self.last_failed = now
+            return now - self.since < settings.REDIS_OUTAGE_SECONDS
 
     def back(self) -> None:
-        if self.since is not None and self.what:
-            log.warning("Redis is back for %s after %.1f s", self.what, time.monotonic() - self.since)
-        self.since = None
+        with self._lock:
+            since, self.since = self.since, None
+        if since is not None and self.what:
+            log.warning("Redis is back for %s after %.1f s", self.what, time.monotonic() - since)
 
 
 # The process's appends share one: once Redis has been away too long, each append tries once,
@@ -58,9 +71,9 @@ class Outage:
 appends = Outage("appending events")
 
 
-def append(client: redis.Redis, key: str, fields: dict, *, maxlen: int, keep_seconds: float) -> None:
+def append(client: redis.Redis, key: str, fields: dict, *, maxlen: int, keep_seconds: float, ride_out: bool = True) -> None:
     """XADD `fields` to stream `key` (capped at about `maxlen` entries, expiring `keep_seconds`
-    after its last) once, waiting for a Redis that is away (see the module's docstring)."""
+    after its last) once, waiting for a Redis that is away where `ride_out` (module doc)."""
     tag = os.urandom(8)
     tried, pause = False, PAUSE_FIRST
     while True:
@@ -73,7 +86,7 @@ def append(client: redis.Redis, key: str, fields: dict, *, maxlen: int, keep_sec
             appends.back()
             return
         except AWAY:
-            if not appends.try_again():
+            if not ride_out or not appends.try_again():
                 raise
         tried = True
         time.sleep(pause)
@@ -82,3 +95,20 @@ def append(client: redis.Redis, key: str, fields: dict, *, maxlen: int, keep_sec
 
 def _appended(client: redis.Redis, key: str, tag: bytes) -> bool:
     return any(fields.get(b"p") == tag for _, fields in client.xrevrange(key, count=LOOK_BACK))
+
+
+class Tags:
+    """The tags of the last LOOK_BACK entries a reader took: an entry whose tag is among them is
+    one appended twice (module doc), which the reader skips."""
+
+    def __init__(self):
+        self._recent: collections.deque = collections.deque(maxlen=LOOK_BACK)
+
+    def seen(self, fields: dict) -> bool:
+        tag = fields.get(b"p")
+        if tag is None:  # an entry that names none (written before tags)
+            return False
+        if tag in self._recent:
+            return True
+        self._recent.append(tag)
+        return False

@@ -245,8 +245,8 @@ STREAM_TIMEOUT_SECONDS = env.float("STREAM_TIMEOUT_SECONDS", default=120.0)
 # renewed while its stream lives; a web process that dies leaves slots that expire after this.
 # Longer than STREAM_TIMEOUT_SECONDS, so a stream that is merely quiet keeps its slot.
 GENERATION_LEASE_SECONDS = env.float("GENERATION_LEASE_SECONDS", default=STREAM_TIMEOUT_SECONDS * 1.5 + 30)
-# A started answer's stream rides out a Redis that is away (a restart, a failover) for this long:
-# its worker's appends wait and retry, and its web reader reads on (llmsite/redis_outage.py).
+# A started answer's stream rides out a Redis that is away (a restart, dropped connections) for
+# this long: its worker's appends wait and retry, and its web readers read on (llmsite/redis_outage.py).
 REDIS_OUTAGE_SECONDS = env.float("REDIS_OUTAGE_SECONDS", default=30.0)
 # Workers renew a liveness key this often; a key not renewed for the TTL means the worker is gone.
 WORKER_HEARTBEAT_INTERVAL = env.float("WORKER_HEARTBEAT_INTERVAL", default=2.0)

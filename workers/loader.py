@@ -268,7 +268,7 @@ def _tell_received(sender=None, request=None, **kwargs):
     from llmsite import contract
 
     try:
-        events.publish(request.id, contract.Received(worker=HOSTNAME))
+        events.publish(request.id, contract.Received(worker=HOSTNAME), ride_out=False)  # (on the consumer thread: never waits)
     except Exception:  # Redis away: the stream's own timeout still ends it
         log.warning("could not announce the received request %s", request.id, exc_info=True)
 

@@ -93,7 +93,7 @@ def tell_failed(request_id, deployment: str | None, message: str) -> None:
     event, and counts nothing)."""
     metrics.count(deployment=deployment or "", outcome="error")
     try:
-        events.publish(request_id, contract.Error(message))
+        events.publish(request_id, contract.Error(message), ride_out=False)
     except Exception:  # Redis away: a resume finds the ended row instead
         log.warning("could not publish the end of request %s", request_id, exc_info=True)
 

@@ -18,9 +18,9 @@ from chat.chat_formats import stop_strings
 from chat.models import Deployment
 from chat.prompting import files_digest, fit_prompt
 from chat.services import release_connection
-from llmsite import contract
+from llmsite import contract, redis_outage
 from llmsite.contract import ContractError, GenerationRequest, PromptFormat, StopText
-from llmsite.errors import ContextTooLong
+from llmsite.errors import ContextTooLong, outage
 from workers import heartbeat, loader, metrics, retrieval, unstored
 from workers.answers import Answer, kept_logprobs, unsent_logprobs
 from workers.engines import GenerationResult
@@ -75,8 +75,11 @@ def run_generation(request: GenerationRequest) -> None:
             _end_failed(request.request_id, exc, timing=timing, result=answer.result)
             return
         except Exception as exc:
-            log.exception("generation %s failed", request.request_id)
-            failure = GenerationFailed(f"Generation failed: {exc}")
+            if isinstance(exc, redis_outage.AWAY):  # away longer than REDIS_OUTAGE_SECONDS: its text names Redis's address
+                failure = GenerationFailed(outage(f"Generation {request.request_id} failed: Redis is unavailable", exc, trace=True))
+            else:
+                log.exception("generation %s failed", request.request_id)
+                failure = GenerationFailed(f"Generation failed: {exc}")
             _end_failed(
                 request.request_id, failure, timing=timing, result=answer.result, response=answer.stopper.text, first_token_at=answer.first_token_at
             )

@@ -65,6 +65,7 @@ def test_redis_restart_mid_stream_then_an_outage_too_long(own_redis, token):
         assert first.status == RequestLog.Status.OK and len(first.response) > 200
         assert objects[-1]["response"] == first.response  # the whole answer: its last object holds the final text
         waiting["thread"].join(60)
+        assert "response" in waiting, "the waiting request's stream did not end within 60 s of the first's"
         assert "error" in json.loads(waiting["response"].strip(b"\0").split(b"\0")[-1])
         second = RequestLog.objects.filter(deployment=deployment).order_by("queued_at").last()
         assert (second.status, second.started_at) == (RequestLog.Status.ERROR, None)  # failed as it waited, never to start
@@ -74,7 +75,7 @@ def test_redis_restart_mid_stream_then_an_outage_too_long(own_redis, token):
         message = objects[-1]["error"]["message"]
         assert "stream" in message and str(own_redis["port"]) not in message, "Redis's own text (its address) stays in the site's log"
         third = RequestLog.objects.filter(deployment=deployment).order_by("queued_at").last()
-        wait_until(lambda: RequestLog.objects.get(pk=third.pk).status == RequestLog.Status.ERROR, "the worker to give the answer up", 60)
+        wait_until(lambda: RequestLog.objects.get(pk=third.pk).status == RequestLog.Status.ERROR, "the answer's row failed", 60)
 
         start_redis(own_redis)
         back = time.monotonic()
