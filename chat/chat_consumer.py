@@ -312,6 +312,7 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
             await consumer._say(_done_message(found.pk, found.status, found.content, found.error))
             return
         ended = await services.edge(resume.stored_end, request_id=found.request_id)
+        worker = await services.edge(resume.worker_of, request_id=found.request_id) if ended is None else ""
     except ApiError as exc:  # the page stops waiting for this answer
         await consumer._say({"type": "error", "message": exc.message, "param": "request"})
         return
@@ -323,7 +324,7 @@ async def _resume_view(consumer: ChatConsumer, content: dict) -> None:
         return
     view = consumer.answer = _View(found.pk, after)
     try:
-        view.generation = await resume.follow(request_id, after="0")  # from the start: the final's missing tail is known
+        view.generation = await resume.follow(request_id, after="0", worker=worker)  # from the start: the final's missing tail is known
         await consumer._read(view)
     finally:
         consumer.answer = None

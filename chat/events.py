@@ -22,6 +22,7 @@ import time
 import weakref
 
 import redis.asyncio as aioredis
+from django import db
 from django.conf import settings
 
 from chat import stream_reader
@@ -101,10 +102,13 @@ class CancelWatcher:
     every check (32 streams polled 320 times a second, each call CPU the model's threads lack).
     Each watched generation gets a `threading.Event` that this thread sets: the engine's
     `cancelled` is that event's `is_set`, and it aborts the request at its next step.
-    A Redis error is logged and the next round asks again."""
+    A Redis error is logged and the next round asks again; the first round after it also counts a
+    generation whose row ended meanwhile as cancelled (`_or_ended`)."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, client=None):
         self.interval = interval
+        self._client = client  # the process's sync client where None
+        self.away = False  # whether its last round found Redis away
         self._flags: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -142,14 +146,34 @@ class CancelWatcher:
             if not asked:
                 continue
             try:
-                found = sync_client().mget([cancel_key(r) for r, _ in asked])
+                found = (self._client or sync_client()).mget([cancel_key(r) for r, _ in asked])
             except Exception:  # Redis gone for a while, or anything else: asked again, never given up
                 log.exception("cannot read the cancel flags of %d generations", len(asked))
+                self.away = True
                 time.sleep(1)
                 continue
+            if self.away:  # a cancel may have been asked while Redis was away, and lost: rows tell
+                self.away = False
+                found = _or_ended(asked, found)
             for (_, flag), value in zip(asked, found):
                 if value is not None:
                     flag.set()
+
+
+def _or_ended(asked: list, found: list) -> list:
+    """`found` with a mark for each asked generation whose row ended meanwhile: a web reader that
+    gave up on a Redis away for too long failed it (its cancel could not reach Redis), and its
+    worker would otherwise answer on for nobody."""
+    from chat import lifecycle  # (lifecycle imports this module)
+
+    try:
+        ended = lifecycle.ended_among([r for r, _ in asked])
+    except Exception:
+        log.warning("could not look for ended rows among %d generations", len(asked), exc_info=True)
+        return found
+    finally:
+        db.connection.close()  # this thread holds no connection between outages
+    return [b"1" if r in ended else value for (r, _), value in zip(asked, found)]
 
 
 cancel_watcher = CancelWatcher()
@@ -271,13 +295,14 @@ class Subscription:
         silence, or WorkerLost as soon as the worker that took the request stops beating. A Redis
         that is away raises its error, except for a request a worker took, whose events are read on
         once it is back (for up to REDIS_OUTAGE_SECONDS: llmsite.redis_outage); after such an
-        outage, `ended()` (where given) is awaited at each look at the worker, for an end event read
-        elsewhere (its row: an end that Redis lost with its data). On a
+        outage, `ended()` (where given) is awaited at each look at the worker once the stream has
+        been silent for two, for an end event read elsewhere (its row: an end that Redis lost with
+        its data). An entry that is no event this version knows is skipped. On a
         `received` (a worker holds the request, or still waits for its model) `on_received()` is
         awaited, where given; it is yielded only where it tells of that wait (`loading_seconds`)."""
         timeout = settings.STREAM_TIMEOUT_SECONDS if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
+        next_check = heard_at = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
         outage, rode_out, tags = redis_outage.Outage(), False, redis_outage.Tags()
         while True:
             left = deadline - time.monotonic()
@@ -286,9 +311,11 @@ class Subscription:
             try:
                 if self.worker and time.monotonic() >= next_check:
                     next_check = time.monotonic() + settings.WORKER_HEARTBEAT_INTERVAL
-                    if rode_out and ended is not None and (end := await ended()) is not None:
-                        yield end
-                        return
+                    # Silent for two looks: the reader read all there is, and no final is on its way.
+                    if rode_out and ended is not None and time.monotonic() - heard_at >= 2 * settings.WORKER_HEARTBEAT_INTERVAL:
+                        if (end := await ended()) is not None:
+                            yield end
+                            return
                     if not await worker_alive(self.worker):
                         raise WorkerLost(worker_lost(self.worker))
                     outage.back()  # Redis answered
@@ -306,12 +333,17 @@ class Subscription:
             raise_if_cancelled()
             if found:
                 outage.back()
+                heard_at = time.monotonic()
             for entry_id, fields in found:
                 deadline = time.monotonic() + timeout
                 self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 if tags.seen(fields):
                     continue  # appended twice (llmsite.redis_outage)
-                event = contract.decode(fields[b"e"])
+                try:
+                    event = contract.decode(fields[b"e"])
+                except (KeyError, contract.ContractError) as exc:  # an event type of a newer worker (a rolling upgrade)
+                    log.warning("request %s: stream entry %s is no event (%s)", self.request_id, self.last_id, exc)
+                    continue
                 if isinstance(event, (contract.Received, contract.Start)):
                     self.worker = event.worker
                 if isinstance(event, contract.Received):

@@ -7,11 +7,11 @@ import logging
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import Error as DBError
 
 from chat import concurrency, events, lifecycle, ratelimits
 from chat.models import ApiToken
-from llmsite import contract, metrics
+from llmsite import contract, metrics, redis_outage
 from llmsite.errors import outage
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ class Generation:
         self.deployment = deployment  # its name, for /metrics
         self.finished = False
         self.closed = False
-        self._said: list[str] = []  # answer 0's text as heard here, kept on the row where the stream breaks
+        # Answer 0's text as heard here, kept on the row where the stream breaks: all of it only
+        # for a reader from the start (a resumed one's would be a tail).
+        self._said: list[str] | None = [] if subscription.last_id == "0" else None
 
     async def events(self):
         try:
@@ -44,12 +46,12 @@ class Generation:
             async for event in self._in_line(self.subscription.events(on_received=renew, ended=self._row_end)):
                 if self.slot is not None:
                     await self.slot.renew()
-                if isinstance(event, contract.Delta) and event.index == 0:
+                if isinstance(event, contract.Delta) and event.index == 0 and self._said is not None:
                     self._said.append(event.text)
                 elif isinstance(event, contract.TERMINAL):
                     self.finished = True
                 if isinstance(event, contract.Final) and self.token is not None:
-                    await ratelimits.record_tokens(token=self.token, tokens=event.total_tokens)
+                    await self._record_tokens(event.total_tokens)
                 yield event
         except events.StreamTimeout as exc:
             self.finished = True
@@ -60,9 +62,9 @@ class Generation:
             self.finished = True
             self._count_error()
             message = outage(f"The token stream of {self.request_id} broke", exc, trace=True)
-            if self.subscription.worker:  # its worker's end is refused: the client was told it failed
-                await sync_to_async(lifecycle.fail_unanswered)(self.request_id, message, said="".join(self._said))
-            else:  # not started: none will start it now
+            if self.subscription.worker and isinstance(exc, redis_outage.AWAY):  # its worker's end is refused: the client was told it failed
+                await sync_to_async(lifecycle.fail_unanswered)(self.request_id, message, said="".join(self._said or ()))
+            else:  # not started: none will start it now (one started is its worker's to end)
                 await sync_to_async(lifecycle.fail_queued)(self.request_id, message)
             yield contract.Error(message)
 
@@ -71,9 +73,17 @@ class Generation:
         or the database away)."""
         try:
             return await sync_to_async(lifecycle.end_event)(self.request_id)
-        except DatabaseError:
+        except DBError:
             log.warning("request %s: could not read its row", self.request_id, exc_info=True)
             return None
+
+    async def _record_tokens(self, tokens: int) -> None:
+        """The answer's tokens in its token's tokens-per-minute window; Redis away loses the count,
+        not the answer."""
+        try:
+            await ratelimits.record_tokens(token=self.token, tokens=tokens)
+        except Exception:
+            log.warning("request %s: could not count its tokens", self.request_id, exc_info=True)
 
     async def _in_line(self, stream):
         """The events with the place in line kept honest: no `queued` after the start, and a last

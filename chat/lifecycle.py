@@ -11,7 +11,7 @@ same transaction, so the rollup counts each ended request exactly once.
 
 import logging
 
-from django.db import DatabaseError, transaction
+from django.db import Error as DBError, transaction
 from django.utils import timezone
 
 from chat import events, rollup
@@ -127,7 +127,7 @@ def fail_unanswered(request_id, message: str, said: str = "") -> bool:
         log.warning("request %s: could not ask its worker to stop", request_id, exc_info=True)
     try:
         return fail(request_id, message, response=storable(said) or events.said_so_far(request_id))
-    except DatabaseError:
+    except DBError:  # InterfaceError (a closed connection) as well as DatabaseError
         log.warning("request %s: its row could not be failed", request_id, exc_info=True)
         return False
 
@@ -137,13 +137,19 @@ def cancel_queued(request_id) -> bool:
     return _end_queued(request_id, Status.CANCELLED)
 
 
+def ended_among(request_ids: list[str]) -> set[str]:
+    """Those of `request_ids` whose rows ended (or are gone)."""
+    live = RequestLog.objects.filter(pk__in=request_ids, status__in=(Status.QUEUED, Status.RUNNING)).values_list("pk", flat=True)
+    return set(request_ids) - {str(pk) for pk in live}
+
+
 def fail_queued(request_id, message: str) -> bool:
     """A request no worker will start: its client's stream broke while it waited (a worker that
     takes it later finds it ended), or it is in no waiting line (workers/admission.py). Whether it
     moved; the database away is logged, not raised."""
     try:
         return _end_queued(request_id, Status.ERROR, error=storable(message))
-    except DatabaseError:
+    except DBError:
         log.warning("request %s: its row could not be failed", request_id, exc_info=True)
         return False
 
@@ -161,15 +167,21 @@ def status_of(request_id) -> str | None:
     return RequestLog.objects.filter(id=request_id).values_list("status", flat=True).first()
 
 
+LOST_END = "This request ended, but its end was lost with Redis's data, and its row keeps only its first answer's text: send it again."
+
+
 def end_event(request_id) -> contract.Event | None:
     """The event the request's stream ended with, as its row keeps it (None while it runs, or
-    without a row): for a reader whose stream's end Redis lost. The row keeps answer 0's text,
-    without logprobs or the other answers of n > 1."""
-    row = RequestLog.objects.filter(pk=request_id).only("status", "response", "error", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens").first()
+    without a row): for a reader whose stream's end Redis lost. The row keeps answer 0's text
+    only, without logprobs or the other answers of n > 1: such a request's end is an error."""
+    fields = ("status", "response", "error", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "params")
+    row = RequestLog.objects.filter(pk=request_id).only(*fields).first()
     if row is None or row.status in (Status.QUEUED, Status.RUNNING):
         return None
     if row.status == Status.ERROR:
         return contract.Error(row.error or "The request failed.")
+    if (row.params or {}).get("n", 1) != 1 or (row.params or {}).get("logprobs"):
+        return contract.Error(LOST_END)
     usage = {"prompt_tokens": row.prompt_tokens or 0, "completion_tokens": row.completion_tokens or 0}
     reason = row.finish_reason or ("cancelled" if row.status == Status.CANCELLED else "stop")
     return contract.Final(text=row.response, finish_reason=reason, usage=usage, cached_tokens=row.cached_tokens or 0)

@@ -42,6 +42,12 @@ def ended_row(request_id) -> RequestLog | None:
     return row if row is not None and row.status in ENDED else None
 
 
+def worker_of(request_id) -> str:
+    """The worker that holds the request, where its row says it runs ("" else)."""
+    row = RequestLog.objects.filter(pk=request_id, status=RequestLog.Status.RUNNING).only("worker").first()
+    return row.worker if row is not None else ""
+
+
 def stored_end(request_id) -> RequestLog | None:
     """The row of a request that ended and whose events are no longer kept (a page left streaming
     by a web process that died); None while its events can still be read."""

@@ -34,8 +34,8 @@ AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 # answer's events (the web tier adds a few while it waits in line).
 LOOK_BACK = 64
 PAUSE_FIRST, PAUSE_MAX = 0.05, 1.0
-# A failure this long after the last one that anybody saw starts a new outage: callers that wait
-# find Redis away at least every PAUSE_MAX, so a quiet spell means Redis was back meanwhile.
+# A try begun this long after the last failure that anybody saw starts a new outage: callers that
+# wait try again at least every PAUSE_MAX, so a quiet spell means Redis was back meanwhile.
 QUIET_SECONDS = 3 * PAUSE_MAX
 
 
@@ -49,11 +49,13 @@ class Outage:
         self.last_failed = 0.0
         self._lock = threading.Lock()
 
-    def try_again(self) -> bool:
+    def try_again(self, began: float | None = None) -> bool:
+        """`began`: when the failed try began (a try that hung for long is no quiet spell)."""
         now = time.monotonic()
+        began = now if began is None else began
         with self._lock:
-            if self.since is None or now - self.last_failed > QUIET_SECONDS:
-                self.since = now
+            if self.since is None or began - self.last_failed > QUIET_SECONDS:
+                self.since = began
                 if self.what:
                     log.warning("Redis is away: %s waits for it for up to %g s", self.what, settings.REDIS_OUTAGE_SECONDS)
             self.last_failed = now
@@ -77,6 +79,7 @@ def append(client: redis.Redis, key: str, fields: dict, *, maxlen: int, keep_sec
     tag = os.urandom(8)
     tried, pause = False, PAUSE_FIRST
     while True:
+        began = time.monotonic()
         try:
             pipe = client.pipeline(transaction=False)
             if not (tried and _appended(client, key, tag)):
@@ -86,7 +89,7 @@ def append(client: redis.Redis, key: str, fields: dict, *, maxlen: int, keep_sec
             appends.back()
             return
         except AWAY:
-            if not ride_out or not appends.try_again():
+            if not ride_out or not appends.try_again(began):
                 raise
         tried = True
         time.sleep(pause)

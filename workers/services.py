@@ -64,10 +64,10 @@ def run_generation(request: GenerationRequest) -> None:
     timing = metrics.Timing(request)
     with events.cancel_watcher.watching(request.request_id) as cancel:  # Stop and a client gone reach the engine
         log.info("generation %s started", request.request_id)
-        events.publish(request.request_id, contract.Start(worker=loader.HOSTNAME))
         answers = [Answer(index=i) for i in range(max(1, request.sampling.n))]
         answer = answers[0]
         try:
+            events.publish(request.request_id, contract.Start(worker=loader.HOSTNAME))
             _answer(request, answers, cancel, timing)
         except (GenerationFailed, PolicyError) as exc:
             if isinstance(exc, PolicyError):  # decoding fields the engine cannot take (a grammar that does not build)

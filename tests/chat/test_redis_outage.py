@@ -26,6 +26,7 @@ from chat.models import RequestLog
 from llmsite import contract, redis_outage
 from llmsite.embedded import _free_port
 from llmsite.workers_alive import worker_host_key
+from tests.metrics.conftest import wait_until
 
 
 class Relay:
@@ -149,13 +150,13 @@ def start_redis(holder: dict) -> None:
 def test_a_worker_counts_as_alive_until_a_restarted_redis_could_have_its_beat(settings, own_redis):
     """A Redis that restarted without its data holds no heartbeat keys until each worker's next
     beat: a worker is not taken for lost while Redis is younger than a beat's TTL."""
-    settings.WORKER_HEARTBEAT_TTL = 3
+    settings.WORKER_HEARTBEAT_TTL = 5
 
     def uptime() -> int:
         return own_redis["client"].info("server")["uptime_in_seconds"]
 
-    assert uptime() <= 3 and asyncio.run(alive("gone@nowhere"))
-    while uptime() <= 3:
+    assert uptime() <= 5 and asyncio.run(alive("gone@nowhere"))
+    while uptime() <= 5:
         time.sleep(0.2)
     assert not asyncio.run(alive("gone@nowhere"))
     own_redis["client"].set(worker_host_key("here@somewhere"), b"{}", ex=10)
@@ -229,12 +230,15 @@ def test_a_reader_that_gives_up_on_redis_fails_the_row_with_what_it_heard(settin
 
 def test_an_entry_appended_twice_is_read_once(user):
     """Where a retry could not find its first try (a Redis that lost it after a reader read it),
-    the entry is there twice: readers skip the tag they have just seen."""
+    the entry is there twice: readers skip the tag they have just seen. An entry that is no event
+    (a newer worker's event type, in a rolling upgrade) is skipped too."""
     request_id = str(uuid.uuid4())
     key = events.channel(request_id)
     client = events.sync_client()
     try:
         for event, tag in ((contract.Start(worker=""), b"1"), (contract.Delta("Hello"), b"2"), (contract.Delta("Hello"), b"2"), (contract.Final("Hello", "stop"), b"3")):
+            if tag == b"3":
+                client.xadd(key, {"e": b'{"type": "from-the-future"}', "p": b"4"})
             client.xadd(key, {"e": contract.encode(event), "p": tag})
 
         async def read():
@@ -247,3 +251,22 @@ def test_an_entry_appended_twice_is_read_once(user):
         assert events.said_so_far(request_id) == "Hello"
     finally:
         client.delete(key)
+
+
+def test_a_worker_stops_an_answer_whose_row_ended_while_redis_was_away(own_redis, user):
+    """A web reader that gave up on Redis failed the row, but its cancel could not reach Redis: the
+    worker's cancel watcher, at its first round after Redis is back, stops the answer all the same."""
+    watcher = events.CancelWatcher(client=own_redis["client"])
+    request_id = a_started_request(user, own_redis)
+    ended_elsewhere = a_started_request(user, own_redis)
+    flag, running = watcher.watch(request_id), watcher.watch(ended_elsewhere)
+    own_redis["server"].stop()
+    try:
+        wait_until(lambda: watcher.away, "a round of the watcher to find Redis away", 10)
+        assert lifecycle.fail(request_id, "The token stream broke (ConnectionError); try again shortly.")
+    finally:
+        start_redis(own_redis)
+    assert flag.wait(10)
+    assert not running.wait(1)  # its row still runs: its answer goes on
+    watcher.unwatch(request_id)
+    watcher.unwatch(ended_elsewhere)
