@@ -75,16 +75,20 @@ def said_so_far(request_id) -> str:
         return ""
     said, tags = [], redis_outage.Tags()
     for entry_id, fields in entries:
-        if tags.seen(fields):
-            continue
-        try:
-            event = contract.decode(fields[b"e"])
-        except (KeyError, contract.ContractError) as exc:
-            log.warning("request %s: stream entry %s is no event (%s)", request_id, entry_id, exc)
-            continue
+        event = None if tags.seen(fields) else event_of(request_id, entry_id, fields)
         if isinstance(event, contract.Delta) and event.index == 0:
             said.append(event.text)
     return storable("".join(said))
+
+
+def event_of(request_id, entry_id, fields: dict) -> contract.Event | None:
+    """A stream entry's event; None (logged) for an entry this version cannot read: an event type
+    of a newer worker, in a rolling upgrade, is left out and the rest read."""
+    try:
+        return contract.decode(fields[b"e"])
+    except (KeyError, contract.ContractError) as exc:
+        log.warning("request %s: stream entry %s is no event (%s)", request_id, entry_id, exc)
+        return None
 
 
 def request_cancel(request_id) -> None:
@@ -337,12 +341,8 @@ class Subscription:
             for entry_id, fields in found:
                 deadline = time.monotonic() + timeout
                 self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                if tags.seen(fields):
-                    continue  # appended twice (llmsite.redis_outage)
-                try:
-                    event = contract.decode(fields[b"e"])
-                except (KeyError, contract.ContractError) as exc:  # an event type of a newer worker (a rolling upgrade)
-                    log.warning("request %s: stream entry %s is no event (%s)", self.request_id, self.last_id, exc)
+                event = None if tags.seen(fields) else event_of(self.request_id, self.last_id, fields)  # (seen: appended twice)
+                if event is None:
                     continue
                 if isinstance(event, (contract.Received, contract.Start)):
                     self.worker = event.worker
