@@ -3,9 +3,11 @@ worker watches.
 
 Events are the typed events of llmsite.contract, one JSON object each, appended (`XADD`, capped at
 RESUME_MAX_EVENTS) to the request's stream, which expires RESUME_KEEP_SECONDS after its last
-event. Readers read it from any id (0: from the start), so a reader that comes late, or comes back
-after a dropped connection (the chat socket's resume, `/api/requests/<id>/events`), misses nothing
-and sees nothing twice; the stream's ids are the events' ids.
+event; each entry also holds its append's tag (`p`), which makes a retried append one
+(llmsite.redis_outage). Readers read it from any id (0: from the start), so a reader that comes
+late, or comes back after a dropped connection (the chat socket's resume,
+`/api/requests/<id>/events`), misses nothing and sees nothing twice; the stream's ids are the
+events' ids.
 
 Every reader of a generation renews its listen key (`listened`, a lease of RESUME_GRACE_SECONDS);
 when the last one leaves, the key lapses, and a generation nobody listens to is cancelled (see

