@@ -10,6 +10,7 @@ same transaction, so the rollup counts each ended request exactly once.
 """
 
 import logging
+import uuid
 
 from django.db import Error as DBError, transaction
 from django.utils import timezone
@@ -22,6 +23,7 @@ from llmsite.text import storable
 log = logging.getLogger(__name__)
 
 Status = RequestLog.Status
+LIVE = (Status.QUEUED, Status.RUNNING)  # not ended yet
 ALLOWED_FROM = {
     Status.RUNNING: (Status.QUEUED,),
     Status.OK: (Status.RUNNING,),
@@ -138,9 +140,18 @@ def cancel_queued(request_id) -> bool:
 
 
 def ended_among(request_ids: list[str]) -> set[str]:
-    """Those of `request_ids` whose rows ended (or are gone)."""
-    live = RequestLog.objects.filter(pk__in=request_ids, status__in=(Status.QUEUED, Status.RUNNING)).values_list("pk", flat=True)
+    """Those of `request_ids` whose rows ended or are gone (an id that is no UUID names no row)."""
+    ids = [rid for rid in request_ids if _is_uuid(rid)]
+    live = RequestLog.objects.filter(pk__in=ids, status__in=LIVE).values_list("pk", flat=True)
     return set(request_ids) - {str(pk) for pk in live}
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def fail_queued(request_id, message: str) -> bool:
@@ -176,7 +187,7 @@ def end_event(request_id) -> contract.Event | None:
     only, without logprobs or the other answers of n > 1: such a request's end is an error."""
     fields = ("status", "response", "error", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "params")
     row = RequestLog.objects.filter(pk=request_id).only(*fields).first()
-    if row is None or row.status in (Status.QUEUED, Status.RUNNING):
+    if row is None or row.status in LIVE:
         return None
     if row.status == Status.ERROR:
         return contract.Error(row.error or "The request failed.")

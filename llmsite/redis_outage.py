@@ -62,6 +62,8 @@ class Outage:
             return now - self.since < settings.REDIS_OUTAGE_SECONDS
 
     def back(self) -> None:
+        if self.since is None:  # (every append calls it: no lock where there is nothing to clear)
+            return
         with self._lock:
             since, self.since = self.since, None
         if since is not None and self.what:

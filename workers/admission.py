@@ -13,7 +13,6 @@ import datetime
 import logging
 import threading
 import time
-import uuid
 from collections import Counter
 
 from celery.signals import worker_shutting_down
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 
 BELL_TIMEOUT_SECONDS = 0.5  # a worker also looks this often (a bell another worker took)
 DRAIN_SECONDS = 20.0  # a worker that stops lets its running answers end for this long (as Celery's warm shutdown did)
-LIVE = (RequestLog.Status.QUEUED, RequestLog.Status.RUNNING)  # a started request in these still holds its turn
 LOST = "The request was lost before it started (its waiting line was lost with Redis's data, or the worker that took it stopped): send it again."
 REMIND_SECONDS = 10.0  # every waiting request hears its place this often (well within STREAM_TIMEOUT_SECONDS)
 
@@ -171,21 +169,11 @@ def end_lost_turns(queues) -> list[str]:
         started = admission.started(deployment)
         if not started:
             continue
-        ids = [rid for rid in started if _is_uuid(rid)]  # anything else names no row: its turn is ended
-        live = {str(pk) for pk in RequestLog.objects.filter(pk__in=ids, status__in=LIVE).values_list("pk", flat=True)}
-        here = [rid for rid in set(started) - live if admission.done(deployment=deployment, request_id=rid) == 1]  # 0: its worker said so meanwhile
+        here = [rid for rid in lifecycle.ended_among(started) if admission.done(deployment=deployment, request_id=rid) == 1]  # 0: its worker said so meanwhile
         if here:
             ended += here
             concurrency.announce(deployment)  # fewer running answers for those users: places may improve
     return ended
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 @worker_shutting_down.connect
