@@ -200,7 +200,10 @@ def async_client() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        pool = aioredis.BlockingConnectionPool.from_url(settings.REDIS_URL, max_connections=settings.REDIS_WEB_CONNECTIONS, timeout=10)
+        url = settings.REDIS_URL
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=settings.REDIS_WEB_CONNECTIONS, timeout=10, connection_class=redis_outage.connection_class(url, asyncio=True)
+        )
         client = _async_clients[loop] = aioredis.Redis(connection_pool=pool)
     return client
 

@@ -28,6 +28,8 @@ import weakref
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from llmsite import redis_outage
+
 log = logging.getLogger(__name__)
 
 # Events taken from Redis per stream and read. A reader that comes late to a long answer (a second
@@ -72,7 +74,7 @@ class StreamReader:
 
     def __init__(self, redis_url: str, pool: aioredis.Redis):
         self._pool = pool  # short commands: the wake
-        self._conn = aioredis.Redis.from_url(redis_url, single_connection_client=True)
+        self._conn = aioredis.Redis.from_url(redis_url, single_connection_client=True, connection_class=redis_outage.connection_class(redis_url, asyncio=True))
         self._wake_key = f"llmsite:wake:{uuid.uuid4().hex}"
         self._wake_after = "0"
         self._waits: set[_Wait] = set()

@@ -14,21 +14,31 @@ delta appended twice would say its text twice. Where the look cannot tell (a Red
 without its data lost the entry, after a reader read it), readers skip a tag they have just seen
 (`Tags`). The site's clients are made with `from_url`, which gives them no retries of their own
 (a `redis.Redis(host=...)` retries up to 10 times by default, and would append twice).
+
+A failover is such a moment too. The replica becomes the primary, and the site's address (a DNS
+name, a proxy) leads to it for connections made after; those made before stay on the old primary,
+now a replica, which refuses writes (READONLY) and ends blocked reads (UNBLOCKED). The site's
+clients are made with `connection_class(url)`, whose connections take such an answer for Redis
+away (`FailedOver`, a ConnectionError: callers ride it out as any) and drop their connection; once
+a process met one, each of its connections made before reconnects before its next command.
 """
 
 import collections
+import functools
 import logging
 import os
 import threading
 import time
 
 import redis
+import redis.asyncio
 from django.conf import settings
 
 log = logging.getLogger(__name__)
 
 # What a Redis that is away raises: refused or dropped connections, a reply that never came,
-# a server still loading its data (BusyLoadingError is a ConnectionError).
+# a server still loading its data (BusyLoadingError is a ConnectionError), one that is no longer
+# the primary (FailedOver, below).
 AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 # Entries a retry looks through for its own, newest first: only the worker appends a started
 # answer's events (the web tier adds a few while it waits in line).
@@ -117,3 +127,89 @@ class Tags:
             return True
         self._recent.append(tag)
         return False
+
+
+LOG_EVERY_SECONDS = 5.0
+
+
+class FailedOver(redis.exceptions.ConnectionError):
+    """A Redis that is no longer the primary answered (module doc): a write refused (READONLY), a
+    blocked read ended as it became a replica (UNBLOCKED), a replica cut off from its primary
+    (MASTERDOWN)."""
+
+
+def _failed_over(error: redis.exceptions.ResponseError) -> bool:
+    return isinstance(error, (redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)) or str(error).startswith("UNBLOCKED")
+
+
+class _Failovers:
+    """How many failovers this process's connections met (a count only grows; += from two threads
+    at once may count one, which is enough: every connection made before reconnects)."""
+
+    count = 0
+    logged_at = -LOG_EVERY_SECONDS
+
+
+def _made_before_a_failover(connection) -> bool:
+    if getattr(connection, "_failovers", None) == _Failovers.count:
+        return False
+    connection._failovers = _Failovers.count
+    return True
+
+
+def _failover(error: redis.exceptions.ResponseError) -> FailedOver:
+    _Failovers.count += 1
+    if time.monotonic() - _Failovers.logged_at >= LOG_EVERY_SECONDS:  # (each connection meets it, until the address leads on)
+        _Failovers.logged_at = time.monotonic()
+        log.warning("Redis is no longer the primary (%s): the process's connections reconnect", error)
+    return FailedOver(f"Redis is no longer the primary: {error}")
+
+
+@functools.cache
+def _on_the_primary(base: type, reconnect_first: bool) -> type:
+    class OnThePrimary(base):
+        def send_packed_command(self, *args, **kwargs):
+            if reconnect_first and _made_before_a_failover(self):
+                self.disconnect()
+            return super().send_packed_command(*args, **kwargs)
+
+        def read_response(self, *args, **kwargs):
+            try:
+                return super().read_response(*args, **kwargs)
+            except redis.exceptions.ResponseError as error:
+                if not _failed_over(error):
+                    raise
+                self.disconnect()  # (its other replies, where it sent several, unread)
+                raise _failover(error) from error
+
+    return OnThePrimary
+
+
+@functools.cache
+def _on_the_primary_async(base: type) -> type:
+    class OnThePrimary(base):
+        async def send_packed_command(self, *args, **kwargs):
+            if _made_before_a_failover(self):
+                await self.disconnect()
+            return await super().send_packed_command(*args, **kwargs)
+
+        async def read_response(self, *args, **kwargs):
+            try:
+                return await super().read_response(*args, **kwargs)
+            except redis.exceptions.ResponseError as error:
+                if not _failed_over(error):
+                    raise
+                await self.disconnect()
+                raise _failover(error) from error
+
+    return OnThePrimary
+
+
+def connection_class(url: str, asyncio: bool = False, reconnect_first: bool = True) -> type:
+    """The class of the site's connections to the Redis at `url` (redis-py's for its scheme),
+    which take a Redis that is no longer the primary for one that is away (module doc).
+    `reconnect_first=False`: no reconnect before a command on another connection's failover
+    (kombu's, which watches its sockets: llmsite.broker)."""
+    if asyncio:
+        return _on_the_primary_async(redis.asyncio.connection.parse_url(url).get("connection_class", redis.asyncio.Connection))
+    return _on_the_primary(redis.connection.parse_url(url).get("connection_class", redis.Connection), reconnect_first)

@@ -301,6 +301,7 @@ INGEST_MAX_ATTEMPTS = env.int("INGEST_MAX_ATTEMPTS", default=3)
 # when they start (no acks_late: a redelivered generation would stream twice), and a worker
 # fetches one message at a time so queued requests stay available to idle workers.
 CELERY_BROKER_URL = REDIS_URL
+CELERY_BROKER_TRANSPORT = "llmsite.broker:Transport"  # kombu's Redis transport, which rides out a failover
 CELERY_TASK_ACKS_LATE = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Threads, not forked processes: one engine (its model and batch) serves every generation of a

@@ -7,6 +7,8 @@ The key names live here so every reader and the writer agree on them.
 import redis
 from django.conf import settings
 
+from llmsite import redis_outage
+
 _client = None
 
 
@@ -24,7 +26,9 @@ def sync_client() -> redis.Redis:
     global _client
     if _client is None:
         # A connect that hangs (a host that went away without refusing) fails after 5 s, as a refused one does at once.
-        _client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30, socket_connect_timeout=5)
+        # Its connections take a Redis that is no longer the primary for one that is away (llmsite.redis_outage).
+        url = settings.REDIS_URL
+        _client = redis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5, connection_class=redis_outage.connection_class(url))
     return _client
 
 

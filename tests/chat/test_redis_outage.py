@@ -30,13 +30,16 @@ from tests.metrics.conftest import wait_until
 
 
 class Relay:
-    """Relays TCP connections to Redis; the first connection that sends an XADD is cut, `when`
-    "before" it reaches Redis or "after" Redis answered it (the answer dropped)."""
+    """Relays TCP connections to a Redis (the suite's, or `upstream`'s port), as a proxy or a DNS
+    name in front of one does. With `when`, the first connection that sends an XADD is cut,
+    "before" it reaches Redis or "after" Redis answered it (the answer dropped). `upstream` may be
+    changed: connections made after go there, those made before stay where they were."""
 
-    def __init__(self, when: str):
+    def __init__(self, when: str | None = None, upstream: int | None = None):
         self.when = when
         self.cut = threading.Event()
-        self.upstream = redis.Redis.from_url(settings.REDIS_URL).connection_pool.connection_kwargs
+        suites = redis.Redis.from_url(settings.REDIS_URL).connection_pool.connection_kwargs
+        self.upstream = ("127.0.0.1", upstream) if upstream else (suites["host"], suites["port"])
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -47,7 +50,11 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection((self.upstream["host"], self.upstream["port"]))
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
             doomed = threading.Event()  # this connection sent the XADD to cut after its answer
             threading.Thread(target=self._requests, args=(client, server, doomed), daemon=True).start()
             threading.Thread(target=self._answers, args=(client, server, doomed), daemon=True).start()
@@ -55,7 +62,7 @@ class Relay:
     def _requests(self, client: socket.socket, server: socket.socket, doomed: threading.Event) -> None:
         try:
             while data := client.recv(65536):
-                if b"XADD" in data.upper() and not self.cut.is_set():
+                if self.when and b"XADD" in data.upper() and not self.cut.is_set():
                     self.cut.set()
                     if self.when == "before":
                         break

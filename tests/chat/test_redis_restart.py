@@ -9,6 +9,7 @@ The restart gets a Redis of its own (the suite's stays up): a worker and Daphne 
 the test stops and starts again on the same port.
 """
 
+import contextlib
 import json
 import threading
 import time
@@ -43,13 +44,7 @@ def test_redis_restart_mid_stream_then_an_outage_too_long(own_redis, token):
     queue = f"redis-restart-{uuid.uuid4().hex[:6]}"
     deployment = deployment_on_queue(queue)
     type(deployment).objects.filter(pk=deployment.pk).update(max_batch_size=1)  # a second request waits its turn
-    env = {"REDIS_URL": redis_url, "REDIS_OUTAGE_SECONDS": str(OUTAGE_SECONDS)}
-    worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h"), env).start()
-    web, url = start_web(env=env)
-    stopped = threading.Event()
-    try:
-        wait_for_log(worker, " ready.")
-        beat_for_the_suites_sweeps(redis_url, until=stopped)
+    with site_on(redis_url, queue, REDIS_OUTAGE_SECONDS=str(OUTAGE_SECONDS)) as (worker, web, url):
         waiting = {}
 
         def then_wait_behind():
@@ -90,6 +85,20 @@ def test_redis_restart_mid_stream_then_an_outage_too_long(own_redis, token):
         log = worker.log_path.read_text(errors="replace")
         assert f"generation {second.pk} started" not in log
         assert "Redis is back for appending events" in log
+
+
+@contextlib.contextmanager
+def site_on(redis_url: str, queue: str, **env: str):
+    """A worker of `queue` and Daphne on the Redis at `redis_url` (with `env` besides), as
+    (worker, web, url), the worker's beat copied into the suite's Redis (below)."""
+    env = {"REDIS_URL": redis_url, **env}
+    worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h"), env).start()
+    web, url = start_web(env=env)
+    stopped = threading.Event()
+    try:
+        wait_for_log(worker, " ready.")
+        beat_for_the_suites_sweeps(redis_url, until=stopped)
+        yield worker, web, url
     finally:
         stopped.set()
         web.stop()

@@ -1,0 +1,103 @@
+"""Redis failed over mid-stream, as a managed Redis or a proxy in front of two does it: the replica
+becomes the primary, the old primary its replica, and the site's address (a DNS name, a proxy)
+leads to the new one for connections made after. Connections made before stay on the old primary,
+which refuses writes (READONLY) and ends blocked reads (UNBLOCKED). The answer in flight goes on
+and its stream ends with the whole answer; the site then answers as before, with no restart.
+
+A worker and Daphne reach two Valkeys of the test's own through a relay (tests/chat/test_redis_outage.py)
+that the test points at the new primary after Valkey's own FAILOVER.
+"""
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+import requests
+
+from chat.models import RequestLog
+from llmsite import redis_outage
+from llmsite.embedded import _free_port
+from tests.chat.test_redis_outage import Relay, start_redis
+from tests.chat.test_redis_restart import site_on, stream
+from tests.chat.test_stream_failures import deployment_on_queue
+from tests.metrics.conftest import wait_until
+
+
+@pytest.fixture
+def primary_and_replica(tmp_path):
+    pair = []
+    for name in ("primary", "replica"):
+        holder = {"port": _free_port(), "dir": tmp_path / name}
+        start_redis(holder)
+        holder["client"] = redis.Redis(port=holder["port"])
+        pair.append(holder)
+    primary, replica = pair
+    replica["client"].replicaof("127.0.0.1", primary["port"])
+    wait_until(lambda: replica["client"].info("replication")["master_link_status"] == "up", "the replica in sync", 30)
+    yield primary, replica
+    for holder in pair:
+        holder["client"].close()
+        holder["server"].stop()
+
+
+def test_a_failover_mid_stream(primary_and_replica, stack, token):
+    primary, replica = primary_and_replica
+    relay = Relay(upstream=primary["port"])
+    redis_url = f"redis://127.0.0.1:{relay.port}/0"
+    queue = f"redis-failover-{uuid.uuid4().hex[:6]}"
+    deployment = deployment_on_queue(queue)
+    try:
+        with site_on(redis_url, queue) as (worker, web, url):
+            objects = stream(url, deployment, token, {3: lambda: fail_over(primary, replica, relay)})
+            row = RequestLog.objects.filter(deployment=deployment).order_by("queued_at").last()
+            assert "error" not in objects[-1], objects[-1]
+            assert row.status == RequestLog.Status.OK and len(row.response) > 200
+            assert objects[-1]["response"] == row.response
+            assert primary["client"].info("replication")["role"] == "slave"  # it did fail over
+
+            short = {"prompt": "What is the capital of France?", "temperature": 0, "max_new_tokens": 16}
+            answer = requests.post(f"{url}/api/predict/{deployment.name}", headers={"Authorization": token}, json=short, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert "Paris" in answer.json()["response"]
+            assert worker.alive() and web.alive()
+    finally:
+        relay.close()
+
+
+def test_once_a_connection_met_a_failover_every_connection_of_the_process_reconnects(primary_and_replica):
+    """Each connection made before a failover would meet it at its next write, which would fail
+    (a request's dispatch, a cancel). Once one met it, the others reconnect before their next command."""
+    primary, replica = primary_and_replica
+    relay = Relay(upstream=primary["port"])
+    url = f"redis://127.0.0.1:{relay.port}/0"
+    first, second = (redis.Redis.from_url(url, connection_class=redis_outage.connection_class(url)) for _ in range(2))
+    on_loop = aioredis.Redis.from_url(url, connection_class=redis_outage.connection_class(url, asyncio=True))
+    loop = asyncio.new_event_loop()
+    try:
+        for client in (first, second):
+            client.set("before", b"1")
+        loop.run_until_complete(on_loop.set("before", b"1"))
+        fail_over(primary, replica, relay, after=0)
+        with pytest.raises(redis_outage.FailedOver):
+            first.set("after", b"first")
+        second.set("after", b"second")
+        loop.run_until_complete(on_loop.set("after on a loop", b"1"))
+        first.set("after", b"first")
+        assert replica["client"].mget("after", "after on a loop") == [b"first", b"1"]
+    finally:
+        loop.run_until_complete(on_loop.aclose())
+        loop.close()
+        relay.close()
+
+
+def fail_over(primary: dict, replica: dict, relay: Relay, after: float = 2) -> None:
+    """Valkey's coordinated failover (writes paused until the replica caught up, then the two swap
+    roles); then, `after` seconds later, new connections lead to the new primary, as a DNS name's
+    would some time after (its old address lives on in caches for a while)."""
+    primary["client"].execute_command("FAILOVER", "TO", "127.0.0.1", replica["port"])
+    wait_until(lambda: replica["client"].info("replication")["role"] == "master", "the replica promoted", 30)
+    time.sleep(after)
+    relay.upstream = ("127.0.0.1", replica["port"])
