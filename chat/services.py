@@ -17,6 +17,7 @@ from django.db.models import Exists, OuterRef
 
 from chat import concurrency, events, lifecycle, quotas, ratelimits
 from chat.in_flight import Generation, cancel_when_unheard
+from llmsite import redis_outage
 from llmsite.errors import (
     ApiError,
     Forbidden,
@@ -226,14 +227,26 @@ async def wait_for_worker(queue: str) -> None:
         await asyncio.sleep(0.5)
 
 
+async def _take_a_slot(prepared: Prepared) -> concurrency.Slot:
+    """A live worker, room in line for the user, then an in-flight slot. A Redis that failed over
+    since this process last wrote refuses the first write (its connections then reconnect,
+    llmsite.redis_outage): that refusal is tried again once, so that the request is not refused for it."""
+    for last_try in (False, True):
+        try:
+            await wait_for_worker(prepared.deployment.queue)
+            await concurrency.check_waiting(deployment=prepared.deployment, user_id=prepared.user.pk)
+            return await concurrency.acquire(deployment=prepared.deployment)
+        except redis_outage.FailedOver:  # refused, so not carried out: no slot taken
+            if last_try:
+                raise
+
+
 async def dispatch(prepared: Prepared) -> Generation:
     """Take an in-flight slot (429 over the deployment's limit), take the request's listen lease,
     then store and enqueue it; its events are read from the stream's start."""
     try:
         with concerning(prepared.deployment.name):
-            await wait_for_worker(prepared.deployment.queue)
-            await concurrency.check_waiting(deployment=prepared.deployment, user_id=prepared.user.pk)
-            slot = await concurrency.acquire(deployment=prepared.deployment)
+            slot = await _take_a_slot(prepared)
     except ApiError:
         raise
     except Exception as exc:  # Redis unreachable

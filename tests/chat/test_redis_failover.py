@@ -2,7 +2,8 @@
 becomes the primary, the old primary its replica, and the site's address (a DNS name, a proxy)
 leads to the new one for connections made after. Connections made before stay on the old primary,
 which refuses writes (READONLY) and ends blocked reads (UNBLOCKED). The answer in flight goes on
-and its stream ends with the whole answer; the site then answers as before, with no restart.
+and its stream ends with the whole answer; the site then answers as before, with no restart, and
+the first request after a failover while nothing was in flight is answered too.
 
 A worker and Daphne reach two Valkeys of the test's own through a relay (tests/chat/test_redis_outage.py)
 that the test points at the new primary after Valkey's own FAILOVER.
@@ -59,6 +60,13 @@ def test_a_failover_mid_stream(primary_and_replica, stack, token):
             assert primary["client"].info("replication")["role"] == "slave"  # it did fail over
 
             short = {"prompt": "What is the capital of France?", "temperature": 0, "max_new_tokens": 16}
+            answer = requests.post(f"{url}/api/predict/{deployment.name}", headers={"Authorization": token}, json=short, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert "Paris" in answer.json()["response"]
+
+            # And back, with nothing in flight: every connection of the web process is on a
+            # replica now, and the request's first write is refused there; it is answered all the same.
+            fail_over(replica, primary, relay, after=0)
             answer = requests.post(f"{url}/api/predict/{deployment.name}", headers={"Authorization": token}, json=short, timeout=60)
             assert answer.status_code == 200, answer.text
             assert "Paris" in answer.json()["response"]
