@@ -200,10 +200,8 @@ def async_client() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        url = settings.REDIS_URL
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=settings.REDIS_WEB_CONNECTIONS, timeout=10, connection_class=redis_outage.connection_class(url, asyncio=True)
-        )
+        pool = aioredis.BlockingConnectionPool.from_url(settings.REDIS_URL, max_connections=settings.REDIS_WEB_CONNECTIONS, timeout=10)
+        redis_outage.on_the_primary(pool)
         client = _async_clients[loop] = aioredis.Redis(connection_pool=pool)
     return client
 

@@ -74,7 +74,8 @@ class StreamReader:
 
     def __init__(self, redis_url: str, pool: aioredis.Redis):
         self._pool = pool  # short commands: the wake
-        self._conn = aioredis.Redis.from_url(redis_url, single_connection_client=True, connection_class=redis_outage.connection_class(redis_url, asyncio=True))
+        self._conn = aioredis.Redis.from_url(redis_url, single_connection_client=True)
+        redis_outage.on_the_primary(self._conn.connection_pool)  # (its one connection is made at its first command)
         self._wake_key = f"llmsite:wake:{uuid.uuid4().hex}"
         self._wake_after = "0"
         self._waits: set[_Wait] = set()

@@ -130,37 +130,46 @@ class Tags:
 
 
 LOG_EVERY_SECONDS = 5.0
+# A process counts a failover at most this often: until the site's address leads to the new
+# primary, connections made anew reach the old one again, and each would count another.
+COUNT_EVERY_SECONDS = 1.0
 
 
 class FailedOver(redis.exceptions.ConnectionError):
-    """A Redis that is no longer the primary answered (module doc): a write refused (READONLY), a
-    blocked read ended as it became a replica (UNBLOCKED), a replica cut off from its primary
-    (MASTERDOWN)."""
+    """A Redis that is no longer the primary answered (module doc): a write refused (READONLY, also
+    as Redis 6 wraps it in a script's error), a blocked command that writes (BRPOP, XREADGROUP)
+    ended as it became a replica (UNBLOCKED), a replica cut off from its primary (MASTERDOWN)."""
 
 
 def _failed_over(error: redis.exceptions.ResponseError) -> bool:
-    return isinstance(error, (redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)) or str(error).startswith("UNBLOCKED")
+    text = str(error)
+    return (
+        isinstance(error, (redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError))
+        or "-READONLY " in text
+        or (text.startswith("UNBLOCKED") and "instance state changed" in text)
+    )
 
 
 class _Failovers:
-    """How many failovers this process's connections met (a count only grows; += from two threads
-    at once may count one, which is enough: every connection made before reconnects)."""
+    """The failovers this process's connections met: a connection made before the last one
+    reconnects before its next command (where its class says so). += from two threads at once may
+    count one, which is enough."""
 
     count = 0
-    logged_at = -LOG_EVERY_SECONDS
+    counted_at = logged_at = -LOG_EVERY_SECONDS
 
 
 def _made_before_a_failover(connection) -> bool:
-    if getattr(connection, "_failovers", None) == _Failovers.count:
-        return False
-    connection._failovers = _Failovers.count
-    return True
+    return getattr(connection, "_failovers", _Failovers.count) != _Failovers.count
 
 
 def _failover(error: redis.exceptions.ResponseError) -> FailedOver:
-    _Failovers.count += 1
-    if time.monotonic() - _Failovers.logged_at >= LOG_EVERY_SECONDS:  # (each connection meets it, until the address leads on)
-        _Failovers.logged_at = time.monotonic()
+    now = time.monotonic()
+    if now - _Failovers.counted_at >= COUNT_EVERY_SECONDS:
+        _Failovers.counted_at = now
+        _Failovers.count += 1
+    if now - _Failovers.logged_at >= LOG_EVERY_SECONDS:  # (each connection meets it, until the address leads on)
+        _Failovers.logged_at = now
         log.warning("Redis is no longer the primary (%s): the process's connections reconnect", error)
     return FailedOver(f"Redis is no longer the primary: {error}")
 
@@ -168,8 +177,12 @@ def _failover(error: redis.exceptions.ResponseError) -> FailedOver:
 @functools.cache
 def _on_the_primary(base: type, reconnect_first: bool) -> type:
     class OnThePrimary(base):
+        def _connect(self):
+            self._failovers = _Failovers.count
+            return super()._connect()
+
         def send_packed_command(self, *args, **kwargs):
-            if reconnect_first and _made_before_a_failover(self):
+            if reconnect_first and self._sock is not None and _made_before_a_failover(self):
                 self.disconnect()
             return super().send_packed_command(*args, **kwargs)
 
@@ -188,9 +201,13 @@ def _on_the_primary(base: type, reconnect_first: bool) -> type:
 @functools.cache
 def _on_the_primary_async(base: type) -> type:
     class OnThePrimary(base):
+        async def _connect(self):
+            self._failovers = _Failovers.count
+            return await super()._connect()
+
         async def send_packed_command(self, *args, **kwargs):
-            if _made_before_a_failover(self):
-                await self.disconnect()
+            if self.is_connected and _made_before_a_failover(self):
+                await self.disconnect(nowait=True)  # (an old primary that went silent is not waited for)
             return await super().send_packed_command(*args, **kwargs)
 
         async def read_response(self, *args, **kwargs):
@@ -199,17 +216,25 @@ def _on_the_primary_async(base: type) -> type:
             except redis.exceptions.ResponseError as error:
                 if not _failed_over(error):
                     raise
-                await self.disconnect()
+                await self.disconnect(nowait=True)
                 raise _failover(error) from error
 
     return OnThePrimary
 
 
-def connection_class(url: str, asyncio: bool = False, reconnect_first: bool = True) -> type:
-    """The class of the site's connections to the Redis at `url` (redis-py's for its scheme),
-    which take a Redis that is no longer the primary for one that is away (module doc).
-    `reconnect_first=False`: no reconnect before a command on another connection's failover
-    (kombu's, which watches its sockets: llmsite.broker)."""
-    if asyncio:
-        return _on_the_primary_async(redis.asyncio.connection.parse_url(url).get("connection_class", redis.asyncio.Connection))
-    return _on_the_primary(redis.connection.parse_url(url).get("connection_class", redis.Connection), reconnect_first)
+def on_the_primary(pool, reconnect_first: bool = True):
+    """`pool` (redis-py's, sync or asyncio, before it made a connection), its connections of a class
+    that takes a Redis that is no longer the primary for one that is away (module doc): the class
+    its URL gave (TLS, a Unix socket), so set here rather than passed to `from_url` (redis-py's
+    asyncio `from_url` lets the URL's class win). `reconnect_first=False`: no reconnect before a
+    command for another connection's failover (kombu's connections, whose sockets it watches:
+    llmsite.broker)."""
+    pool.connection_class = connection_class(pool.connection_class, reconnect_first)
+    return pool
+
+
+def connection_class(base: type, reconnect_first: bool = True) -> type:
+    """`base` (a redis-py connection class, sync or asyncio) as `on_the_primary` makes it."""
+    if issubclass(base, redis.asyncio.connection.AbstractConnection):
+        return _on_the_primary_async(base)  # (redis-py's asyncio clients: always reconnect first)
+    return _on_the_primary(base, reconnect_first)

@@ -6,6 +6,7 @@ launcher (`make run`, `make test`) started in LLMSITE_DATA_DIR are used: it reco
 reaches the same ones.
 """
 
+import ssl
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -302,6 +303,11 @@ INGEST_MAX_ATTEMPTS = env.int("INGEST_MAX_ATTEMPTS", default=3)
 # fetches one message at a time so queued requests stay available to idle workers.
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT = "llmsite.broker:Transport"  # kombu's Redis transport, which rides out a failover
+# Named by its path, that transport is not "rediss" to kombu, which turns TLS on by that scheme: a
+# `rediss://` URL with no `ssl_cert_reqs` of its own verifies the server's certificate, as the
+# site's own Redis clients do (redis-py's default).
+if REDIS_URL.startswith("rediss://") and "ssl_cert_reqs" not in REDIS_URL:
+    CELERY_BROKER_USE_SSL = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 CELERY_TASK_ACKS_LATE = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Threads, not forked processes: one engine (its model and batch) serves every generation of a

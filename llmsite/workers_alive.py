@@ -27,8 +27,9 @@ def sync_client() -> redis.Redis:
     if _client is None:
         # A connect that hangs (a host that went away without refusing) fails after 5 s, as a refused one does at once.
         # Its connections take a Redis that is no longer the primary for one that is away (llmsite.redis_outage).
-        url = settings.REDIS_URL
-        _client = redis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5, connection_class=redis_outage.connection_class(url))
+        client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30, socket_connect_timeout=5)
+        redis_outage.on_the_primary(client.connection_pool)
+        _client = client
     return _client
 
 

@@ -10,6 +10,9 @@ that the test points at the new primary after Valkey's own FAILOVER.
 """
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -18,6 +21,7 @@ import redis
 import redis.asyncio as aioredis
 import requests
 
+from chat import events, stream_reader
 from chat.models import RequestLog
 from llmsite import redis_outage
 from llmsite.embedded import _free_port
@@ -81,13 +85,16 @@ def test_once_a_connection_met_a_failover_every_connection_of_the_process_reconn
     primary, replica = primary_and_replica
     relay = Relay(upstream=primary["port"])
     url = f"redis://127.0.0.1:{relay.port}/0"
-    first, second = (redis.Redis.from_url(url, connection_class=redis_outage.connection_class(url)) for _ in range(2))
-    on_loop = aioredis.Redis.from_url(url, connection_class=redis_outage.connection_class(url, asyncio=True))
+    first, second, on_loop = redis.Redis.from_url(url), redis.Redis.from_url(url), aioredis.Redis.from_url(url)
+    for client in (first, second, on_loop):
+        redis_outage.on_the_primary(client.connection_pool)
     loop = asyncio.new_event_loop()
     try:
+        made = primary["client"].info("stats")["total_connections_received"]
         for client in (first, second):
             client.set("before", b"1")
         loop.run_until_complete(on_loop.set("before", b"1"))
+        assert primary["client"].info("stats")["total_connections_received"] == made + 3  # one each, not one more for its handshake
         fail_over(primary, replica, relay, after=0)
         with pytest.raises(redis_outage.FailedOver):
             first.set("after", b"first")
@@ -109,3 +116,20 @@ def fail_over(primary: dict, replica: dict, relay: Relay, after: float = 2) -> N
     wait_until(lambda: replica["client"].info("replication")["role"] == "master", "the replica promoted", 30)
     time.sleep(after)
     relay.upstream = ("127.0.0.1", replica["port"])
+
+
+def test_a_tls_url_keeps_tls_on_every_client(settings):
+    """The site's clients (asyncio redis-py's `from_url` lets the URL's class win over one passed
+    in) and Celery's broker (its transport, named by its path, is not "rediss" to kombu) keep TLS
+    for a `rediss://` URL, and verify the server's certificate as redis-py does."""
+    settings.REDIS_URL = url = "rediss://redis.example.invalid:6380/0"
+
+    async def classes() -> list[type]:
+        reader = stream_reader.StreamReader(url, events.async_client())
+        return [events.async_client().connection_pool.connection_class, reader._conn.connection_pool.connection_class]
+
+    for made in asyncio.run(classes()):
+        assert issubclass(made, aioredis.SSLConnection) and made.__name__ == "OnThePrimary"
+    script = "import ssl; from workers.celery import app; c = app.connection_for_write(); print(c.ssl['ssl_cert_reqs'] == ssl.CERT_REQUIRED, c.transport.Channel.connection_class_ssl.__mro__[1].__name__)"
+    told = subprocess.run([sys.executable, "-c", script], env={**os.environ, "REDIS_URL": url}, capture_output=True, text=True, check=True, cwd=settings.BASE_DIR)
+    assert told.stdout.split()[-2:] == ["True", "SSLConnection"], told.stdout

@@ -93,15 +93,16 @@ def site_on(redis_url: str, queue: str, **env: str):
     (worker, web, url), the worker's beat copied into the suite's Redis (below)."""
     env = {"REDIS_URL": redis_url, **env}
     worker = Process(f"worker-{queue}", worker_command([queue], hostname=f"{queue}@%h"), env).start()
-    web, url = start_web(env=env)
-    stopped = threading.Event()
+    web, stopped = None, threading.Event()
     try:
+        web, url = start_web(env=env)
         wait_for_log(worker, " ready.")
         beat_for_the_suites_sweeps(redis_url, until=stopped)
         yield worker, web, url
     finally:
         stopped.set()
-        web.stop()
+        if web is not None:
+            web.stop()
         worker.stop()
 
 
