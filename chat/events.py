@@ -216,9 +216,12 @@ async def queue_has_worker(queue: str) -> bool:
 
 async def worker_alive(hostname: str) -> bool:
     """Whether the worker beat within WORKER_HEARTBEAT_TTL, or may have: a Redis that restarted
-    without its data since the worker's last beat forgot its key, and the next beat brings it back."""
+    without its data since the worker's last beat forgot its key, and the next beat brings it back;
+    a failover this process met lately may keep its beats from the new primary for a while."""
     client = async_client()
     if await client.exists(worker_host_key(hostname)):
+        return True
+    if redis_outage.failed_over_lately():  # its beats may not reach the new primary yet
         return True
     try:
         uptime = (await client.info("server")).get("uptime_in_seconds")

@@ -157,6 +157,14 @@ class _Failovers:
 
     count = 0
     counted_at = logged_at = -LOG_EVERY_SECONDS
+    met_at = -float("inf")  # the last time any connection met one
+
+
+def failed_over_lately() -> bool:
+    """Whether a connection of this process met a Redis that is no longer the primary within the
+    last REDIS_OUTAGE_SECONDS. Until the site's address leads to the new primary, workers' beats
+    do not reach it either: a beat missing meanwhile tells nothing of its worker."""
+    return time.monotonic() - _Failovers.met_at < settings.REDIS_OUTAGE_SECONDS
 
 
 def _made_before_a_failover(connection) -> bool:
@@ -164,7 +172,7 @@ def _made_before_a_failover(connection) -> bool:
 
 
 def _failover(error: redis.exceptions.ResponseError) -> FailedOver:
-    now = time.monotonic()
+    now = _Failovers.met_at = time.monotonic()
     if now - _Failovers.counted_at >= COUNT_EVERY_SECONDS:
         _Failovers.counted_at = now
         _Failovers.count += 1

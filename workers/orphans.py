@@ -12,7 +12,8 @@ whoever resumes it.
 A worker is gone when its heartbeat key (workers/heartbeat.py) was found away by consecutive
 sweeps at least WORKER_HEARTBEAT_TTL seconds apart (not one look: a restarted Redis holds no keys
 until the next beat; the key is looked at, not watched, so a key back between two looks is not
-seen), or at once when the key names another run than the row does (a worker
+seen; and none while this process met a failover lately, whose beats may not reach the new
+primary yet: llmsite.redis_outage), or at once when the key names another run than the row does (a worker
 restarted under its name beats for it again, but never ran that request).
 """
 
@@ -23,7 +24,7 @@ from django.conf import settings
 
 from chat import events, lifecycle
 from chat.models import RequestLog
-from llmsite import contract
+from llmsite import contract, redis_outage
 from workers import metrics
 from workers.heartbeat import run_of
 from workers.periodic import every
@@ -69,6 +70,9 @@ def _gone(client, absences: Absences, worker: str, run: str, now: float) -> bool
 
 def fail_orphaned(absences: Absences = _absences) -> list[str]:
     """Fail every running row whose worker is gone (module doc); returns their ids."""
+    if redis_outage.failed_over_lately():  # beats may not reach the new primary yet: no absence counts
+        absences.away.clear()
+        return []
     client = events.sync_client()
     absences.next_sweep()
     now = time.monotonic()

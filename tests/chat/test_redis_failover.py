@@ -25,17 +25,27 @@ from chat import events, stream_reader
 from chat.models import RequestLog
 from llmsite import redis_outage
 from llmsite.embedded import _free_port
-from tests.chat.test_redis_outage import Relay, start_redis
+from tests.chat.test_redis_outage import Relay, alive, start_redis
 from tests.chat.test_redis_restart import site_on, stream
 from tests.chat.test_stream_failures import deployment_on_queue
 from tests.metrics.conftest import wait_until
+from tests.workers.test_orphans import left_running, name
+from workers import orphans
+
+
+@pytest.fixture(autouse=True)
+def _no_failover_left():
+    """The test process remembers the failovers its connections met (redis_outage.failed_over_lately):
+    none is left to the tests after."""
+    yield
+    redis_outage._Failovers.met_at = -float("inf")
 
 
 @pytest.fixture
 def primary_and_replica(tmp_path):
     pair = []
-    for name in ("primary", "replica"):
-        holder = {"port": _free_port(), "dir": tmp_path / name}
+    for role in ("primary", "replica"):
+        holder = {"port": _free_port(), "dir": tmp_path / role}
         start_redis(holder)
         holder["client"] = redis.Redis(port=holder["port"])
         pair.append(holder)
@@ -56,7 +66,7 @@ def test_a_failover_mid_stream(primary_and_replica, stack, token):
     deployment = deployment_on_queue(queue)
     try:
         with site_on(redis_url, queue) as (worker, web, url):
-            objects = stream(url, deployment, token, {3: lambda: fail_over(primary, replica, relay)})
+            objects = stream(url, deployment, token, {3: lambda: fail_over(primary, replica, relay, after=8)})  # (longer than a beat's TTL)
             row = RequestLog.objects.filter(deployment=deployment).order_by("queued_at").last()
             assert "error" not in objects[-1], objects[-1]
             assert row.status == RequestLog.Status.OK and len(row.response) > 200
@@ -108,7 +118,31 @@ def test_once_a_connection_met_a_failover_every_connection_of_the_process_reconn
         relay.close()
 
 
-def fail_over(primary: dict, replica: dict, relay: Relay, after: float = 2) -> None:
+def test_no_worker_is_taken_for_gone_while_its_beats_may_not_reach_the_new_primary(primary_and_replica, settings, stack, user):
+    """Until the site's address leads to the new primary, workers' beats go to the old one, which
+    refuses them: a process that met a failover lately (for REDIS_OUTAGE_SECONDS) neither ends a
+    stream for its worker's missing beat nor fails the rows of a worker whose beat is missing."""
+    primary, replica = primary_and_replica
+    relay = Relay(upstream=primary["port"])
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{relay.port}/0")
+    redis_outage.on_the_primary(client.connection_pool)
+    settings.WORKER_HEARTBEAT_TTL = 0  # (a missing beat counts at once)
+    try:
+        client.set("before", b"1")
+        fail_over(primary, replica, relay, after=0)
+        with pytest.raises(redis_outage.FailedOver):
+            client.set("after", b"1")
+        worker = name("failing-over")
+        row = left_running(user, worker, "a-run")
+        assert orphans.fail_orphaned(orphans.Absences()) == [] and asyncio.run(alive(worker))
+        settings.REDIS_OUTAGE_SECONDS = 0  # (that failover long ago)
+        assert str(row.pk) in orphans.fail_orphaned(orphans.Absences()) and not asyncio.run(alive(worker))
+    finally:
+        client.close()
+        relay.close()
+
+
+def fail_over(primary: dict, replica: dict, relay: Relay, after: float) -> None:
     """Valkey's coordinated failover (writes paused until the replica caught up, then the two swap
     roles); then, `after` seconds later, new connections lead to the new primary, as a DNS name's
     would some time after (its old address lives on in caches for a while)."""
