@@ -10,6 +10,7 @@ import math
 import uuid
 
 from chat import events
+from llmsite import redis_outage
 from llmsite.errors import RateLimited
 from chat.models import ApiToken
 
@@ -64,15 +65,10 @@ def admit(*, token: ApiToken) -> None:
     """Count one request for `token`, or raise RateLimited (429) naming the limit and the wait."""
     if not is_limited(token):
         return
-    verdict, wait, used = events.sync_client().eval(
-        _ADMIT,
-        2,
-        *_keys(token.pk),
-        WINDOW_SECONDS,
-        token.requests_per_minute or 0,
-        token.tokens_per_minute or 0,
-        uuid.uuid4().hex,
-    )
+    keys, member = _keys(token.pk), uuid.uuid4().hex
+    limits = (WINDOW_SECONDS, token.requests_per_minute or 0, token.tokens_per_minute or 0, member)
+    # (a request's first write: one refused by a Redis that failed over is tried again)
+    verdict, wait, used = redis_outage.again_if_failed_over(lambda: events.sync_client().eval(_ADMIT, 2, *keys, *limits))
     verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
     if verdict == "ok":
         return

@@ -272,10 +272,12 @@ async def dispatch(prepared: Prepared) -> Generation:
 
 
 async def edge(func, /, **kwargs):
-    """Run a sync service from async code; ApiErrors pass through, database outages become 503."""
+    """Run a sync service from async code; ApiErrors pass through, database and Redis outages become 503."""
     try:
         return await sync_to_async(func)(**kwargs)
     except ApiError:
         raise
     except DatabaseError as exc:
         raise Unavailable(outage("The database is unavailable", exc)) from None
+    except redis_outage.AWAY as exc:
+        raise Unavailable(outage("Redis is unavailable", exc)) from None

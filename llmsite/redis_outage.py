@@ -17,10 +17,12 @@ without its data lost the entry, after a reader read it), readers skip a tag the
 
 A failover is such a moment too. The replica becomes the primary, and the site's address (a DNS
 name, a proxy) leads to it for connections made after; those made before stay on the old primary,
-now a replica, which refuses writes (READONLY) and ends blocked reads (UNBLOCKED). The site's
-clients are made with `connection_class(url)`, whose connections take such an answer for Redis
-away (`FailedOver`, a ConnectionError: callers ride it out as any) and drop their connection; once
-a process met one, each of its connections made before reconnects before its next command.
+now a replica, which refuses writes (READONLY) and ends blocked commands that write (UNBLOCKED).
+The site's clients' pools are given a connection class (`on_the_primary`) whose connections take
+such an answer for Redis away (`FailedOver`, a ConnectionError: callers ride it out as any) and
+drop their connection; once a process met one, each of its connections made before reconnects
+before its next command, and for REDIS_OUTAGE_SECONDS a missing heartbeat tells nothing of its
+worker (`failed_over_lately`).
 """
 
 import collections
@@ -130,15 +132,13 @@ class Tags:
 
 
 LOG_EVERY_SECONDS = 5.0
-# A process counts a failover at most this often: until the site's address leads to the new
-# primary, connections made anew reach the old one again, and each would count another.
-COUNT_EVERY_SECONDS = 1.0
 
 
 class FailedOver(redis.exceptions.ConnectionError):
     """A Redis that is no longer the primary answered (module doc): a write refused (READONLY, also
     as Redis 6 wraps it in a script's error), a blocked command that writes (BRPOP, XREADGROUP)
-    ended as it became a replica (UNBLOCKED), a replica cut off from its primary (MASTERDOWN)."""
+    ended as it became a replica (UNBLOCKED), a replica cut off from its primary (MASTERDOWN).
+    Refused, so carried out nothing: it may be tried again at once (`again_if_failed_over`)."""
 
 
 def _failed_over(error: redis.exceptions.ResponseError) -> bool:
@@ -151,31 +151,47 @@ def _failed_over(error: redis.exceptions.ResponseError) -> bool:
 
 
 class _Failovers:
-    """The failovers this process's connections met: a connection made before the last one
-    reconnects before its next command (where its class says so). += from two threads at once may
-    count one, which is enough."""
+    """When this process's connections last met a Redis that is no longer the primary, and when
+    that spell began (a spell ends REDIS_OUTAGE_SECONDS after the last)."""
 
-    count = 0
-    counted_at = logged_at = -LOG_EVERY_SECONDS
-    met_at = -float("inf")  # the last time any connection met one
+    met_at = began_at = -float("inf")
+    logged_at = -LOG_EVERY_SECONDS
 
 
 def failed_over_lately() -> bool:
     """Whether a connection of this process met a Redis that is no longer the primary within the
     last REDIS_OUTAGE_SECONDS. Until the site's address leads to the new primary, workers' beats
-    do not reach it either: a beat missing meanwhile tells nothing of its worker."""
-    return time.monotonic() - _Failovers.met_at < settings.REDIS_OUTAGE_SECONDS
+    do not reach it either: a beat missing meanwhile tells nothing of its worker. For a heartbeat's
+    TTL past REDIS_OUTAGE_SECONDS at most, however long the spell lasts (an address that never
+    leads on), so that a worker that died meanwhile is found so."""
+    now = time.monotonic()
+    return (
+        now - _Failovers.met_at < settings.REDIS_OUTAGE_SECONDS
+        and now - _Failovers.began_at < settings.REDIS_OUTAGE_SECONDS + settings.WORKER_HEARTBEAT_TTL
+    )
+
+
+def again_if_failed_over(call):
+    """`call()`, made once more where a Redis that is no longer the primary refused it: the first
+    write after a failover is refused, and the process's connections reconnect meanwhile."""
+    try:
+        return call()
+    except FailedOver:
+        return call()
 
 
 def _made_before_a_failover(connection) -> bool:
-    return getattr(connection, "_failovers", _Failovers.count) != _Failovers.count
+    """Whether `connection` connected before a connection of this process last met a failover (one
+    made after may reach the old primary too, while the address still leads there: it reconnects
+    once another met it after, and never loops, as each new connection is newer than that)."""
+    return getattr(connection, "_connected_at", _Failovers.met_at) < _Failovers.met_at
 
 
 def _failover(error: redis.exceptions.ResponseError) -> FailedOver:
-    now = _Failovers.met_at = time.monotonic()
-    if now - _Failovers.counted_at >= COUNT_EVERY_SECONDS:
-        _Failovers.counted_at = now
-        _Failovers.count += 1
+    now = time.monotonic()
+    if now - _Failovers.met_at >= settings.REDIS_OUTAGE_SECONDS:
+        _Failovers.began_at = now
+    _Failovers.met_at = now
     if now - _Failovers.logged_at >= LOG_EVERY_SECONDS:  # (each connection meets it, until the address leads on)
         _Failovers.logged_at = now
         log.warning("Redis is no longer the primary (%s): the process's connections reconnect", error)
@@ -186,7 +202,7 @@ def _failover(error: redis.exceptions.ResponseError) -> FailedOver:
 def _on_the_primary(base: type, reconnect_first: bool) -> type:
     class OnThePrimary(base):
         def _connect(self):
-            self._failovers = _Failovers.count
+            self._connected_at = time.monotonic()
             return super()._connect()
 
         def send_packed_command(self, *args, **kwargs):
@@ -210,7 +226,7 @@ def _on_the_primary(base: type, reconnect_first: bool) -> type:
 def _on_the_primary_async(base: type) -> type:
     class OnThePrimary(base):
         async def _connect(self):
-            self._failovers = _Failovers.count
+            self._connected_at = time.monotonic()
             return await super()._connect()
 
         async def send_packed_command(self, *args, **kwargs):

@@ -13,8 +13,8 @@ A worker is gone when its heartbeat key (workers/heartbeat.py) was found away by
 sweeps at least WORKER_HEARTBEAT_TTL seconds apart (not one look: a restarted Redis holds no keys
 until the next beat; the key is looked at, not watched, so a key back between two looks is not
 seen; and none while this process met a failover lately, whose beats may not reach the new
-primary yet: llmsite.redis_outage), or at once when the key names another run than the row does (a worker
-restarted under its name beats for it again, but never ran that request).
+primary yet: llmsite.redis_outage), or at once when the key names another run than the row does
+(a worker restarted under its name beats for it again, but never ran that request).
 """
 
 import logging
